@@ -1,0 +1,5 @@
+"""`python -m etl`."""
+
+from etl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""`python -m etl`: parse the command line, set up logging and signals, hand off, exit with SPEC.md's code.
+
+Global options are accepted before or after the command. Every failure is
+reported as one message (with a hint where there is one) on stderr, through
+logging so that `--log-format json` keeps every line a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, NoReturn
+
+from etl.config import Config, config_path, load_config
+from etl.durations import isoformat_utc, parse_duration, parse_instant
+from etl.errors import ConfigError, EtlError
+from etl.logs import setup_logging
+from etl.pipeline import RunOutcome
+from etl.progress import progress_for_terminal
+
+log = logging.getLogger("etl")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError (exit 2), reported like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", default=default, help="config file (default: $ETL_CONFIG, else ./config.toml)")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default=default if suppress else "text", help="stderr log format"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=default if suppress else 0, help="more detail")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default if suppress else False, help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m etl", description="Load a legacy REST API behind OAuth2 into a SQL database.")
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, suppress=True)
+        return sub
+
+    sync = command("sync", "incremental load of every resource (or the named ones) from its watermark")
+    sync.add_argument("--resource", action="append", dest="resources", metavar="NAME", help="only this resource (repeatable)")
+
+    backfill = command("backfill", "(re)load the half-open interval [--from, --to), resuming an interrupted run")
+    backfill.add_argument("--from", dest="start", required=True, metavar="T", help="YYYY-MM-DD or ISO-8601 (naive = UTC)")
+    backfill.add_argument("--to", dest="end", required=True, metavar="T", help="exclusive end, same forms")
+    backfill.add_argument("--resource", action="append", dest="resources", metavar="NAME", help="only this resource (repeatable)")
+    backfill.add_argument("--window", metavar="DURATION", help="window size, e.g. 1d or PT6H (default: each resource's window)")
+    backfill.add_argument("--restart", action="store_true", help="forget finished windows of this interval and load it all again")
+
+    check = command("check", "test every step from DNS to the database, with a hint for each failure")
+    check.add_argument("--save-certs", metavar="FILE", help="write the certificate chains the hosts present, as PEM")
+    check.add_argument("--format", choices=["text", "json"], default="text", dest="output_format")
+
+    command("migrate", "bring etl's tables to the current schema version")
+    command("status", "recent runs, watermarks, unfinished windows and rejected-record counts")
+    command("demo", "run the bundled API simulator and a sync into the configured database")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging("json" if _wants_json(argv) else "text", 0)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    setup_logging(args.log_format, -1 if args.quiet else min(args.verbose, 1))
+    try:
+        return asyncio.run(_dispatch(args))
+    except EtlError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 1
+
+
+def _wants_json(argv: list[str]) -> bool:
+    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:]))
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+        "sync": _sync,
+        "backfill": _backfill,
+        "check": _check,
+        "migrate": _migrate,
+        "status": _status,
+        "demo": _demo,
+    }
+    return await handlers[args.command](args)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def stop_on_signals() -> asyncio.Event:
+    """SIGTERM or SIGINT sets the event: in-flight pages finish and are committed, nothing new starts."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def request_stop(signame: str) -> None:
+        if not stop.is_set():
+            log.warning("%s received: finishing the pages in flight, committing, then stopping", signame)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signal.Signals(signum).name)
+    return stop
+
+
+async def _sync(args: argparse.Namespace) -> int:
+    from etl import runs
+
+    config = _load(args)
+    outcome = await runs.sync(config, args.resources, stop_on_signals(), progress_for_terminal())
+    return report(outcome)
+
+
+async def _backfill(args: argparse.Namespace) -> int:
+    from etl import runs
+
+    start, end = _instant("--from", args.start), _instant("--to", args.end)
+    if start >= end:
+        raise ConfigError(f"--from {isoformat_utc(start)} must be before --to {isoformat_utc(end)}")
+    window = None
+    if args.window:
+        try:
+            window = parse_duration(args.window)
+        except ValueError as exc:
+            raise ConfigError(f"--window: {exc}") from None
+    config = _load(args)
+    print(f"backfill from {isoformat_utc(start)} to {isoformat_utc(end)} (UTC, end excluded)", flush=True)
+    outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal())
+    return report(outcome)
+
+
+def _instant(flag: str, value: str) -> datetime:
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+async def _check(args: argparse.Namespace) -> int:
+    from etl.check import run_check
+
+    return await run_check(config_path(args.config), save_certs=args.save_certs, output_format=args.output_format)
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from etl.db import create_engine, migrate
+
+    config = _load(args)
+    engine = create_engine(config.database.url)
+    try:
+        before, after = await migrate(engine)
+    finally:
+        await engine.dispose()
+    print(f"schema at revision {after}" + (" (already current)" if before == after else f" (was {before or 'empty'})"))
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from etl.db import create_engine
+    from etl.status import format_status, read_status
+
+    config = _load(args)
+    engine = create_engine(config.database.url)
+    try:
+        print(format_status(await read_status(engine)))
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from etl.demo import run_demo
+
+    outcome = await run_demo(args.config, stop_on_signals(), progress_for_terminal())
+    return report(outcome)
+
+
+def report(outcome: RunOutcome) -> int:
+    """One line per resource on stdout (what cron mails), then the verdict; returns the exit code."""
+    for stats in outcome.resources.values():
+        rate = stats.loaded / stats.seconds if stats.seconds > 0 else 0.0
+        line = (
+            f"{stats.name}: {stats.loaded} loaded, {stats.rejected} rejected, {stats.pages} pages, "
+            f"{stats.windows_done}/{stats.windows} windows, {stats.seconds:.1f}s ({rate:,.0f} records/s)"
+        )
+        print(line + (f" — FAILED: {stats.error}" if stats.error else ""))
+    print(
+        f"run {outcome.run_id} {outcome.status} in {outcome.seconds:.1f}s: {outcome.requests} requests, "
+        f"{outcome.retries} retried, {outcome.token_requests} token request(s)",
+        flush=True,
+    )
+    if outcome.error is not None:
+        log.error("%s", outcome.error)
+    return outcome.exit_code

@@ -1,0 +1,376 @@
+"""config.toml as typed, validated objects (SPEC.md, "config.toml").
+
+Every model forbids unknown keys, so a typo is an error that names the key
+instead of a setting silently ignored. `load_config` turns every problem into
+a `ConfigError` whose message starts with the dotted key, e.g.
+`resources[0].pagination.page_size: Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import stat
+import tomllib
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from etl.durations import parse_duration, parse_instant
+from etl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+ColumnType = Literal[
+    "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
+]
+
+
+def _duration(value: Any) -> timedelta:
+    return value if isinstance(value, timedelta) else parse_duration(value)
+
+
+def _instant(value: Any) -> datetime:
+    return parse_instant(value)
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+Instant = Annotated[datetime, BeforeValidator(_instant)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiConfig(_Section):
+    base_url: str
+    concurrency: int = Field(8, ge=1, le=1024)
+    requests_per_second: float = Field(0, ge=0)
+    timeout_s: float = Field(30, gt=0)
+    max_retries: int = Field(6, ge=0, le=100)
+    ca_bundle: str = ""
+    verify_tls: bool = True
+    headers: dict[str, str] = {}
+    retry_backoff_s: float = Field(0.5, ge=0, description="first backoff; doubles per retry, with jitter")
+    retry_after_max_s: float = Field(60, ge=0, description="a longer Retry-After is cut to this")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url.rstrip("/")
+
+
+class AuthConfig(_Section):
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_file: str = ""
+    scopes: list[str] = []
+    client_auth: Literal["basic", "body"] = "basic"
+    refresh_margin_s: float = Field(60, ge=0)
+
+    @field_validator("token_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _scope_list(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///etl.db"
+    auto_migrate: bool = True
+
+
+class SyncConfig(_Section):
+    lag: Duration = timedelta(minutes=5)
+    max_rejects: int = Field(0, ge=0)
+
+
+class ColumnSpec(_Section):
+    type: ColumnType
+    source: str | None = None
+    nullable: bool | None = None
+
+
+def _column_spec(value: Any) -> Any:
+    return {"type": value} if isinstance(value, str) else value
+
+
+class FilterConfig(_Section):
+    from_param: str = Field(min_length=1)
+    to_param: str = Field(min_length=1)
+    format: str = "iso"
+    to_inclusive: bool = False
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, fmt: str) -> str:
+        if fmt in ("iso", "date", "epoch", "epoch_ms") or "%" in fmt:
+            return fmt
+        raise ValueError("must be iso, date, epoch, epoch_ms or a strftime pattern such as '%Y-%m-%d %H:%M'")
+
+
+class _Pagination(_Section):
+    total_path: str | None = None
+    total_header: str | None = None
+
+
+class PagePagination(_Pagination):
+    style: Literal["page"]
+    page_param: str = "page"
+    size_param: str = "page_size"
+    page_size: int = Field(100, ge=1)
+    first_page: int = 1
+
+
+class OffsetPagination(_Pagination):
+    style: Literal["offset"]
+    offset_param: str = "offset"
+    limit_param: str = "limit"
+    page_size: int = Field(100, ge=1)
+
+
+class CursorPagination(_Pagination):
+    style: Literal["cursor"]
+    cursor_param: str = "cursor"
+    next_cursor_path: str = Field(min_length=1)
+    size_param: str = ""
+    page_size: int = Field(100, ge=1)
+
+
+class LinkHeaderPagination(_Pagination):
+    style: Literal["link_header"]
+    size_param: str = ""
+    page_size: int = Field(100, ge=1)
+
+
+class NoPagination(_Pagination):
+    style: Literal["none"]
+
+
+Pagination = Annotated[
+    PagePagination | OffsetPagination | CursorPagination | LinkHeaderPagination | NoPagination,
+    Field(discriminator="style"),
+]
+
+
+class ResourceConfig(_Section):
+    name: str
+    table: str | None = None
+    path: str
+    records_path: str = ""
+    primary_key: list[str] = Field(min_length=1)
+    cursor_field: str | None = None
+    start: Instant | None = None
+    lookback: Duration = timedelta(0)
+    window: Duration = timedelta(days=1)
+    params: dict[str, str | int | float | bool] = {}
+    filter: FilterConfig | None = None
+    pagination: Pagination = NoPagination(style="none")
+    columns: dict[str, Annotated[ColumnSpec, BeforeValidator(_column_spec)]] = Field(min_length=1)
+
+    @field_validator("name", "table")
+    @classmethod
+    def _identifier(cls, name: str | None) -> str | None:
+        if name is not None and not IDENTIFIER.match(name):
+            raise ValueError("must be a letter or _ followed by letters, digits or _ (at most 63)")
+        if name is not None and name.lower().startswith("etl_"):
+            raise ValueError("names starting with etl_ are reserved for etl's own tables")
+        return name
+
+    @field_validator("primary_key", mode="before")
+    @classmethod
+    def _key_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("window")
+    @classmethod
+    def _positive_window(cls, window: timedelta) -> timedelta:
+        if window <= timedelta(0):
+            raise ValueError("must be longer than zero")
+        return window
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, columns: dict[str, ColumnSpec]) -> dict[str, ColumnSpec]:
+        for name in columns:
+            if not IDENTIFIER.match(name) or name.startswith("_etl_"):
+                raise ValueError(f"column {name!r}: must be a letter or _ followed by letters, digits or _")
+        return columns
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ResourceConfig:
+        missing = [key for key in self.primary_key if key not in self.columns]
+        if missing:
+            raise ValueError(f"primary_key {missing} must be declared in [resources.columns]")
+        if self.filter is not None and self.start is None:
+            raise ValueError("start is required when [resources.filter] is set: it is where the first sync begins")
+        return self
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+class Config(_Section):
+    api: ApiConfig
+    auth: AuthConfig
+    database: DatabaseConfig = DatabaseConfig()
+    sync: SyncConfig = SyncConfig()
+    resources: list[ResourceConfig] = Field(min_length=1)
+    source_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for attr in ("name", "table_name"):
+            seen: set[str] = set()
+            for resource in self.resources:
+                value = getattr(resource, attr).lower()
+                if value in seen:
+                    raise ValueError(f"two resources share the {attr.replace('_name', '')} {value!r}")
+                seen.add(value)
+        return self
+
+    def resource(self, name: str) -> ResourceConfig:
+        for resource in self.resources:
+            if resource.name == name:
+                return resource
+        known = ", ".join(r.name for r in self.resources)
+        raise ConfigError(f"--resource {name}: no such resource in the config (known: {known})")
+
+    def client_secret(self) -> SecretStr:
+        """The client secret from $ETL_CLIENT_SECRET, client_secret_file, or the file itself."""
+        return resolve_client_secret(self.auth, self.source_path)
+
+
+class EnvSettings(BaseSettings):
+    """The environment variables of SPEC.md; they win over config.toml."""
+
+    model_config = SettingsConfigDict(env_prefix="ETL_", extra="ignore")
+
+    config: str | None = None
+    client_secret: SecretStr | None = None
+    database_url: str | None = None
+
+
+def config_path(explicit: str | None) -> Path:
+    """--config, else $ETL_CONFIG, else ./config.toml."""
+    return Path(explicit or EnvSettings().config or "config.toml")
+
+
+def load_config(path: Path) -> Config:
+    """Read, validate and normalise a config file; every failure is a ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: pass --config PATH or set $ETL_CONFIG") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_document(document, path)
+
+
+def config_from_document(document: dict[str, Any], path: Path | None = None) -> Config:
+    """Validate a parsed TOML document; $ETL_DATABASE_URL overrides [database].url."""
+    env = EnvSettings()
+    if env.database_url:
+        database = document.get("database")
+        document = {**document, "database": {**(database if isinstance(database, dict) else {}), "url": env.database_url}}
+    try:
+        config = Config.model_validate({**document, "source_path": path})
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from None
+    if config.auth.client_secret is not None and path is not None:
+        _warn_secret_in_file(path)
+    return config
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    """One line per problem, each starting with the dotted key it is about."""
+    where = f"{path}: " if path else ""
+    lines = []
+    for error in exc.errors(include_url=False):
+        key = _dotted(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling against SPEC.md)"
+        lines.append(f"{where}{key}: {message}" if key else f"{where}{message}")
+    return "\n".join(lines)
+
+
+_UNION_TAGS = {"page", "offset", "cursor", "link_header", "none"}
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part == "source_path" or (index > 0 and loc[index - 1] == "pagination" and part in _UNION_TAGS):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretStr:
+    env_secret = EnvSettings().client_secret
+    if env_secret is not None and env_secret.get_secret_value():
+        return env_secret
+    if auth.client_secret_file:
+        secret_path = Path(auth.client_secret_file).expanduser()
+        if not secret_path.is_absolute() and config_file is not None:
+            secret_path = config_file.parent / secret_path
+        try:
+            secret = secret_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"auth.client_secret_file: cannot read {secret_path}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"auth.client_secret_file: {secret_path} is empty")
+        return SecretStr(secret)
+    if auth.client_secret is not None and auth.client_secret.get_secret_value():
+        log.warning(
+            "auth.client_secret is set in the config file; prefer $ETL_CLIENT_SECRET or auth.client_secret_file"
+        )
+        return auth.client_secret
+    raise ConfigError(
+        "auth.client_secret_file: no client secret found: set $ETL_CLIENT_SECRET or auth.client_secret_file"
+    )
+
+
+def _warn_secret_in_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning(
+            "%s holds auth.client_secret and is readable by other users: chmod 600 %s, "
+            "or move the secret to $ETL_CLIENT_SECRET",
+            path,
+            path,
+        )

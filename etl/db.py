@@ -1,0 +1,138 @@
+"""The database connection: async driver chosen from the URL, and Alembic migrations.
+
+Users write plain URLs (`sqlite:///etl.db`, `postgresql://…`, `mysql://…`);
+the project's async driver is filled in here. Every message shows the URL with
+its password hidden.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import URL, Connection, event, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from etl.errors import ConfigError, LoadError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+VERSION_TABLE = "etl_alembic_version"
+ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "mysql": "mysql+aiomysql",
+    "mariadb": "mysql+aiomysql",
+}
+
+
+def async_url(url: str) -> URL:
+    """The URL with the project's async driver when none is named."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"database.url: {url!r} is not a database URL like sqlite:///etl.db") from None
+    if "+" not in parsed.drivername:
+        driver = ASYNC_DRIVERS.get(parsed.drivername)
+        if driver is None:
+            known = ", ".join(sorted(ASYNC_DRIVERS))
+            raise ConfigError(f"database.url: unsupported database {parsed.drivername!r} (supported: {known})")
+        parsed = parsed.set(drivername=driver)
+    if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL for messages: password hidden."""
+    try:
+        return (url if isinstance(url, URL) else make_url(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine; SQLite gets WAL and a busy timeout so a reader never blocks a run."""
+    target = async_url(url)
+    options: dict[str, Any] = {"json_serializer": _json_dumps, "pool_pre_ping": target.get_backend_name() != "sqlite"}
+    if target.get_backend_name() == "sqlite":
+        options["connect_args"] = {"timeout": 60}
+    try:
+        engine = create_async_engine(target, **options)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"database.url: {safe_url(target)}: {exc}") from None
+    if target.get_backend_name() == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+def database_error(exc: Exception, url: str | URL) -> LoadError:
+    """A driver error as etl's, with the URL (no password) and the driver's own words."""
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(exc, OperationalError | OSError | ConnectionError) or "connect" in type(original).__name__.lower():
+        return LoadError(
+            f"cannot use the database {safe_url(url)}: {original}",
+            hint="check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials",
+        )
+    if isinstance(exc, DBAPIError):
+        return LoadError(f"the database {safe_url(url)} refused a statement: {original}")
+    return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
+
+
+def _alembic_config(connection: Connection) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    command.upgrade(_alembic_config(connection), "head")
+
+
+def head_revision() -> str | None:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+
+
+async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
+    """Bring etl's tables to the newest revision; harmless when they are there. Returns (before, after)."""
+    try:
+        async with engine.begin() as connection:
+            before = await connection.run_sync(_current_revision)
+            await connection.run_sync(_upgrade)
+            after = await connection.run_sync(_current_revision)
+    except (DBAPIError, OSError) as exc:
+        raise database_error(exc, engine.url) from exc
+    return before, after
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(_current_revision)
+    except (DBAPIError, OSError) as exc:
+        raise database_error(exc, engine.url) from exc

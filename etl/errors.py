@@ -1,0 +1,95 @@
+"""The errors etl raises, one class per exit code of SPEC.md.
+
+    EtlError                      exit 1  the run failed or stopped early
+    ├── ConfigError               exit 2  usage or configuration, names the key or flag
+    ├── AuthError                 exit 3  the token endpoint refused us
+    ├── LockHeld                  exit 4  another run holds the lock
+    ├── UnreachableError          exit 5  DNS, TCP or TLS: the host could not be reached or trusted
+    │   └── ConnectionFailed              refused or dropped connect: retried, then exit 5
+    ├── SourceError               exit 1  the API answered, but not with usable pages
+    │   └── RetryableError                a transient answer (429, 5xx, reset, timeout): retried
+    │       └── TokenRejected             the API answered 401 to a token: renew and retry once
+    └── LoadError                 exit 1  the database refused a write
+
+aiohttp and SQLAlchemy errors are translated into these where they enter etl
+(`etl.client`, `etl.token`, `etl.store`), so retry conditions and the CLI only
+ever test etl's own classes. No message may contain a secret or a token.
+"""
+
+from __future__ import annotations
+
+
+class EtlError(Exception):
+    """Base of every error etl reports to its user; `exit_code` is SPEC.md's."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class ConfigError(EtlError):
+    """A bad flag, key or value; the message starts with its dotted name."""
+
+    exit_code = 2
+
+
+class AuthError(EtlError):
+    """The token endpoint refused the client, secret, grant or scope."""
+
+    exit_code = 3
+
+
+class LockHeld(EtlError):
+    """Another run holds the lock for the same database and resource."""
+
+    exit_code = 4
+
+
+class UnreachableError(EtlError):
+    """A host could not be resolved, connected to, or trusted (TLS)."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, host: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.host = host
+
+
+class ConnectionFailed(UnreachableError):
+    """The TCP connection was refused or timed out; worth retrying, unlike DNS or TLS."""
+
+
+class SourceError(EtlError):
+    """The API answered with something that is not a usable page."""
+
+    exit_code = 1
+
+
+class RetryableError(SourceError):
+    """A transient failure worth another attempt; `retry_after` in seconds when the server said."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TokenRejected(RetryableError):
+    """The API answered 401 to the token a request carried."""
+
+
+class LoadError(EtlError):
+    """The database refused a write or the schema does not match."""
+
+    exit_code = 1
+
+
+class Interrupted(EtlError):
+    """The run was stopped by SIGTERM or SIGINT after committing what was in flight."""
+
+    exit_code = 1

@@ -1,0 +1,124 @@
+"""One run at a time per database and resource, with locks the operating system or server releases.
+
+PostgreSQL advisory locks and MySQL GET_LOCK belong to a connection, and an
+flock (SQLite) to a process: when a run is killed, its locks go with it, so
+nobody ever has to clean up by hand. The lock is taken before anything is
+written and held until the run has recorded its end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from etl.durations import isoformat_utc
+from etl.errors import LockHeld
+from etl.schema import runs
+
+
+def _advisory_key(resource: str) -> int:
+    """A stable signed 64-bit key for pg_try_advisory_lock."""
+    digest = hashlib.blake2b(f"etl:{resource}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _mysql_name(resource: str) -> str:
+    return "etl:" + hashlib.blake2b(resource.encode(), digest_size=16).hexdigest()
+
+
+class ResourceLocks:
+    """`async with ResourceLocks(engine, ["orders"]):` or LockHeld (exit 4) naming the holder."""
+
+    def __init__(self, engine: AsyncEngine, resources: list[str]) -> None:
+        self._engine = engine
+        self._resources = sorted(set(resources))
+        self._connection: AsyncConnection | None = None
+        self._files: list[IO[bytes]] = []
+
+    async def __aenter__(self) -> ResourceLocks:
+        dialect = self._engine.dialect.name
+        try:
+            for resource in self._resources:
+                if not await self._acquire(dialect, resource):
+                    raise LockHeld(await self._holder_message(resource))
+        except BaseException:
+            await self.release()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.release()
+
+    async def _acquire(self, dialect: str, resource: str) -> bool:
+        if dialect == "postgresql":
+            connection = await self._lock_connection()
+            return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": _advisory_key(resource)}))
+        if dialect == "mysql":
+            connection = await self._lock_connection()
+            return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": _mysql_name(resource)}) == 1
+        return self._flock(resource)
+
+    async def _lock_connection(self) -> AsyncConnection:
+        """A connection kept open for the whole run: the server drops its locks when it closes."""
+        if self._connection is None:
+            self._connection = await self._engine.connect()
+            await self._connection.commit()
+        return self._connection
+
+    def _flock(self, resource: str) -> bool:
+        database = self._engine.url.database
+        if not database or database == ":memory:":
+            return True
+        directory = Path(database + ".locks")
+        directory.mkdir(exist_ok=True)
+        handle = open(directory / f"{resource}.lock", "a+b")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        handle.truncate(0)
+        handle.write(str(os.getpid()).encode())
+        handle.flush()
+        self._files.append(handle)
+        return True
+
+    async def _holder_message(self, resource: str) -> str:
+        """Who holds the lock, from etl_runs: the newest run still marked running on that resource."""
+        holder = None
+        try:
+            async with self._engine.connect() as connection:
+                for row in await connection.execute(
+                    select(runs.c.id, runs.c.pid, runs.c.host, runs.c.started_at, runs.c.command, runs.c.resources)
+                    .where(runs.c.status == "running")
+                    .order_by(runs.c.id.desc())
+                ):
+                    if resource in row.resources.split(","):
+                        holder = row
+                        break
+        except Exception:  # noqa: BLE001 - the table may not exist yet; the message does without it
+            holder = None
+        message = f"another run holds the lock for resource {resource!r} on this database"
+        if holder is not None:
+            message += (
+                f": run {holder.id} ({holder.command}, pid {holder.pid} on {holder.host}) "
+                f"since {isoformat_utc(holder.started_at)}"
+            )
+        return message + "; this run exits without doing anything (it is safe to run again later)"
+
+    async def release(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files.clear()
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            # Closing the DBAPI connection, not returning it to the pool, is what releases server-side locks.
+            await connection.invalidate()
+            await connection.close()

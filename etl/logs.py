@@ -1,0 +1,90 @@
+"""Logging on stderr as text or one JSON object per line, with run, resource and window on every line.
+
+The context comes from contextvars set per asyncio task, so a line logged deep
+in the client still says which window it was working on. Every registered
+secret (the client secret, every token) is masked in every line, as a last
+line of defence behind the code that never logs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+import orjson
+
+run_id_var: ContextVar[int | None] = ContextVar("run_id", default=None)
+resource_var: ContextVar[str | None] = ContextVar("resource", default=None)
+window_var: ContextVar[str | None] = ContextVar("window", default=None)
+
+MASK = "***"
+_secrets: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask this value wherever it would appear in a log line (values shorter than 6 chars are ignored)."""
+    if len(value) >= 6:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.run_id = run_id_var.get()
+        record.resource = resource_var.get()
+        record.window = window_var.get()
+        message = redact(record.getMessage())
+        if record.exc_info:
+            message += "\n" + redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        record.msg, record.args = message, None
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        where = " ".join(
+            part for part in (
+                f"run={record.run_id}" if getattr(record, "run_id", None) else "",
+                f"resource={record.resource}" if getattr(record, "resource", None) else "",
+                f"window={record.window}" if getattr(record, "window", None) else "",
+            ) if part
+        )
+        return f"{stamp} {record.levelname:<7} {record.getMessage()}" + (f"  [{where}]" if where else "")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        document = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "run_id": getattr(record, "run_id", None),
+            "resource": getattr(record, "resource", None),
+            "window": getattr(record, "window", None),
+        }
+        return orjson.dumps(document).decode()
+
+
+def setup_logging(log_format: str, verbosity: int) -> None:
+    """`verbosity`: -1 quiet (warnings and errors), 0 normal, 1 debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    for noisy in ("aiohttp.access", "asyncio", "alembic", "sqlalchemy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,356 @@
+"""One run of `sync` or `backfill`: fetch workers feed one loader through a bounded queue.
+
+    windows ─► workers (≤ concurrency) ─► bounded queue ─► loader ─► Store.commit (one transaction per batch)
+
+Workers page through their windows and validate each page; the queue's bound
+is the backpressure that keeps memory flat whatever the size of the API. A
+single loader groups many pages into one transaction with their windows'
+progress and the watermark, because a commit per page would cap throughput.
+
+A failing window stops its resource (other resources go on); a failure that
+concerns every resource (token endpoint, TLS, DNS, database) stops the run. A
+stop, for any reason including SIGTERM, lets in-flight pages finish within a
+grace period and commits them: what is committed is never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import SecretStr
+
+from etl.client import ApiClient, RequestCounters
+from etl.config import Config, ResourceConfig
+from etl.errors import AuthError, ConfigError, ConnectionFailed, EtlError, Interrupted, LoadError, UnreachableError
+from etl.logs import register_secret, resource_var, run_id_var, window_var
+from etl.paginators import paginator_for
+from etl.planning import ResourcePlan
+from etl.progress import NoProgress, ProgressDisplay
+from etl.records import RecordValidator, ValidatedPage, records_at
+from etl.store import LoadBatch, Store, WindowProgress, WindowRecord
+from etl.token import TokenManager
+from etl.transport import RetryPolicy, open_session
+from etl.windows import filter_params
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 5000
+FLUSH_SECONDS = 1.0
+QUEUE_PAGES = 64
+GRACE_SECONDS = 15.0
+RUN_WIDE_ERRORS = (AuthError, UnreachableError, LoadError, ConfigError)
+
+
+@dataclass
+class ResourceStats:
+    name: str
+    pages: int = 0
+    fetched: int = 0
+    loaded: int = 0
+    rejected: int = 0
+    windows: int = 0
+    windows_done: int = 0
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+@dataclass
+class RunOutcome:
+    """What the CLI reports and exits with."""
+
+    run_id: int
+    status: str
+    error: EtlError | None
+    resources: dict[str, ResourceStats]
+    requests: int
+    retries: int
+    token_requests: int
+    seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.error is None else self.error.exit_code
+
+
+@dataclass
+class _Page:
+    """A fetched page on its way to the loader; `fetched` is None for the marker that closes a resumed window."""
+
+    window: WindowRecord
+    page: ValidatedPage
+    position: dict[str, Any]
+    finished: bool
+    fetched: int | None
+
+
+@dataclass
+class _WindowFailed:
+    window: WindowRecord
+    error: EtlError
+
+
+_END = object()
+
+Planner = Callable[[Store, ResourceConfig, int], Awaitable[ResourcePlan]]
+
+
+class Pipeline:
+    """Runs the windows of a plan to completion, failure or interruption."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        run_id: int,
+        stop: asyncio.Event,
+        progress: ProgressDisplay | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.run_id = run_id
+        self.stop = stop
+        self.progress = progress or NoProgress()
+        self.counters = RequestCounters()
+        self.stats: dict[str, ResourceStats] = {}
+        self._plans: dict[str, ResourcePlan] = {}
+        self._validators: dict[str, RecordValidator] = {}
+        self._failed: set[str] = set()
+        self._errors: list[EtlError] = []
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
+        self._tokens: TokenManager | None = None
+        self._window_owner: dict[int, str] = {}
+
+    @property
+    def token_requests(self) -> int:
+        return self._tokens.token_requests if self._tokens else 0
+
+    async def run(self, plans: list[ResourcePlan], secret: SecretStr) -> RunOutcome:
+        started = time.monotonic()
+        register_secret(secret.get_secret_value())
+        for plan in plans:
+            name = plan.resource.name
+            self._window_owner.update((window.id, name) for window in plan.windows)
+            self._plans[name] = plan
+            self._validators[name] = RecordValidator(plan.resource)
+            self.stats[name] = ResourceStats(name, windows=len(plan.windows), windows_done=len(plan.windows) - len(plan.pending))
+        self.progress.start([plan.resource.name for plan in plans])
+        try:
+            async with open_session(self.config.api) as session:
+                self._tokens = TokenManager(self.config.auth, secret, session, RetryPolicy.from_api(self.config.api))
+                client = ApiClient(self.config.api, session, self._tokens, self.counters)
+                await self._fetch_and_load(client, plans)
+        finally:
+            self.progress.stop()
+        for stats in self.stats.values():
+            stats.finished = stats.finished or time.monotonic()
+        return self._outcome(time.monotonic() - started)
+
+    async def _fetch_and_load(self, client: ApiClient, plans: list[ResourcePlan]) -> None:
+        jobs = _interleave([[(plan.resource, window) for window in plan.pending] for plan in plans])
+        loader = asyncio.create_task(self._load(), name="loader")
+        job_queue: asyncio.Queue[tuple[ResourceConfig, WindowRecord]] = asyncio.Queue()
+        for job in jobs:
+            job_queue.put_nowait(job)
+        workers = [
+            asyncio.create_task(self._work(client, job_queue), name=f"worker-{n}")
+            for n in range(min(self.config.api.concurrency, len(jobs)))
+        ]
+        workers_done = asyncio.gather(*workers)
+        await asyncio.wait([loader, workers_done], return_when=asyncio.FIRST_COMPLETED)
+        if loader.done():  # the loader only ends early when the database failed
+            workers_done.cancel()
+            await asyncio.gather(workers_done, return_exceptions=True)
+        else:
+            await self._wait_for_workers(workers_done)
+            await self._queue.put(_END)
+        await loader
+
+    async def _wait_for_workers(self, workers_done: asyncio.Future[Any]) -> None:
+        """Workers finish their current page after a stop; past the grace period they are cancelled."""
+        while not workers_done.done():
+            if self.stop.is_set():
+                try:
+                    await asyncio.wait_for(asyncio.shield(workers_done), GRACE_SECONDS)
+                except asyncio.TimeoutError:
+                    log.warning("in-flight requests did not finish within %.0fs; abandoning them", GRACE_SECONDS)
+                    workers_done.cancel()
+                    await asyncio.gather(workers_done, return_exceptions=True)
+                break
+            stop_wait = asyncio.create_task(self.stop.wait())
+            await asyncio.wait([workers_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+        if workers_done.done() and not workers_done.cancelled() and workers_done.exception():
+            raise workers_done.exception()  # type: ignore[misc]
+
+    # -- fetching ----------------------------------------------------------------------------------
+
+    async def _work(self, client: ApiClient, jobs: asyncio.Queue[tuple[ResourceConfig, WindowRecord]]) -> None:
+        run_id_var.set(self.run_id)
+        while not self.stop.is_set():
+            try:
+                resource, window = jobs.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if resource.name in self._failed:
+                continue
+            resource_var.set(resource.name)
+            window_var.set(str(window.window))
+            try:
+                await self._fetch_window(client, resource, window)
+            except EtlError as exc:
+                self._fail(resource, exc)
+                await self._queue.put(_WindowFailed(window, exc))
+
+    async def _fetch_window(self, client: ApiClient, resource: ResourceConfig, window: WindowRecord) -> None:
+        params = {key: _query_value(value) for key, value in resource.params.items()}
+        if resource.filter is not None:
+            params.update(filter_params(window.window, resource.filter))
+        paginator = paginator_for(resource.pagination, self.config.api.base_url + resource.path, params)
+        if window.position:
+            paginator.restore(window.position)
+        stats = self.stats[resource.name]
+        validator = self._validators[resource.name]
+        first = not window.position
+        while not self.stop.is_set() and resource.name not in self._failed:
+            request = paginator.request()
+            if request is None:
+                if window.position and window.position.get("finished"):
+                    await self._queue.put(_Page(window, ValidatedPage([], [], None), paginator.position(), True, None))
+                return
+            response = await client.get(request)
+            records = records_at(response.body, resource.records_path, response.url)
+            if first and (total := paginator.known_total(response)) is not None:
+                self.progress.add_total(resource.name, total)
+            first = False
+            page = validator.validate(records)
+            paginator.advance(response, records)
+            stats.pages += 1
+            stats.fetched += len(records)
+            await self._queue.put(_Page(window, page, paginator.position(), paginator.finished, len(records)))
+
+    def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
+        if isinstance(exc, ConnectionFailed) and self.counters.requests > 0 and sum(s.pages for s in self.stats.values()):
+            exc = _stopped_midway(exc)
+        log.error("%s", exc)
+        self._errors.append(exc)
+        self._failed.add(resource.name)
+        self.stats[resource.name].error = exc.message
+        if isinstance(exc, RUN_WIDE_ERRORS):
+            self.stop.set()
+
+    # -- loading ------------------------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        """Group pages into batches and commit each in one transaction; ends at _END."""
+        run_id_var.set(self.run_id)
+        batch = LoadBatch()
+        deadline = time.monotonic() + FLUSH_SECONDS
+        try:
+            while True:
+                timeout = max(0.0, deadline - time.monotonic())
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), timeout) if not batch.is_empty() else await self._queue.get()
+                except asyncio.TimeoutError:
+                    item = None
+                if item is _END:
+                    await self._commit(batch)
+                    return
+                if isinstance(item, _WindowFailed):
+                    await self._commit(batch)
+                    batch = LoadBatch()
+                    await self.store.fail_window(item.window.id, str(item.error))
+                    continue
+                if isinstance(item, _Page):
+                    if batch.is_empty():
+                        deadline = time.monotonic() + FLUSH_SECONDS
+                    self._add(batch, item)
+                if item is None or batch.row_count >= BATCH_ROWS or time.monotonic() >= deadline:
+                    await self._commit(batch)
+                    batch = LoadBatch()
+        except EtlError as exc:
+            self._errors.append(exc)
+            log.error("%s", exc)
+            self.stop.set()
+
+    def _add(self, batch: LoadBatch, item: _Page) -> None:
+        name = item.window.resource
+        plan = self._plans[name]
+        batch.rows.setdefault(name, []).extend(item.page.rows)
+        batch.rejects.extend((name, reject) for reject in item.page.rejects)
+        progress = batch.windows.setdefault(item.window.id, WindowProgress())
+        progress.pages += 0 if item.fetched is None else 1
+        progress.records += len(item.page.rows)
+        progress.rejects += len(item.page.rejects)
+        progress.position = item.position
+        if item.page.max_cursor is not None:
+            plan.tracker.saw_cursor(item.window.id, item.page.max_cursor)
+            progress.max_cursor = item.page.max_cursor
+        if item.finished:
+            progress.done = True
+            mark = plan.tracker.window_finished(item.window.id)
+            if mark is not None:
+                batch.watermarks = [m for m in batch.watermarks if m.resource != name] + [mark]
+
+    async def _commit(self, batch: LoadBatch) -> None:
+        if batch.is_empty():
+            return
+        await asyncio.shield(self.store.commit(batch, self.run_id))
+        for name, rows in batch.rows.items():
+            self.stats[name].loaded += len(rows)
+            self.progress.advance(name, len(rows))
+        for name, _reject in batch.rejects:
+            self.stats[name].rejected += 1
+        for window_id, progress in batch.windows.items():
+            if progress.done:
+                self.stats[self._window_owner[window_id]].windows_done += 1
+
+    # -- the verdict --------------------------------------------------------------------------------
+
+    def _outcome(self, seconds: float) -> RunOutcome:
+        error: EtlError | None = self._errors[0] if self._errors else None
+        rejected = sum(stats.rejected for stats in self.stats.values())
+        if error is None and self.stop.is_set():
+            error = Interrupted("the run was interrupted; what was in flight is committed and the next run continues from there")
+        if error is None and rejected > self.config.sync.max_rejects:
+            error = EtlError(
+                f"{rejected} records were rejected, more than [sync].max_rejects = {self.config.sync.max_rejects}; "
+                "they are in etl_rejects with their raw payload and the reason"
+            )
+        status = "succeeded" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"
+        return RunOutcome(
+            run_id=self.run_id,
+            status=status,
+            error=error,
+            resources=self.stats,
+            requests=self.counters.requests,
+            retries=self.counters.retries,
+            token_requests=self.token_requests,
+            seconds=seconds,
+        )
+
+
+def _stopped_midway(exc: ConnectionFailed) -> EtlError:
+    """A host that answered earlier in the run and then went away: the run stopped early (exit 1)."""
+    return EtlError(f"the API stopped answering in the middle of the run: {exc.message}", hint=exc.hint)
+
+
+def _query_value(value: str | int | float | bool) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _interleave(lists: list[list[Any]]) -> list[Any]:
+    """Round-robin across resources, so that each makes progress from the start."""
+    merged: list[Any] = []
+    for index in range(max((len(items) for items in lists), default=0)):
+        merged.extend(items[index] for items in lists if index < len(items))
+    return merged

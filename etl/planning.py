@@ -1,0 +1,105 @@
+"""Which windows a run loads, and how far the watermark may move when they finish.
+
+`sync` plans from the watermark (less `lookback`) or `start` up to now less
+`[sync].lag`; `backfill` plans the interval it is given and takes up the
+windows an earlier, interrupted run of the same backfill left unfinished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from etl.config import ResourceConfig
+from etl.store import Store, Watermark, WindowRecord, newest_cursor
+from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularity
+
+
+@dataclass
+class ResourcePlan:
+    """The windows of one resource in time order, and what the watermark was when the run began."""
+
+    resource: ResourceConfig
+    windows: list[WindowRecord]
+    tracker: WatermarkTracker
+
+    @property
+    def pending(self) -> list[WindowRecord]:
+        return [window for window in self.windows if window.state != "done"]
+
+
+async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: datetime, lag: timedelta) -> ResourcePlan:
+    base = await store.watermark(resource.name)
+    if resource.filter is None:
+        planned = [FULL_REFRESH]
+    else:
+        step = granularity(resource.filter.format)
+        assert resource.start is not None  # the config requires it with a filter
+        start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
+        end = floor_to(now - lag, step)
+        planned = cut(start, end, resource.window, step) if start < end else []
+    windows = await store.open_windows("sync", resource.name, planned, run_id, reuse=False)
+    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base))
+
+
+async def plan_backfill(
+    store: Store,
+    resource: ResourceConfig,
+    run_id: int,
+    start: datetime,
+    end: datetime,
+    window: timedelta | None,
+    restart: bool,
+) -> ResourcePlan:
+    base = await store.watermark(resource.name)
+    if resource.filter is None:
+        planned = [FULL_REFRESH]
+        windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=False)
+    else:
+        step = granularity(resource.filter.format)
+        planned = cut(start, end, window or resource.window, step)
+        if restart:
+            await store.forget_windows("backfill", resource.name, floor_to(start, step), ceil_to(end, step))
+        windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True)
+    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base))
+
+
+class WatermarkTracker:
+    """Moves the watermark only over finished windows that follow on from where it stood.
+
+    Windows finish out of order when they run in parallel; the watermark
+    follows the first unfinished one, so a crash can never leave it past a
+    window that was not loaded. A backfill of a range that does not touch the
+    watermark (a hole in the past, or beyond a gap) never moves it.
+    """
+
+    def __init__(self, resource: ResourceConfig, windows: list[WindowRecord], base: Watermark | None) -> None:
+        self._resource = resource.name
+        self._windows = windows
+        self._done = {window.id: window.state == "done" for window in windows}
+        self._max_cursor: dict[int, Any] = {window.id: window.max_cursor for window in windows}
+        self._watermark = base.watermark if base else None
+        self._synced_until = base.synced_until if base else None
+        anchor = self._synced_until or resource.start
+        first: Window | None = windows[0].window if windows else None
+        self._may_advance = first is not None and (first.start is None or anchor is None or first.start <= anchor)
+        self._next = 0
+
+    def saw_cursor(self, window_id: int, cursor: Any) -> None:
+        self._max_cursor[window_id] = newest_cursor(self._max_cursor.get(window_id), cursor)
+
+    def window_finished(self, window_id: int) -> Watermark | None:
+        """The new watermark if this window extends the finished prefix, else None."""
+        self._done[window_id] = True
+        moved = False
+        while self._next < len(self._windows) and self._done[self._windows[self._next].id]:
+            window = self._windows[self._next]
+            self._watermark = newest_cursor(self._watermark, self._max_cursor.get(window.id))
+            if window.window.end is not None:
+                self._synced_until = max(self._synced_until or window.window.end, window.window.end)
+            self._next += 1
+            moved = True
+        if not (moved and self._may_advance):
+            return None
+        return Watermark(self._resource, self._watermark, self._synced_until)

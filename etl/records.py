@@ -1,0 +1,164 @@
+"""Records from the API validated into typed rows, and the rejects that fail.
+
+The validator is a pydantic TypeAdapter over a TypedDict generated from
+`[resources.columns]`: a whole page is validated in one call into plain dicts
+ready for the database (pydantic-core does the per-record work). Only a page
+that fails is looked at record by record, so that one bad record is rejected
+with its raw payload and the rest of the page is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+import orjson
+from pydantic import AfterValidator, AliasPath, Field, TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict
+
+from etl.config import ColumnSpec, ResourceConfig
+from etl.errors import SourceError
+from etl.paginators import dig
+
+STRING_MAX = 255
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _to_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _python_type(column_type: str) -> Any:
+    """The pydantic type for a column type, with the coercions a legacy API needs."""
+    return {
+        "string": Annotated[str, Field(max_length=STRING_MAX, coerce_numbers_to_str=True)],
+        "text": Annotated[str, Field(coerce_numbers_to_str=True)],
+        "integer": Annotated[int, Field(ge=INT32[0], le=INT32[1])],
+        "bigint": Annotated[int, Field(ge=INT64[0], le=INT64[1])],
+        "float": Annotated[float, Field(allow_inf_nan=False)],
+        "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38)],
+        "boolean": bool,
+        "date": date,
+        "datetime": Annotated[datetime, AfterValidator(_to_utc)],
+        "json": Any,
+    }[column_type]
+
+
+def _field(name: str, spec: ColumnSpec, required: bool) -> Any:
+    """One TypedDict field; nullable columns default to None when the record lacks them."""
+    alias = AliasPath(*spec.source.split(".")) if spec.source else None
+    python_type = _python_type(spec.type)
+    if required:
+        return Annotated[python_type, Field(validation_alias=alias)]
+    return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A record that failed validation, kept with the payload exactly as it was parsed."""
+
+    key: str | None
+    raw: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ValidatedPage:
+    rows: list[dict[str, Any]]
+    rejects: list[Reject]
+    max_cursor: Any
+
+
+class RecordValidator:
+    """Validates the records of one resource against its declared columns."""
+
+    def __init__(self, resource: ResourceConfig) -> None:
+        self.resource = resource
+        fields = {
+            name: _field(name, spec, self._required(name, spec)) for name, spec in resource.columns.items()
+        }
+        row_type = TypedDict(f"{resource.name}_row", fields)  # type: ignore[misc]
+        self._page_adapter: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[row_type])  # type: ignore[valid-type]
+        self._cursor_column = resource.cursor_field if resource.cursor_field in resource.columns else None
+        self._cursor_adapter = TypeAdapter(_python_type("datetime"))
+
+    def _required(self, name: str, spec: ColumnSpec) -> bool:
+        if name in self.resource.primary_key:
+            return True
+        return spec.nullable is False
+
+    def validate(self, records: list[Any]) -> ValidatedPage:
+        """Rows for every valid record, a Reject for every other; never raises for a bad record."""
+        try:
+            rows = self._page_adapter.validate_python(records)
+            return ValidatedPage(rows, [], self._max_cursor(rows, records))
+        except ValidationError as exc:
+            failed = _errors_by_index(exc)
+        good = [record for index, record in enumerate(records) if index not in failed]
+        rows = self._page_adapter.validate_python(good)
+        rejects = [self._reject(records[index], messages) for index, messages in sorted(failed.items())]
+        return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
+
+    def _reject(self, record: Any, messages: list[str]) -> Reject:
+        return Reject(key=self._key_of(record), raw=orjson.dumps(record).decode(), error="; ".join(messages))
+
+    def _key_of(self, record: Any) -> str | None:
+        """The primary key as text (`1|2` for composite keys), when the record has all of it."""
+        if not isinstance(record, dict):
+            return None
+        parts = [dig(record, self.resource.columns[name].source or name) for name in self.resource.primary_key]
+        if any(part is None for part in parts):
+            return None
+        return "|".join(str(part) for part in parts)
+
+    def _max_cursor(self, rows: list[dict[str, Any]], records: list[Any]) -> Any:
+        """The highest cursor value of the page: the column's typed value, or the raw field parsed as a datetime."""
+        field = self.resource.cursor_field
+        if field is None:
+            return None
+        if self._cursor_column is not None:
+            values = [row[self._cursor_column] for row in rows if row.get(self._cursor_column) is not None]
+        else:
+            values = []
+            for record in records:
+                raw = dig(record, field)
+                if raw is not None:
+                    try:
+                        values.append(self._cursor_adapter.validate_python(raw))
+                    except ValidationError:
+                        continue
+        return max(values, default=None)
+
+
+def _errors_by_index(exc: ValidationError) -> dict[int, list[str]]:
+    failed: dict[int, list[str]] = {}
+    for error in exc.errors(include_url=False):
+        loc = error["loc"]
+        index = loc[0] if loc and isinstance(loc[0], int) else -1
+        where = ".".join(str(part) for part in loc[1:]) or "record"
+        got = error.get("input")
+        shown = repr(got)[:60] if not isinstance(got, dict) else "an object"
+        message = f"{where}: {error['msg']}" + (f" (got {shown})" if error["type"] != "missing" else "")
+        failed.setdefault(index, []).append(message)
+    if -1 in failed:
+        raise SourceError(f"the page is not a list of records: {failed[-1][0]}")
+    return failed
+
+
+def records_at(body: Any, records_path: str, url: str) -> list[Any]:
+    """The record list of a page body; anything else is an error naming what the body holds."""
+    records = dig(body, records_path) if records_path else body
+    if isinstance(records, list):
+        return records
+    if records is None and isinstance(body, dict) and not records_path:
+        keys = ", ".join(list(body)[:12])
+        raise SourceError(
+            f"{url}: the body is an object, not a list of records; set records_path to one of its keys: {keys}"
+        )
+    if records is None:
+        keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
+        raise SourceError(f"{url}: records_path {records_path!r} is not in the body; its top-level keys are: {keys}")
+    raise SourceError(f"{url}: records_path {records_path!r} holds a {type(records).__name__}, not a list of records")

@@ -1,0 +1,130 @@
+"""`sync` and `backfill` from start to end: lock, migrate, record the run, plan, load, record the outcome.
+
+The order matters: the secret is checked before anything is contacted (exit
+2), the lock is taken before anything is written (exit 4), and the run's row
+in etl_runs is always closed with its outcome, whatever happened between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import SecretStr
+
+from etl.config import Config, ResourceConfig
+from etl.db import create_engine
+from etl.errors import EtlError
+from etl.locks import ResourceLocks
+from etl.logs import run_id_var
+from etl.pipeline import Pipeline, RunOutcome
+from etl.planning import ResourcePlan, plan_backfill, plan_sync
+from etl.progress import ProgressDisplay
+from etl.store import Store
+
+log = logging.getLogger(__name__)
+
+PlanOne = Callable[[Store, ResourceConfig, int], Awaitable[ResourcePlan]]
+
+
+def select_resources(config: Config, names: list[str] | None) -> list[ResourceConfig]:
+    """The named resources (each checked to exist), or all of them, in config order."""
+    if not names:
+        return list(config.resources)
+    wanted = {config.resource(name).name for name in names}
+    return [resource for resource in config.resources if resource.name in wanted]
+
+
+async def sync(
+    config: Config, names: list[str] | None, stop: asyncio.Event, progress: ProgressDisplay, secret: SecretStr | None = None
+) -> RunOutcome:
+    now = datetime.now(UTC)
+
+    def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
+        return plan_sync(store, resource, run_id, now, config.sync.lag)
+
+    return await execute(config, "sync", {"resources": names or []}, select_resources(config, names), plan, stop, progress, secret)
+
+
+async def backfill(
+    config: Config,
+    start: datetime,
+    end: datetime,
+    names: list[str] | None,
+    window: timedelta | None,
+    restart: bool,
+    stop: asyncio.Event,
+    progress: ProgressDisplay,
+) -> RunOutcome:
+    def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
+        return plan_backfill(store, resource, run_id, start, end, window, restart)
+
+    arguments = {"from": start.isoformat(), "to": end.isoformat(), "resources": names or [], "window": str(window or ""), "restart": restart}
+    return await execute(config, "backfill", arguments, select_resources(config, names), plan, stop, progress)
+
+
+async def execute(
+    config: Config,
+    command: str,
+    arguments: dict[str, Any],
+    resources: list[ResourceConfig],
+    plan_one: PlanOne,
+    stop: asyncio.Event,
+    progress: ProgressDisplay,
+    secret: SecretStr | None = None,
+) -> RunOutcome:
+    secret = secret or config.client_secret()
+    names = [resource.name for resource in resources]
+    engine = create_engine(config.database.url)
+    try:
+        async with ResourceLocks(engine, names):
+            store = Store(engine)
+            await store.prepare(resources, config.database.auto_migrate)
+            run_id = await store.start_run(command, arguments, names)
+            run_id_var.set(run_id)
+            await store.mark_abandoned(names, run_id)
+            log.info("run %d: %s of %s", run_id, command, ", ".join(names))
+            return await _run_recorded(config, store, run_id, resources, plan_one, stop, progress, secret)
+    finally:
+        await engine.dispose()
+
+
+async def _run_recorded(
+    config: Config,
+    store: Store,
+    run_id: int,
+    resources: list[ResourceConfig],
+    plan_one: PlanOne,
+    stop: asyncio.Event,
+    progress: ProgressDisplay,
+    secret: SecretStr,
+) -> RunOutcome:
+    """Plan and load, and close the run's row with the truth whatever happens."""
+    pipeline = Pipeline(config, store, run_id, stop, progress)
+    try:
+        plans = [await plan_one(store, resource, run_id) for resource in resources]
+        outcome = await pipeline.run(plans, secret)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt) else "failed"
+        message = str(exc) if isinstance(exc, EtlError) else f"internal error: {type(exc).__name__}: {exc}"
+        await asyncio.shield(store.finish_run(run_id, status, _counts(pipeline), message))
+        raise
+    error_text = str(outcome.error) if outcome.error else None
+    await asyncio.shield(store.finish_run(run_id, outcome.status, _counts(pipeline), error_text))
+    return outcome
+
+
+def _counts(pipeline: Pipeline) -> dict[str, int]:
+    stats = pipeline.stats.values()
+    return {
+        "pages": sum(s.pages for s in stats),
+        "records_fetched": sum(s.fetched for s in stats),
+        "records_loaded": sum(s.loaded for s in stats),
+        "records_rejected": sum(s.rejected for s in stats),
+        "requests": pipeline.counters.requests,
+        "retries": pipeline.counters.retries,
+        "token_requests": pipeline.token_requests,
+    }

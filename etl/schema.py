@@ -1,0 +1,199 @@
+"""The tables etl writes: its own `etl_*` bookkeeping and one table per resource.
+
+The `etl_*` tables are created and changed only by the Alembic migrations in
+`migrations/`; the definitions here are what the code queries and must match
+the latest revision (a test checks this). Resource tables follow
+`[resources.columns]` and evolve additively: a new column is added, a changed
+type or key stops the run with a message instead of rewriting data.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    inspect,
+    select,
+)
+from sqlalchemy.dialects import mysql
+
+from etl.config import ResourceConfig
+from etl.errors import ConfigError
+from etl.sqltypes import UtcDateTime, column_type
+
+metadata = MetaData()
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql")
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+runs = Table(
+    "etl_runs",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("command", String(32), nullable=False),
+    Column("arguments", Text, nullable=False),
+    Column("resources", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("ended_at", UtcDateTime),
+    Column("pages", BigInteger, nullable=False, default=0),
+    Column("records_fetched", BigInteger, nullable=False, default=0),
+    Column("records_loaded", BigInteger, nullable=False, default=0),
+    Column("records_rejected", BigInteger, nullable=False, default=0),
+    Column("requests", BigInteger, nullable=False, default=0),
+    Column("retries", BigInteger, nullable=False, default=0),
+    Column("token_requests", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+)
+
+watermarks = Table(
+    "etl_watermarks",
+    metadata,
+    Column("resource", String(63), primary_key=True),
+    Column("watermark", String(64)),
+    Column("synced_until", UtcDateTime),
+    Column("run_id", BigInteger),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+windows = Table(
+    "etl_windows",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("resource", String(63), nullable=False),
+    Column("window_start", UtcDateTime),
+    Column("window_end", UtcDateTime),
+    Column("state", String(16), nullable=False),
+    Column("position", Text),
+    Column("pages", Integer, nullable=False, default=0),
+    Column("records", BigInteger, nullable=False, default=0),
+    Column("rejects", BigInteger, nullable=False, default=0),
+    Column("max_cursor", String(64)),
+    Column("run_id", BigInteger),
+    Column("error", Text),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_etl_windows_lookup", "kind", "resource", "window_start"),
+)
+
+rejects = Table(
+    "etl_rejects",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("run_id", BigInteger, nullable=False),
+    Column("resource", String(63), nullable=False),
+    Column("record_key", String(255)),
+    Column("raw", LongText, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("rejected_at", UtcDateTime, nullable=False),
+    Index("ix_etl_rejects_resource_run", "resource", "run_id"),
+)
+
+resource_columns = Table(
+    "etl_resource_columns",
+    metadata,
+    Column("table_name", String(63), primary_key=True),
+    Column("column_name", String(63), primary_key=True),
+    Column("declared_type", String(16), nullable=False),
+    Column("key_position", Integer),
+)
+
+LOADED_AT = "_etl_loaded_at"
+RUN_ID = "_etl_run_id"
+
+
+def resource_table(resource: ResourceConfig) -> Table:
+    """The table of a resource, from its columns; names are quoted by SQLAlchemy, never pasted."""
+    table_metadata = MetaData()
+    columns = [
+        Column(
+            name,
+            column_type(spec.type),
+            primary_key=name in resource.primary_key,
+            autoincrement=False,
+            nullable=name not in resource.primary_key,
+        )
+        for name, spec in resource.columns.items()
+    ]
+    columns.sort(key=lambda column: (not column.primary_key, resource.primary_key.index(column.name) if column.primary_key else 0))
+    return Table(
+        resource.table_name,
+        table_metadata,
+        *columns,
+        Column(LOADED_AT, UtcDateTime, nullable=False),
+        Column(RUN_ID, BigInteger, nullable=False),
+    )
+
+
+def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> Table:
+    """Create the table, or add newly declared columns; refuse changed types or keys (exit 2)."""
+    table = resource_table(resource)
+    declared = {
+        row.column_name: row
+        for row in connection.execute(
+            select(resource_columns).where(resource_columns.c.table_name == table.name)
+        )
+    }
+    inspector = inspect(connection)
+    if not inspector.has_table(table.name):
+        table.create(connection)
+    else:
+        _check_compatible(resource, declared, {c["name"] for c in inspector.get_columns(table.name)})
+        existing = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in existing:
+                _add_column(connection, table, column)
+    _record_declaration(connection, resource, declared)
+    return table
+
+
+def _check_compatible(resource: ResourceConfig, declared: dict, existing: set[str]) -> None:
+    where = f"resources.{resource.name}"
+    differences = []
+    for name, spec in resource.columns.items():
+        before = declared.get(name)
+        if before is not None and before.declared_type != spec.type:
+            differences.append(f"column {name!r} was {before.declared_type!r}, is now {spec.type!r}")
+    old_key = [row.column_name for row in sorted(
+        (row for row in declared.values() if row.key_position is not None), key=lambda row: row.key_position
+    )]
+    if old_key and old_key != resource.primary_key:
+        differences.append(f"primary_key was {old_key}, is now {resource.primary_key}")
+    missing_key = [name for name in resource.primary_key if name not in existing]
+    if not old_key and missing_key:
+        differences.append(f"the existing table {resource.table_name!r} has no column {missing_key} of the primary key")
+    if differences:
+        raise ConfigError(
+            f"{where}: the table {resource.table_name!r} does not match the config: " + "; ".join(differences),
+            hint="etl only adds columns; to change a type or key, migrate or rename the table yourself "
+            "(or point `table` at a new one) and run a backfill",
+        )
+
+
+def _add_column(connection: Connection, table: Table, column: Column) -> None:
+    preparer = connection.dialect.identifier_preparer
+    ddl = column.type.compile(dialect=connection.dialect)
+    connection.exec_driver_sql(
+        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {preparer.format_column(column)} {ddl}"
+    )
+
+
+def _record_declaration(connection: Connection, resource: ResourceConfig, declared: dict) -> None:
+    table_name = resource.table_name
+    for name, spec in resource.columns.items():
+        key_position = resource.primary_key.index(name) if name in resource.primary_key else None
+        if name in declared:
+            continue
+        connection.execute(
+            resource_columns.insert().values(
+                table_name=table_name, column_name=name, declared_type=spec.type, key_position=key_position
+            )
+        )

@@ -1,0 +1,101 @@
+"""`status`: what the database says about recent runs, watermarks, unfinished windows and rejects.
+
+It reads etl's tables only: it never contacts the API or the token endpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from etl.db import current_revision, database_error, head_revision
+from etl.durations import isoformat_utc
+from etl.schema import rejects, runs, watermarks, windows
+
+RECENT_RUNS = 10
+
+
+@dataclass
+class StatusReport:
+    revision: str | None
+    head: str | None
+    runs: list[dict[str, Any]]
+    watermarks: list[dict[str, Any]]
+    unfinished_windows: list[dict[str, Any]]
+    rejects: list[dict[str, Any]]
+
+
+async def read_status(engine: AsyncEngine) -> StatusReport:
+    revision = await current_revision(engine)
+    if revision is None:
+        return StatusReport(None, head_revision(), [], [], [], [])
+    try:
+        async with engine.connect() as connection:
+            recent = await connection.execute(select(runs).order_by(runs.c.id.desc()).limit(RECENT_RUNS))
+            marks = await connection.execute(select(watermarks).order_by(watermarks.c.resource))
+            open_windows = await connection.execute(
+                select(
+                    windows.c.resource, windows.c.kind, windows.c.state, func.count().label("count"),
+                    func.min(windows.c.window_start).label("first_start"), func.max(windows.c.window_end).label("last_end"),
+                )
+                .where(windows.c.state != "done")
+                .group_by(windows.c.resource, windows.c.kind, windows.c.state)
+                .order_by(windows.c.resource, windows.c.kind, windows.c.state)
+            )
+            reject_counts = await connection.execute(
+                select(rejects.c.resource, func.count().label("count"), func.max(rejects.c.run_id).label("last_run"))
+                .group_by(rejects.c.resource)
+                .order_by(rejects.c.resource)
+            )
+            return StatusReport(
+                revision,
+                head_revision(),
+                [dict(row._mapping) for row in recent],
+                [dict(row._mapping) for row in marks],
+                [dict(row._mapping) for row in open_windows],
+                [dict(row._mapping) for row in reject_counts],
+            )
+    except DBAPIError as exc:
+        raise database_error(exc, engine.url) from exc
+
+
+def _when(value: Any) -> str:
+    return isoformat_utc(value) if value is not None else "-"
+
+
+def format_status(report: StatusReport) -> str:
+    if report.revision is None:
+        return "etl's tables are not in this database yet: run `python -m etl migrate` or a first sync."
+    lines = [f"schema revision {report.revision} (newest {report.head})", "", "recent runs:"]
+    for run in report.runs:
+        lines.append(
+            f"  #{run['id']:<5} {run['command']:<8} {run['status']:<11} started {_when(run['started_at'])}"
+            f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"
+            f"  rejected {run['records_rejected']}  token requests {run['token_requests']}"
+            + (f"\n         error: {run['error'].splitlines()[0]}" if run["error"] else "")
+        )
+    if not report.runs:
+        lines.append("  none")
+    lines += ["", "watermarks:"]
+    for mark in report.watermarks:
+        lines.append(f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}  loaded up to {_when(mark['synced_until'])}")
+    if not report.watermarks:
+        lines.append("  none")
+    lines += ["", "unfinished windows:"]
+    for group in report.unfinished_windows:
+        lines.append(
+            f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}"
+            f"  from {_when(group['first_start'])} to {_when(group['last_end'])}"
+        )
+    if not report.unfinished_windows:
+        lines.append("  none")
+    lines += ["", "rejected records (etl_rejects):"]
+    for group in report.rejects:
+        lines.append(f"  {group['resource']:<20} {group['count']:>7}  (latest in run #{group['last_run']})")
+    if not report.rejects:
+        lines.append("  none")
+    return "\n".join(lines)

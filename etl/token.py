@@ -1,0 +1,329 @@
+"""The OAuth2 client-credentials token every API request carries (SPEC.md, "The token").
+
+One TokenManager per (token URL, client id, scopes) serves every worker of a
+run. It asks the token endpoint (RFC 6749 §4.4) once per lifetime, renews
+`refresh_margin_s` before expiry, or at 95% of a lifetime too short for that
+margin (never before half the lifetime, so it cannot renew in a loop), and makes one request however
+many workers need a token at once. A 401 from the API drops exactly the token
+that request carried (`authorized`). The endpoint's explicit refusals are
+AuthError (exit 3); its transient failures are retried with the shared
+RetryPolicy and end as `transport.translate` says. Neither the secret nor a
+token ever reaches a message, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote_plus, urlencode, urlsplit
+
+import aiohttp
+from pydantic import SecretStr
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from etl.config import AuthConfig
+from etl.errors import AuthError, EtlError, RetryableError, TokenRejected
+from etl.transport import RetryPolicy, display_url, retry_after_seconds, translate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+DEFAULT_LIFETIME_S = 3600.0  # Cognito's default, for an answer without expires_in (RFC 6749 §5.1)
+MIN_RENEWAL_PAUSE_S = 1.0  # after a failed renewal, at least this long before the next try
+EXCERPT_CHARS = 200
+SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
+
+METHOD_HINT = (
+    "the token endpoint wants POST with Content-Type application/x-www-form-urlencoded; "
+    "check that auth.token_url is the token endpoint itself (it ends in /oauth2/token)"
+)
+FRESH_TOKEN_HINT = (
+    "the token endpoint issues tokens this API does not accept: check that auth.token_url is the user pool "
+    "the API trusts (audience), that auth.scopes are the ones the API requires, and that auth.client_id is "
+    "the app client the API expects"
+)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Token:
+    """One access token. Compared by identity, so `invalidate` drops exactly the one a request carried."""
+
+    _value: str
+    expires_at: float  # on the manager's (monotonic) clock
+    refresh_at: float
+    _clock: Callable[[], float] = field(default=time.monotonic)
+
+    def authorization(self) -> str:
+        """The Authorization header value; the only way the token leaves this object."""
+        return f"Bearer {self._value}"
+
+    def is_fresh(self, now: float) -> bool:
+        return now < self.refresh_at
+
+    def is_valid(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def __repr__(self) -> str:
+        return f"Token(expires in {self.expires_at - self._clock():.0f}s)"
+
+
+class TokenManager:
+    """The token of one (token URL, client id, scopes), shared by every worker of a run."""
+
+    def __init__(
+        self,
+        auth: AuthConfig,
+        secret: SecretStr,
+        session: aiohttp.ClientSession,
+        retry: RetryPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._auth = auth
+        self._secret = secret
+        self._session = session
+        self._retry = retry
+        self._clock = clock
+        self._url = display_url(auth.token_url)
+        self._host = urlsplit(auth.token_url).hostname or self._url
+        self._current: Token | None = None
+        self._renewal: asyncio.Task[Token] | None = None
+        self._keep_stale_until = float("-inf")
+        self.token_requests = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenManager({self._url}, client_id={self._auth.client_id!r}, "
+            f"scopes={self._auth.scopes!r}, token_requests={self.token_requests})"
+        )
+
+    async def token(self) -> Token:
+        """A token fresh enough to send. Renewal is single-flight: every caller waits on the same request."""
+        current, now = self._current, self._clock()
+        if current is not None and (
+            current.is_fresh(now) or (current.is_valid(now) and now < self._keep_stale_until)
+        ):
+            return current
+        if self._renewal is None or self._renewal.done():
+            self._renewal = asyncio.create_task(self._renew())
+        # shielded: a worker cancelled while waiting must not cancel the request the others wait on
+        return await asyncio.shield(self._renewal)
+
+    async def invalidate(self, token: Token) -> None:
+        """Drop `token` if it is still the current one; a newer token another worker obtained stays."""
+        if self._current is token:
+            self._current = None
+            log.info("token dropped; the next request gets a new one from %s", self._host)
+
+    async def authorized(self, send: Callable[[Token], Awaitable[T]]) -> T:
+        """`send(token)`; after a TokenRejected (401), once more with a new token.
+
+        Other exceptions pass through untouched: the API client retries 429 and 5xx itself.
+        """
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(2),
+            retry=retry_if_exception_type(TokenRejected),
+            reraise=True,
+            before_sleep=_log_rejected,
+        )
+        try:
+            return await retrying(self._send_once, send)
+        except TokenRejected as exc:
+            raise AuthError(
+                f"the API rejected a freshly issued token from {self._url}: {exc.message}",
+                hint=FRESH_TOKEN_HINT,
+            ) from exc
+
+    async def _send_once(self, send: Callable[[Token], Awaitable[T]]) -> T:
+        token = await self.token()
+        try:
+            return await send(token)
+        except TokenRejected:
+            await self.invalidate(token)
+            raise
+
+    async def _renew(self) -> Token:
+        """Fetch a new token; when that fails, keep serving the current one while it is valid."""
+        try:
+            token = await self._retry.retrying(on_retry=self._log_retry)(self._request_token)
+        except EtlError as exc:
+            kept = self._keep_current()
+            if kept is None:
+                raise
+            log.warning("token renewal failed, keeping the current %r: %s", kept, exc.message)
+            return kept
+        else:
+            self._current, self._keep_stale_until = token, float("-inf")
+            return token
+        finally:
+            self._renewal = None
+
+    def _keep_current(self) -> Token | None:
+        """The current token if still valid, then served a while without renewing, to spare the endpoint."""
+        current, now = self._current, self._clock()
+        if current is None or not current.is_valid(now):
+            return None
+        self._keep_stale_until = now + max((current.expires_at - now) / 2, MIN_RENEWAL_PAUSE_S)
+        return current
+
+    async def _request_token(self) -> Token:
+        """One POST to the token endpoint; counted before it is sent, so retries count too."""
+        headers, body = self._token_request()
+        issued = self._clock()
+        self.token_requests += 1
+        try:
+            async with self._session.post(
+                self._auth.token_url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                status, answer = response.status, await response.read()
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise translate(exc, self._url) from exc
+        if 200 <= status < 300:
+            return self._issued_token(status, answer, issued)
+        if status == 429 or status >= 500:
+            raise RetryableError(f"the token endpoint {self._url} answered {status}", retry_after=retry_after)
+        raise self._refusal(status, answer)
+
+    def _token_request(self) -> tuple[dict[str, str], bytes]:
+        """Headers and form body of RFC 6749 §4.4.2, the client authenticated one way only (§2.3.1)."""
+        form = {"grant_type": "client_credentials"}
+        if self._auth.scopes:
+            form["scope"] = " ".join(self._auth.scopes)
+        headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
+        secret = self._secret.get_secret_value()
+        if self._auth.client_auth == "basic":
+            headers["Authorization"] = basic_authorization(self._auth.client_id, secret)
+        else:
+            form |= {"client_id": self._auth.client_id, "client_secret": secret}
+        return headers, urlencode(form).encode("ascii")
+
+    def _issued_token(self, status: int, answer: bytes, issued: float) -> Token:
+        fields = _json_object(answer)
+        if fields is None:
+            raise AuthError(
+                f"the token endpoint {self._url} answered {status} with something that is not a JSON object: "
+                f"{_excerpt(answer)!r}",
+                hint=METHOD_HINT,
+            )
+        value = fields.get("access_token")
+        if not isinstance(value, str) or not value:
+            # the field names only: the body may hold a token under another name
+            raise AuthError(
+                f"the token endpoint {self._url} answered {status} without an access_token "
+                f"(fields: {', '.join(sorted(fields)) or 'none'})"
+            )
+        lifetime = self._lifetime(fields.get("expires_in"))
+        log.info("token obtained from %s, lifetime %.0fs", self._host, lifetime)
+        return Token(value, issued + lifetime, issued + refresh_after(lifetime, self._auth.refresh_margin_s), self._clock)
+
+    def _lifetime(self, expires_in: Any) -> float:
+        if expires_in is None:
+            return DEFAULT_LIFETIME_S
+        try:
+            lifetime = float(expires_in)
+        except (TypeError, ValueError):
+            lifetime = 0.0
+        if not lifetime > 0:
+            raise AuthError(
+                f"the token endpoint {self._url} answered expires_in={expires_in!r}, not a positive number"
+            )
+        return lifetime
+
+    def _refusal(self, status: int, answer: bytes) -> AuthError:
+        """The endpoint's own refusal as AuthError: its error and error_description verbatim, plus a hint."""
+        fields = _json_object(answer) or {}
+        error, description = fields.get("error"), fields.get("error_description")
+        if isinstance(error, str) and (status in (400, 401) or error == "invalid_request"):
+            hint = self._refusal_hint(error)
+            if hint is not None:
+                quoted = f'error "{error}"' + (f', error_description "{description}"' if description else "")
+                return AuthError(
+                    f"the token endpoint {self._url} refused the request ({status}): {quoted}", hint=hint
+                )
+        hint = METHOD_HINT if status in (404, 405) else None
+        return AuthError(f"the token endpoint {self._url} answered {status}: {_excerpt(answer)!r}", hint=hint)
+
+    def _refusal_hint(self, error: str) -> str | None:
+        other_auth = "body" if self._auth.client_auth == "basic" else "basic"
+        return {
+            "invalid_client": (
+                f"check auth.client_id and the client secret; if both are right, try auth.client_auth = "
+                f'"{other_auth}" (the endpoint may expect the client credentials the other way)'
+            ),
+            "invalid_scope": (
+                f"scopes are `resource-server-id/scope-name` as enabled on the app client; "
+                f"auth.scopes is {self._auth.scopes!r}"
+            ),
+            "unauthorized_client": (
+                "this app client may not use the client credentials grant: enable it on the app client "
+                "(it needs a client secret and at least one custom scope)"
+            ),
+            "invalid_grant": (
+                "the endpoint refused the client credentials grant: check the app client's allowed flows"
+            ),
+            "unsupported_grant_type": (
+                "the endpoint does not offer grant_type=client_credentials: check that auth.token_url is the "
+                "user pool domain's /oauth2/token and that the app client allows the client credentials flow"
+            ),
+            "invalid_request": METHOD_HINT,
+        }.get(error)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.info(
+            "token request %d to %s failed: %s; retrying in %.2fs",
+            state.attempt_number,
+            self._host,
+            exc,
+            wait,
+        )
+
+
+def refresh_after(lifetime: float, margin: float) -> float:
+    """Seconds after issue at which a token is renewed.
+
+    `margin` before expiry when that is in the second half of the lifetime;
+    for a token too short for the margin, at 95% of its lifetime: never before
+    half-life (no renewal loop) and one request per lifetime, which is what
+    Cognito bills, rather than two.
+    """
+    if margin <= lifetime / 2:
+        return lifetime - margin
+    return lifetime * (1 - SHORT_TOKEN_MARGIN)
+
+
+def basic_authorization(client_id: str, secret: str) -> str:
+    """RFC 6749 §2.3.1: each part form-urlencoded (Appendix B), then Base64 of "id:secret"."""
+    credentials = f"{_form_encode(client_id)}:{_form_encode(secret)}"
+    return "Basic " + base64.b64encode(credentials.encode("ascii")).decode("ascii")
+
+
+def _form_encode(value: str) -> str:
+    # Appendix B leaves only ALPHA, DIGIT, "-", ".", "_" unencoded; quote_plus also spares "~"
+    return quote_plus(value, safe="").replace("~", "%7E")
+
+
+def _json_object(answer: bytes) -> Mapping[str, Any] | None:
+    try:
+        parsed = json.loads(answer)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _excerpt(answer: bytes) -> str:
+    return answer.decode("utf-8", "replace")[:EXCERPT_CHARS]
+
+
+def _log_rejected(state: RetryCallState) -> None:
+    log.info("the API rejected a token (401); retrying once with a new one")

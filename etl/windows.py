@@ -1,0 +1,103 @@
+"""Date windows and how their bounds are written into the API's filter parameters.
+
+A window is half-open, `[start, end)`. Bounds are cut on a grid of the filter's
+granularity (a day for `format = "date"`, a second for `epoch`, ...), so an API
+that only understands whole days is never asked for part of one: that would
+load the same records twice or, with an inclusive end, skip some.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from etl.config import FilterConfig
+from etl.durations import isoformat_utc
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, order=True)
+class Window:
+    """`[start, end)` in UTC; both None for a full refresh of an API without date filters."""
+
+    start: datetime | None
+    end: datetime | None
+
+    @property
+    def is_full_refresh(self) -> bool:
+        return self.start is None
+
+    def __str__(self) -> str:
+        if self.start is None or self.end is None:
+            return "full refresh"
+        return f"[{isoformat_utc(self.start)}, {isoformat_utc(self.end)})"
+
+
+FULL_REFRESH = Window(None, None)
+
+
+def granularity(fmt: str) -> timedelta:
+    """The smallest step the filter format can express."""
+    if fmt == "date":
+        return timedelta(days=1)
+    if fmt == "epoch":
+        return timedelta(seconds=1)
+    if fmt == "epoch_ms":
+        return timedelta(milliseconds=1)
+    if fmt == "iso":
+        return timedelta(microseconds=1)
+    for directive, step in (
+        ("%f", timedelta(microseconds=1)),
+        ("%S", timedelta(seconds=1)),
+        ("%M", timedelta(minutes=1)),
+        ("%H", timedelta(hours=1)),
+    ):
+        if directive in fmt:
+            return step
+    return timedelta(days=1)
+
+
+def floor_to(moment: datetime, step: timedelta) -> datetime:
+    """The grid point of `step` at or before `moment` (the grid starts at the Unix epoch)."""
+    return moment - (moment - EPOCH) % step
+
+
+def ceil_to(moment: datetime, step: timedelta) -> datetime:
+    floored = floor_to(moment, step)
+    return floored if floored == moment else floored + step
+
+
+def cut(start: datetime, end: datetime, size: timedelta, step: timedelta) -> list[Window]:
+    """`[start, end)` as consecutive windows of `size`, bounds on the `step` grid."""
+    start, end = floor_to(start, step), ceil_to(end, step)
+    size = max(ceil_to(EPOCH + size, step) - EPOCH, step)
+    windows = []
+    while start < end:
+        windows.append(Window(start, min(start + size, end)))
+        start += size
+    return windows
+
+
+def format_bound(moment: datetime, fmt: str) -> str:
+    if fmt == "iso":
+        return isoformat_utc(moment)
+    if fmt == "date":
+        return moment.date().isoformat()
+    if fmt == "epoch":
+        return str(int((moment - EPOCH).total_seconds()))
+    if fmt == "epoch_ms":
+        return str((moment - EPOCH) // timedelta(milliseconds=1))
+    return moment.strftime(fmt)
+
+
+def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
+    """The query parameters that ask the API for exactly this window."""
+    if window.start is None or window.end is None:
+        return {}
+    end = window.end - granularity(filter_.format) if filter_.to_inclusive else window.end
+    return {
+        filter_.from_param: format_bound(window.start, filter_.format),
+        filter_.to_param: format_bound(end, filter_.format),
+    }
+
