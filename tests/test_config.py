@@ -1,0 +1,191 @@
+"""config.toml: every problem is exit 2 with a message that names the key; secrets come from the environment."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tomlwriter
+from etl.config import config_from_document, load_config
+from etl.demo import demo_document
+from etl.errors import ConfigError
+
+
+def _document() -> dict[str, Any]:
+    return copy.deepcopy(demo_document({"url": "sqlite:///etl.db"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token"))
+
+
+def _error(document: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_document(document)
+    assert excinfo.value.exit_code == 2
+    return str(excinfo.value)
+
+
+def test_the_example_config_is_valid_and_matches_the_demo() -> None:
+    """The repository's config.toml loads, and it is the demo's config (they must not drift apart)."""
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / "config.toml")
+    assert [r.name for r in config.resources] == ["orders", "customers", "events", "payments", "products"]
+    assert (root / "config.toml").read_text() == (root / "etl" / "demo_config.toml").read_text()
+
+
+def test_unknown_key_is_named_with_its_path() -> None:
+    """A typo in a nested key is reported as resources[0].pagination.page_sise."""
+    document = _document()
+    document["resources"][0]["pagination"]["page_sise"] = 10
+    assert "resources[0].pagination.page_sise: unknown key" in _error(document)
+
+
+def test_wrong_type_is_named() -> None:
+    """page_size = "ten" names the key and says what is expected."""
+    document = _document()
+    document["resources"][0]["pagination"]["page_size"] = "ten"
+    assert "resources[0].pagination.page_size: Input should be a valid integer" in _error(document)
+
+
+def test_bad_value_is_named() -> None:
+    """A zero page size is refused, naming the key."""
+    document = _document()
+    document["resources"][0]["pagination"]["page_size"] = 0
+    assert "resources[0].pagination.page_size: Input should be greater than or equal to 1" in _error(document)
+
+
+def test_unknown_pagination_style_lists_the_known_ones() -> None:
+    document = _document()
+    document["resources"][1]["pagination"]["style"] = "pages"
+    message = _error(document)
+    assert "resources[1].pagination" in message and "'page', 'offset', 'cursor', 'link_header', 'none'" in message
+
+
+@pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "1abc", "with space", "etl_runs"])
+def test_unsafe_or_reserved_table_names_are_refused(name: str) -> None:
+    """Table names are identifiers, never SQL: anything else is exit 2 before a connection is made."""
+    document = _document()
+    document["resources"][0]["name"] = name
+    assert "resources[0].name:" in _error(document)
+
+
+def test_unsafe_column_names_are_refused() -> None:
+    document = _document()
+    document["resources"][0]["columns"]['a"; DROP TABLE orders; --'] = "string"
+    assert "resources[0].columns:" in _error(document)
+
+
+def test_primary_key_must_be_a_declared_column() -> None:
+    document = _document()
+    document["resources"][0]["primary_key"] = ["order_id"]
+    assert "resources[0]: Value error" not in (message := _error(document))
+    assert "primary_key ['order_id'] must be declared" in message
+
+
+def test_durations_and_dates_in_every_form() -> None:
+    """Durations as 30s/5m/1h/1d or ISO-8601; start as a date (midnight UTC) or a datetime."""
+    document = _document()
+    document["sync"]["lag"] = "PT10M"
+    document["resources"][0]["lookback"] = "90s"
+    document["resources"][0]["start"] = "2024-02-01T06:00:00+02:00"
+    config = config_from_document(document)
+    assert config.sync.lag == timedelta(minutes=10)
+    assert config.resources[0].lookback == timedelta(seconds=90)
+    assert config.resources[0].start == datetime(2024, 2, 1, 4, tzinfo=UTC)
+
+
+def test_bad_duration_is_named() -> None:
+    document = _document()
+    document["resources"][2]["window"] = "a while"
+    assert "resources[2].window:" in _error(document)
+
+
+def test_database_url_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETL_DATABASE_URL", "postgresql://u@h/db")
+    assert config_from_document(_document()).database.url == "postgresql://u@h/db"
+
+
+def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    document = _document()
+    document["auth"]["client_secret_file"] = str(secret_file)
+    document["auth"]["client_secret"] = "from-config"
+    monkeypatch.setenv("ETL_CLIENT_SECRET", "from-env")
+    assert config_from_document(document).client_secret().get_secret_value() == "from-env"
+    monkeypatch.delenv("ETL_CLIENT_SECRET")
+    assert config_from_document(document).client_secret().get_secret_value() == "from-file"
+    del document["auth"]["client_secret_file"]
+    assert config_from_document(document).client_secret().get_secret_value() == "from-config"
+
+
+def test_missing_secret_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ETL_CLIENT_SECRET", raising=False)
+    config = config_from_document(_document())
+    with pytest.raises(ConfigError) as excinfo:
+        config.client_secret()
+    assert "ETL_CLIENT_SECRET" in str(excinfo.value) and excinfo.value.exit_code == 2
+
+
+def test_secret_is_never_in_the_config_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    document = _document()
+    document["auth"]["client_secret"] = "s3cr3t-value"
+    config = config_from_document(document)
+    assert "s3cr3t-value" not in repr(config) and "s3cr3t-value" not in str(config.model_dump())
+
+
+def test_world_readable_config_with_a_secret_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    document = _document()
+    document["auth"]["client_secret"] = "s3cr3t-value"
+    path = tomlwriter.write(tmp_path / "config.toml", document)
+    path.chmod(0o644)
+    load_config(path)
+    assert "readable by other users" in caplog.text and "s3cr3t-value" not in caplog.text
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ETL_")} | (env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "etl", *args], capture_output=True, text=True, env=environment, cwd=cwd, timeout=60
+    )
+
+
+def test_cli_bad_key_exits_2_naming_it_without_a_traceback(tmp_path: Path) -> None:
+    document = _document()
+    document["api"]["concurency"] = 4
+    path = tomlwriter.write(tmp_path / "config.toml", document)
+    result = _cli("sync", "--config", str(path), env={"ETL_CLIENT_SECRET": "x"})
+    assert result.returncode == 2
+    assert "api.concurency: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_broken_toml_exits_2_with_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[api]\nbase_url = \n")
+    result = _cli("status", "--config", str(path))
+    assert result.returncode == 2 and "line 2" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_missing_secret_exits_2_before_any_request(tmp_path: Path) -> None:
+    path = tomlwriter.write(tmp_path / "config.toml", _document())
+    result = _cli("sync", "--config", str(path))
+    assert result.returncode == 2 and "ETL_CLIENT_SECRET" in result.stderr
+
+
+def test_cli_global_options_after_the_command_and_config_from_environment(tmp_path: Path) -> None:
+    """`sync --config x --log-format json` works, and $ETL_CONFIG is the default config path."""
+    path = tomlwriter.write(tmp_path / "elsewhere.toml", _document())
+    result = _cli("sync", "--log-format", "json", env={"ETL_CONFIG": str(path)}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("{") and '"level":"error"' in result.stderr
+
+
+def test_cli_unknown_flag_exits_2() -> None:
+    result = _cli("sync", "--frm", "2024-01-01")
+    assert result.returncode == 2 and "--frm" in result.stderr
