@@ -1,0 +1,245 @@
+"""sync and backfill as cron runs them: the real CLI in a subprocess against the simulator.
+
+Covers issue 6: backfill ranges, resume after kill -9, the lock, SIGTERM,
+terminal versus pipe output, JSON logs and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import signal
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from etlproc import etl_env, finish, run_etl, start_etl, write_config
+from etl.config import config_from_document
+from etl.db import create_engine
+from etl.demo import demo_document
+from etl.records import RecordValidator
+from etl.simulator import Faults, Simulator, SimulatorSettings
+
+DAY = "2024-01-{:02d}"
+
+
+def _settings(orders: int = 2000, delay_ms: int = 0) -> SimulatorSettings:
+    return SimulatorSettings(counts={"orders": orders}, faults=Faults(delay_ms=delay_ms))
+
+
+def _valid_keys(sim: Simulator, start: datetime | None = None, end: datetime | None = None) -> set[Any]:
+    """Keys of the simulator's records in [start, end) that pass validation (the rest are rejects)."""
+    document = demo_document(None, sim.base_url, sim.token_url)
+    resource = config_from_document(document).resource("orders")
+    records = list(sim.truth("orders", start, end).values())
+    return {row["id"] for row in RecordValidator(resource).validate(records).rows}
+
+
+def _query(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    path = url.removeprefix("sqlite:///")
+    with sqlite3.connect(path, timeout=30) as connection:
+        return connection.execute(sql, params).fetchall()
+
+
+async def _rows(url: str, sql: str) -> list[Any]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return list((await connection.execute(text(sql))).all())
+    finally:
+        await engine.dispose()
+
+
+def _window_fetches(sim: Simulator) -> dict[str, int]:
+    """Successful page responses per window start (orders' updated_since)."""
+    fetches: dict[str, int] = {}
+    for key, count in sim.counters.as_dict()["page_fetches"].items():
+        resource, _, query = key.partition("?")
+        if resource == "orders":
+            since = dict(parse_qsl(query)).get("updated_since", "")
+            fetches[since] = fetches.get(since, 0) + count
+    return fetches
+
+
+async def test_backfill_of_a_sub_range_holds_exactly_that_range(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """`backfill --from 2024-01-03 --to 2024-01-05` loads those two days, nothing before or after, and says so."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings()) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        result = await run_etl("backfill", "--config", str(config), "--from", "2024-01-03", "--to", "2024-01-05")
+        expected = _valid_keys(sim, datetime(2024, 1, 3, tzinfo=UTC), datetime(2024, 1, 5, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    assert "2024-01-03T00:00:00Z" in result.stdout and "2024-01-05T00:00:00Z" in result.stdout
+    stored = {row[0] for row in _query(url, "SELECT id FROM orders")}
+    assert stored == expected
+    bounds = _query(url, "SELECT MIN(updated_at), MAX(updated_at) FROM orders")[0]
+    assert bounds[0] >= "2024-01-03" and bounds[1] < "2024-01-05"
+
+
+async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_finished_window(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A 20-window backfill killed with SIGKILL, run again: every record present once, finished windows fetched once."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(delay_ms=120)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
+        args = ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
+        process = await start_etl(*args)
+        finished_before_kill = await _wait_for_done_windows(url, process, at_least=5)
+        process.send_signal(signal.SIGKILL)
+        await finish(process)
+        done_at_kill = dict(_query(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
+
+        again = await run_etl(*args)
+        fetches = _window_fetches(sim)
+        expected = _valid_keys(sim)
+
+    assert finished_before_kill >= 5 and len(done_at_kill) < 20
+    assert again.returncode == 0, again.stderr
+    stored = [row[0] for row in _query(url, "SELECT id FROM orders")]
+    assert len(stored) == len(set(stored)) and set(stored) == expected
+    assert _query(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'done'")[0][0] == 20
+    for window_start, pages in done_at_kill.items():
+        since = datetime.fromisoformat(window_start).strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert fetches[since] == pages, f"window {since}, finished before the kill, was fetched again"
+
+
+async def _wait_for_done_windows(url: str, process: asyncio.subprocess.Process, at_least: int) -> int:
+    for _ in range(600):
+        await asyncio.sleep(0.05)
+        assert process.returncode is None, "the run ended before it could be killed"
+        try:
+            done = _query(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'done'")[0][0]
+        except sqlite3.OperationalError:
+            continue
+        if done >= at_least:
+            return int(done)
+    raise AssertionError("no window finished in 30 s")
+
+
+async def test_two_syncs_at_once_one_exits_4_naming_the_holder(
+    tmp_path: Path, sqlite_or_postgres_url: str
+) -> None:
+    """Two syncs on one database: one loads, the other exits 4 at once and says which run holds the lock."""
+    async with Simulator(_settings(delay_ms=100)) as sim:
+        config = write_config(tmp_path, sim, sqlite_or_postgres_url, resources=["orders"], api={"concurrency": 2})
+        first = await start_etl("sync", "--config", str(config))
+        await asyncio.sleep(1.5)
+        second = await run_etl("sync", "--config", str(config), timeout=30)
+        first_result = await finish(first)
+
+    assert first_result.returncode == 0, first_result.stderr
+    assert second.returncode == 4
+    assert "another run holds the lock for resource 'orders'" in second.stderr
+    assert "run 1 (sync, pid" in second.stderr and "since 20" in second.stderr
+
+
+async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_completes(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """SIGTERM mid-run: exit 1, etl_runs says interrupted, and the next sync finishes the job."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(delay_ms=120)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
+        args = ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
+        process = await start_etl(*args)
+        await _wait_for_done_windows(url, process, at_least=3)
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process, timeout=30)
+        status_after_stop = _query(url, "SELECT status, error FROM etl_runs ORDER BY id")[-1]
+
+        again = await run_etl(*args)
+        expected = _valid_keys(sim)
+
+    assert stopped.returncode == 1
+    assert "SIGTERM received" in stopped.stderr
+    assert status_after_stop[0] == "interrupted"
+    assert again.returncode == 0, again.stderr
+    assert {row[0] for row in _query(url, "SELECT id FROM orders")} == expected
+
+
+async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """Through a pipe (cron): no progress bars, one line per resource and one verdict line on stdout."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        result = await run_etl("sync", "--config", str(write_config(tmp_path, sim, url)))
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in lines[:-1]] == ["orders", "customers", "events", "payments", "products"]
+    assert lines[-1].startswith("run 1 succeeded")
+    assert "━" not in result.stdout + result.stderr
+
+
+async def test_on_a_terminal_progress_bars_are_drawn(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """In a pseudo-terminal the run draws a live bar per resource with records and records/s."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(delay_ms=20)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders", "customers"])
+        controller, terminal = pty.openpty()
+        process = await start_etl("sync", "--config", str(config), stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        screen = await _read_all(controller, process)
+    assert process.returncode == 0, screen
+    assert "━" in screen and "rec/s" in screen
+    assert "orders" in screen and "customers" in screen
+
+
+async def _read_all(descriptor: int, process: asyncio.subprocess.Process) -> str:
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = await loop.run_in_executor(None, os.read, descriptor, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    await process.wait()
+    os.close(descriptor)
+    return b"".join(chunks).decode(errors="replace")
+
+
+async def test_json_logs_are_one_object_per_line_with_run_resource_and_window(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        result = await run_etl("--log-format", "json", "-v", "sync", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.strip().splitlines()]
+    assert events and all({"ts", "level", "message", "run_id", "resource", "window"} <= set(event) for event in events)
+    assert any(event["resource"] == "orders" and event["window"] and event["run_id"] == 1 for event in events)
+
+
+async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_api(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        await run_etl("sync", "--config", str(config))
+        requests_before = sim.counters.api_requests + sim.counters.token_requests
+        result = await run_etl("status", "--config", str(config))
+        requests_after = sim.counters.api_requests + sim.counters.token_requests
+    assert result.returncode == 0, result.stderr
+    assert requests_after == requests_before
+    assert "#1" in result.stdout and "succeeded" in result.stdout
+    assert "orders" in result.stdout and "highest cursor 2024-01-1" in result.stdout
+    assert "rejected records" in result.stdout
+
+
+@pytest.mark.parametrize("flags", [("--from", "2024-01-05", "--to", "2024-01-01"), ("--from", "yesterday", "--to", "2024-01-01")])
+async def test_backfill_with_a_bad_interval_is_exit_2(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    result = await run_etl("backfill", "--config", str(tmp_path / "absent.toml"), *flags, env=etl_env())
+    assert result.returncode == 2 and "--from" in result.stderr
