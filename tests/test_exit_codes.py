@@ -1,0 +1,97 @@
+"""Every exit code of SPEC.md, each from the real CLI, each with a message the user can act on."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from etlproc import etl_env, run_etl, write_config
+from etl.simulator import Faults, Simulator, SimulatorSettings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_exit_0_when_everything_loads(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        result = await run_etl("sync", "--config", str(write_config(tmp_path, sim, url)))
+    assert result.returncode == 0, result.stderr
+
+
+async def test_exit_1_when_rejects_exceed_max_rejects(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """The simulator's invalid orders are over max_rejects = 0: exit 1, and the message points at etl_rejects."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], sync={"max_rejects": 0})
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 1
+    assert "more than [sync].max_rejects = 0" in result.stderr and "etl_rejects" in result.stderr
+
+
+async def test_exit_1_when_the_api_path_is_wrong(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A 404 is not retried: exit 1 with the URL and the first bytes of the body."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["products"])
+        text = config.read_text().replace('"path" = "/products"', '"path" = "/prodcts"')
+        config.write_text(text)
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 1
+    assert "404 from http://127.0.0.1:" in result.stderr and "/api/v1/prodcts" in result.stderr
+
+
+async def test_exit_1_in_bounded_time_when_the_api_is_down_mid_run(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """An outage (every request 503): retries run out, exit 1, and etl_runs says failed with the last error."""
+    url = await fresh_database("sqlite")
+    async with Simulator(SimulatorSettings(faults=Faults(outage=True))) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"max_retries": 2, "retry_backoff_s": 0.01})
+        result = await run_etl("sync", "--config", str(config), timeout=60)
+    assert result.returncode == 1
+    assert "503 from" in result.stderr
+
+
+async def test_exit_3_when_the_token_endpoint_refuses_the_secret(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        result = await run_etl("sync", "--config", str(config), env=etl_env(ETL_CLIENT_SECRET="wrong-secret"))
+    assert result.returncode == 3
+    assert "invalid_client" in result.stderr and "client_auth" in result.stderr
+    assert "wrong-secret" not in result.stderr + result.stdout
+
+
+async def test_exit_3_when_the_scope_is_unknown(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], auth={"scopes": ["legacy-api/admin"]})
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 3 and "invalid_scope" in result.stderr
+
+
+async def test_exit_5_when_nothing_listens(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A refused connection to the token host: retried, then exit 5 naming the host."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"max_retries": 1, "retry_backoff_s": 0.01})
+    port = _free_port()
+    text = config.read_text().replace(sim.origin, f"http://127.0.0.1:{port}")
+    config.write_text(text)
+    result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 5
+    assert f"cannot connect to 127.0.0.1:{port}" in result.stderr
+
+
+async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+    config.write_text(config.read_text().replace(sim.origin, "http://no-such-host.invalid"))
+    result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 5
+    assert "no-such-host.invalid" in result.stderr and "DNS" in result.stderr
