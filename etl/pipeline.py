@@ -134,6 +134,11 @@ class Pipeline:
     def token_requests(self) -> int:
         return self._tokens.token_requests if self._tokens else 0
 
+    @property
+    def retries(self) -> int:
+        """Retried requests: after 429, 5xx, timeouts and resets, and after a 401 answered with a new token."""
+        return self.counters.retries + (self._tokens.rejected_by_api if self._tokens else 0)
+
     async def run(self, plans: list[ResourcePlan], secret: SecretStr) -> RunOutcome:
         started = time.monotonic()
         register_secret(secret.get_secret_value())
@@ -333,7 +338,7 @@ class Pipeline:
             error=error,
             resources=self.stats,
             requests=self.counters.requests,
-            retries=self.counters.retries,
+            retries=self.retries,
             token_requests=self.token_requests,
             seconds=seconds,
         )

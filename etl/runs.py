@@ -125,6 +125,6 @@ def _counts(pipeline: Pipeline) -> dict[str, int]:
         "records_loaded": sum(s.loaded for s in stats),
         "records_rejected": sum(s.rejected for s in stats),
         "requests": pipeline.counters.requests,
-        "retries": pipeline.counters.retries,
+        "retries": pipeline.retries,
         "token_requests": pipeline.token_requests,
     }

@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from etl.config import AuthConfig
 from etl.errors import AuthError, EtlError, RetryableError, TokenRejected
+from etl.logs import register_secret
 from etl.transport import RetryPolicy, display_url, retry_after_seconds, translate
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class TokenManager:
         self._renewal: asyncio.Task[Token] | None = None
         self._keep_stale_until = float("-inf")
         self.token_requests = 0
+        self.rejected_by_api = 0  # 401s answered by renewing and retrying the request once
 
     def __repr__(self) -> str:
         return (
@@ -147,6 +149,7 @@ class TokenManager:
         try:
             return await send(token)
         except TokenRejected:
+            self.rejected_by_api += 1
             await self.invalidate(token)
             raise
 
@@ -221,6 +224,7 @@ class TokenManager:
                 f"the token endpoint {self._url} answered {status} without an access_token "
                 f"(fields: {', '.join(sorted(fields)) or 'none'})"
             )
+        register_secret(value)
         lifetime = self._lifetime(fields.get("expires_in"))
         log.info("token obtained from %s, lifetime %.0fs", self._host, lifetime)
         return Token(value, issued + lifetime, issued + refresh_after(lifetime, self._auth.refresh_margin_s), self._clock)

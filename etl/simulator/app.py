@@ -11,6 +11,7 @@ import base64
 import binascii
 import random
 import secrets
+from collections import deque
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class Tokens:
     def __init__(self, lifetime_s: float) -> None:
         self.lifetime_s = lifetime_s
         self._issued: dict[str, float] = {}
+        self.history: deque[str] = deque(maxlen=1000)  # for tests that check no token leaks into output
 
     def issue(self) -> str:
         now = time.monotonic()
@@ -146,6 +148,7 @@ class Tokens:
             self._issued = {t: at for t, at in self._issued.items() if now - at < self.lifetime_s}
         token = secrets.token_urlsafe(32)
         self._issued[token] = now
+        self.history.append(token)
         return token
 
     def problem(self, header: str | None, max_age_s: float | None) -> str | None:

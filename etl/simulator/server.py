@@ -147,6 +147,10 @@ class Simulator:
         """Modify records (new updated_at, default now; a visible change); returns how many."""
         return self._state.touch(resource, ids, at)
 
+    def issued_tokens(self) -> list[str]:
+        """The last 1,000 tokens issued, revoked or not."""
+        return list(self._state.tokens.history)
+
     def revoke_tokens(self) -> None:
         """Every token issued so far answers 401 from now on."""
         self._state.tokens.revoke_all()

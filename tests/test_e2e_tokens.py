@@ -1,0 +1,76 @@
+"""The token across a whole run: shared by every worker, renewed after early revocation, never shown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from etl import runs
+from etl.config import Config
+from etl.progress import NoProgress
+from etl.simulator import Faults, Simulator, SimulatorSettings
+from etlproc import run_etl, write_config
+
+
+async def test_tokens_revoked_every_3s_the_run_completes_with_every_record(
+    make_config: Callable[..., Config], fresh_database: Callable[[str], Any]
+) -> None:
+    """The API revokes tokens older than 3 s; a ~8 s run renews after each 401 and loads every record."""
+    url = await fresh_database("sqlite")
+    settings = SimulatorSettings(counts={"orders": 6000}, faults=Faults(revoke_every_s=3, delay_ms=150))
+    async with Simulator(settings) as sim:
+        config = make_config(sim, url, resources=["orders"], api={"concurrency": 2})
+        outcome = await runs.sync(config, None, asyncio.Event(), NoProgress())
+        unauthorized = sim.counters.unauthorized
+
+    assert outcome.exit_code == 0, outcome.error
+    stats = outcome.resources["orders"]
+    assert stats.loaded + stats.rejected == 6000
+    assert unauthorized >= 1 and outcome.retries >= unauthorized
+    assert outcome.token_requests >= 2
+    print(f"revocation run: {outcome.seconds:.1f}s, {unauthorized} 401s, {outcome.retries} retried requests, "
+          f"{outcome.token_requests} token requests")
+
+
+async def test_neither_secret_nor_any_token_appears_in_any_output(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """Verbose runs, one succeeding with renewals and one failing at the token endpoint, print no secret or token."""
+    url = await fresh_database("sqlite")
+    settings = SimulatorSettings(counts={"orders": 600}, faults=Faults(revoke_every_s=1, delay_ms=30))
+    async with Simulator(settings) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
+        good = await run_etl("-v", "sync", "--config", str(config))
+        bad = await run_etl("-v", "sync", "--config", str(config), env=_env_with_secret("wrong-secret-value"))
+        issued = sim.issued_tokens()
+        database_text = await _database_text(url)
+
+    assert good.returncode == 0, good.stderr
+    assert bad.returncode == 3
+    assert issued
+    everything = good.stdout + good.stderr + bad.stdout + bad.stderr + database_text
+    for secret in ["demo-secret", "wrong-secret-value", *issued]:
+        assert secret not in everything
+
+
+def _env_with_secret(secret: str) -> dict[str, str]:
+    from etlproc import etl_env
+
+    return etl_env(ETL_CLIENT_SECRET=secret)
+
+
+async def _database_text(url: str) -> str:
+    """etl_runs as text: its error and arguments columns must not hold secrets either."""
+    from sqlalchemy import select
+
+    from etl.db import create_engine
+    from etl.schema import runs as runs_table
+
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return repr((await connection.execute(select(runs_table))).all())
+    finally:
+        await engine.dispose()
