@@ -333,7 +333,8 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
         elif part == "source_path" or (index > 0 and loc[index - 1] == "pagination" and part in _UNION_TAGS):
             continue
         else:
-            text += f".{part}" if text else str(part)
+            name = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else repr(part)
+            text += f".{name}" if text else name
     return text
 
 

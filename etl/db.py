@@ -7,6 +7,7 @@ its password hidden.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,11 @@ def safe_url(url: str | URL) -> str:
 
 
 def _json_dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    """orjson, and the standard library for what orjson refuses (integers over 64 bits)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False)
 
 
 def create_engine(url: str) -> AsyncEngine:

@@ -13,12 +13,27 @@ _ISO = re.compile(
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+MAX_DURATION = timedelta(days=36525)
+
+
 def parse_duration(text: str | int | float) -> timedelta:
-    """`30s`, `5m`, `1h`, `1d`, ISO-8601 `PT1H`, or a number of seconds."""
+    """`30s`, `5m`, `1h`, `1d`, ISO-8601 `PT1H`, or a number of seconds; at most a century either way."""
+    try:
+        duration = _duration(text)
+    except OverflowError:
+        duration = MAX_DURATION * 2
+    if abs(duration) > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than a century")
+    return duration
+
+
+def _duration(text: str | int | float) -> timedelta:
     if isinstance(text, bool):
         raise ValueError("a duration like '30s', '5m', '1h', '1d' or 'PT1H'")
     if isinstance(text, int | float):
         return timedelta(seconds=text)
+    if not isinstance(text, str):
+        raise ValueError("a duration like '30s', '5m', '1h', '1d' or 'PT1H'")
     if match := _SHORT.match(text):
         return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
     if (match := _ISO.match(text.strip().upper())) and text.strip().upper() not in ("P", "PT"):
@@ -49,6 +64,8 @@ def parse_instant(value: str | date | datetime) -> datetime:
         moment = value
     elif isinstance(value, date):
         moment = datetime(value.year, value.month, value.day)
+    elif not isinstance(value, str):
+        raise ValueError("a date YYYY-MM-DD or an ISO-8601 datetime")
     else:
         text = value.strip()
         try:
