@@ -9,6 +9,7 @@ unless $ETL_TEST_REQUIRE_DATABASES is set (as .ci/run does): then they fail.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,7 @@ from etl.config import Config, config_from_document
 from etl.db import async_url
 from etl.demo import demo_document
 from etl.simulator import Simulator, demo_settings
+from etl.simulator.app import Tokens
 
 POSTGRES_URL = os.environ.get("ETL_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("ETL_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
@@ -158,3 +160,26 @@ def make_config(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Config]:
 
     return make
 
+
+
+KNOWN_SECRETS = ("demo-secret",)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_or_token_in_output(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fails any test whose log lines or captured output show the client secret or an issued token.
+
+    Subprocess output is checked by the tests that run the CLI (tests/test_e2e_tokens.py).
+    """
+    caplog.set_level(logging.DEBUG)
+    capsys = request.getfixturevalue("capsys") if "capfd" not in request.fixturenames else None
+    issued_before = len(Tokens.issued_in_process)
+    yield
+    output = caplog.text
+    if capsys is not None:
+        captured = capsys.readouterr()
+        output += captured.out + captured.err
+        print(captured.out, end="")  # keep what the test printed visible under pytest -s
+    tokens = list(Tokens.issued_in_process)[max(0, issued_before - 100):]
+    leaked = [secret for secret in (*KNOWN_SECRETS, *tokens) if secret in output]
+    assert not leaked, f"a secret or token appeared in the output of {request.node.nodeid}"

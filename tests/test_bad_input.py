@@ -117,8 +117,8 @@ def test_any_text_as_a_config_file_is_valid_or_exit_2(tmp_path_factory: pytest.T
         assert exc.exit_code == 2
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
+json_values = st.recursive(  # what a JSON parser can produce: no NaN or Infinity
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
     | st.sampled_from(["123.40", "1e400", "NaN", "2024-02-30", "2024-01-01T10:00:00+05:00", "1704067200", "true", "0", "", " 1 "]),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=6,
@@ -222,7 +222,7 @@ async def _count(url: str, table: str) -> int:
     [
         ({"rate_html": 1.0}, "is HTML, not JSON"),
         ({"rate_truncated": 1.0}, "cut short"),
-        ({"repeat_cursor": True}, "returned the same records as the page before it"),
+        ({"repeat_cursor": True}, "seems to ignore the 'page' parameter"),
     ],
 )
 async def test_malformed_pages_end_with_a_clear_error_and_keep_what_was_committed(

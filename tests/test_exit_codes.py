@@ -84,7 +84,7 @@ async def test_exit_5_when_nothing_listens(tmp_path: Path, fresh_database: Calla
     config.write_text(text)
     result = await run_etl("sync", "--config", str(config))
     assert result.returncode == 5
-    assert f"cannot connect to 127.0.0.1:{port}" in result.stderr
+    assert "cannot connect to" in result.stderr and str(port) in result.stderr
 
 
 async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:

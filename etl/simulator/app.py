@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote_plus, urlencode
 
 import orjson
@@ -137,6 +137,8 @@ def _bump(counts: dict[Any, int], key: Any, n: int = 1) -> None:
 class Tokens:
     """Opaque bearer tokens and when they were issued (monotonic clock)."""
 
+    issued_in_process: ClassVar[deque[str]] = deque(maxlen=20_000)  # every simulator's, for leak checks in tests
+
     def __init__(self, lifetime_s: float) -> None:
         self.lifetime_s = lifetime_s
         self._issued: dict[str, float] = {}
@@ -149,6 +151,7 @@ class Tokens:
         token = secrets.token_urlsafe(32)
         self._issued[token] = now
         self.history.append(token)
+        Tokens.issued_in_process.append(token)
         return token
 
     def problem(self, header: str | None, max_age_s: float | None) -> str | None:
