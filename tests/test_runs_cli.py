@@ -243,3 +243,21 @@ async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_a
 async def test_backfill_with_a_bad_interval_is_exit_2(tmp_path: Path, flags: tuple[str, ...]) -> None:
     result = await run_etl("backfill", "--config", str(tmp_path / "absent.toml"), *flags, env=etl_env())
     assert result.returncode == 2 and "--from" in result.stderr
+
+
+async def test_a_backfill_and_a_sync_on_other_resources_run_at_once(
+    tmp_path: Path, sqlite_or_postgres_url: str
+) -> None:
+    """The lock is per resource: a backfill of orders and a sync of customers on one database both succeed."""
+    async with Simulator(_settings(delay_ms=60)) as sim:
+        config = write_config(tmp_path, sim, sqlite_or_postgres_url, resources=["orders", "customers"], api={"concurrency": 2})
+        backfill = await start_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--resource", "orders")
+        await asyncio.sleep(1.0)
+        sync = await run_etl("sync", "--config", str(config), "--resource", "customers")
+        overlapping = backfill.returncode is None  # the backfill was still running when the sync ended
+        backfilled = await finish(backfill)
+    assert sync.returncode == 0, sync.stderr
+    assert backfilled.returncode == 0, backfilled.stderr
+    assert overlapping
+    runs = await _rows(sqlite_or_postgres_url, "SELECT command, status FROM etl_runs ORDER BY id")
+    assert sorted(tuple(run) for run in runs) == [("backfill", "succeeded"), ("sync", "succeeded")]
