@@ -1,0 +1,718 @@
+"""`python -m etl check`: every step from the config file to the database, one at a time, with a hint per failure.
+
+A failing integration usually fails at one step and shows up at a later one:
+a certificate missing from the keystore looks like "connection failed", a
+scope sent the wrong way looks like a 401 from the API. So each step runs on
+its own, is timed and judged (✔ ok, ! warning, ✘ failed, – skipped because a
+step it needs did not pass), and says what to do. The exit code is that of
+the first failed step (SPEC.md): 2 configuration, 5 DNS/TCP/TLS, 3 token
+refused, 1 resource page or database; 0 when every step passed, warnings
+included. A database that answers but is not migrated yet is a warning when
+`auto_migrate` is on (the next sync migrates it), a failure when it is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+from cryptography import x509
+from pydantic import SecretStr
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from etl import certs
+from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
+from etl.config import Config, EnvSettings, ResourceConfig, load_config
+from etl.db import create_engine, current_revision, database_error, head_revision, safe_url
+from etl.errors import ConfigError, EtlError, LoadError, SourceError, UnreachableError
+from etl.logs import redact, register_secret
+from etl.paginators import Paginator, paginator_for
+from etl.records import RecordValidator, records_at
+from etl.token import (
+    DEFAULT_LIFETIME_S,
+    FORM_CONTENT_TYPE,
+    METHOD_HINT,
+    Token,
+    TokenManager,
+    basic_authorization,
+)
+from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, translate
+from etl.windows import FULL_REFRESH, Window, ceil_to, filter_params, floor_to, granularity
+
+Status = Literal["ok", "warning", "failed", "skipped"]
+MARKS: dict[Status, str] = {"ok": "✔", "warning": "!", "failed": "✘", "skipped": "–"}
+CHECK_MAX_RETRIES = 1  # a check reports what happens; it does not wait out a bad minute
+DATABASE_TIMEOUT_S = 15.0
+EXPIRY_WARNING_DAYS = 14
+SHOWN_REJECTS = 3
+EXCERPT_CHARS = 200
+CONFIG_KEYS = {"token": "auth.token_url", "api": "api.base_url"}
+TOKEN_PATH = "/oauth2/token"
+REQUEST_HINT = (
+    "compare the request above with the API's documentation: [api].base_url + path, params, and the parameter "
+    "names in [resources.filter] and [resources.pagination]; a 403 means the token's scopes do not cover this "
+    "endpoint (auth.scopes)"
+)
+CONFIG_HINT = "fix the key named above; SPEC.md lists every key of config.toml and its type"
+MISSING_CONFIG_HINT = "pass --config PATH or set $ETL_CONFIG (config.toml in the repository is a working example)"
+SECRET_HINT = "export ETL_CLIENT_SECRET=..., or set auth.client_secret_file to a file holding only the secret (mode 600)"
+DATABASE_URL_HINT = "write [database].url like sqlite:///etl.db, postgresql://user@host/db or mysql://user:pass@host/db"
+TRUST_HINT = "point [api].ca_bundle at a readable PEM file of CA certificates (check --save-certs writes one)"
+TIMEOUT_HINT = "check again; if the host is slow rather than down, raise [api].timeout_s"
+DATABASE_RIGHTS_HINT = "the database user needs to read etl's tables and to create tables and insert (sync does both)"
+RECORDS_PATH_HINT = 'set records_path to the dotted key that holds the list of records ("" when the body is the list)'
+
+
+@dataclass
+class Verdict:
+    """What a probe found; `exit_code` is SPEC.md's code for this failure."""
+
+    summary: str
+    status: Status = "ok"
+    details: list[str] = field(default_factory=list)
+    hint: str | None = None
+    exit_code: int = 0
+
+
+@dataclass
+class Step:
+    """One line of the report, as printed and as JSON."""
+
+    step: str
+    target: str
+    status: Status
+    seconds: float
+    summary: str
+    details: list[str]
+    hint: str | None
+    exit_code: int
+
+    @property
+    def passed(self) -> bool:
+        return self.status in ("ok", "warning")
+
+    @property
+    def label(self) -> str:
+        return f"{self.step} {self.target}".strip()
+
+    def text_lines(self) -> list[str]:
+        lines = [f"{MARKS[self.status]} {self.label:<36} {self.seconds:5.2f}s  {self.summary}"]
+        lines += [f"    {detail}" for detail in self.details]
+        return lines + ([f"    hint: {self.hint}"] if self.hint else [])
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A scheme, host and port the token endpoint and/or the API live on."""
+
+    scheme: str
+    host: str
+    port: int
+    roles: tuple[str, ...]
+
+    @property
+    def target(self) -> str:
+        return f"{'+'.join(self.roles)} {self.host}:{self.port}"
+
+    @property
+    def keys(self) -> str:
+        return " / ".join(CONFIG_KEYS[role] for role in self.roles)
+
+
+def endpoints(config: Config) -> dict[str, Endpoint]:
+    """{"token": ..., "api": ...}; the same Endpoint when both share scheme, host and port, so it is tested once."""
+    found: dict[tuple[str, str, int], list[str]] = {}
+    for role, url in (("token", config.auth.token_url), ("api", config.api.base_url)):
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+        found.setdefault(key, []).append(role)
+    return {role: Endpoint(*key, tuple(roles)) for key, roles in found.items() for role in roles}
+
+
+def proxy_for(endpoint: Endpoint) -> tuple[str | None, str]:
+    """The proxy aiohttp uses for this endpoint (trust_env: $HTTP(S)_PROXY, $NO_PROXY), and that in words."""
+    variable = f"${endpoint.scheme.upper()}_PROXY"
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if not proxy:
+        return None, f"direct, no {variable}"
+    if urllib.request.proxy_bypass(endpoint.host):
+        return None, f"direct, $NO_PROXY excludes {endpoint.host}"
+    return proxy, f"through the proxy {display_url(proxy)} ({variable})"
+
+
+def probe_windows(resource: ResourceConfig, lag: timedelta, now: datetime) -> list[Window]:
+    """The latest window a sync would load, then the first one from `start` (read when the latest is empty)."""
+    if resource.filter is None or resource.start is None:
+        return [FULL_REFRESH]
+    step = granularity(resource.filter.format)
+    end = now - lag
+    begin = max(resource.start, end - resource.window)
+    if begin >= end:
+        begin = end - resource.window
+    latest = Window(floor_to(begin, step), ceil_to(end, step))
+    first_start, first_end = floor_to(resource.start, step), ceil_to(min(resource.start + resource.window, end), step)
+    if first_start == latest.start or first_start >= first_end:
+        return [latest]
+    return [latest, Window(first_start, first_end)]
+
+
+@dataclass(frozen=True)
+class _Page:
+    """The first page of a window, with the paginator that asked for it."""
+
+    window: Window
+    request: PageRequest
+    paginator: Paginator
+    response: PageResponse
+    records: list[Any]
+
+
+class _IssuedToken(TokenManager):
+    """Serves the token the token step obtained, so the pages cost no second token request."""
+
+    def __init__(self, config: Config, secret: SecretStr, session: aiohttp.ClientSession, token: Token) -> None:
+        super().__init__(config.auth, secret, session, RetryPolicy(max_retries=0))
+        self._issued = token
+
+    async def token(self) -> Token:
+        return self._issued
+
+
+class Checker:
+    """Runs the steps in order; each finished step goes to `emit` at once."""
+
+    def __init__(self, config_path: Path, save_certs: str | None, emit: Callable[[Step], None]) -> None:
+        self.config_path = config_path
+        self.save_certs = save_certs
+        self.emit = emit
+        self.steps: list[Step] = []
+        self.tls_reports: list[certs.TlsReport] = []
+        self.engine: AsyncEngine | None = None
+        # set by the step that finds them; a step that needs them runs only after that step passed
+        self.config: Config
+        self.secret: SecretStr
+        self.secret_source: str
+        self.verify_context: ssl.SSLContext
+        self.session: aiohttp.ClientSession
+        self.token: Token
+
+    @property
+    def exit_code(self) -> int:
+        return next((step.exit_code for step in self.steps if step.status == "failed"), 0)
+
+    async def run(self) -> None:
+        hint = CONFIG_HINT if self.config_path.is_file() else MISSING_CONFIG_HINT
+        loaded = await self._step("config", str(self.config_path), self._load_config, hint=hint)
+        if not loaded.passed:
+            self._record(Step("remaining steps", "", "skipped", 0.0, "skipped: the configuration did not load", [], None, 0))
+            return
+        try:
+            await self._run_loaded()
+        finally:
+            if self.engine is not None:
+                await self.engine.dispose()
+
+    async def _run_loaded(self) -> None:
+        secret = await self._step("secret", "", self._find_secret, hint=SECRET_HINT)
+        database_url = await self._step("database url", "", self._parse_database_url, hint=DATABASE_URL_HINT)
+        trust = await self._step("trust", self.config.api.ca_bundle or "system store", self._load_trust, hint=TRUST_HINT)
+        by_role = endpoints(self.config)
+        reached = {endpoint: await self._network(endpoint, trust) for endpoint in dict.fromkeys(by_role.values())}
+        if self.save_certs is not None:
+            hint = "give --save-certs a path in a directory you can write to"
+            await self._step("save-certs", self.save_certs, self._write_certs, hint=hint)
+        await self._api_steps([secret, trust, *reached[by_role["token"]]], reached[by_role["api"]], trust.passed)
+        await self._database_steps(database_url)
+
+    async def _step(
+        self,
+        name: str,
+        target: str,
+        probe: Callable[[], Awaitable[Verdict]],
+        needs: Sequence[Step] = (),
+        hint: str | None = None,
+    ) -> Step:
+        """Run `probe` unless a step it needs did not pass; `hint` is for an error that brings none."""
+        blocked = next((step for step in needs if not step.passed), None)
+        if blocked is not None:
+            return self._record(Step(name, target, "skipped", 0.0, f"skipped: {blocked.label} did not pass", [], None, 0))
+        started = time.perf_counter()
+        try:
+            verdict = await probe()
+        except EtlError as exc:
+            verdict = _failure(exc)
+            verdict.hint = verdict.hint or hint
+        seconds = time.perf_counter() - started
+        return self._record(
+            Step(name, target, verdict.status, seconds, verdict.summary, verdict.details, verdict.hint, verdict.exit_code)
+        )
+
+    def _record(self, step: Step) -> Step:
+        """Keep and emit the step, any registered secret masked as a last line of defence."""
+        step.summary = redact(step.summary)
+        step.details = [redact(detail) for detail in step.details]
+        step.hint = redact(step.hint) if step.hint else None
+        self.steps.append(step)
+        self.emit(step)
+        return step
+
+    # 1. configuration
+
+    async def _load_config(self) -> Verdict:
+        config = self.config = load_config(self.config_path)
+        return Verdict(
+            f"{len(config.resources)} resources; token {display_url(config.auth.token_url)}, "
+            f"api {display_url(config.api.base_url)}"
+        )
+
+    async def _find_secret(self) -> Verdict:
+        self.secret = self.config.client_secret()
+        register_secret(self.secret.get_secret_value())
+        env_secret = EnvSettings().client_secret
+        if env_secret is not None and env_secret.get_secret_value():
+            self.secret_source = "$ETL_CLIENT_SECRET"
+        elif self.config.auth.client_secret_file:
+            self.secret_source = f"client_secret_file {self.config.auth.client_secret_file}"
+        else:
+            self.secret_source = "auth.client_secret in the config file"
+            hint = "put the secret in $ETL_CLIENT_SECRET or in a file named by auth.client_secret_file (mode 600)"
+            return Verdict(f"found in {self.secret_source} (warning: move it)", "warning", hint=hint)
+        return Verdict(f"found in {self.secret_source}")
+
+    async def _parse_database_url(self) -> Verdict:
+        self.engine = create_engine(self.config.database.url)
+        source = "$ETL_DATABASE_URL" if EnvSettings().database_url else "database.url"
+        return Verdict(f"{safe_url(self.engine.url)} (from {source})")
+
+    async def _load_trust(self) -> Verdict:
+        api = self.config.api
+        context = build_ssl_context(api)
+        if not isinstance(context, ssl.SSLContext):
+            self.verify_context = ssl.create_default_context()  # still tells the user what verification would say
+            hint = (
+                "anyone on the network path can read the secret and the data: set verify_tls = true and trust the "
+                "server with [api].ca_bundle (check --save-certs saves what it presents)"
+            )
+            return Verdict("TLS verification is OFF ([api].verify_tls = false)", "warning", hint=hint)
+        self.verify_context = context
+        if not api.ca_bundle:
+            return Verdict("the system trust store")
+        try:
+            bundle = x509.load_pem_x509_certificates(Path(api.ca_bundle).read_bytes())
+        except ValueError:  # OpenSSL loaded it, so it is usable even where cryptography is stricter
+            return Verdict(f"the system trust store + {api.ca_bundle}")
+        return Verdict(
+            f"the system trust store + {len(bundle)} certificate(s) from {api.ca_bundle}",
+            details=[f"{certs.subject(cert)} (until {cert.not_valid_after_utc:%Y-%m-%d})" for cert in bundle],
+        )
+
+    # 2, 3. DNS, TCP and TLS of each host
+
+    async def _network(self, endpoint: Endpoint, trust: Step) -> list[Step]:
+        proxy, route = proxy_for(endpoint)
+        resolved = await self._step("dns", endpoint.target, partial(self._resolve, endpoint, proxy))
+        connected = await self._step("tcp", endpoint.target, partial(self._connect, endpoint, proxy, route), [resolved])
+        if endpoint.scheme != "https":
+            return [resolved, connected]
+        probe = partial(self._tls, endpoint, proxy)
+        secured = await self._step("tls", endpoint.target, probe, [trust, connected], hint=TIMEOUT_HINT)
+        return [resolved, connected, secured]
+
+    async def _resolve(self, endpoint: Endpoint, proxy: str | None) -> Verdict:
+        host, port = _proxy_address(proxy) if proxy else (endpoint.host, endpoint.port)
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), self.config.api.timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "no answer"
+            where = f"the proxy host in ${endpoint.scheme.upper()}_PROXY" if proxy else f"the host name in {endpoint.keys}"
+            raise UnreachableError(
+                f"DNS: the name {host} could not be resolved: {reason}",
+                host=host,
+                hint=f"check {where} and this machine's DNS (try `getent hosts {host}`)",
+            ) from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        found = f"{host} (an address, no lookup)" if host in addresses else f"{host} is {', '.join(addresses[:4])}"
+        return Verdict(found + (" (the proxy)" if proxy else ""))
+
+    async def _connect(self, endpoint: Endpoint, proxy: str | None, route: str) -> Verdict:
+        """TCP to the host, or to the proxy: tunnelled with CONNECT for https, as aiohttp does."""
+        timeout = self.config.api.timeout_s
+        host, port = _proxy_address(proxy) if proxy else (endpoint.host, endpoint.port)
+        tunnel = proxy if endpoint.scheme == "https" else None
+        if tunnel:
+            host, port = endpoint.host, endpoint.port
+        try:
+            connection = await asyncio.to_thread(certs.open_connection, host, port, tunnel, timeout)
+        except certs.ProxyRefused as exc:
+            hint = (
+                "check the proxy's address and credentials (http://user:password@proxy:port) and that it allows "
+                f"{endpoint.host}:{endpoint.port}; or exclude the host with $NO_PROXY"
+            )
+            raise UnreachableError(str(exc), host=endpoint.host, hint=hint) from None
+        except TimeoutError:
+            hint = "a firewall drops the connection, or this network reaches outside only through a proxy ($HTTPS_PROXY)"
+            raise UnreachableError(f"no answer within {timeout:g}s ({route})", host=endpoint.host, hint=hint) from None
+        except OSError as exc:
+            hint = f"check the port in {endpoint.keys}, that the service is up, and any firewall in between"
+            raise UnreachableError(f"{exc.strerror or exc} ({route})", host=endpoint.host, hint=hint) from None
+        connection.close()
+        return Verdict(f"connected, {route}")
+
+    async def _tls(self, endpoint: Endpoint, proxy: str | None) -> Verdict:
+        try:
+            report = await asyncio.to_thread(
+                certs.inspect_tls, endpoint.host, endpoint.port, proxy, self.config.api.timeout_s, self.verify_context
+            )
+        except ssl.SSLError as exc:
+            hint = f"check that {endpoint.keys} says https:// only where the server speaks TLS on that port"
+            raise UnreachableError(f"TLS handshake failed: {exc.reason or exc}", host=endpoint.host, hint=hint) from None
+        except OSError as exc:
+            raise UnreachableError(f"the connection failed during TLS: {exc}", host=endpoint.host) from None
+        self.tls_reports.append(report)
+        if report.trusted:
+            return _trusted(report.chain[0])
+        status: Status = "failed" if self.config.api.verify_tls else "warning"
+        hint = certs.fix_hint(report, endpoint.keys, self.save_certs)
+        return Verdict("certificate not trusted", status, certs.explain(report), hint, 5)
+
+    async def _write_certs(self) -> Verdict:
+        reports = [report for report in self.tls_reports if report.chain]
+        if not reports:
+            return Verdict("no https host presented a certificate: nothing written", "warning")
+        try:
+            Path(self.save_certs or "").write_text(certs.saved_pem(reports), encoding="ascii")
+        except OSError as exc:
+            raise ConfigError(f"--save-certs: cannot write {self.save_certs}: {exc.strerror or exc}") from None
+        count = sum(len(report.chain) for report in reports)
+        hosts = ", ".join(f"{report.host}:{report.port}" for report in reports)
+        return Verdict(
+            f"wrote {count} certificate(s) presented by {hosts}",
+            details=[f'review them, then set [api].ca_bundle = "{self.save_certs}" to trust them'],
+        )
+
+    # 4, 5. the token, then one page of each resource with it
+
+    async def _api_steps(self, token_needs: list[Step], api_needs: list[Step], trusted: bool) -> None:
+        if trusted:  # else nothing below runs: every step needs the trust step
+            self.session = open_session(self.config.api)
+        try:
+            target = display_url(self.config.auth.token_url)
+            token = await self._step("token", target, self._request_token, token_needs, hint=TIMEOUT_HINT)
+            for resource in self.config.resources:
+                await self._step("resource", resource.name, partial(self._fetch_page, resource), [token, *api_needs])
+        finally:
+            if trusted:
+                await self.session.close()
+
+    async def _post_token(self, client_auth: str) -> tuple[int, bytes]:
+        """One POST as TokenManager sends it (RFC 6749 §4.4.2), answering the raw status and body to report."""
+        auth, secret = self.config.auth, self.secret.get_secret_value()
+        form = {"grant_type": "client_credentials"} | ({"scope": " ".join(auth.scopes)} if auth.scopes else {})
+        headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
+        if client_auth == "basic":
+            headers["Authorization"] = basic_authorization(auth.client_id, secret)
+        else:
+            form |= {"client_id": auth.client_id, "client_secret": secret}
+        try:
+            async with self.session.post(auth.token_url, data=urlencode(form), headers=headers, allow_redirects=False) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise translate(exc, auth.token_url) from None
+
+    async def _request_token(self) -> Verdict:
+        status, body = await self._post_token(self.config.auth.client_auth)
+        fields = _json_object(body)
+        value = fields.get("access_token") if fields else None
+        if 200 <= status < 300 and fields and isinstance(value, str) and value:
+            return self._issued(status, fields, value)
+        return await self._refused(status, fields, body)
+
+    def _issued(self, status: int, fields: dict[str, Any], value: str) -> Verdict:
+        register_secret(value)
+        expires_in = fields.get("expires_in", DEFAULT_LIFETIME_S)
+        try:
+            lifetime = float(expires_in)
+        except (TypeError, ValueError):
+            lifetime = 0.0
+        if not lifetime > 0:
+            hint = "this is not a standard OAuth2 token answer: check that auth.token_url is the token endpoint"
+            return Verdict(f"{status}, but expires_in={expires_in!r} is not a positive number", "failed", [], hint, 3)
+        now = time.monotonic()
+        self.token = Token(value, now + lifetime, now + lifetime)
+        granted = fields.get("scope")
+        verdict = Verdict(f"{status}, lifetime {lifetime:g}s" + (f", scope {granted}" if granted else ""))
+        missing = set(self.config.auth.scopes) - set(str(granted).split()) if granted else set()
+        if missing:
+            verdict.status, verdict.hint = "warning", f"the endpoint did not grant {', '.join(sorted(missing))}"
+        if not urlsplit(self.config.auth.token_url).path.endswith(TOKEN_PATH):
+            verdict.details.append(f"warning: auth.token_url does not end in {TOKEN_PATH} (Cognito's token endpoint)")
+        return verdict
+
+    async def _refused(self, status: int, fields: dict[str, Any] | None, body: bytes) -> Verdict:
+        error = fields.get("error") if fields else None
+        if fields and isinstance(error, str):
+            details = [f"{key}: {json.dumps(fields[key], ensure_ascii=False)}" for key in ("error", "error_description") if fields.get(key)]
+            summary = f"{status} {error}"
+        elif fields is not None and 200 <= status < 300:  # field names only: a token may hide under another name
+            details, summary = [f"fields: {', '.join(sorted(fields)) or 'none'}"], f"{status}, but no access_token"
+        else:
+            details, summary = [f"body: {body[:EXCERPT_CHARS].decode('utf-8', 'replace')!r}"], f"{status}, not a token"
+        if status == 429 or status >= 500:
+            return Verdict(summary, "failed", details, "the token endpoint is overloaded or down: check again later", 1)
+        return Verdict(summary, "failed", details, await self._token_hint(error), 3)
+
+    async def _token_hint(self, error: Any) -> str:
+        auth = self.config.auth
+        if error == "invalid_client":
+            return await self._client_auth_hint()
+        if error == "invalid_scope":
+            return (
+                f"auth.scopes is {auth.scopes!r}: each must be `resource-server-id/scope-name` exactly as enabled "
+                "on the app client (Cognito: the app client's custom scopes)"
+            )
+        if error in ("unauthorized_client", "unsupported_grant_type", "invalid_grant"):
+            return (
+                "the app client may not use the client credentials grant: enable it on the app client "
+                "(it needs a client secret and at least one custom scope)"
+            )
+        path = urlsplit(auth.token_url).path
+        if path.endswith(TOKEN_PATH):
+            return METHOD_HINT
+        return f"{METHOD_HINT}; auth.token_url's path is {path or '/'!r}, Cognito's token endpoint is {TOKEN_PATH}"
+
+    async def _client_auth_hint(self) -> str:
+        """Try the other client_auth once: that tells a wrong secret from a wrong way of sending it."""
+        auth = self.config.auth
+        other = "body" if auth.client_auth == "basic" else "basic"
+        try:
+            status, body = await self._post_token(other)
+        except EtlError:
+            status, body = 0, b""
+        if 200 <= status < 300 and (_json_object(body) or {}).get("access_token"):
+            return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'
+        return (
+            f"check auth.client_id ({auth.client_id!r}) and the client secret (from {self.secret_source}); "
+            f'client_auth = "{other}" was tried too and refused as well'
+        )
+
+    async def _fetch_page(self, resource: ResourceConfig) -> Verdict:
+        """The first page of the latest window, or of the first window when the latest has no records."""
+        api = self.config.api.model_copy(update={"max_retries": min(self.config.api.max_retries, CHECK_MAX_RETRIES)})
+        tokens = _IssuedToken(self.config, self.secret, self.session, self.token)
+        client = ApiClient(api, self.session, tokens, RequestCounters())
+        tried: list[str] = []
+        try:
+            for window in probe_windows(resource, self.config.sync.lag, datetime.now(UTC)):
+                page = await self._first_page(client, resource, window, tried)
+                if page.records:
+                    break
+                tried[-1] += "  → 0 records"
+        except EtlError as exc:
+            return Verdict(_failure(exc).summary, "failed", tried, exc.hint or REQUEST_HINT, exc.exit_code)
+        return self._judge_page(resource, page, tried)
+
+    async def _first_page(self, client: ApiClient, resource: ResourceConfig, window: Window, tried: list[str]) -> _Page:
+        params = {key: _query_value(value) for key, value in resource.params.items()}
+        if resource.filter is not None:
+            params |= filter_params(window, resource.filter)
+        paginator = paginator_for(resource.pagination, self.config.api.base_url + resource.path, params)
+        request = paginator.request()
+        assert request is not None  # a new paginator always has a first page
+        tried.append(f"window {window}: GET {_request_text(request)}")
+        response = await client.get(request)
+        try:
+            records = records_at(response.body, resource.records_path, response.url)
+        except SourceError as exc:
+            reason = exc.message.removeprefix(f"{response.url}: ")
+            raise SourceError(f"{response.status}, but {reason}", hint=RECORDS_PATH_HINT) from None
+        return _Page(window, request, paginator, response, records)
+
+    def _judge_page(self, resource: ResourceConfig, page: _Page, tried: list[str]) -> Verdict:
+        """Records, invalid ones, total and next page in one line; more rejects than [sync].max_rejects fail."""
+        try:
+            rejects = RecordValidator(resource).validate(page.records).rejects
+        except SourceError as exc:  # not a list of objects
+            return Verdict(f"{page.response.status}, but {exc.message}", "failed", tried, RECORDS_PATH_HINT, 1)
+        total = page.paginator.known_total(page.response)
+        page.paginator.advance(page.response, page.records)
+        where = f"at {resource.records_path!r}" if resource.records_path else "(the body is the list)"
+        summary = (
+            f"{page.response.status}, {len(page.records)} records {where}"
+            + (f" of {total}" if total is not None else "")
+            + (f", {len(rejects)} invalid" if rejects else "")
+            + f"; next page: {_next_page(page.request, page.paginator.request())}"
+        )
+        if not page.records:
+            body = page.response.body
+            keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else "(the body is a list)"
+            details = [*tried, f"top-level keys of the body: {keys}"]
+            return Verdict(summary, "warning", details, "no records in these windows to check the columns against")
+        details = [] if len(tried) == 1 else [f"no records in the latest window; this page is from the first, {page.window}"]
+        if not rejects:
+            return Verdict(summary, details=details)
+        details += [f"invalid record {r.key or '(no key)'}: {r.error[:EXCERPT_CHARS]}" for r in rejects[:SHOWN_REJECTS]]
+        max_rejects = self.config.sync.max_rejects
+        hint = (
+            f"{len(rejects)} of {len(page.records)} records do not fit [resources.columns] "
+            f"([sync].max_rejects = {max_rejects}): fix a column's type, source or nullable, or the API sends bad "
+            "records (sync keeps them in etl_rejects)"
+        )
+        return Verdict(summary, "failed" if len(rejects) > max_rejects else "warning", details, hint, 1)
+
+    # 6. the database
+
+    async def _database_steps(self, database_url: Step) -> None:
+        connected = await self._step("database connect", "", self._db_connect, [database_url])
+        await self._step("database schema", "", self._db_schema, [connected], hint=DATABASE_RIGHTS_HINT)
+        await self._step("database write", "", self._db_write, [connected], hint=DATABASE_RIGHTS_HINT)
+
+    async def _with_database(self, work: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
+        """`work(engine)` under a timeout, failures in the database's own words."""
+        assert self.engine is not None  # the database url step made it
+        try:
+            async with asyncio.timeout(DATABASE_TIMEOUT_S):
+                return await work(self.engine)
+        except TimeoutError:
+            raise LoadError(
+                f"no answer from the database {safe_url(self.engine.url)} within {DATABASE_TIMEOUT_S:g}s",
+                hint="check [database].url (or $ETL_DATABASE_URL), that the server is up, and any firewall",
+            ) from None
+        except (DBAPIError, OSError) as exc:
+            raise database_error(exc, self.engine.url) from None
+
+    async def _db_connect(self) -> Verdict:
+        async def version(engine: AsyncEngine) -> str:
+            async with engine.connect() as connection:
+                info = await connection.run_sync(lambda sync: sync.dialect.server_version_info)
+            return ".".join(str(part) for part in info or ())
+
+        found = await self._with_database(version)
+        return Verdict(f"connected, {self.engine.dialect.name if self.engine else ''} {found}".rstrip())
+
+    async def _db_schema(self) -> Verdict:
+        current, head = await self._with_database(current_revision), head_revision()
+        if current == head:
+            return Verdict(f"etl's tables at revision {head} (current)")
+        state = "not created yet" if current is None else f"at revision {current}, this etl's is {head}"
+        if self.config.database.auto_migrate:
+            hint = "the next sync migrates it (auto_migrate = true), or run `python -m etl migrate` now"
+            return Verdict(f"etl's tables {state}", "warning", hint=hint)
+        hint = "run `python -m etl migrate` ([database].auto_migrate = false, so sync will not)"
+        return Verdict(f"etl's tables {state}", "failed", hint=hint, exit_code=1)
+
+    async def _db_write(self) -> Verdict:
+        table = f"etl_check_probe_{uuid.uuid4().hex[:8]}"
+
+        async def probe(engine: AsyncEngine) -> None:
+            async with engine.connect() as connection:
+                transaction = await connection.begin()
+                try:
+                    await connection.execute(text(f"CREATE TABLE {table} (id INTEGER)"))
+                    await connection.execute(text(f"INSERT INTO {table} (id) VALUES (1)"))
+                    await connection.execute(text(f"DROP TABLE {table}"))
+                finally:
+                    await transaction.rollback()
+                    # MySQL commits DDL on its own, pysqlite runs it outside the transaction: drop what may be left
+                    await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+                    await connection.commit()
+
+        await self._with_database(probe)
+        return Verdict("can create a table and insert (in a transaction, rolled back)")
+
+
+def _failure(exc: EtlError) -> Verdict:
+    first, *rest = exc.message.splitlines() or [""]
+    return Verdict(first, "failed", rest, exc.hint, exc.exit_code)
+
+
+def _trusted(leaf: x509.Certificate) -> Verdict:
+    days = (leaf.not_valid_after_utc - datetime.now(UTC)).days
+    summary = f"trusted: {certs.subject(leaf)}, issued by {certs.issuer(leaf)}, until {leaf.not_valid_after_utc:%Y-%m-%d}"
+    if days < EXPIRY_WARNING_DAYS:
+        return Verdict(f"{summary} (in {days} days)", "warning", hint="the API's owners should renew the certificate")
+    return Verdict(summary)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _proxy_address(proxy: str) -> tuple[str, int]:
+    parts = urlsplit(proxy)
+    return parts.hostname or "", parts.port or 80
+
+
+def _query_value(value: str | float | bool) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _request_text(request: PageRequest) -> str:
+    query = urlencode(request.params)
+    return display_url(request.url + (f"?{query}" if query else ""))
+
+
+def _next_page(first: PageRequest, following: PageRequest | None) -> str:
+    """What the paginator found for the next page, as the parameters that changed."""
+    if following is None:
+        return "none"
+    if following.url != first.url:
+        return "a Link rel=next"
+    changed = {key: value for key, value in following.params.items() if first.params.get(key) != value}
+    return ", ".join(f"{key}={value[:24]}{'…' if len(value) > 24 else ''}" for key, value in changed.items()) or "yes"
+
+
+def _text_verdict(checker: Checker) -> str:
+    counts = {status: sum(step.status == status for step in checker.steps) for status in MARKS}
+    if checker.exit_code == 0:
+        return f"check passed: {counts['ok']} ok, {counts['warning']} warning(s)"
+    first = next(step for step in checker.steps if step.status == "failed")
+    return (
+        f"check failed: {counts['failed']} failed, {counts['skipped']} skipped; "
+        f"exit {checker.exit_code} (first failure: {first.label})"
+    )
+
+
+async def run_check(config_path: Path, save_certs: str | None, output_format: str) -> int:
+    """Run every step, print the report (text as it goes, or one JSON document), return the exit code."""
+    text_mode = output_format == "text"
+
+    def emit(step: Step) -> None:
+        if text_mode:
+            print("\n".join(step.text_lines()), flush=True)
+
+    if text_mode:
+        print(f"etl check: {config_path}", flush=True)
+    checker = Checker(config_path, save_certs, emit)
+    await checker.run()
+    if text_mode:
+        print(_text_verdict(checker), flush=True)
+    else:
+        document = {
+            "ok": checker.exit_code == 0,
+            "exit_code": checker.exit_code,
+            "config": str(config_path),
+            "steps": [asdict(step) for step in checker.steps],
+        }
+        print(json.dumps(document, ensure_ascii=False, indent=2), flush=True)
+    return checker.exit_code

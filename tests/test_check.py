@@ -1,0 +1,556 @@
+"""`python -m etl check`: each step that can fail fails against the simulator, by name, with its hint.
+
+Config files are written to tmp_path and read back the way a user's would be;
+`run_check` runs in-process and its stdout is the report. Every test also
+asserts that the client secret appears nowhere in what check printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import inspect as sa_inspect
+
+from etl.check import run_check
+from etl.db import create_engine, migrate
+from etl.demo import demo_document
+from etl.simulator import Simulator, SimulatorSettings
+
+SECRET = "demo-secret"
+PARTIAL_CHAINS = bool(ssl.create_default_context().verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN)
+WriteConfig = Callable[..., Path]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return "{ " + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + " }"
+
+
+def toml_document(document: dict[str, Any]) -> str:
+    """Sections and arrays of tables at the top, everything below them as inline values."""
+    lines: list[str] = []
+    for name, section in document.items():
+        tables = section if isinstance(section, list) else [section]
+        for table in tables:
+            lines.append(f"[[{name}]]" if isinstance(section, list) else f"[{name}]")
+            lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteConfig:
+    """`write_config(base_url, token_url, resources=[...], api={...}, ...)`: the demo config as a file."""
+    monkeypatch.setenv("ETL_CLIENT_SECRET", SECRET)
+    monkeypatch.delenv("ETL_DATABASE_URL", raising=False)
+
+    def write(
+        base_url: str,
+        token_url: str,
+        database_url: str | None = None,
+        resources: list[str] | None = None,
+        records_path: str | None = None,
+        **sections: dict[str, Any],
+    ) -> Path:
+        database = {"url": database_url or f"sqlite:///{tmp_path / 'etl.db'}"}
+        document = demo_document(database, base_url, token_url)
+        for section, values in sections.items():
+            document[section] = {**document.get(section, {}), **values}
+        if resources is not None:
+            document["resources"] = [r for r in document["resources"] if r["name"] in resources]
+        if records_path is not None:
+            document["resources"][0]["records_path"] = records_path
+        path = tmp_path / "config.toml"
+        path.write_text(toml_document(document), encoding="utf-8")
+        return path
+
+    return write
+
+
+async def check(
+    capsys: pytest.CaptureFixture[str], path: Path, save_certs: str | None = None, output_format: str = "text"
+) -> tuple[int, str]:
+    """Exit code and stdout of one check; fails if the secret leaked, or if a failed step has no hint."""
+    code = await run_check(path, save_certs=save_certs, output_format=output_format)
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    if output_format == "json":
+        assert all(step["hint"] for step in json.loads(captured.out)["steps"] if step["status"] == "failed")
+    else:
+        for block in re.split(r"\n(?=[✔!✘–] )", captured.out):
+            assert not block.startswith("✘") or "\n    hint: " in block, block
+    return code, captured.out
+
+
+def line_of(out: str, start: str) -> str:
+    """The report line that starts with `start` (a mark and a step name)."""
+    return next(line for line in out.splitlines() if line.startswith(start))
+
+
+def summary_of(line: str) -> str:
+    """What a report line says after its mark, label and time."""
+    return re.split(r" \d+\.\d\ds  ", line, maxsplit=1)[1]
+
+
+@pytest.fixture
+async def tls_simulator() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorSettings(tls=True)) as sim:
+        yield sim
+
+
+async def test_every_step_passes_against_the_simulator(
+    simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'migrated.db'}"
+    engine = create_engine(database_url)
+    await migrate(engine)
+    await engine.dispose()
+    path = write_config(simulator.base_url, simulator.token_url, database_url, resources=["customers", "events", "payments", "products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 0, out
+    assert "✘" not in out and "–" not in out and "!" not in out.split("\n", 1)[1]
+    steps = ("config", "secret", "database url", "trust", "dns token+api", "tcp token+api", "token", "database connect")
+    for step in (*steps, "database schema", "database write"):
+        assert line_of(out, f"✔ {step}")
+    assert "200, lifetime 3600s, scope legacy-api/read" in line_of(out, "✔ token")
+    assert "100 records at 'results' of 200; next page: offset=100" in line_of(out, "✔ resource customers")
+    assert "next page: cursor=" in line_of(out, "✔ resource events")
+    assert "next page: a Link rel=next" in line_of(out, "✔ resource payments")
+    assert "20 records at 'products'; next page: none" in line_of(out, "✔ resource products")
+    assert out.rstrip().endswith("check passed: 14 ok, 0 warning(s)")
+
+    code, out = await check(capsys, path, output_format="json")
+    document = json.loads(out)
+    assert code == 0 and document["ok"] is True and document["exit_code"] == 0
+    assert {step["status"] for step in document["steps"]} == {"ok"}
+    token = next(step for step in document["steps"] if step["step"] == "token")
+    assert token["summary"].startswith("200, lifetime 3600s") and token["hint"] is None
+
+
+async def test_the_simulators_invalid_orders_are_shown_as_the_first_validation_errors(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The latest window is empty (the data is from 2024), so the first window from `start` is read."""
+    path = write_config(simulator.base_url, simulator.token_url, resources=["orders"], sync={"max_rejects": 0})
+
+    code, out = await check(capsys, path)
+
+    assert code == 1
+    line = line_of(out, "✘ resource orders")
+    assert "100 records at 'data' of 1000, 1 invalid; next page: page=2" in line
+    assert "no records in the latest window; this page is from the first, [2024-01-01T00:00:00Z, " in out
+    assert out.count("invalid record ") == 1
+    assert "hint: " in out and "[resources.columns]" in out and "max_rejects = 0" in out
+
+
+async def test_a_bad_secret_shows_the_endpoints_error_verbatim(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_config(simulator.base_url, simulator.token_url)
+    monkeypatch.setenv("ETL_CLIENT_SECRET", "not-the-right-secret")
+
+    code, out = await check(capsys, path)
+
+    assert code == 3
+    assert "400 invalid_client" in line_of(out, "✘ token")
+    assert 'error: "invalid_client"' in out and 'error_description: "Client authentication failed"' in out
+    assert "check auth.client_id ('demo-client') and the client secret (from $ETL_CLIENT_SECRET)" in out
+    assert 'client_auth = "body" was tried too and refused as well' in out
+    assert line_of(out, "– resource orders")
+    assert "not-the-right-secret" not in out
+
+
+@pytest.fixture
+async def body_only_token_endpoint() -> AsyncIterator[str]:
+    """A token endpoint that takes the client credentials only as form fields, like some gateways."""
+
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        if "Authorization" in request.headers or form.get("client_secret") != SECRET:
+            return web.json_response({"error": "invalid_client", "error_description": "Bad client"}, status=401)
+        return web.json_response({"access_token": "issued-elsewhere", "expires_in": 600, "token_type": "Bearer"})
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", token)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/oauth2/token"))
+    await server.close()
+
+
+async def test_wrong_client_auth_says_which_one_the_endpoint_accepts(
+    simulator: Simulator, body_only_token_endpoint: str, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(simulator.base_url, body_only_token_endpoint, auth={"client_auth": "basic"})
+
+    code, out = await check(capsys, path)
+
+    assert code == 3
+    assert "401 invalid_client" in line_of(out, "✘ token")
+    assert 'hint: the token endpoint accepts client_auth = "body": set it in [auth]' in out
+
+
+async def test_a_token_the_api_refuses_is_an_authentication_failure_with_the_audience_hint(
+    simulator: Simulator, body_only_token_endpoint: str, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's story: the token endpoint says yes, and the API answers 401 to its token."""
+    path = write_config(simulator.base_url, body_only_token_endpoint, resources=["products"], auth={"client_auth": "body"})
+
+    code, out = await check(capsys, path)
+
+    assert code == 3
+    assert "200, lifetime 600s" in line_of(out, "✔ token")
+    assert "the API rejected a freshly issued token" in line_of(out, "✘ resource products")
+    assert "auth.token_url is the user pool the API trusts" in out
+
+
+async def test_an_unknown_scope_gets_the_scope_hint(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(simulator.base_url, simulator.token_url, auth={"scopes": ["legacy-api/delete"]})
+
+    code, out = await check(capsys, path)
+
+    assert code == 3
+    assert "400 invalid_scope" in line_of(out, "✘ token")
+    assert 'error_description: "Invalid scope requested"' in out
+    assert "auth.scopes is ['legacy-api/delete']: each must be `resource-server-id/scope-name`" in out
+
+
+@pytest.mark.parametrize(("path", "status"), [("/oauth2/wrong", "404"), ("/_sim/counters", "405")])
+async def test_a_token_url_that_is_not_the_token_endpoint(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], path: str, status: str
+) -> None:
+    config = write_config(simulator.base_url, simulator.origin + path)
+
+    code, out = await check(capsys, config)
+
+    assert code == 3
+    assert summary_of(line_of(out, "✘ token")).startswith(f"{status}, not a token")
+    assert "Content-Type application/x-www-form-urlencoded" in out
+    assert f"auth.token_url's path is {path!r}, Cognito's token endpoint is /oauth2/token" in out
+
+
+async def test_a_self_signed_server_without_ca_bundle_shows_the_chain(
+    tls_simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url)
+    assert tls_simulator.ca_pem_path is not None
+    presented = x509.load_pem_x509_certificate(Path(tls_simulator.ca_pem_path).read_bytes())
+
+    code, out = await check(capsys, path)
+
+    assert code == 5
+    assert "certificate not trusted" in line_of(out, "✘ tls token+api 127.0.0.1:")
+    assert "OpenSSL: self-signed certificate" in out
+    assert "the server's certificate is self-signed" in out
+    assert "subject  CN=localhost" in out and "issuer   CN=localhost" in out
+    assert presented.fingerprint(hashes.SHA256()).hex(":").upper() in out
+    assert "--save-certs chain.pem" in out and "ca_bundle" in out
+    assert "trusting the presented chain makes this step pass" in out
+    assert "skipped: tls token+api" in line_of(out, "– token")
+
+
+async def test_saved_certs_as_ca_bundle_make_check_pass(
+    tls_simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "chain.pem"
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"])
+
+    code, out = await check(capsys, path, save_certs=str(saved))
+
+    assert code == 5
+    assert f'review it and set [api].ca_bundle = "{saved}"' in out
+    assert "wrote 1 certificate(s) presented by 127.0.0.1:" in line_of(out, "✔ save-certs")
+    assert saved.read_text().count("-----BEGIN CERTIFICATE-----") == 1
+
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"], api={"ca_bundle": str(saved)})
+    code, out = await check(capsys, path)
+
+    assert code == 0, out
+    assert "trusted: CN=localhost" in line_of(out, "✔ tls token+api")
+    assert "the system trust store + 1 certificate(s)" in line_of(out, "✔ trust")
+    assert line_of(out, "✔ resource products")
+
+
+async def test_a_wrong_records_path_shows_the_top_level_keys(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(simulator.base_url, simulator.token_url, resources=["orders"], records_path="items")
+
+    code, out = await check(capsys, path)
+
+    assert code == 1
+    line = line_of(out, "✘ resource orders")
+    assert "200, but records_path 'items' is not in the body; its top-level keys are: data, page, page_size, total" in line
+    assert 'hint: set records_path to the dotted key' in out
+
+
+async def test_an_unreachable_database(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(simulator.base_url, simulator.token_url, "postgresql://root@127.0.0.1:1/x", resources=["products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 1
+    assert "cannot use the database postgresql+asyncpg://root@127.0.0.1:1/x" in line_of(out, "✘ database connect")
+    assert "hint: check [database].url (or $ETL_DATABASE_URL), that the server is up" in out
+    assert "skipped: database connect did not pass" in line_of(out, "– database schema")
+    assert line_of(out, "– database write")
+    assert line_of(out, "✔ resource products")
+
+
+async def test_the_database_steps_leave_nothing_behind(
+    simulator: Simulator, database_url: str, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite, PostgreSQL and MariaDB each treat DDL in a transaction differently; the probe table never stays."""
+    path = write_config(simulator.base_url, simulator.token_url, database_url, resources=["products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 0, out
+    assert line_of(out, "✔ database connect")
+    assert "etl's tables not created yet" in line_of(out, "! database schema")
+    assert "in a transaction, rolled back" in line_of(out, "✔ database write")
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            tables = await connection.run_sync(lambda sync: sa_inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    assert not [table for table in tables if table.startswith("etl_check_probe")]
+
+
+async def test_an_unknown_host_fails_at_dns(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(simulator.base_url, "https://no-such-host.invalid/oauth2/token", resources=["products"])
+
+    code, out = await check(capsys, path, output_format="json")
+
+    document = json.loads(out)
+    assert code == 5 and document["exit_code"] == 5 and document["ok"] is False
+    steps = {(step["step"], step["target"]): step for step in document["steps"]}
+    dns = steps["dns", "token no-such-host.invalid:443"]
+    assert dns["status"] == "failed" and "no-such-host.invalid could not be resolved" in dns["summary"]
+    assert "auth.token_url" in dns["hint"]
+    assert steps["tcp", "token no-such-host.invalid:443"]["status"] == "skipped"
+    assert steps["token", "https://no-such-host.invalid/oauth2/token"]["status"] == "skipped"
+    assert steps["dns", f"api 127.0.0.1:{simulator.base_url.split(':')[2].split('/')[0]}"]["status"] == "ok"
+
+
+async def test_configuration_errors_are_a_check_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out = await check(capsys, tmp_path / "missing.toml")
+    assert code == 2
+    assert "not found" in line_of(out, "✘ config") and "hint: pass --config PATH or set $ETL_CONFIG" in out
+    assert line_of(out, "– remaining steps")
+
+    bad = tmp_path / "bad.toml"
+    document = demo_document(None, "http://127.0.0.1:9/api", "http://127.0.0.1:9/oauth2/token")
+    document["api"]["concurency"] = 8
+    bad.write_text(toml_document(document), encoding="utf-8")
+    code, out = await check(capsys, bad)
+    assert code == 2 and "api.concurency: unknown key" in line_of(out, "✘ config")
+
+    monkeypatch.delenv("ETL_CLIENT_SECRET", raising=False)
+    good = tmp_path / "good.toml"
+    good.write_text(toml_document(demo_document({"url": "sqlite:///:memory:"}, "http://127.0.0.1:9/api", "http://127.0.0.1:9/oauth2/token")))
+    code, out = await check(capsys, good)
+    assert code == 2 and "no client secret found" in line_of(out, "✘ secret")
+
+
+async def test_through_an_https_proxy(
+    tls_simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CONNECT proxy on loopback: TCP and TLS are checked through the tunnel aiohttp will use."""
+    tunnels: list[bytes] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        head = await client_reader.readuntil(b"\r\n\r\n")
+        tunnels.append(head.split(b"\r\n", 1)[0])
+        host, port = head.split()[1].decode().rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        client_writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(relay(client_reader, upstream_writer), relay(upstream_reader, client_writer))
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert tls_simulator.ca_pem_path is not None
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"], api={"ca_bundle": tls_simulator.ca_pem_path})
+    try:
+        code, out = await check(capsys, path)
+    finally:
+        proxy.close()
+
+    assert code == 0, out
+    assert f"through the proxy http://127.0.0.1:{proxy_port} ($HTTPS_PROXY)" in line_of(out, "✔ tcp token+api")
+    assert line_of(out, "✔ tls token+api") and line_of(out, "✔ resource products")
+    assert all(line.startswith(b"CONNECT 127.0.0.1:") for line in tunnels) and len(tunnels) >= 4
+
+
+async def test_the_cli_runs_check_and_exits_with_its_code(
+    simulator: Simulator, write_config: WriteConfig
+) -> None:
+    path = write_config(simulator.base_url, simulator.token_url, resources=["products"])
+    env = {**os.environ, "ETL_CLIENT_SECRET": SECRET}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "etl", "check", "--config", str(path), *args],
+            check=False, capture_output=True, text=True, env=env, timeout=60,
+        )
+
+    # the simulator answers from this event loop, so the child runs in a thread
+    passed = await asyncio.to_thread(run)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert line_of(passed.stdout, "✔ token") and line_of(passed.stdout, "✔ resource products")
+    assert SECRET not in passed.stdout + passed.stderr
+
+    env["ETL_CLIENT_SECRET"] = "wrong-secret-value"
+    refused = await asyncio.to_thread(run, "--format", "json")
+    assert refused.returncode == 3
+    assert json.loads(refused.stdout)["exit_code"] == 3
+    assert "wrong-secret-value" not in refused.stdout + refused.stderr
+
+
+async def test_an_empty_page_shows_the_top_level_keys(
+    write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with Simulator(SimulatorSettings(counts={"products": 0})) as sim:
+        path = write_config(sim.base_url, sim.token_url, resources=["products"])
+        code, out = await check(capsys, path)
+
+    assert code == 0
+    assert "200, 0 records at 'products'; next page: none" in line_of(out, "! resource products")
+    assert "top-level keys of the body: products" in out
+    assert "hint: no records in these windows to check the columns against" in out
+
+
+def _certificate(
+    name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None, ca: bool
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer[0])]) if issuer else subject
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(not ca, False, False, False, False, ca, ca, False, False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key((issuer[1] if issuer else key).public_key()),
+            critical=False,
+        )
+    )
+    if not ca:  # what strict verification (Python 3.13's default) asks of a server certificate
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+@pytest.fixture
+def ca_chain(tmp_path: Path) -> dict[str, Path]:
+    """Root → intermediate → leaf for 127.0.0.1, as PEM files: what a server may present, what a bundle may hold."""
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = _certificate("Test Root CA", root_key, None, ca=True)
+    mid = _certificate("Test Intermediate CA", mid_key, ("Test Root CA", root_key), ca=True)
+    leaf = _certificate("api.test", leaf_key, ("Test Intermediate CA", mid_key), ca=False)
+    pem = {name: cert.public_bytes(serialization.Encoding.PEM) for name, cert in (("root", root), ("mid", mid), ("leaf", leaf))}
+    files = {
+        "root": pem["root"], "root+mid": pem["root"] + pem["mid"], "leaf": pem["leaf"], "leaf+mid": pem["leaf"] + pem["mid"]
+    }
+    files["key"] = leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    paths = {name: tmp_path / f"{name}.pem" for name in files}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("presented", "missing"),
+    [
+        ("leaf", "the intermediate certificate CN=Test Intermediate CA is missing"),
+        ("leaf+mid", "the root CA CN=Test Root CA is missing from the trust store"),
+    ],
+)
+async def test_an_incomplete_chain_says_which_certificate_is_missing(
+    simulator: Simulator,
+    ca_chain: dict[str, Path],
+    write_config: WriteConfig,
+    capsys: pytest.CaptureFixture[str],
+    presented: str,
+    missing: str,
+) -> None:
+    """Trusting what the server sends cannot help here (before Python 3.13): the missing one must come from the CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(ca_chain[presented], ca_chain["key"])
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    path = write_config(simulator.base_url, f"https://127.0.0.1:{port}/oauth2/token", resources=["products"])
+    try:
+        code, out = await check(capsys, path)
+        assert code == 5
+        assert "OpenSSL: unable to get local issuer certificate" in out
+        assert missing in out
+        if PARTIAL_CHAINS:  # Python 3.13+ trusts a bundle that holds any certificate of the chain
+            assert "trusting the presented chain makes this step pass" in out
+        else:
+            assert "ca_bundle with the presented chain would not fix this" in out
+        assert out.count("sha256   ") == presented.count("+") + 1
+
+        # what the hint asks for: the missing certificate (and here its root, which no system store holds)
+        bundle = ca_chain["root"] if presented == "leaf+mid" else ca_chain["root+mid"]
+        token_url = f"https://127.0.0.1:{port}/oauth2/token"
+        path = write_config(simulator.base_url, token_url, resources=["products"], api={"ca_bundle": str(bundle)})
+        code, out = await check(capsys, path)
+        assert "trusted: CN=api.test, issued by CN=Test Intermediate CA" in line_of(out, "✔ tls token")
+    finally:
+        server.close()
