@@ -43,14 +43,7 @@ from etl.errors import ConfigError, EtlError, LoadError, SourceError, Unreachabl
 from etl.logs import redact, register_secret
 from etl.paginators import Paginator, paginator_for
 from etl.records import RecordValidator, records_at
-from etl.token import (
-    DEFAULT_LIFETIME_S,
-    FORM_CONTENT_TYPE,
-    METHOD_HINT,
-    Token,
-    TokenManager,
-    basic_authorization,
-)
+from etl.token import DEFAULT_LIFETIME_S, METHOD_HINT, Token, TokenManager, token_request
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, translate
 from etl.windows import FULL_REFRESH, Window, ceil_to, filter_params, floor_to, granularity
 
@@ -423,15 +416,10 @@ class Checker:
 
     async def _post_token(self, client_auth: str) -> tuple[int, bytes]:
         """One POST as TokenManager sends it (RFC 6749 §4.4.2), answering the raw status and body to report."""
-        auth, secret = self.config.auth, self.secret.get_secret_value()
-        form = {"grant_type": "client_credentials"} | ({"scope": " ".join(auth.scopes)} if auth.scopes else {})
-        headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
-        if client_auth == "basic":
-            headers["Authorization"] = basic_authorization(auth.client_id, secret)
-        else:
-            form |= {"client_id": auth.client_id, "client_secret": secret}
+        auth = self.config.auth
+        headers, body = token_request(auth, self.secret, client_auth)
         try:
-            async with self.session.post(auth.token_url, data=urlencode(form), headers=headers, allow_redirects=False) as response:
+            async with self.session.post(auth.token_url, data=body, headers=headers, allow_redirects=False) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise translate(exc, auth.token_url) from None

@@ -179,7 +179,7 @@ class TokenManager:
 
     async def _request_token(self) -> Token:
         """One POST to the token endpoint; counted before it is sent, so retries count too."""
-        headers, body = self._token_request()
+        headers, body = token_request(self._auth, self._secret, self._auth.client_auth)
         issued = self._clock()
         self.token_requests += 1
         try:
@@ -195,19 +195,6 @@ class TokenManager:
         if status == 429 or status >= 500:
             raise RetryableError(f"the token endpoint {self._url} answered {status}", retry_after=retry_after)
         raise self._refusal(status, answer)
-
-    def _token_request(self) -> tuple[dict[str, str], bytes]:
-        """Headers and form body of RFC 6749 §4.4.2, the client authenticated one way only (§2.3.1)."""
-        form = {"grant_type": "client_credentials"}
-        if self._auth.scopes:
-            form["scope"] = " ".join(self._auth.scopes)
-        headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
-        secret = self._secret.get_secret_value()
-        if self._auth.client_auth == "basic":
-            headers["Authorization"] = basic_authorization(self._auth.client_id, secret)
-        else:
-            form |= {"client_id": self._auth.client_id, "client_secret": secret}
-        return headers, urlencode(form).encode("ascii")
 
     def _issued_token(self, status: int, answer: bytes, issued: float) -> Token:
         fields = _json_object(answer)
@@ -304,6 +291,22 @@ def refresh_after(lifetime: float, margin: float) -> float:
     if margin <= lifetime / 2:
         return lifetime - margin
     return lifetime * (1 - SHORT_TOKEN_MARGIN)
+
+
+def token_request(auth: AuthConfig, secret: SecretStr, client_auth: str) -> tuple[dict[str, str], bytes]:
+    """Headers and form body of RFC 6749 §4.4.2, the client authenticated one way only (§2.3.1).
+
+    `client_auth` is a parameter so that `check` can try the method not configured.
+    """
+    form = {"grant_type": "client_credentials"}
+    if auth.scopes:
+        form["scope"] = " ".join(auth.scopes)
+    headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
+    if client_auth == "basic":
+        headers["Authorization"] = basic_authorization(auth.client_id, secret.get_secret_value())
+    else:
+        form |= {"client_id": auth.client_id, "client_secret": secret.get_secret_value()}
+    return headers, urlencode(form).encode("ascii")
 
 
 def basic_authorization(client_id: str, secret: str) -> str:
