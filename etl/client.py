@@ -2,13 +2,17 @@
 
 Every request of a run goes through one `ApiClient`, so `api.concurrency`
 caps requests in flight across all workers and resources, and
-`api.requests_per_second` is one budget for the whole run.
+`api.requests_per_second` is one budget for the whole run. A request holds
+its concurrency slot only while it is on the wire (plus its wait for the rate
+limit): backoff sleeps and token renewals happen outside it, so a slow retry
+never starves the other workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +21,10 @@ import orjson
 from aiolimiter import AsyncLimiter
 from multidict import CIMultiDictProxy
 from tenacity import RetryCallState
+from yarl import URL
 
 from etl.config import ApiConfig
-from etl.errors import RetryableError, SourceError, TokenRejected
+from etl.errors import ConnectionFailed, EtlError, RetryableError, SourceError, TokenRejected
 from etl.token import Token, TokenManager
 from etl.transport import RetryPolicy, display_url, retry_after_seconds, translate
 
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SNIPPET_BYTES = 200
+_LINK_VALUE = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]+)*)")
+_LINK_PARAM = re.compile(r";\s*([^=;,\s]+)\s*(?:=\s*(\"[^\"]*\"|[^;,]*))?")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,21 @@ def snippet(body: bytes) -> str:
     return text + ("…" if len(body) > SNIPPET_BYTES else "")
 
 
+class _TokenUnavailable(Exception):
+    """A token endpoint failure the TokenManager already retried, carried past the client's retries."""
+
+    def __init__(self, error: EtlError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def rate_limiter(requests_per_second: float) -> AsyncLimiter | None:
+    """A bucket of one request refilled every 1/rps seconds: requests are spaced out, never sent in bursts."""
+    if requests_per_second <= 0:
+        return None
+    return AsyncLimiter(1, 1 / requests_per_second)
+
+
 class ApiClient:
     """Sends GETs with the shared token; retries what is transient, fails fast on what is not."""
 
@@ -74,30 +96,45 @@ class ApiClient:
         self._counters = counters
         self._retry = RetryPolicy.from_api(api)
         self._in_flight = asyncio.Semaphore(api.concurrency)
-        self._limiter = AsyncLimiter(api.requests_per_second, 1) if api.requests_per_second > 0 else None
+        self._limiter = rate_limiter(api.requests_per_second)
 
     async def get(self, request: PageRequest) -> PageResponse:
-        """One page, retried on 429, 5xx, timeouts and resets; a 401 renews the token once."""
+        """One page, retried on 429, 5xx, timeouts, resets and cut bodies; a 401 renews the token once."""
         response: PageResponse | None = None
-        async for attempt in self._retry.retrying(on_retry=self._log_retry):
-            with attempt:
-                response = await self._tokens.authorized(lambda token: self._attempt(request, token))
-        assert response is not None
+        try:
+            async for attempt in self._retry.retrying(on_retry=self._log_retry):
+                with attempt:
+                    await self._token_at_hand()
+                    response = await self._tokens.authorized(lambda token: self._attempt(request, token))
+        except _TokenUnavailable as unavailable:
+            raise unavailable.error from None
+        assert response is not None  # tenacity ends with a result or re-raises the last error
         return response
 
+    async def _token_at_hand(self) -> None:
+        """Make sure a token is at hand; a token endpoint failure is final here.
+
+        The TokenManager has already retried it with the same policy; retrying it
+        again per request would multiply the attempts on the token endpoint.
+        """
+        try:
+            await self._tokens.token()
+        except (RetryableError, ConnectionFailed) as exc:
+            raise _TokenUnavailable(exc) from exc
+
     async def _attempt(self, request: PageRequest, token: Token) -> PageResponse:
-        if self._limiter is not None:
-            await self._limiter.acquire()
+        """One request on the wire, holding a concurrency slot and, first, a share of the rate limit."""
         async with self._in_flight:
+            if self._limiter is not None:
+                await self._limiter.acquire()
             self._counters.requests += 1
             headers = {**self._static_headers, "Authorization": token.authorization()}
             try:
                 async with self._session.get(request.url, params=request.params, headers=headers) as resp:
                     body = await resp.read()
-                    next_link = _next_link(resp)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise translate(exc, request.url) from exc
-        return _verdict(resp, body, next_link)
+        return verdict(resp, body)
 
     def _log_retry(self, state: RetryCallState) -> None:
         self._counters.retries += 1
@@ -112,33 +149,51 @@ class ApiClient:
         )
 
 
-def _next_link(resp: aiohttp.ClientResponse) -> str | None:
-    """RFC 8288 rel="next", made absolute against the URL that was fetched."""
-    link = resp.links.get("next")
-    if not link or "url" not in link:
-        return None
-    return str(resp.url.join(link["url"]))  # type: ignore[arg-type]
+def next_link(resp: aiohttp.ClientResponse) -> str | None:
+    """The RFC 8288 rel="next" target, made absolute against the URL that was fetched.
+
+    Every Link header counts, `rel` may list several types (`rel="next last"`)
+    and is case-insensitive; a malformed link is ignored rather than fatal.
+    """
+    for value in resp.headers.getall("Link", []):
+        for target, params in _LINK_VALUE.findall(value):
+            rel = next((v.strip('"') for k, v in _LINK_PARAM.findall(params) if k.lower() == "rel"), "")
+            if "next" in rel.lower().split():
+                return str(resp.url.join(URL(target.strip())))
+    return None
 
 
-def _verdict(resp: aiohttp.ClientResponse, body: bytes, next_link: str | None) -> PageResponse:
+def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
+    """A usable page, or the error that says why not; only what may heal is a RetryableError."""
     url = display_url(resp.url)
     status = resp.status
     if status == 401:
         raise TokenRejected(f"401 from {url}: the API refused the token")
     if status in RETRYABLE_STATUS:
         raise RetryableError(
-            f"{status} from {url}: {snippet(body)}", retry_after=retry_after_seconds(resp.headers.get("Retry-After"))
+            f"{status} from {url}: {snippet(body)}",
+            retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
         )
     if not 200 <= status < 300:
         raise SourceError(f"{status} from {url}: {snippet(body)}")
-    content_type = resp.headers.get("Content-Type", "")
+    parsed = parse_json(url, status, resp, body)
+    return PageResponse(
+        url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp)
+    )
+
+
+def parse_json(url: str, status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
+    """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried."""
     stripped = body.lstrip()
-    if "html" in content_type or stripped[:1] == b"<":
-        raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
+    if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
+        raise SourceError(
+            f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}"
+        )
     try:
-        parsed = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         if stripped[:1] in (b"{", b"["):
-            raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
-        raise SourceError(f"{status} from {url} is not JSON: {snippet(body)}") from None
-    return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link)
+            raise RetryableError(
+                f"{status} from {url}: the JSON body is cut short or broken ({exc})"
+            ) from None
+        raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None

@@ -4,15 +4,25 @@ A paginator belongs to one window and is never shared. It says which request
 comes next (`request`), learns from each page (`advance`), and can be saved
 and restored (`position`, `restore`) so a resumed backfill starts at the first
 page that was not committed. A server that answers the same cursor, link or
-page again ends the window with an error instead of looping forever.
+page again ends the window with an error instead of looping forever; what a
+window remembers for that is bounded, so memory stays flat however long it is.
+
+Page and offset windows whose total is known can also hand out every
+remaining page at once (`remaining_requests`), for fetching them in parallel.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from yarl import URL
 
 from etl.client import PageRequest, PageResponse
 from etl.config import (
@@ -24,6 +34,9 @@ from etl.config import (
     Pagination,
 )
 from etl.errors import SourceError
+from etl.transport import display_url
+
+SEEN_LIMIT = 4096  # pages, cursors or links a window remembers to recognise a loop
 
 
 def dig(body: Any, dotted: str) -> Any:
@@ -37,6 +50,42 @@ def dig(body: Any, dotted: str) -> Any:
         else:
             return None
     return value
+
+
+class Seen:
+    """Fingerprints of the last `limit` values of a window: a loop is recognised in bounded memory."""
+
+    def __init__(self, limit: int = SEEN_LIMIT) -> None:
+        self._limit = limit
+        self._order: deque[bytes] = deque()
+        self._members: set[bytes] = set()
+
+    @staticmethod
+    def _fingerprint(value: str | bytes) -> bytes:
+        data = value.encode() if isinstance(value, str) else value
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+    def __contains__(self, value: str | bytes) -> bool:
+        return self._fingerprint(value) in self._members
+
+    def add(self, value: str | bytes) -> None:
+        fingerprint = self._fingerprint(value)
+        if fingerprint in self._members:
+            return
+        self._order.append(fingerprint)
+        self._members.add(fingerprint)
+        if len(self._order) > self._limit:
+            self._members.discard(self._order.popleft())
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPage:
+    """One page of a window whose total is known, fetchable independently of the others."""
+
+    request: PageRequest
+    expected: int  # records it should hold: page_size, or what is left of the total
+    position: dict[str, Any]  # the paginator's position once this page and every page before it are committed
+    finished: bool  # the window's last page
 
 
 class Paginator(ABC):
@@ -54,7 +103,7 @@ class Paginator(ABC):
         """The next page to fetch, or None when the window is complete."""
 
     def advance(self, response: PageResponse, records: list[Any]) -> None:
-        """Move past a page that has been received."""
+        """Move past a page that has been received; raises SourceError when the server loops."""
         self.records_seen += len(records)
         self._advance(response, records)
         total = self._total(response)
@@ -69,6 +118,7 @@ class Paginator(ABC):
         return {"seen": self.records_seen, "finished": self.finished, **self._position()}
 
     def restore(self, position: dict[str, Any]) -> None:
+        """Continue from a position saved with a committed page."""
         self.records_seen = int(position.get("seen", 0))
         self.finished = bool(position.get("finished", False))
         self._restore(position)
@@ -91,31 +141,101 @@ class Paginator(ABC):
             return None
 
     def known_total(self, response: PageResponse) -> int | None:
-        """Records in the whole window when the API says so (for progress and ETA)."""
+        """Records in the whole window when the API says so (for progress, ETA and parallel pages)."""
         return self._total(response)
+
+    def remaining_requests(self, total: int) -> PagePlan | None:
+        """Every page still to fetch, when this style can address pages independently; else None.
+
+        Only page and offset styles can, and only once a full page has shown that
+        the server honours page_size. See PagePlan for how to use the answer.
+        """
+        return None
+
+
+class PagePlan:
+    """The remaining pages of a page or offset window with a known total, to fetch in any order.
+
+    Iteration is lazy (a window of millions of records is never held in
+    memory), in page order; call `check` on each page received, which refuses a page whose
+    records repeat another page's; commit `PlannedPage.position` only when that
+    page and every page before it are committed, so a resumed window restarts
+    at the first page not committed. The paginator must not be used after it
+    handed out its plan.
+    """
+
+    def __init__(self, paginator: _NumberedPaginator, total: int) -> None:
+        self._paginator = paginator
+        self._total = total
+        self._count = math.ceil(max(0, total - paginator.records_seen) / paginator.config.page_size)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[PlannedPage]:
+        paginator, size = self._paginator, self._paginator.config.page_size
+        seen = paginator.records_seen
+        for ahead in range(self._count):
+            expected = min(size, self._total - seen)
+            seen += expected
+            finished = seen >= self._total
+            position = {"seen": seen, "finished": finished, **paginator.position_after(ahead, expected)}
+            yield PlannedPage(paginator.request_ahead(ahead), expected, position, finished)
+
+    def check(self, response: PageResponse, records: list[Any]) -> None:
+        """Refuse a page that repeats another page of the window (the server ignores the page parameter)."""
+        self._paginator.refuse_repeat(response, records)
 
 
 class _NumberedPaginator(Paginator):
-    """Page and offset styles: stop on an empty or short page; refuse a page repeated verbatim."""
+    """Page and offset styles: stop on an empty page, a short page or the total; refuse a repeated page.
+
+    With a total, a short page does not end the window: the server may cap the
+    page size below page_size, and stopping there would lose records silently.
+    """
 
     config: PagePagination | OffsetPagination
 
     def __init__(self, config: PagePagination | OffsetPagination, url: str, params: dict[str, str]) -> None:
         super().__init__(config, url, params)
-        self._last_page_digest: int | None = None
+        self._pages = Seen()
+        self._last_count: int | None = None
+
+    def request(self) -> PageRequest | None:
+        return None if self.finished else self.request_ahead(0)
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
-        if not records or len(records) < self.config.page_size:
+        self._last_count = len(records)
+        if not records or (len(records) < self.config.page_size and self._total(response) is None):
             self.finished = True
             return
-        digest = hash(orjson.dumps(records))
-        if digest == self._last_page_digest:
-            raise SourceError(
-                f"{response.url} returned the same records as the page before it: "
-                f"the API seems to ignore the {self._step_name()!r} parameter; stopping instead of looping"
-            )
-        self._last_page_digest = digest
+        self.refuse_repeat(response, records)
         self._step(len(records))
+
+    def refuse_repeat(self, response: PageResponse, records: list[Any]) -> None:
+        """SourceError when these records are those of a page already received in this window."""
+        if not records:
+            return
+        content = orjson.dumps(records)
+        if content in self._pages:
+            raise SourceError(
+                f"{display_url(response.url)} returned the same records as an earlier page: the API seems to "
+                f"ignore the {self._step_name()!r} parameter; stopping instead of looping"
+            )
+        self._pages.add(content)
+
+    def remaining_requests(self, total: int) -> PagePlan | None:
+        if self.finished or self._last_count != self.config.page_size:
+            return None
+        return PagePlan(self, total)
+
+    @abstractmethod
+    def request_ahead(self, ahead: int) -> PageRequest:
+        """The request `ahead` full pages after the next one."""
+
+    @abstractmethod
+    def position_after(self, ahead: int, count: int) -> dict[str, Any]:
+        """The style's own position keys once the page `ahead` pages on, holding `count` records, is done."""
 
     @abstractmethod
     def _step(self, count: int) -> None: ...
@@ -131,13 +251,15 @@ class PagePaginator(_NumberedPaginator):
         super().__init__(config, url, params)
         self.page = config.first_page
 
-    def request(self) -> PageRequest | None:
-        if self.finished:
-            return None
-        return PageRequest(
-            self.url,
-            {**self.params, self.config.page_param: str(self.page), self.config.size_param: str(self.config.page_size)},
-        )
+    def request_ahead(self, ahead: int) -> PageRequest:
+        page = {
+            self.config.page_param: str(self.page + ahead),
+            self.config.size_param: str(self.config.page_size),
+        }
+        return PageRequest(self.url, {**self.params, **page})
+
+    def position_after(self, ahead: int, count: int) -> dict[str, Any]:
+        return {"page": self.page + ahead + 1}
 
     def _step(self, count: int) -> None:
         self.page += 1
@@ -159,13 +281,13 @@ class OffsetPaginator(_NumberedPaginator):
         super().__init__(config, url, params)
         self.offset = 0
 
-    def request(self) -> PageRequest | None:
-        if self.finished:
-            return None
-        return PageRequest(
-            self.url,
-            {**self.params, self.config.offset_param: str(self.offset), self.config.limit_param: str(self.config.page_size)},
-        )
+    def request_ahead(self, ahead: int) -> PageRequest:
+        offset = self.offset + ahead * self.config.page_size
+        window = {self.config.offset_param: str(offset), self.config.limit_param: str(self.config.page_size)}
+        return PageRequest(self.url, {**self.params, **window})
+
+    def position_after(self, ahead: int, count: int) -> dict[str, Any]:
+        return {"offset": self.offset + ahead * self.config.page_size + count}
 
     def _step(self, count: int) -> None:
         self.offset += count
@@ -181,14 +303,14 @@ class OffsetPaginator(_NumberedPaginator):
 
 
 class CursorPaginator(Paginator):
-    """Follows `next_cursor_path`; null, "" or missing means the last page."""
+    """Follows `next_cursor_path`; null, "" or missing means the last page, as does an empty page."""
 
     config: CursorPagination
 
     def __init__(self, config: CursorPagination, url: str, params: dict[str, str]) -> None:
         super().__init__(config, url, params)
         self.cursor: str | None = None
-        self._seen: set[str] = set()
+        self._sent = Seen()
 
     def request(self) -> PageRequest | None:
         if self.finished:
@@ -201,16 +323,18 @@ class CursorPaginator(Paginator):
         return PageRequest(self.url, params)
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
+        if self.cursor is not None:
+            self._sent.add(self.cursor)
         cursor = dig(response.body, self.config.next_cursor_path)
         if cursor in (None, "") or not records:
             self.finished = True
             return
         cursor = str(cursor)
-        if cursor in self._seen:
+        if cursor in self._sent:
             raise SourceError(
-                f"{response.url} returned the cursor {cursor[:40]!r} a second time: stopping instead of looping"
+                f"{display_url(response.url)} returned the cursor {cursor[:40]!r} a second time: "
+                "stopping instead of looping"
             )
-        self._seen.add(cursor)
         self.cursor = cursor
 
     def _position(self) -> dict[str, Any]:
@@ -221,14 +345,18 @@ class CursorPaginator(Paginator):
 
 
 class LinkHeaderPaginator(Paginator):
-    """Follows the RFC 8288 `Link: <...>; rel="next"` URL, which carries every parameter itself."""
+    """Follows the RFC 8288 `Link: <...>; rel="next"` URL, which carries every parameter itself.
+
+    The link is followed only on the origin of the first request: the bearer
+    token is never sent to a host the configuration did not name.
+    """
 
     config: LinkHeaderPagination
 
     def __init__(self, config: LinkHeaderPagination, url: str, params: dict[str, str]) -> None:
         super().__init__(config, url, params)
         self.next_url: str | None = None
-        self._seen: set[str] = set()
+        self._visited = Seen()
 
     def request(self) -> PageRequest | None:
         if self.finished:
@@ -241,21 +369,40 @@ class LinkHeaderPaginator(Paginator):
         return PageRequest(self.url, params)
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
-        if response.next_link is None:
+        self._visited.add(canonical_url(response.url))
+        link = response.next_link
+        if link is None:
             self.finished = True
             return
-        if response.next_link in self._seen or response.next_link == response.url:
+        if origin(link) != origin(self.url):
             raise SourceError(
-                f"{response.url} pointed rel=\"next\" at a page already fetched: stopping instead of looping"
+                f'{display_url(response.url)} pointed rel="next" at another origin ({display_url(link)}): '
+                "the token is only sent to the configured base_url"
             )
-        self._seen.add(response.next_link)
-        self.next_url = response.next_link
+        if canonical_url(link) in self._visited:
+            raise SourceError(
+                f'{display_url(response.url)} pointed rel="next" at a page already fetched: '
+                "stopping instead of looping"
+            )
+        self.next_url = link
 
     def _position(self) -> dict[str, Any]:
         return {"next_url": self.next_url}
 
     def _restore(self, position: dict[str, Any]) -> None:
         self.next_url = position.get("next_url")
+
+
+def origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port (default ports filled in), as the same-origin rule compares them."""
+    parsed = URL(url)
+    return parsed.scheme.lower(), (parsed.host or "").lower(), parsed.port
+
+
+def canonical_url(url: str) -> str:
+    """The URL with its query parameters sorted and no fragment, so equal pages compare equal."""
+    parsed = URL(url)
+    return str(parsed.with_query(sorted(parsed.query.items())).with_fragment(None))
 
 
 class SinglePagePaginator(Paginator):
@@ -286,4 +433,5 @@ PAGINATORS: dict[str, type[Paginator]] = {
 
 
 def paginator_for(config: Pagination, url: str, params: dict[str, str]) -> Paginator:
+    """The paginator class the config's `style` discriminator names."""
     return PAGINATORS[config.style](config, url, params)  # type: ignore[arg-type]

@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import SecretStr
 
-from etl.client import ApiClient, RequestCounters
+from etl.client import ApiClient, PageResponse, RequestCounters
 from etl.config import Config, ResourceConfig
 from etl.errors import AuthError, ConfigError, ConnectionFailed, EtlError, Interrupted, LoadError, UnreachableError
 from etl.logs import register_secret, resource_var, run_id_var, window_var
-from etl.paginators import paginator_for
+from etl.paginators import PagePlan, PlannedPage, paginator_for
 from etl.planning import ResourcePlan
 from etl.progress import NoProgress, ProgressDisplay
 from etl.records import RecordValidator, ValidatedPage, records_at
@@ -242,6 +243,43 @@ class Pipeline:
             stats.pages += 1
             stats.fetched += len(records)
             await self._queue.put(_Page(window, page, paginator.position(), paginator.finished, len(records)))
+            total = paginator.known_total(response)
+            plan = paginator.remaining_requests(total) if total is not None else None
+            if plan is not None:
+                await self._fetch_planned(client, resource, window, plan)
+                return
+
+    async def _fetch_planned(
+        self, client: ApiClient, resource: ResourceConfig, window: WindowRecord, plan: PagePlan
+    ) -> None:
+        """The rest of a window whose total is known: up to `concurrency` pages at once, queued in page order.
+
+        In page order so that a committed position has every page before it committed too; at most
+        `concurrency` responses wait here, so memory stays bounded however long the window. After a
+        stop, requests already sent are awaited and queued (the grace period bounds them), none are added.
+        """
+        stats, validator = self.stats[resource.name], self._validators[resource.name]
+        planned_pages = iter(plan)
+        pending: deque[tuple[PlannedPage, asyncio.Task[PageResponse]]] = deque()
+        try:
+            while resource.name not in self._failed:
+                # after a stop nothing new starts, but what is in flight is finished and queued
+                while not self.stop.is_set() and len(pending) < self.config.api.concurrency and (planned := next(planned_pages, None)):
+                    pending.append((planned, asyncio.create_task(client.get(planned.request))))
+                if not pending:
+                    return
+                planned, task = pending.popleft()
+                response = await task
+                records = records_at(response.body, resource.records_path, response.url)
+                plan.check(response, records)
+                page = validator.validate(records)
+                stats.pages += 1
+                stats.fetched += len(records)
+                await self._queue.put(_Page(window, page, planned.position, planned.finished, len(records)))
+        finally:
+            for _, task in pending:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
 
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and self.counters.requests > 0 and sum(s.pages for s in self.stats.values()):

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
+import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from datetime import UTC
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
@@ -26,14 +29,25 @@ from etl.errors import ConfigError, ConnectionFailed, EtlError, RetryableError, 
 
 log = logging.getLogger(__name__)
 
+# query parameters whose values are credentials: masked wherever a URL is shown
+SECRET_PARAM = re.compile(
+    r"secret|passw|api[-_]?key|(access|id|refresh)[-_]?token|auth|signature|credential|^(key|token|sig)$",
+    re.IGNORECASE,
+)
+MASK = "***"
+
 SAVE_CERTS_HINT = (
     "run `python -m etl check --save-certs chain.pem`, review the certificates it saved, "
     "and point [api].ca_bundle at that file"
 )
+CONNECT_HINT = "check that the host is up, the port is right, and any firewall or HTTPS_PROXY in between"
 
 
 def build_ssl_context(api: ApiConfig) -> ssl.SSLContext | bool:
-    """The system trust store plus `ca_bundle` (added, never replacing it)."""
+    """The system trust store plus `ca_bundle` (added, never replacing it), for token and API host alike.
+
+    `verify_tls = false` is warned about here, so on every run that opens a session.
+    """
     if not api.verify_tls:
         log.warning(
             "TLS verification is OFF ([api].verify_tls = false): anyone on the network path can read the "
@@ -50,42 +64,56 @@ def build_ssl_context(api: ApiConfig) -> ssl.SSLContext | bool:
 
 
 def open_session(api: ApiConfig) -> aiohttp.ClientSession:
-    """One session for the whole run: connection pooling across workers, proxies from the environment."""
-    connector = aiohttp.TCPConnector(
-        ssl=build_ssl_context(api), limit=api.concurrency + 2, ttl_dns_cache=300
-    )
+    """One session for the whole run: connection pooling across workers.
+
+    `trust_env=True` is what makes HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply.
+    """
+    connector = aiohttp.TCPConnector(ssl=build_ssl_context(api), limit=api.concurrency + 2, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=api.timeout_s, sock_connect=min(api.timeout_s, 15))
-    return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, trust_env=True, raise_for_status=False
-    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True, raise_for_status=False)
 
 
 def display_url(url: str | aiohttp.client.URL) -> str:
-    """The URL without user info, safe for messages and logs."""
+    """The URL without user info and with credential-like query values masked, safe for messages and logs."""
     parts = urlsplit(str(url))
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(name, MASK if SECRET_PARAM.search(name) else value) for name, value in pairs]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*/:"), ""))
 
 
 def translate(exc: BaseException, url: str) -> EtlError:
-    """aiohttp's and asyncio's exceptions as etl's, naming the host; never retried blindly."""
+    """aiohttp's and asyncio's exceptions as etl's, naming the host.
+
+    Only what may heal by itself is retryable: timeouts, resets, cut bodies, and a
+    refused or timed-out connection (ConnectionFailed, exit 5 once retries run out).
+    DNS and TLS failures will not heal within a run, so they end it at once (exit 5).
+    """
     host = urlsplit(url).hostname or url
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
         reason = getattr(exc, "certificate_error", None) or exc
-        return UnreachableError(f"TLS: the certificate of {host} is not trusted: {reason}", host=host, hint=SAVE_CERTS_HINT)
+        return UnreachableError(
+            f"TLS: the certificate of {host} is not trusted: {reason}", host=host, hint=SAVE_CERTS_HINT
+        )
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return UnreachableError(
+            f"TLS: the handshake with {host} failed: {exc}",
+            host=host,
+            hint="check that the URL's port speaks https, and that no proxy intercepts the connection",
+        )
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return UnreachableError(
-            f"DNS: the name {host} could not be resolved", host=host, hint="check the host name in the config and the machine's DNS"
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return ConnectionFailed(
-            f"cannot connect to {host}:{exc.port}: {exc.os_error.strerror or exc.os_error}",
+            f"DNS: the name {host} could not be resolved",
             host=host,
-            hint="check that the host is up, the port is right, and any firewall or HTTPS_PROXY in between",
+            hint="check the host name in the config and the machine's DNS",
         )
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return ConnectionFailed(
+            f"cannot connect to {_host_port(url)}: {_connect_reason(exc)}", host=host, hint=CONNECT_HINT
+        )
+    if isinstance(exc, asyncio.TimeoutError):
         return RetryableError(f"timed out waiting for {display_url(url)}")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return RetryableError(f"the body from {display_url(url)} was cut short: {exc}")
@@ -96,17 +124,34 @@ def translate(exc: BaseException, url: str) -> EtlError:
     return RetryableError(f"request to {display_url(url)} failed: {type(exc).__name__}: {exc}")
 
 
+def _host_port(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """`Connection refused` rather than the socket's sentence that repeats the address."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        errno = exc.os_error.errno
+        return os.strerror(errno) if errno else str(exc.os_error)
+    return "the connection timed out"
+
+
 def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    """Retry-After as delta-seconds or an HTTP date (RFC 9110 §10.2.3); None when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
     try:
         moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if moment.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT
+        moment = moment.replace(tzinfo=UTC)
     return max(0.0, moment.timestamp() - time.time())
 
 

@@ -8,6 +8,7 @@ load the same records twice or, with an inclusive end, skip some.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -37,23 +38,30 @@ class Window:
 FULL_REFRESH = Window(None, None)
 
 
+FORMAT_STEPS = {
+    "date": timedelta(days=1),
+    "epoch": timedelta(seconds=1),
+    "epoch_ms": timedelta(milliseconds=1),
+    "iso": timedelta(microseconds=1),
+}
+# strftime directives by the step they resolve; a pattern is as fine as its finest directive
+DIRECTIVE_STEPS = (
+    ("f", timedelta(microseconds=1)),
+    ("STXcrs", timedelta(seconds=1)),
+    ("MR", timedelta(minutes=1)),
+    ("HIkl", timedelta(hours=1)),
+)
+DIRECTIVE = re.compile(r"%[-_0^#]?(.)")
+EPOCH_DIRECTIVE = re.compile(r"%%|%s")
+
+
 def granularity(fmt: str) -> timedelta:
-    """The smallest step the filter format can express."""
-    if fmt == "date":
-        return timedelta(days=1)
-    if fmt == "epoch":
-        return timedelta(seconds=1)
-    if fmt == "epoch_ms":
-        return timedelta(milliseconds=1)
-    if fmt == "iso":
-        return timedelta(microseconds=1)
-    for directive, step in (
-        ("%f", timedelta(microseconds=1)),
-        ("%S", timedelta(seconds=1)),
-        ("%M", timedelta(minutes=1)),
-        ("%H", timedelta(hours=1)),
-    ):
-        if directive in fmt:
+    """The smallest step the filter format can express (a day for patterns without a time of day)."""
+    if fmt in FORMAT_STEPS:
+        return FORMAT_STEPS[fmt]
+    directives = {match.group(1) for match in DIRECTIVE.finditer(fmt)}
+    for letters, step in DIRECTIVE_STEPS:
+        if directives & set(letters):
             return step
     return timedelta(days=1)
 
@@ -64,6 +72,7 @@ def floor_to(moment: datetime, step: timedelta) -> datetime:
 
 
 def ceil_to(moment: datetime, step: timedelta) -> datetime:
+    """The grid point of `step` at or after `moment`."""
     floored = floor_to(moment, step)
     return floored if floored == moment else floored + step
 
@@ -80,19 +89,27 @@ def cut(start: datetime, end: datetime, size: timedelta, step: timedelta) -> lis
 
 
 def format_bound(moment: datetime, fmt: str) -> str:
+    """One bound as the API wants it; a strftime pattern sees the UTC wall clock."""
     if fmt == "iso":
         return isoformat_utc(moment)
     if fmt == "date":
         return moment.date().isoformat()
+    seconds = str((moment - EPOCH) // timedelta(seconds=1))
     if fmt == "epoch":
-        return str(int((moment - EPOCH).total_seconds()))
+        return seconds
     if fmt == "epoch_ms":
         return str((moment - EPOCH) // timedelta(milliseconds=1))
-    return moment.strftime(fmt)
+    # %s is the C library's, which reads the wall clock as local time: write the epoch seconds ourselves
+    return moment.strftime(EPOCH_DIRECTIVE.sub(lambda m: seconds if m.group() == "%s" else m.group(), fmt))
 
 
 def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
-    """The query parameters that ask the API for exactly this window."""
+    """The query parameters that ask the API for exactly this window.
+
+    With `to_inclusive`, the end is the last grid point inside the window: for
+    days, `to` is the window's last day, so the next window (which starts on the
+    following day) neither repeats nor misses a record.
+    """
     if window.start is None or window.end is None:
         return {}
     end = window.end - granularity(filter_.format) if filter_.to_inclusive else window.end
@@ -100,4 +117,3 @@ def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
         filter_.from_param: format_bound(window.start, filter_.format),
         filter_.to_param: format_bound(end, filter_.format),
     }
-

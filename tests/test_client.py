@@ -1,0 +1,344 @@
+"""etl.client and etl.transport: one GET, its retries, its verdict, its share of concurrency and rate.
+
+Answers are scripted with aioresponses (`http_mock`); what needs a real socket
+(refused connections, DNS, requests in flight) runs against a closed port or
+the bundled simulator. Backoff is a millisecond, so retries cost no time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+from pydantic import SecretStr
+from tenacity import RetryCallState
+from yarl import URL
+
+from etl.client import ApiClient, PageRequest, RequestCounters, rate_limiter
+from etl.config import ApiConfig, AuthConfig
+from etl.errors import ConnectionFailed, RetryableError, SourceError, UnreachableError
+from etl.simulator import Faults, Simulator, SimulatorSettings
+from etl.token import TokenManager
+from etl.transport import RetryPolicy, display_url, open_session, retry_after_seconds, translate
+
+BASE = "https://api.example.test/api/v1"
+TOKEN_URL = "https://auth.example.test/oauth2/token"
+PAGE = BASE + "/orders?page=1"
+OK = {"data": [{"id": 1}]}
+MakeClient = Callable[..., tuple[ApiClient, RequestCounters]]
+
+
+@pytest.fixture
+async def make_client(http_mock: aioresponses) -> AsyncIterator[MakeClient]:
+    """`make_client(**api)`: the real client with a mocked token endpoint, and its counters."""
+    http_mock.post(TOKEN_URL, payload={"access_token": "token-abcdef", "expires_in": 3600}, repeat=True)
+    sessions: list[aiohttp.ClientSession] = []
+
+    def make(**api: Any) -> tuple[ApiClient, RequestCounters]:
+        config = ApiConfig(base_url=BASE, **{"retry_backoff_s": 0.001, "max_retries": 2, **api})
+        session = open_session(config)
+        sessions.append(session)
+        return _client(config, session, TOKEN_URL)
+
+    yield make
+    for session in sessions:
+        await session.close()
+
+
+def _client(
+    api: ApiConfig, session: aiohttp.ClientSession, token_url: str
+) -> tuple[ApiClient, RequestCounters]:
+    """The client as the pipeline builds it (the simulator's demo credentials), and its counters."""
+    auth = AuthConfig(token_url=token_url, client_id="demo-client", scopes=["legacy-api/read"])
+    tokens = TokenManager(auth, SecretStr("demo-secret"), session, RetryPolicy.from_api(api))
+    counters = RequestCounters()
+    return ApiClient(api, session, tokens, counters), counters
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"status": 500},
+        {"status": 502},
+        {"status": 503},
+        {"status": 504},
+        {"status": 429, "headers": {"Retry-After": "0"}},
+        {"exception": TimeoutError()},
+        {"exception": aiohttp.ServerDisconnectedError()},
+        {"exception": aiohttp.ClientOSError(104, "Connection reset by peer")},
+        {"exception": aiohttp.ClientPayloadError("Response payload is not completed")},
+        {"status": 200, "body": '{"data": [{"id": 1}, {"id"', "content_type": "application/json"},
+    ],
+    ids=["500", "502", "503", "504", "429", "timeout", "disconnect", "reset", "cut-body", "truncated-json"],
+)
+async def test_transient_failures_are_retried(
+    http_mock: aioresponses, make_client: MakeClient, failure: dict[str, Any]
+) -> None:
+    """5xx, 429, timeouts, resets and cut-off bodies get another attempt, which succeeds."""
+    client, counters = make_client()
+    http_mock.get(PAGE, **failure)
+    http_mock.get(PAGE, payload=OK)
+    response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert response.body == OK
+    assert (counters.requests, counters.retries) == (2, 1)
+
+
+async def test_after_max_retries_the_last_error_is_raised(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """503 every time: max_retries + 1 attempts, then the last answer as a RetryableError (exit 1)."""
+    client, counters = make_client(max_retries=3)
+    http_mock.get(PAGE, status=503, body="down for now", repeat=True)
+    with pytest.raises(
+        RetryableError, match="503 from https://api.example.test/api/v1/orders.*down for now"
+    ) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert counters.requests == 4
+    assert raised.value.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"body": "<html><body>Maintenance</body></html>", "content_type": "text/html"}, "is HTML, not JSON"),
+        ({"body": "  <!DOCTYPE html><html></html>", "content_type": "application/json"}, "is HTML, not JSON"),
+        ({"body": "Service OK", "content_type": "text/plain"}, "is not JSON: Service OK"),
+        ({"body": "", "content_type": "application/json"}, r"is not JSON: \(empty body\)"),
+    ],
+    ids=["html", "html-labelled-json", "text", "empty"],
+)
+async def test_a_200_that_is_not_json_is_an_error_not_an_empty_page(
+    http_mock: aioresponses, make_client: MakeClient, answer: dict[str, Any], message: str
+) -> None:
+    """HTML or other non-JSON with status 200 fails at once, naming what came back; it is not retried."""
+    client, counters = make_client()
+    http_mock.get(PAGE, status=200, **answer)
+    with pytest.raises(SourceError, match=message) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert not isinstance(raised.value, RetryableError)
+    assert counters.requests == 1
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+async def test_a_client_error_fails_fast_with_the_url_and_the_first_bytes(
+    http_mock: aioresponses, make_client: MakeClient, status: int
+) -> None:
+    """A 4xx is not retried; the message has the URL, credentials masked, and the body's first 200 bytes."""
+    client, counters = make_client()
+    body = "unknown field 'updated_since'" + "x" * 300
+    http_mock.get(BASE + "/orders?api_key=K3y-v4lue-123&page=1", status=status, body=body, repeat=True)
+    with pytest.raises(SourceError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1", "api_key": "K3y-v4lue-123"}))
+    message = str(raised.value)
+    assert f"{status} from https://api.example.test/api/v1/orders?api_key=***&page=1" in message
+    assert "unknown field 'updated_since'" in message and message.endswith("x…")
+    assert "K3y-v4lue-123" not in message and len(message) < 400
+    assert counters.requests == 1
+
+
+def test_display_url_drops_user_info_and_masks_credential_parameters() -> None:
+    """Secrets in a URL never reach a message; pagination tokens stay readable for debugging."""
+    url = (
+        "https://user:pw@api.example.test/v1/x?api_key=A&access_token=B&client_secret=C&page=2&page_token=abc"
+    )
+    assert display_url(url) == (
+        "https://api.example.test/v1/x?api_key=***&access_token=***&client_secret=***&page=2&page_token=abc"
+    )
+
+
+def test_retry_after_is_read_as_seconds_or_as_an_http_date() -> None:
+    """Delta-seconds, an HTTP date 30 s ahead, a date in the past, and nonsense."""
+    in_30s = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert retry_after_seconds("7") == 7.0
+    assert 28 <= (retry_after_seconds(in_30s) or 0) <= 30
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_seconds("soon") is None
+
+
+def _wait_after(policy: RetryPolicy, error: BaseException) -> float:
+    """The pause tenacity would take after `error` on a first attempt."""
+    retrying = policy.retrying()
+    state = RetryCallState(retrying, None, (), {})
+    state.set_exception((type(error), error, None))
+    return float(retrying.wait(state))
+
+
+def test_retry_after_is_honoured_and_capped() -> None:
+    """The server's Retry-After is the pause, cut to retry_after_max_s; without it, jittered backoff."""
+    policy = RetryPolicy(max_retries=3, backoff_s=0.5, retry_after_max_s=20)
+    in_30s = retry_after_seconds(format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True))
+    assert _wait_after(policy, RetryableError("429", retry_after=5)) == 5
+    assert _wait_after(policy, RetryableError("429", retry_after=in_30s)) == 20
+    assert 0 <= _wait_after(policy, RetryableError("503")) <= 0.5
+
+
+async def test_a_429_with_a_far_retry_after_date_waits_only_the_cap(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """Retry-After as an HTTP date an hour ahead, retry_after_max_s = 0.05: the request succeeds at once."""
+    client, counters = make_client(retry_after_max_s=0.05)
+    in_an_hour = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    http_mock.get(PAGE, status=429, headers={"Retry-After": in_an_hour})
+    http_mock.get(PAGE, payload=OK)
+    started = time.monotonic()
+    await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert time.monotonic() - started < 1
+    assert counters.retries == 1
+
+
+async def test_the_concurrency_slot_is_free_during_a_backoff(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """concurrency = 1: while one request sleeps off a 429, another one goes through."""
+    client, _ = make_client(concurrency=1, retry_after_max_s=0.4)
+    http_mock.get(BASE + "/slow", status=429, headers={"Retry-After": "5"})
+    http_mock.get(BASE + "/slow", payload=OK)
+    http_mock.get(BASE + "/fast", payload=OK)
+    slow = asyncio.create_task(client.get(PageRequest(BASE + "/slow")))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await client.get(PageRequest(BASE + "/fast"))
+    assert time.monotonic() - started < 0.2
+    assert not slow.done()
+    await slow
+
+
+async def test_the_rate_limit_applies_to_every_attempt(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """requests_per_second = 20 and four 503s before a 200: five attempts take at least 0.2 s."""
+    client, counters = make_client(requests_per_second=20, max_retries=5)
+    for _ in range(4):
+        http_mock.get(PAGE, status=503)
+    http_mock.get(PAGE, payload=OK)
+    started = time.monotonic()
+    await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert time.monotonic() - started >= 0.19
+    assert counters.requests == 5
+
+
+async def test_the_rate_limit_spaces_requests_without_a_burst(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """11 concurrent requests at 20 per second span at least half a second, across all callers."""
+    client, _ = make_client(requests_per_second=20, concurrency=16)
+    http_mock.get(PAGE, payload=OK, repeat=True)
+    started = time.monotonic()
+    await asyncio.gather(*(client.get(PageRequest(BASE + "/orders", {"page": "1"})) for _ in range(11)))
+    assert time.monotonic() - started >= 0.48
+
+
+async def test_a_rate_below_one_per_second_is_accepted() -> None:
+    """requests_per_second = 0.5 means one request every two seconds, and the first goes at once."""
+    limiter = rate_limiter(0.5)
+    assert limiter is not None
+    await asyncio.wait_for(limiter.acquire(), 0.5)
+    assert not limiter.has_capacity()
+    assert rate_limiter(0) is None
+
+
+async def test_a_failing_token_endpoint_is_not_retried_again_per_request(http_mock: aioresponses) -> None:
+    """The token manager retries its endpoint; the client does not multiply those attempts."""
+    http_mock.post(TOKEN_URL, status=503, repeat=True)
+    api = ApiConfig(base_url=BASE, retry_backoff_s=0.001, max_retries=2)
+    async with open_session(api) as session:
+        client, counters = _client(api, session, TOKEN_URL)
+        with pytest.raises(RetryableError, match="the token endpoint .* answered 503"):
+            await client.get(PageRequest(BASE + "/orders"))
+    assert len(http_mock.requests[("POST", URL(TOKEN_URL))]) == 3
+    assert counters.requests == 0
+
+
+async def test_next_link_reads_rfc_8288_rel_lists_and_resolves_relative_urls(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """rel="next" among other links, as one of several rel types, any case; resolved against the page URL."""
+    client, _ = make_client()
+    link = '<https://api.example.test/api/v1/orders?page=0>; rel="prev", <?page=2>; REL="Next Last"; title'
+    http_mock.get(PAGE, payload=[], headers={"Link": link})
+    response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert response.next_link == BASE + "/orders?page=2"
+
+
+async def test_a_refused_connection_is_retried_then_exit_5() -> None:
+    """Nothing listens on the API port: every attempt is made, then ConnectionFailed naming host and port."""
+    port = _free_port()
+    async with Simulator() as sim:
+        api = ApiConfig(base_url=f"http://127.0.0.1:{port}/api/v1", retry_backoff_s=0.001, max_retries=2)
+        async with open_session(api) as session:
+            client, counters = _client(api, session, sim.token_url)
+            with pytest.raises(ConnectionFailed) as raised:
+                await client.get(PageRequest(api.base_url + "/orders"))
+    assert counters.requests == 3
+    assert raised.value.exit_code == 5
+    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in str(raised.value)
+
+
+async def test_a_dns_failure_is_not_retried_and_exits_5() -> None:
+    """An unresolvable API host fails on the first attempt with exit 5 and the host's name."""
+    async with Simulator() as sim:
+        api = ApiConfig(base_url="http://no-such-host.invalid/api/v1", retry_backoff_s=0.001, max_retries=3)
+        async with open_session(api) as session:
+            client, counters = _client(api, session, sim.token_url)
+            with pytest.raises(UnreachableError, match="DNS: the name no-such-host.invalid") as raised:
+                await client.get(PageRequest(api.base_url + "/orders"))
+    assert not isinstance(raised.value, ConnectionFailed)
+    assert raised.value.exit_code == 5
+    assert counters.requests == 1
+
+
+async def test_requests_in_flight_never_exceed_concurrency() -> None:
+    """30 simultaneous GETs with concurrency = 3 against the simulator: it sees 3 at a time, never more."""
+    async with Simulator(SimulatorSettings(faults=Faults(delay_ms=20))) as sim:
+        api = ApiConfig(base_url=sim.base_url, concurrency=3)
+        async with open_session(api) as session:
+            client, _ = _client(api, session, sim.token_url)
+            requests = [PageRequest(sim.base_url + "/orders", {"page": str(n)}) for n in range(1, 31)]
+            await asyncio.gather(*(client.get(request) for request in requests))
+        assert sim.counters.max_in_flight == 3
+        assert sim.counters.api_requests == 30
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "message"),
+    [
+        (
+            aiohttp.ConnectionTimeoutError("connect"),
+            ConnectionFailed,
+            "cannot connect to api.example.test:443: the connection timed out",
+        ),
+        (
+            aiohttp.SocketTimeoutError("read"),
+            RetryableError,
+            "timed out waiting for https://api.example.test/v1",
+        ),
+        (
+            ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+            UnreachableError,
+            "TLS: the handshake with api.example.test failed",
+        ),
+    ],
+    ids=["connect-timeout", "read-timeout", "handshake"],
+)
+def test_network_errors_are_translated_by_what_may_heal(
+    error: BaseException, kind: type, message: str
+) -> None:
+    """Connect timeout: ConnectionFailed (retried, exit 5); read timeout: a retry; bad handshake: final."""
+    translated = translate(error, "https://api.example.test/v1")
+    assert type(translated) is kind
+    assert message in str(translated)

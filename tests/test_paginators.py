@@ -1,0 +1,349 @@
+"""etl.paginators: each style walks a fake API (aioresponses) through the real ApiClient, as a worker does.
+
+A walk stops where the API says the window ends (empty page, short page,
+total, no next cursor or link) and a server that repeats itself ends the
+window with an error instead of a loop. Page and offset windows with a known
+total hand out their remaining pages for parallel fetching.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aioresponses import CallbackResult, aioresponses
+from conftest import _MockedResponse as MockedResponse
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+from pydantic import SecretStr
+
+from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
+from etl.config import (
+    ApiConfig,
+    AuthConfig,
+    CursorPagination,
+    LinkHeaderPagination,
+    NoPagination,
+    OffsetPagination,
+    PagePagination,
+)
+from etl.errors import SourceError
+from etl.paginators import Paginator, Seen, paginator_for
+from etl.records import records_at
+from etl.token import TokenManager
+from etl.transport import RetryPolicy, open_session
+
+BASE = "https://api.example.test/api/v1"
+TOKEN_URL = "https://auth.example.test/oauth2/token"
+RECORDS = [{"id": n} for n in range(1, 251)]
+Answer = Callable[[MultiDictProxy[str]], CallbackResult]
+
+
+@pytest.fixture
+async def client(http_mock: aioresponses) -> AsyncIterator[ApiClient]:
+    """The real client, its token from a mocked token endpoint."""
+    http_mock.post(TOKEN_URL, payload={"access_token": "token-abcdef", "expires_in": 3600}, repeat=True)
+    api = ApiConfig(base_url=BASE, retry_backoff_s=0.001, max_retries=1)
+    async with open_session(api) as session:
+        tokens = TokenManager(
+            AuthConfig(token_url=TOKEN_URL, client_id="etl"),
+            SecretStr("secret-value"),
+            session,
+            RetryPolicy.from_api(api),
+        )
+        yield ApiClient(api, session, tokens, RequestCounters())
+
+
+def serve(http_mock: aioresponses, answer: Answer, path: str = "/items") -> list[dict[str, str]]:
+    """Answer every GET of BASE + path with `answer(query)`; returns the queries received, in order."""
+    queries: list[dict[str, str]] = []
+
+    def callback(url: Any, **kwargs: Any) -> CallbackResult:
+        queries.append(dict(url.query))
+        result = answer(url.query)
+        result.response_class = MockedResponse  # the aiohttp 3.14 workaround of http_mock, for callbacks too
+        return result
+
+    http_mock.get(re.compile(re.escape(BASE + path) + r"(\?.*)?$"), callback=callback, repeat=True)
+    return queries
+
+
+async def walk(paginator: Paginator, client: ApiClient, records_path: str) -> list[Any]:
+    """What a pipeline worker does with one window: request, get, records, advance, until done."""
+    received: list[Any] = []
+    while (request := paginator.request()) is not None:
+        response = await client.get(request)
+        records = records_at(response.body, records_path, response.url)
+        paginator.advance(response, records)
+        received.extend(records)
+    return received
+
+
+def pages(total_in_body: bool = False, server_max: int = 1000, records: list[Any] = RECORDS) -> Answer:
+    """page/page_size numbering from 1; the server serves at most `server_max` records a page."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        size = min(int(query["page_size"]), server_max)
+        start = (int(query["page"]) - 1) * size
+        body: dict[str, Any] = {"data": records[start : start + size]}
+        if total_in_body:
+            body["total"] = len(records)
+        return CallbackResult(payload=body)
+
+    return answer
+
+
+def page_paginator(**options: Any) -> Paginator:
+    return paginator_for(PagePagination(style="page", **options), BASE + "/items", {"status": "all"})
+
+
+async def test_page_style_stops_on_a_short_page(http_mock: aioresponses, client: ApiClient) -> None:
+    """250 records by 100: pages 1, 2, 3 and no fourth request, static params on each."""
+    queries = serve(http_mock, pages())
+    received = await walk(page_paginator(page_size=100), client, "data")
+    assert received == RECORDS
+    assert [q["page"] for q in queries] == ["1", "2", "3"]
+    assert all(q["status"] == "all" and q["page_size"] == "100" for q in queries)
+
+
+async def test_page_style_stops_on_an_empty_page(http_mock: aioresponses, client: ApiClient) -> None:
+    """200 records by 100 and no total: the empty third page ends the window."""
+    queries = serve(http_mock, pages(records=RECORDS[:200]))
+    assert await walk(page_paginator(page_size=100), client, "data") == RECORDS[:200]
+    assert [q["page"] for q in queries] == ["1", "2", "3"]
+
+
+async def test_page_style_stops_at_total_path_without_an_extra_request(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """With total_path, 200 records by 100 take exactly two requests."""
+    queries = serve(http_mock, pages(total_in_body=True, records=RECORDS[:200]))
+    assert await walk(page_paginator(page_size=100, total_path="total"), client, "data") == RECORDS[:200]
+    assert len(queries) == 2
+
+
+async def test_a_server_capping_the_page_size_loses_nothing_when_the_total_is_known(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """Asked for 100, served 40: short pages go on until the total instead of ending the window early."""
+    queries = serve(http_mock, pages(total_in_body=True, server_max=40))
+    assert await walk(page_paginator(page_size=100, total_path="total"), client, "data") == RECORDS
+    assert len(queries) == 7
+
+
+async def test_offset_style_steps_by_records_and_stops_at_total_header(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """offset/limit with X-Total-Count: offsets 0, 100, 200 and no request past the total."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        offset, limit = int(query["offset"]), int(query["limit"])
+        return CallbackResult(
+            payload={"results": RECORDS[offset : offset + limit]}, headers={"X-Total-Count": "250"}
+        )
+
+    queries = serve(http_mock, answer)
+    paginator = paginator_for(
+        OffsetPagination(style="offset", page_size=100, total_header="X-Total-Count"), BASE + "/items", {}
+    )
+    assert await walk(paginator, client, "results") == RECORDS
+    assert [q["offset"] for q in queries] == ["0", "100", "200"]
+
+
+def cursor_pages(last: dict[str, Any], repeat: bool = False) -> Answer:
+    """Cursor = index of the next record; the last page's meta is `last`; `repeat` echoes the cursor."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = int(query.get("cursor", "0"))
+        items = RECORDS[start : start + 100]
+        following = start + 100
+        meta = {"next_cursor": query.get("cursor", "100") if repeat else str(following)}
+        return CallbackResult(payload={"items": items, "meta": meta if following < len(RECORDS) else last})
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "last", [{"next_cursor": None}, {"next_cursor": ""}, {}], ids=["null", "empty", "missing"]
+)
+async def test_cursor_style_follows_next_cursor_until_it_is_gone(
+    http_mock: aioresponses, client: ApiClient, last: dict[str, Any]
+) -> None:
+    """next_cursor is sent back as `cursor`; null, "" or a missing one ends the window."""
+    queries = serve(http_mock, cursor_pages(last))
+    paginator = paginator_for(
+        CursorPagination(style="cursor", next_cursor_path="meta.next_cursor", size_param="limit"),
+        BASE + "/items",
+        {},
+    )
+    assert await walk(paginator, client, "items") == RECORDS
+    assert [q.get("cursor") for q in queries] == [None, "100", "200"]
+    assert all(q["limit"] == "100" for q in queries)
+
+
+async def test_a_repeated_cursor_ends_the_window_with_an_error(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """A server that hands back the cursor it was sent is stopped on the second page, not looped on."""
+    queries = serve(http_mock, cursor_pages({}, repeat=True))
+    paginator = paginator_for(
+        CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {}
+    )
+    with pytest.raises(SourceError, match="returned the cursor '100' a second time"):
+        await walk(paginator, client, "items")
+    assert len(queries) == 2
+
+
+def linked_pages(link: Callable[[int], str]) -> Answer:
+    """A bare list per page; `Link: <link(next index)>; rel="next"` while records remain."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = int(query.get("from_index", "0"))
+        following = start + 100
+        headers = {"Link": f'<{link(following)}>; rel="next"'} if following < len(RECORDS) else {}
+        return CallbackResult(
+            body=orjson.dumps(RECORDS[start:following]), content_type="application/json", headers=headers
+        )
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        lambda n: f"?from_index={n}&per_page=100",
+        lambda n: f"/api/v1/items?from_index={n}&per_page=100",
+        lambda n: f"{BASE}/items?from_index={n}&per_page=100",
+    ],
+    ids=["relative-query", "relative-path", "absolute"],
+)
+async def test_link_header_style_follows_rel_next_relative_or_absolute(
+    http_mock: aioresponses, client: ApiClient, link: Callable[[int], str]
+) -> None:
+    """The rel="next" URL is resolved against the page it came with and fetched as given."""
+    queries = serve(http_mock, linked_pages(link))
+    paginator = paginator_for(
+        LinkHeaderPagination(style="link_header", size_param="per_page"),
+        BASE + "/items",
+        {"from": "2024-01-01"},
+    )
+    assert await walk(paginator, client, "") == RECORDS
+    assert [q.get("from_index") for q in queries] == [None, "100", "200"]
+
+
+async def test_a_link_back_to_a_fetched_page_ends_the_window_with_an_error(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """rel="next" pointing at the page just fetched (parameters in another order) is refused."""
+    queries = serve(http_mock, linked_pages(lambda n: "?per_page=100&from_index=100"))
+    paginator = paginator_for(LinkHeaderPagination(style="link_header"), BASE + "/items", {})
+    with pytest.raises(SourceError, match="already fetched"):
+        await walk(paginator, client, "")
+    assert len(queries) == 2
+
+
+async def test_a_link_to_another_origin_is_not_followed(http_mock: aioresponses, client: ApiClient) -> None:
+    """The bearer token is never sent to a host the config did not name."""
+    queries = serve(http_mock, linked_pages(lambda n: f"https://elsewhere.example.test/items?from_index={n}"))
+    paginator = paginator_for(LinkHeaderPagination(style="link_header"), BASE + "/items", {})
+    with pytest.raises(SourceError, match="another origin"):
+        await walk(paginator, client, "")
+    assert len(queries) == 1
+
+
+async def test_style_none_makes_one_request(http_mock: aioresponses, client: ApiClient) -> None:
+    """The body holds every record: one request, whatever it holds."""
+    queries = serve(http_mock, lambda query: CallbackResult(payload={"products": RECORDS}))
+    paginator = paginator_for(NoPagination(style="none"), BASE + "/items", {})
+    assert await walk(paginator, client, "products") == RECORDS
+    assert len(queries) == 1
+
+
+@pytest.mark.parametrize("style", ["page", "offset"])
+async def test_a_server_ignoring_the_page_parameter_ends_the_window_with_an_error(
+    http_mock: aioresponses, client: ApiClient, style: str
+) -> None:
+    """The same full page again is an error naming the ignored parameter, not an endless walk."""
+    serve(http_mock, lambda query: CallbackResult(payload={"data": RECORDS[:100]}))
+    config = PagePagination(style="page") if style == "page" else OffsetPagination(style="offset")
+    with pytest.raises(SourceError, match=f"ignore the '{style}' parameter"):
+        await walk(paginator_for(config, BASE + "/items", {}), client, "data")
+
+
+async def test_remaining_requests_plan_every_page_with_resumable_positions(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """After a full first page of 250 records, pages 2 and 3 are planned; positions resume after each."""
+    serve(http_mock, pages(total_in_body=True))
+    paginator = page_paginator(page_size=100, total_path="total")
+    first = await client.get(paginator.request())  # type: ignore[arg-type]
+    paginator.advance(first, records_at(first.body, "data", first.url))
+
+    plan = paginator.remaining_requests(250)
+
+    assert plan is not None and len(plan) == 2
+    planned = list(plan)
+    assert [p.request.params["page"] for p in planned] == ["2", "3"]
+    assert [(p.expected, p.finished) for p in planned] == [(100, False), (50, True)]
+    resumed = page_paginator(page_size=100, total_path="total")
+    resumed.restore(planned[0].position)
+    assert resumed.request() == planned[1].request
+    resumed.restore(planned[1].position)
+    assert resumed.request() is None
+
+
+async def test_remaining_requests_for_offsets_and_repeated_content(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """Offsets are planned by page_size; `check` refuses a planned page that repeats an earlier one."""
+    serve(http_mock, lambda query: CallbackResult(payload={"results": RECORDS[:100]}))
+    paginator = paginator_for(OffsetPagination(style="offset", page_size=100), BASE + "/items", {})
+    response = await client.get(paginator.request())  # type: ignore[arg-type]
+    paginator.advance(response, RECORDS[:100])
+
+    plan = paginator.remaining_requests(250)
+
+    assert plan is not None
+    assert [(p.request.params["offset"], p.position["offset"]) for p in plan] == [("100", 200), ("200", 250)]
+    with pytest.raises(SourceError, match="same records as an earlier page"):
+        plan.check(response, RECORDS[:100])
+
+
+def test_remaining_requests_only_where_pages_are_addressable() -> None:
+    """Cursor, link and unpaginated windows, and a server that served a short page, get no plan."""
+    cursor = paginator_for(CursorPagination(style="cursor", next_cursor_path="next"), BASE, {})
+    link = paginator_for(LinkHeaderPagination(style="link_header"), BASE, {})
+    capped = page_paginator(page_size=100, total_path="total")
+    capped.advance(_response({"data": RECORDS[:40], "total": 250}), RECORDS[:40])
+    assert cursor.remaining_requests(250) is None
+    assert link.remaining_requests(250) is None
+    assert capped.remaining_requests(250) is None
+
+
+def test_position_and_restore_resume_a_cursor_walk() -> None:
+    """A restored cursor paginator asks for the page after the last committed one."""
+    config = CursorPagination(style="cursor", next_cursor_path="next")
+    walked = paginator_for(config, BASE, {})
+    walked.advance(_response({"next": "abc"}), [{"id": 1}])
+    resumed = paginator_for(config, BASE, {})
+    resumed.restore(walked.position())
+    assert resumed.request() == PageRequest(BASE, {"cursor": "abc"})
+    assert resumed.records_seen == 1
+
+
+def test_what_a_window_remembers_to_spot_loops_is_bounded() -> None:
+    """Seen keeps the last `limit` fingerprints only, so a long window does not grow memory."""
+    seen = Seen(limit=2)
+    for value in ("a", "b", "c"):
+        seen.add(value)
+    assert "a" not in seen
+    assert "b" in seen and "c" in seen
+
+
+def _response(body: Any) -> PageResponse:
+    """A received page with this body and no headers."""
+    return PageResponse(
+        url=BASE, status=200, headers=CIMultiDictProxy(CIMultiDict()), body=body, next_link=None
+    )
