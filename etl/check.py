@@ -44,7 +44,7 @@ from etl.logs import redact, register_secret
 from etl.paginators import Paginator, paginator_for
 from etl.records import RecordValidator, records_at
 from etl.token import DEFAULT_LIFETIME_S, METHOD_HINT, Token, TokenManager, token_request
-from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, translate
+from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
 from etl.windows import FULL_REFRESH, Window, ceil_to, filter_params, floor_to, granularity
 
 Status = Literal["ok", "warning", "failed", "skipped"]
@@ -137,15 +137,15 @@ def endpoints(config: Config) -> dict[str, Endpoint]:
     return {role: Endpoint(*key, tuple(roles)) for key, roles in found.items() for role in roles}
 
 
-def proxy_for(endpoint: Endpoint) -> tuple[str | None, str]:
-    """The proxy aiohttp uses for this endpoint (trust_env: $HTTP(S)_PROXY, $NO_PROXY), and that in words."""
+def describe_proxy(endpoint: Endpoint) -> tuple[str | None, str]:
+    """The proxy etl uses for this endpoint ($HTTP(S)_PROXY, $NO_PROXY), and that in words."""
     variable = f"${endpoint.scheme.upper()}_PROXY"
-    proxy = urllib.request.getproxies().get(endpoint.scheme)
-    if not proxy:
-        return None, f"direct, no {variable}"
-    if urllib.request.proxy_bypass(endpoint.host):
+    proxy = proxy_for(f"{endpoint.scheme}://{endpoint.host}:{endpoint.port}/")
+    if proxy:
+        return proxy, f"through the proxy {display_url(proxy)} ({variable})"
+    if urllib.request.getproxies_environment().get(endpoint.scheme):
         return None, f"direct, $NO_PROXY excludes {endpoint.host}"
-    return proxy, f"through the proxy {display_url(proxy)} ({variable})"
+    return None, f"direct, no {variable}"
 
 
 def probe_windows(resource: ResourceConfig, lag: timedelta, now: datetime) -> list[Window]:
@@ -317,7 +317,7 @@ class Checker:
     # 2, 3. DNS, TCP and TLS of each host
 
     async def _network(self, endpoint: Endpoint, trust: Step) -> list[Step]:
-        proxy, route = proxy_for(endpoint)
+        proxy, route = describe_proxy(endpoint)
         resolved = await self._step("dns", endpoint.target, partial(self._resolve, endpoint, proxy))
         connected = await self._step("tcp", endpoint.target, partial(self._connect, endpoint, proxy, route), [resolved])
         if endpoint.scheme != "https":
@@ -419,7 +419,9 @@ class Checker:
         auth = self.config.auth
         headers, body = token_request(auth, self.secret, client_auth)
         try:
-            async with self.session.post(auth.token_url, data=body, headers=headers, allow_redirects=False) as response:
+            async with self.session.post(
+                auth.token_url, data=body, headers=headers, allow_redirects=False, proxy=proxy_for(auth.token_url)
+            ) as response:
                 return response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise translate(exc, auth.token_url) from None

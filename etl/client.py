@@ -11,6 +11,7 @@ never starves the other workers.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from yarl import URL
 from etl.config import ApiConfig
 from etl.errors import ConnectionFailed, EtlError, RetryableError, SourceError, TokenRejected
 from etl.token import Token, TokenManager
-from etl.transport import RetryPolicy, display_url, retry_after_seconds, translate
+from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ class ApiClient:
             self._counters.requests += 1
             headers = {**self._static_headers, "Authorization": token.authorization()}
             try:
-                async with self._session.get(request.url, params=request.params, headers=headers) as resp:
+                async with self._session.get(
+                    request.url, params=request.params, headers=headers, proxy=proxy_for(request.url)
+                ) as resp:
                     body = await resp.read()
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise translate(exc, request.url) from exc
@@ -165,8 +168,11 @@ def next_link(resp: aiohttp.ClientResponse) -> str | None:
 
 def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
     """A usable page, or the error that says why not; only what may heal is a RetryableError."""
-    url = display_url(resp.url)
     status = resp.status
+    if 200 <= status < 300:
+        parsed = parse_json(status, resp, body)
+        return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp))
+    url = display_url(resp.url)
     if status == 401:
         raise TokenRejected(f"401 from {url}: the API refused the token")
     if status in RETRYABLE_STATUS:
@@ -174,26 +180,25 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
             f"{status} from {url}: {snippet(body)}",
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
         )
-    if not 200 <= status < 300:
-        raise SourceError(f"{status} from {url}: {snippet(body)}")
-    parsed = parse_json(url, status, resp, body)
-    return PageResponse(
-        url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp)
-    )
+    raise SourceError(f"{status} from {url}: {snippet(body)}")
 
 
-def parse_json(url: str, status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
-    """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried."""
-    stripped = body.lstrip()
+def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
+    """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried.
+
+    orjson first; the standard library only when orjson refuses, as it does integers over 64 bits.
+    """
+    if "html" not in resp.headers.get("Content-Type", "").lower():
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    url, stripped = display_url(resp.url), body.lstrip()
     if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
-        raise SourceError(
-            f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}"
-        )
+        raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        return json.loads(body)
+    except ValueError as exc:
         if stripped[:1] in (b"{", b"["):
-            raise RetryableError(
-                f"{status} from {url}: the JSON body is cut short or broken ({exc})"
-            ) from None
+            raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None

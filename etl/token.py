@@ -30,7 +30,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from etl.config import AuthConfig
 from etl.errors import AuthError, EtlError, RetryableError, TokenRejected
 from etl.logs import register_secret
-from etl.transport import RetryPolicy, display_url, retry_after_seconds, translate
+from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class TokenManager:
         self.token_requests += 1
         try:
             async with self._session.post(
-                self._auth.token_url, data=body, headers=headers, allow_redirects=False
+                self._auth.token_url, data=body, headers=headers, allow_redirects=False, proxy=proxy_for(self._auth.token_url)
             ) as response:
                 status, answer = response.status, await response.read()
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))

@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
@@ -66,11 +67,21 @@ def build_ssl_context(api: ApiConfig) -> ssl.SSLContext | bool:
 def open_session(api: ApiConfig) -> aiohttp.ClientSession:
     """One session for the whole run: connection pooling across workers.
 
-    `trust_env=True` is what makes HTTPS_PROXY, HTTP_PROXY and NO_PROXY apply.
+    Not `trust_env`: besides proxies it makes aiohttp read ~/.netrc in a thread on every
+    request. Every request passes `proxy=proxy_for(url)` instead.
     """
     connector = aiohttp.TCPConnector(ssl=build_ssl_context(api), limit=api.concurrency + 2, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=api.timeout_s, sock_connect=min(api.timeout_s, 15))
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True, raise_for_status=False)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy for this URL from $HTTPS_PROXY / $HTTP_PROXY, or None when there is none or $NO_PROXY excludes the host."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies_environment().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    return proxy
 
 
 def display_url(url: str | aiohttp.client.URL) -> str:
