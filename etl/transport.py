@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import os
 import re
@@ -75,11 +76,20 @@ def open_session(api: ApiConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
 def proxy_for(url: str) -> str | None:
     """The proxy for this URL from $HTTPS_PROXY / $HTTP_PROXY, or None when there is none or $NO_PROXY excludes the host."""
     parts = urlsplit(url)
-    proxy = urllib.request.getproxies_environment().get(parts.scheme)
-    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or ""):
+    return _proxy(parts.scheme, parts.hostname or "", tuple(os.environ.get(name) for name in PROXY_VARIABLES))
+
+
+@functools.lru_cache(maxsize=256)
+def _proxy(scheme: str, host: str, _environment: tuple[str | None, ...]) -> str | None:
+    """Cached per host and per value of the proxy variables: urllib scans the whole environment."""
+    proxy = urllib.request.getproxies_environment().get(scheme)
+    if not proxy or urllib.request.proxy_bypass_environment(host):
         return None
     return proxy
 
