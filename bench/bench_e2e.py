@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import tomlwriter  # noqa: E402
 from etl.config import config_from_document  # noqa: E402
 from etl.demo import demo_document  # noqa: E402
 from etl.records import RecordValidator, records_at  # noqa: E402
+
+import tomlwriter  # noqa: E402
 
 POSTGRES = os.environ.get("ETL_TEST_POSTGRES_URL", "postgresql://root@127.0.0.1:5432/test")
 PAGE_SIZE = 100

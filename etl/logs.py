@@ -38,9 +38,7 @@ def redact(text: str) -> str:
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.run_id = run_id_var.get()
-        record.resource = resource_var.get()
-        record.window = window_var.get()
+        record.__dict__.update(run_id=run_id_var.get(), resource=resource_var.get(), window=window_var.get())
         message = redact(record.getMessage())
         if record.exc_info:
             message += "\n" + redact(logging.Formatter().formatException(record.exc_info))
@@ -49,16 +47,13 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+_CONTEXT = (("run", "run_id"), ("resource", "resource"), ("window", "window"))
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        where = " ".join(
-            part for part in (
-                f"run={record.run_id}" if getattr(record, "run_id", None) else "",
-                f"resource={record.resource}" if getattr(record, "resource", None) else "",
-                f"window={record.window}" if getattr(record, "window", None) else "",
-            ) if part
-        )
+        where = " ".join(f"{label}={value}" for label, attr in _CONTEXT if (value := getattr(record, attr, None)))
         return f"{stamp} {record.levelname:<7} {record.getMessage()}" + (f"  [{where}]" if where else "")
 
 

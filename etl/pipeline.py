@@ -27,7 +27,15 @@ from pydantic import SecretStr
 
 from etl.client import ApiClient, PageResponse, RequestCounters
 from etl.config import Config, ResourceConfig
-from etl.errors import AuthError, ConfigError, ConnectionFailed, EtlError, Interrupted, LoadError, UnreachableError
+from etl.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionFailed,
+    EtlError,
+    Interrupted,
+    LoadError,
+    UnreachableError,
+)
 from etl.logs import register_secret, resource_var, run_id_var, window_var
 from etl.paginators import PagePlan, PlannedPage, paginator_for
 from etl.planning import ResourcePlan
@@ -172,7 +180,7 @@ class Pipeline:
             for n in range(min(self.config.api.concurrency, len(jobs)))
         ]
         workers_done = asyncio.gather(*workers)
-        await asyncio.wait([loader, workers_done], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([loader, workers_done], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if loader.done():  # the loader only ends early when the database failed
             workers_done.cancel()
             await asyncio.gather(workers_done, return_exceptions=True)
@@ -187,7 +195,7 @@ class Pipeline:
             if self.stop.is_set():
                 try:
                     await asyncio.wait_for(asyncio.shield(workers_done), GRACE_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.warning("in-flight requests did not finish within %.0fs; abandoning them", GRACE_SECONDS)
                     workers_done.cancel()
                     await asyncio.gather(workers_done, return_exceptions=True)
@@ -282,7 +290,7 @@ class Pipeline:
             await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
 
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
-        if isinstance(exc, ConnectionFailed) and self.counters.requests > 0 and sum(s.pages for s in self.stats.values()):
+        if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
             exc = _stopped_midway(exc)
         log.error("%s", exc)
         self._errors.append(exc)
@@ -303,7 +311,7 @@ class Pipeline:
                 timeout = max(0.0, deadline - time.monotonic())
                 try:
                     item = await asyncio.wait_for(self._queue.get(), timeout) if not batch.is_empty() else await self._queue.get()
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     item = None
                 if item is _END:
                     await self._commit(batch)

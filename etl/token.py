@@ -156,7 +156,7 @@ class TokenManager:
     async def _renew(self) -> Token:
         """Fetch a new token; when that fails, keep serving the current one while it is valid."""
         try:
-            token = await self._retry.retrying(on_retry=self._log_retry)(self._request_token)
+            token: Token = await self._retry.retrying(on_retry=self._log_retry)(self._request_token)
         except EtlError as exc:
             kept = self._keep_current()
             if kept is None:

@@ -89,7 +89,7 @@ def proxy_for(url: str) -> str | None:
 def _proxy(scheme: str, host: str, _environment: tuple[str | None, ...]) -> str | None:
     """Cached per host and per value of the proxy variables: urllib scans the whole environment."""
     proxy = urllib.request.getproxies_environment().get(scheme)
-    if not proxy or urllib.request.proxy_bypass_environment(host):
+    if not proxy or urllib.request.proxy_bypass_environment(host):  # type: ignore[attr-defined]
         return None
     return proxy
 

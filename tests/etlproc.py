@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomlwriter
 from etl.demo import demo_document
 from etl.simulator import Simulator
+
+import tomlwriter
 
 SECRET = "demo-secret"
 

@@ -18,13 +18,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-import tomlwriter
 from etl import runs
 from etl.config import Config, config_from_document
 from etl.db import create_engine
@@ -35,6 +33,8 @@ from etl.records import RecordValidator, raw_json
 from etl.schema import resource_table
 from etl.simulator import Faults, Simulator, SimulatorSettings
 from etl.store import LoadBatch, Store
+
+import tomlwriter
 
 COLUMN_TYPES = ["string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"]
 TRIED = {"configs": 0, "values": 0}

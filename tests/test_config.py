@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-import tomlwriter
 from etl.config import config_from_document, load_config
 from etl.demo import demo_document
 from etl.errors import ConfigError
+
+import tomlwriter
 
 
 def _document() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from etl import runs
 from etl.config import Config
 from etl.progress import NoProgress
 from etl.simulator import Faults, Simulator, SimulatorSettings
+
 from etlproc import run_etl, write_config
 
 

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from etlproc import etl_env, run_etl, write_config
 from etl.simulator import Faults, Simulator, SimulatorSettings
+
+from etlproc import etl_env, run_etl, write_config
 
 
 def _free_port() -> int:

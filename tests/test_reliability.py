@@ -23,6 +23,7 @@ from etl.config import config_from_document
 from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
+
 from etlproc import finish, run_etl, start_etl, write_config
 
 pytestmark = pytest.mark.slow

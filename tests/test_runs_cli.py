@@ -21,12 +21,13 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from etlproc import etl_env, finish, run_etl, start_etl, write_config
 from etl.config import config_from_document
 from etl.db import create_engine
 from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
+
+from etlproc import etl_env, finish, run_etl, start_etl, write_config
 
 DAY = "2024-01-{:02d}"
 

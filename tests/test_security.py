@@ -14,6 +14,7 @@ from etl.demo import demo_document
 from etl.schema import resource_table
 from etl.simulator import Simulator
 from etl.store import LoadBatch, Store
+
 from etlproc import run_etl, write_config
 
 HOSTILE = "x'); DROP TABLE probe; -- \" ; DELETE FROM etl_runs; \\\\ \u0000 ☃ 🎉"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from etlproc import run_etl, write_config
 from pydantic import SecretStr
 
 from etl import runs
@@ -28,6 +27,8 @@ from etl.simulator import Simulator, SimulatorSettings
 from etl.simulator.tls import make_certificate
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, build_ssl_context, open_session
+
+from etlproc import run_etl, write_config
 
 WARNING = "TLS verification is OFF"
 

@@ -11,8 +11,8 @@ import base64
 import binascii
 import random
 import secrets
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
