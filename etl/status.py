@@ -67,35 +67,34 @@ def _when(value: Any) -> str:
     return isoformat_utc(value) if value is not None else "-"
 
 
+def _section(title: str, lines: list[str]) -> list[str]:
+    return ["", title, *(lines or ["  none"])]
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    line = (
+        f"  #{run['id']:<5} {run['command']:<8} {run['status']:<11} started {_when(run['started_at'])}"
+        f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"
+        f"  rejected {run['records_rejected']}  token requests {run['token_requests']}"
+    )
+    return line + (f"\n         error: {run['error'].splitlines()[0]}" if run["error"] else "")
+
+
 def format_status(report: StatusReport) -> str:
     if report.revision is None:
         return "etl's tables are not in this database yet: run `python -m etl migrate` or a first sync."
-    lines = [f"schema revision {report.revision} (newest {report.head})", "", "recent runs:"]
-    for run in report.runs:
-        lines.append(
-            f"  #{run['id']:<5} {run['command']:<8} {run['status']:<11} started {_when(run['started_at'])}"
-            f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"
-            f"  rejected {run['records_rejected']}  token requests {run['token_requests']}"
-            + (f"\n         error: {run['error'].splitlines()[0]}" if run["error"] else "")
-        )
-    if not report.runs:
-        lines.append("  none")
-    lines += ["", "watermarks:"]
-    for mark in report.watermarks:
-        lines.append(f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}  loaded up to {_when(mark['synced_until'])}")
-    if not report.watermarks:
-        lines.append("  none")
-    lines += ["", "unfinished windows:"]
-    for group in report.unfinished_windows:
-        lines.append(
-            f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}"
-            f"  from {_when(group['first_start'])} to {_when(group['last_end'])}"
-        )
-    if not report.unfinished_windows:
-        lines.append("  none")
-    lines += ["", "rejected records (etl_rejects):"]
-    for group in report.rejects:
-        lines.append(f"  {group['resource']:<20} {group['count']:>7}  (latest in run #{group['last_run']})")
-    if not report.rejects:
-        lines.append("  none")
+    lines = [f"schema revision {report.revision} (newest {report.head})"]
+    lines += _section("recent runs:", [_run_line(run) for run in report.runs])
+    lines += _section("watermarks:", [
+        f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}  loaded up to {_when(mark['synced_until'])}"
+        for mark in report.watermarks
+    ])
+    lines += _section("unfinished windows:", [
+        f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}"
+        f"  from {_when(group['first_start'])} to {_when(group['last_end'])}"
+        for group in report.unfinished_windows
+    ])
+    lines += _section("rejected records (etl_rejects):", [
+        f"  {group['resource']:<20} {group['count']:>7}  (latest in run #{group['last_run']})" for group in report.rejects
+    ])
     return "\n".join(lines)

@@ -34,33 +34,11 @@ from etl.db import create_engine, migrate
 from etl.demo import demo_document
 from etl.simulator import Simulator, SimulatorSettings
 
+import tomlwriter
+
 SECRET = "demo-secret"
 PARTIAL_CHAINS = bool(ssl.create_default_context().verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN)
 WriteConfig = Callable[..., Path]
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
-    return "{ " + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + " }"
-
-
-def toml_document(document: dict[str, Any]) -> str:
-    """Sections and arrays of tables at the top, everything below them as inline values."""
-    lines: list[str] = []
-    for name, section in document.items():
-        tables = section if isinstance(section, list) else [section]
-        for table in tables:
-            lines.append(f"[[{name}]]" if isinstance(section, list) else f"[{name}]")
-            lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
-            lines.append("")
-    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -86,7 +64,7 @@ def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteConfig
         if records_path is not None:
             document["resources"][0]["records_path"] = records_path
         path = tmp_path / "config.toml"
-        path.write_text(toml_document(document), encoding="utf-8")
+        path.write_text(tomlwriter.dumps(document), encoding="utf-8")
         return path
 
     return write
@@ -378,13 +356,13 @@ async def test_configuration_errors_are_a_check_line_and_exit_2(
     bad = tmp_path / "bad.toml"
     document = demo_document(None, "http://127.0.0.1:9/api", "http://127.0.0.1:9/oauth2/token")
     document["api"]["concurency"] = 8
-    bad.write_text(toml_document(document), encoding="utf-8")
+    bad.write_text(tomlwriter.dumps(document), encoding="utf-8")
     code, out = await check(capsys, bad)
     assert code == 2 and "api.concurency: unknown key" in line_of(out, "✘ config")
 
     monkeypatch.delenv("ETL_CLIENT_SECRET", raising=False)
     good = tmp_path / "good.toml"
-    good.write_text(toml_document(demo_document({"url": "sqlite:///:memory:"}, "http://127.0.0.1:9/api", "http://127.0.0.1:9/oauth2/token")))
+    good.write_text(tomlwriter.dumps(demo_document({"url": "sqlite:///:memory:"}, "http://127.0.0.1:9/api", "http://127.0.0.1:9/oauth2/token")))
     code, out = await check(capsys, good)
     assert code == 2 and "no client secret found" in line_of(out, "✘ secret")
 

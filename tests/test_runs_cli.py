@@ -92,8 +92,7 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
     """A 20-window backfill killed with SIGKILL, run again: every record present once, finished windows fetched once."""
     url = await fresh_database("sqlite")
     async with Simulator(_settings(delay_ms=120)) as sim:
-        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
-        args = ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
+        args = _twenty_window_backfill(tmp_path, sim, url)
         process = await start_etl(*args)
         finished_before_kill = await _wait_for_done_windows(url, process, at_least=5)
         process.send_signal(signal.SIGKILL)
@@ -112,6 +111,12 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
     for window_start, pages in done_at_kill.items():
         since = datetime.fromisoformat(window_start).strftime("%Y-%m-%dT%H:%M:%SZ")
         assert fetches[since] == pages, f"window {since}, finished before the kill, was fetched again"
+
+
+def _twenty_window_backfill(directory: Path, sim: Simulator, url: str) -> tuple[str, ...]:
+    """The CLI arguments of a backfill of orders in 20 windows of 12 h, slow enough to interrupt."""
+    config = write_config(directory, sim, url, resources=["orders"], api={"concurrency": 2})
+    return ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
 
 
 async def _wait_for_done_windows(url: str, process: asyncio.subprocess.Process, at_least: int) -> int:
@@ -150,8 +155,7 @@ async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_comple
     """SIGTERM mid-run: exit 1, etl_runs says interrupted, and the next sync finishes the job."""
     url = await fresh_database("sqlite")
     async with Simulator(_settings(delay_ms=120)) as sim:
-        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
-        args = ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
+        args = _twenty_window_backfill(tmp_path, sim, url)
         process = await start_etl(*args)
         await _wait_for_done_windows(url, process, at_least=3)
         process.send_signal(signal.SIGTERM)
