@@ -10,40 +10,71 @@ with its raw payload and the rest of the page is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
-import orjson
 from pydantic import AfterValidator, AliasPath, Field, TypeAdapter, ValidationError
-from typing_extensions import NotRequired, TypedDict
+from typing_extensions import TypedDict
 
 from etl.config import ColumnSpec, ResourceConfig
 from etl.errors import SourceError
 from etl.paginators import dig
+from etl.sqltypes import DECIMAL_DIGITS, DECIMAL_PLACES, json_text, to_utc
 
 STRING_MAX = 255
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
+NO_NUL = r"^[^\x00]*$"
+NUL_MESSAGE = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
 
 
 def _to_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    """In UTC; a moment that leaves the calendar there (9999-12-31T23:00-05:00) is a reject, not a crash."""
+    try:
+        return to_utc(moment)
+    except OverflowError:
+        raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
+
+
+def _storable_json(value: Any) -> Any:
+    """JSON without U+0000: PostgreSQL refuses it, so it is a reject on every database (same config, same result).
+
+    The text test is the fast filter; the walk rules out a literal backslash-u0000 in a string.
+    """
+    if value is not None and "\\u0000" in json_text(value) and _has_nul(value):
+        raise ValueError(NUL_MESSAGE)
+    return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def _python_type(column_type: str) -> Any:
-    """The pydantic type for a column type, with the coercions a legacy API needs."""
+    """The pydantic type for a column type, with the coercions a legacy API needs.
+
+    The limits are those every supported database stores exactly: a value
+    beyond them is a reject with a reason, never a failed transaction or a
+    silently rounded number (MySQL's DECIMAL(38,10) would round a 12th decimal).
+    """
     return {
-        "string": Annotated[str, Field(max_length=STRING_MAX, coerce_numbers_to_str=True)],
-        "text": Annotated[str, Field(coerce_numbers_to_str=True)],
+        "string": Annotated[str, Field(max_length=STRING_MAX, pattern=NO_NUL, coerce_numbers_to_str=True)],
+        "text": Annotated[str, Field(pattern=NO_NUL, coerce_numbers_to_str=True)],
         "integer": Annotated[int, Field(ge=INT32[0], le=INT32[1])],
         "bigint": Annotated[int, Field(ge=INT64[0], le=INT64[1])],
         "float": Annotated[float, Field(allow_inf_nan=False)],
-        "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38)],
+        "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=DECIMAL_DIGITS, decimal_places=DECIMAL_PLACES)],
         "boolean": bool,
         "date": date,
         "datetime": Annotated[datetime, AfterValidator(_to_utc)],
-        "json": Any,
+        "json": Annotated[Any, AfterValidator(_storable_json)],
     }[column_type]
 
 
@@ -81,9 +112,12 @@ class RecordValidator:
             name: _field(name, spec, self._required(name, spec)) for name, spec in resource.columns.items()
         }
         row_type = TypedDict(f"{resource.name}_row", fields)  # type: ignore[misc]
-        self._page_adapter: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[row_type])  # type: ignore[valid-type]
+        self._page_adapter: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[row_type])  # type: ignore[valid-type,arg-type]
         self._cursor_column = resource.cursor_field if resource.cursor_field in resource.columns else None
         self._cursor_adapter = TypeAdapter(_python_type("datetime"))
+        self._columns_by_source = {
+            tuple(spec.source.split(".")): name for name, spec in resource.columns.items() if spec.source
+        }
 
     def _required(self, name: str, spec: ColumnSpec) -> bool:
         if name in self.resource.primary_key:
@@ -96,14 +130,14 @@ class RecordValidator:
             rows = self._page_adapter.validate_python(records)
             return ValidatedPage(rows, [], self._max_cursor(rows, records))
         except ValidationError as exc:
-            failed = _errors_by_index(exc)
+            failed = _errors_by_index(exc, self._columns_by_source)
         good = [record for index, record in enumerate(records) if index not in failed]
         rows = self._page_adapter.validate_python(good)
         rejects = [self._reject(records[index], messages) for index, messages in sorted(failed.items())]
         return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
 
     def _reject(self, record: Any, messages: list[str]) -> Reject:
-        return Reject(key=self._key_of(record), raw=orjson.dumps(record).decode(), error="; ".join(messages))
+        return Reject(key=self._key_of(record), raw=raw_json(record), error="; ".join(messages))
 
     def _key_of(self, record: Any) -> str | None:
         """The primary key as text (`1|2` for composite keys), when the record has all of it."""
@@ -133,15 +167,20 @@ class RecordValidator:
         return max(values, default=None)
 
 
-def _errors_by_index(exc: ValidationError) -> dict[int, list[str]]:
+def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ...], str]) -> dict[int, list[str]]:
+    """Readable messages per record index: `column (source path): what is wrong (got value)`."""
     failed: dict[int, list[str]] = {}
     for error in exc.errors(include_url=False):
         loc = error["loc"]
         index = loc[0] if loc and isinstance(loc[0], int) else -1
-        where = ".".join(str(part) for part in loc[1:]) or "record"
+        path = tuple(str(part) for part in loc[1:])
+        where = ".".join(path) or "record"
+        if path in columns_by_source:
+            where = f"{columns_by_source[path]} ({where})"
+        reason = NUL_MESSAGE if error["type"] == "string_pattern_mismatch" else error["msg"].removeprefix("Value error, ")
         got = error.get("input")
         shown = repr(got)[:60] if not isinstance(got, dict) else "an object"
-        message = f"{where}: {error['msg']}" + (f" (got {shown})" if error["type"] != "missing" else "")
+        message = f"{where}: {reason}" + (f" (got {shown})" if error["type"] != "missing" else "")
         failed.setdefault(index, []).append(message)
     if -1 in failed:
         raise SourceError(f"the page is not a list of records: {failed[-1][0]}")
@@ -162,3 +201,8 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
         keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
         raise SourceError(f"{url}: records_path {records_path!r} is not in the body; its top-level keys are: {keys}")
     raise SourceError(f"{url}: records_path {records_path!r} holds a {type(records).__name__}, not a list of records")
+
+
+def raw_json(record: Any) -> str:
+    """The record as JSON text, as it was parsed from the page."""
+    return json_text(record)

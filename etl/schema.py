@@ -9,6 +9,8 @@ type or key stops the run with a message instead of rewriting data.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -16,9 +18,11 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Row,
     String,
     Table,
     Text,
+    delete,
     inspect,
     select,
 )
@@ -110,8 +114,15 @@ LOADED_AT = "_etl_loaded_at"
 RUN_ID = "_etl_run_id"
 
 
+UNKEYABLE_TYPES = ("text", "json")
+
+
 def resource_table(resource: ResourceConfig) -> Table:
-    """The table of a resource, from its columns; names are quoted by SQLAlchemy, never pasted."""
+    """The table of a resource, from its columns; names are quoted by SQLAlchemy, never pasted.
+
+    On MySQL the table is utf8mb4 (emoji) with a binary collation, so that keys
+    differing only in case or accents stay distinct rows, as on the other databases.
+    """
     table_metadata = MetaData()
     columns = [
         Column(
@@ -130,32 +141,48 @@ def resource_table(resource: ResourceConfig) -> Table:
         *columns,
         Column(LOADED_AT, UtcDateTime, nullable=False),
         Column(RUN_ID, BigInteger, nullable=False),
+        mysql_charset="utf8mb4",
+        mysql_collate="utf8mb4_bin",
     )
 
 
 def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> Table:
     """Create the table, or add newly declared columns; refuse changed types or keys (exit 2)."""
+    _check_key_types(resource)
     table = resource_table(resource)
-    declared = {
-        row.column_name: row
-        for row in connection.execute(
-            select(resource_columns).where(resource_columns.c.table_name == table.name)
-        )
-    }
     inspector = inspect(connection)
-    if not inspector.has_table(table.name):
-        table.create(connection)
-    else:
-        _check_compatible(resource, declared, {c["name"] for c in inspector.get_columns(table.name)})
-        existing = {c["name"] for c in inspector.get_columns(table.name)}
+    if inspector.has_table(table.name):
+        declared = _declared_columns(connection, table.name)
+        existing = {column["name"] for column in inspector.get_columns(table.name)}
+        _check_compatible(resource, declared, existing)
         for column in table.columns:
             if column.name not in existing:
                 _add_column(connection, table, column)
+    else:  # new, or dropped by its owner: what was declared for an earlier table of that name no longer holds
+        connection.execute(delete(resource_columns).where(resource_columns.c.table_name == table.name))
+        table.create(connection)
+        declared = {}
     _record_declaration(connection, resource, declared)
     return table
 
 
-def _check_compatible(resource: ResourceConfig, declared: dict, existing: set[str]) -> None:
+def _check_key_types(resource: ResourceConfig) -> None:
+    for name in resource.primary_key:
+        if resource.columns[name].type in UNKEYABLE_TYPES:
+            raise ConfigError(
+                f"resources.{resource.name}.primary_key: column {name!r} is {resource.columns[name].type!r}, "
+                "which cannot be a key on every database",
+                hint=f"declare {name} as string, integer, bigint, decimal, date or datetime",
+            )
+
+
+def _declared_columns(connection: Connection, table_name: str) -> dict[str, Row[Any]]:
+    """What etl recorded about the table's columns when it created or extended it."""
+    query = select(resource_columns).where(resource_columns.c.table_name == table_name)
+    return {row.column_name: row for row in connection.execute(query)}
+
+
+def _check_compatible(resource: ResourceConfig, declared: dict[str, Row[Any]], existing: set[str]) -> None:
     where = f"resources.{resource.name}"
     differences = []
     for name, spec in resource.columns.items():
@@ -186,14 +213,13 @@ def _add_column(connection: Connection, table: Table, column: Column) -> None:
     )
 
 
-def _record_declaration(connection: Connection, resource: ResourceConfig, declared: dict) -> None:
-    table_name = resource.table_name
-    for name, spec in resource.columns.items():
-        key_position = resource.primary_key.index(name) if name in resource.primary_key else None
-        if name in declared:
-            continue
-        connection.execute(
-            resource_columns.insert().values(
-                table_name=table_name, column_name=name, declared_type=spec.type, key_position=key_position
-            )
-        )
+def _record_declaration(connection: Connection, resource: ResourceConfig, declared: dict[str, Row[Any]]) -> None:
+    """Remember each new column's declared type and key position: the next run compares against them."""
+    new = [
+        {"table_name": resource.table_name, "column_name": name, "declared_type": spec.type,
+         "key_position": resource.primary_key.index(name) if name in resource.primary_key else None}
+        for name, spec in resource.columns.items()
+        if name not in declared
+    ]
+    if new:
+        connection.execute(resource_columns.insert(), new)

@@ -1,0 +1,215 @@
+"""etl's own tables through Alembic, and resource tables that only ever grow, on SQLite, PostgreSQL and MariaDB."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Connection, insert, inspect, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from etl.config import ResourceConfig
+from etl.db import MIGRATIONS_DIR, create_engine, current_revision, head_revision, migrate
+from etl.errors import ConfigError, LoadError
+from etl.records import RecordValidator
+from etl.schema import metadata, rejects, resource_table, runs
+from etl.store import LoadBatch, Store
+
+NOW = datetime(2024, 5, 1, 12, tzinfo=UTC)
+EMOJI = '{"note": "Zoë 😀 \\"quoted\\""}'
+
+
+@asynccontextmanager
+async def _engine(url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _alembic(connection: Connection, action: str, revision: str) -> None:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    getattr(command, action)(config, revision)
+
+
+async def _alembic_to(engine: AsyncEngine, action: str, revision: str) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(_alembic, action, revision)
+
+
+async def _tables(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as connection:
+        return set(await connection.run_sync(lambda sync: inspect(sync).get_table_names()))
+
+
+def _run_row() -> dict[str, Any]:
+    return {"command": "sync", "arguments": "{}", "resources": "orders", "status": "succeeded", "started_at": NOW,
+            "host": "h", "pid": 1, "pages": 1, "records_fetched": 1, "records_loaded": 1, "records_rejected": 1,
+            "requests": 1, "retries": 0, "token_requests": 1}
+
+
+def _reject_row(run_id: int) -> dict[str, Any]:
+    return {"run_id": run_id, "resource": "orders", "record_key": "7", "raw": EMOJI, "error": "total: bad 😀", "rejected_at": NOW}
+
+
+async def test_migrate_from_empty_creates_etl_tables_and_twice_is_harmless(database_url: str) -> None:
+    """`migrate` on an empty database reaches head with every etl_* table; a second run changes nothing."""
+    async with _engine(database_url) as engine:
+        assert await migrate(engine) == (None, head_revision())
+        assert await migrate(engine) == (head_revision(), head_revision())
+        tables = await _tables(engine)
+    assert set(metadata.tables) | {"etl_alembic_version"} <= tables
+
+
+async def test_schema_definitions_match_what_the_migrations_create(database_url: str) -> None:
+    """etl/schema.py's tables (what the code queries) have exactly the columns, keys and indexes the migrations made."""
+
+    def describe(sync: Connection) -> dict[str, Any]:
+        inspector = inspect(sync)
+        return {
+            name: (
+                {column["name"]: column["nullable"] for column in inspector.get_columns(name)},
+                inspector.get_pk_constraint(name)["constrained_columns"],
+                sorted(str(index["name"]) for index in inspector.get_indexes(name)),
+            )
+            for name in metadata.tables
+        }
+
+    async with _engine(database_url) as engine:
+        await migrate(engine)
+        async with engine.connect() as connection:
+            created = await connection.run_sync(describe)
+    declared = {
+        name: (
+            {column.name: column.nullable for column in table.columns},
+            [column.name for column in table.primary_key.columns],
+            sorted(str(index.name) for index in table.indexes),
+        )
+        for name, table in metadata.tables.items()
+    }
+    assert created == declared
+
+
+async def test_upgrade_from_the_previous_revision_keeps_every_row(database_url: str) -> None:
+    """A database at revision 0001 with runs and rejects in it upgrades to head with its rows intact."""
+    async with _engine(database_url) as engine:
+        await _alembic_to(engine, "upgrade", "0001")
+        async with engine.begin() as connection:
+            await connection.execute(insert(runs).values(**_run_row()))
+        assert await migrate(engine) == ("0001", head_revision())
+        async with engine.begin() as connection:
+            run_id = (await connection.execute(select(runs.c.id))).scalar_one()
+            await connection.execute(insert(rejects).values(**_reject_row(run_id)))
+            stored = (await connection.execute(select(runs.c.command, runs.c.started_at))).one()
+            raw = (await connection.execute(select(rejects.c.raw))).scalar_one()
+    assert tuple(stored) == ("sync", NOW)
+    assert raw == EMOJI
+
+
+async def test_downgrade_to_base_then_upgrade_again(database_url: str) -> None:
+    """Every revision's downgrade undoes its upgrade: base leaves no etl_* table, and head can be reached again."""
+    async with _engine(database_url) as engine:
+        await migrate(engine)
+        await _alembic_to(engine, "downgrade", "base")
+        assert await current_revision(engine) is None
+        assert not set(metadata.tables) & await _tables(engine)
+        await migrate(engine)
+        assert set(metadata.tables) <= await _tables(engine)
+
+
+async def test_etl_tables_take_emoji_on_a_mysql_database_created_latin1(fresh_database: Callable[[str], Any]) -> None:
+    """On a MySQL database whose default charset is latin1, a reject with emoji is stored, not refused."""
+    url = await fresh_database("mysql")
+    async with _engine(url) as engine:
+        async with engine.begin() as connection:
+            await connection.execute(text("ALTER DATABASE CHARACTER SET latin1 COLLATE latin1_swedish_ci"))
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(insert(runs).values(**_run_row()))
+            run_id = (await connection.execute(select(runs.c.id))).scalar_one()
+            await connection.execute(insert(rejects).values(**_reject_row(run_id)))
+            raw = (await connection.execute(select(rejects.c.raw))).scalar_one()
+    assert raw == EMOJI
+
+
+# -- resource tables evolve additively -------------------------------------------------------------------
+
+
+def _orders(**columns: Any) -> ResourceConfig:
+    return ResourceConfig.model_validate(
+        {"name": "orders", "path": "/orders", "primary_key": columns.pop("primary_key", ["id"]),
+         "columns": {"id": "integer", "line": "integer", "total": "decimal", **columns}}
+    )
+
+
+async def _prepare(engine: AsyncEngine, resource: ResourceConfig, records: list[dict[str, Any]] | None = None) -> None:
+    store = Store(engine)
+    await store.prepare([resource], auto_migrate=True)
+    if records:
+        rows = RecordValidator(resource).validate(records).rows
+        await store.commit(LoadBatch(rows={"orders": rows}), await store.start_run("sync", {}, ["orders"]))
+
+
+async def test_a_newly_declared_column_is_added_and_old_rows_keep_their_values(database_url: str) -> None:
+    """New columns (a reserved word and a JSON one among them) are added; existing rows keep theirs, with NULL in the new."""
+    async with _engine(database_url) as engine:
+        await _prepare(engine, _orders(), [{"id": 1, "line": 1, "total": "1.10"}])
+        grown = _orders(where="datetime", doc="json")
+        await _prepare(engine, grown, [{"id": 2, "line": 1, "total": "2.20", "where": NOW.isoformat(), "doc": {"a": 1}}])
+        table = resource_table(grown)
+        async with engine.connect() as connection:
+            rows = [tuple(row) for row in await connection.execute(
+                select(table.c.id, table.c.total, table.c["where"], table.c.doc).order_by(table.c.id))]
+    assert [(id_, str(total).rstrip("0"), where, doc) for id_, total, where, doc in rows] == [
+        (1, "1.1", None, None), (2, "2.2", NOW, {"a": 1})
+    ]
+
+
+async def test_a_changed_type_stops_with_exit_2_naming_the_column_and_both_types(database_url: str) -> None:
+    """`total` declared decimal, then string: a ConfigError (exit 2) that says so, and the table is untouched."""
+    async with _engine(database_url) as engine:
+        await _prepare(engine, _orders(), [{"id": 1, "line": 1, "total": "1.10"}])
+        with pytest.raises(ConfigError) as caught:
+            await _prepare(engine, ResourceConfig.model_validate(
+                {"name": "orders", "path": "/orders", "primary_key": ["id"],
+                 "columns": {"id": "integer", "line": "integer", "total": "string"}}))
+    assert caught.value.exit_code == 2
+    assert "column 'total' was 'decimal', is now 'string'" in caught.value.message
+
+
+async def test_a_changed_primary_key_stops_with_exit_2(database_url: str) -> None:
+    """A key of [id] that becomes [id, line] is refused with exit 2 naming both keys, never a silent rewrite."""
+    async with _engine(database_url) as engine:
+        await _prepare(engine, _orders())
+        with pytest.raises(ConfigError) as caught:
+            await _prepare(engine, _orders(primary_key=["id", "line"]))
+    assert caught.value.exit_code == 2
+    assert "primary_key was ['id'], is now ['id', 'line']" in caught.value.message
+
+
+async def test_a_table_dropped_by_its_owner_is_created_again_from_the_new_declaration(fresh_database: Callable[[str], Any]) -> None:
+    """After `DROP TABLE orders`, a changed type is no conflict: the table is new, and so is what is recorded of it."""
+    async with _engine(await fresh_database("sqlite")) as engine:
+        await _prepare(engine, _orders())
+        async with engine.begin() as connection:
+            await connection.execute(text("DROP TABLE orders"))
+        await _prepare(engine, _orders(total="string"), [{"id": 1, "line": 1, "total": "n/a"}])
+        await _prepare(engine, _orders(total="string"))
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT total FROM orders"))).scalar_one() == "n/a"
+
+
+async def test_without_auto_migrate_an_empty_database_says_to_run_migrate(fresh_database: Callable[[str], Any]) -> None:
+    """auto_migrate = false on a database without etl's tables stops with the command that fixes it."""
+    async with _engine(await fresh_database("sqlite")) as engine:
+        with pytest.raises(LoadError) as caught:
+            await Store(engine).prepare([_orders()], auto_migrate=False)
+    assert caught.value.hint == "run `python -m etl migrate`"

@@ -1,0 +1,187 @@
+"""etl.records: the coercions a legacy API needs, and rejects that keep the raw record and say why."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from etl.config import ResourceConfig
+from etl.errors import SourceError
+from etl.records import RecordValidator, Reject
+
+
+def _validator(columns: dict[str, Any], primary_key: list[str] | None = None, cursor: str | None = None) -> RecordValidator:
+    resource = ResourceConfig.model_validate(
+        {"name": "things", "path": "/things", "primary_key": primary_key or ["id"], "cursor_field": cursor,
+         "columns": {"id": "integer", **columns}}
+    )
+    return RecordValidator(resource)
+
+
+def _one(columns: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    page = _validator(columns).validate([record])
+    assert page.rejects == [], page.rejects
+    return page.rows[0]
+
+
+def _reject(columns: dict[str, Any], record: Any) -> Reject:
+    page = _validator(columns).validate([record])
+    assert page.rows == []
+    return page.rejects[0]
+
+
+def test_decimal_from_a_string_keeps_every_digit() -> None:
+    """"123.40" becomes Decimal('123.40'), trailing zero included, never a float."""
+    value = _one({"total": "decimal"}, {"id": 1, "total": "123.40"})["total"]
+    assert isinstance(value, Decimal)
+    assert str(value) == "123.40"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (1700000000, datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        (1700000000123, datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)),
+        ("1700000000", datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)),
+        ("2024-03-01T10:00:00+02:00", datetime(2024, 3, 1, 8, 0, tzinfo=UTC)),
+        ("2024-03-01T10:00:00-05:30", datetime(2024, 3, 1, 15, 30, tzinfo=UTC)),
+        ("2024-03-01T10:00:00Z", datetime(2024, 3, 1, 10, 0, tzinfo=UTC)),
+        ("2024-03-01 10:00:00.250", datetime(2024, 3, 1, 10, 0, 0, 250000, tzinfo=UTC)),
+    ],
+)
+def test_datetimes_from_epoch_and_iso_become_aware_utc(raw: Any, expected: datetime) -> None:
+    """Epoch seconds and milliseconds, ISO with any offset, and naive ISO (meaning UTC) all come out aware in UTC."""
+    value = _one({"at": "datetime"}, {"id": 1, "at": raw})["at"]
+    assert value == expected
+    assert value.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("true", True), ("1", True), (1, True), ("false", False), ("0", False), (0, False)])
+def test_booleans_from_the_usual_spellings(raw: Any, expected: bool) -> None:
+    """"true"/"1"/1 and their opposites are booleans."""
+    assert _one({"flag": "boolean"}, {"id": 1, "flag": raw})["flag"] is expected
+
+
+def test_dates_from_strings() -> None:
+    """"2024-02-29" is a date."""
+    assert _one({"day": "date"}, {"id": 1, "day": "2024-02-29"})["day"] == date(2024, 2, 29)
+
+
+def test_numbers_become_strings_for_string_columns() -> None:
+    """A legacy API that sends a code as 42 one day and "42" the next loads the same text."""
+    assert _one({"code": "string"}, {"id": 1, "code": 42})["code"] == "42"
+
+
+def test_nested_source_paths_are_followed() -> None:
+    """`source = "customer.address.city"` reads the nested field; a missing branch is NULL."""
+    columns = {"city": {"type": "string", "source": "customer.address.city"}}
+    assert _one(columns, {"id": 1, "customer": {"address": {"city": "Zürich"}}})["city"] == "Zürich"
+    assert _one(columns, {"id": 2, "customer": {}})["city"] is None
+
+
+def test_a_bad_value_is_rejected_with_the_raw_record_and_the_field() -> None:
+    """The reject keeps the record exactly as received, its key, and an error naming the field and the value."""
+    record = {"id": 7, "total": "12,50", "note": "Ünïcødé 😀"}
+    reject = _reject({"total": "decimal", "note": "text"}, record)
+    assert orjson.loads(reject.raw) == record
+    assert reject.raw == orjson.dumps(record).decode()
+    assert reject.key == "7"
+    assert reject.error.startswith("total: ")
+    assert "12,50" in reject.error
+
+
+def test_one_bad_record_does_not_reject_its_page() -> None:
+    """The valid records of a page with a bad one are loaded; only the bad one is rejected."""
+    page = _validator({"total": "decimal"}).validate([{"id": 1, "total": "1"}, {"id": 2, "total": "x"}, {"id": 3}])
+    assert [row["id"] for row in page.rows] == [1, 3]
+    assert [reject.key for reject in page.rejects] == ["2"]
+
+
+@pytest.mark.parametrize("value", [2**31, -(2**31) - 1])
+def test_integer_outside_32_bits_is_a_reject(value: int) -> None:
+    """`integer` is 32-bit on every database: a bigger value is a reject, not an error from the database."""
+    reject = _reject({"count": "integer"}, {"id": 1, "count": value})
+    assert reject.error.startswith("count: ")
+
+
+def test_bigint_takes_64_bits_and_no_more() -> None:
+    """`bigint` holds 2**63-1; 2**63 is a reject."""
+    assert _one({"big": "bigint"}, {"id": 1, "big": 2**63 - 1})["big"] == 2**63 - 1
+    assert _reject({"big": "bigint"}, {"id": 1, "big": str(2**63)}).error.startswith("big: ")
+
+
+def test_string_longer_than_255_is_a_reject_and_text_is_not() -> None:
+    """`string` is VARCHAR(255) everywhere; a longer value is rejected rather than truncated; `text` takes it."""
+    long = "é" * 256
+    assert _reject({"name": "string"}, {"id": 1, "name": long}).error.startswith("name: ")
+    assert _one({"body": "text"}, {"id": 1, "body": long})["body"] == long
+
+
+@pytest.mark.parametrize(("column", "value"), [("float", "NaN"), ("float", float("inf")), ("decimal", "NaN"), ("decimal", "-Infinity")])
+def test_nan_and_infinity_are_rejected(column: str, value: Any) -> None:
+    """No database stores NaN or infinity the same way: they are rejects."""
+    assert _reject({"x": column}, {"id": 1, "x": value}).error.startswith("x: ")
+
+
+@pytest.mark.parametrize("value", ["0.00000000001", "12345678901234567890123456789"])
+def test_decimal_beyond_what_every_database_stores_exactly_is_a_reject(value: str) -> None:
+    """More than 10 decimal places or 28 integer digits would be rounded by MySQL's DECIMAL(38,10): rejected."""
+    assert _reject({"x": "decimal"}, {"id": 1, "x": value}).error.startswith("x: ")
+
+
+@pytest.mark.parametrize(("column", "value"), [("string", "a\x00b"), ("text", "\x00"), ("json", {"a": ["b\x00"]})])
+def test_nul_characters_are_rejected(column: str, value: Any) -> None:
+    """PostgreSQL cannot store U+0000 in text or JSON: such a record is a reject, not a failed transaction."""
+    assert "x: " in _reject({"x": column}, {"id": 1, "x": value}).error
+
+
+def test_datetime_beyond_year_9999_in_utc_is_a_reject() -> None:
+    """9999-12-31T23:00-05:00 is past the end of time in UTC: a reject, not a crash."""
+    assert _reject({"at": "datetime"}, {"id": 1, "at": "9999-12-31T23:00:00-05:00"}).error.startswith("at: ")
+
+
+def test_a_record_that_is_not_an_object_is_rejected() -> None:
+    """A bare value in the record list is kept as it came, without a key."""
+    reject = _reject({}, [1, 2])
+    assert reject.raw == "[1,2]"
+    assert reject.key is None
+    assert reject.error.startswith("record: ")
+
+
+def test_a_missing_primary_key_is_rejected_without_a_key() -> None:
+    """A record without its key cannot be upserted: rejected, with an error naming the key column."""
+    reject = _reject({"name": "string"}, {"name": "x"})
+    assert reject.key is None
+    assert reject.error.startswith("id: ")
+
+
+def test_composite_key_of_a_reject_joins_its_parts() -> None:
+    """The key of a reject with a composite key is `1|2`, taken from the source paths."""
+    validator = _validator({"line": {"type": "integer", "source": "pos.line"}, "qty": "integer"}, primary_key=["id", "line"])
+    page = validator.validate([{"id": 1, "pos": {"line": 2}, "qty": "many"}])
+    assert page.rejects[0].key == "1|2"
+
+
+def test_nested_field_errors_name_the_column_and_its_source() -> None:
+    """An error in a nested source names the column it feeds, so the message matches the config."""
+    reject = _reject({"city": {"type": "integer", "source": "customer.city"}}, {"id": 1, "customer": {"city": "x"}})
+    assert reject.error.startswith("city (customer.city): ")
+
+
+def test_max_cursor_is_the_newest_valid_cursor() -> None:
+    """The page's cursor is the highest typed value among loaded rows, for the watermark."""
+    validator = _validator({"updated_at": "datetime"}, cursor="updated_at")
+    page = validator.validate(
+        [{"id": 1, "updated_at": "2024-01-02T00:00:00+01:00"}, {"id": 2, "updated_at": "2024-01-01T23:30:00Z"}]
+    )
+    assert page.max_cursor == datetime(2024, 1, 1, 23, 30, tzinfo=UTC)
+
+
+def test_a_page_that_is_not_a_list_is_a_source_error() -> None:
+    """A body whose record list is not a list is the API's fault, not a reject."""
+    with pytest.raises(SourceError):
+        _validator({}).validate({"id": 1})  # type: ignore[arg-type]

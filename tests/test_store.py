@@ -1,0 +1,303 @@
+"""etl.store on SQLite, PostgreSQL and MariaDB: typed upserts, rejects, and the one transaction per batch."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import Row, func, select, text
+
+from etl.config import ResourceConfig
+from etl.db import async_url, create_engine
+from etl.errors import ConfigError, LoadError
+from etl.records import RecordValidator
+from etl.schema import rejects, resource_table, watermarks, windows
+from etl.store import LoadBatch, Store, Watermark, WindowProgress
+from etl.windows import Window
+
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+TYPES = {
+    "id": "integer",
+    "big": "bigint",
+    "name": "string",
+    "body": "text",
+    "price": "decimal",
+    "ratio": "float",
+    "flag": "boolean",
+    "day": "date",
+    "at": "datetime",
+    "doc": "json",
+    "label": {"type": "string", "source": "meta.label"},
+}
+UNICODE = "Ünïcødé \"double\" 'single' `tick` \\ ; -- 😀🇨🇭"
+
+
+def _resource(name: str, columns: dict[str, Any], primary_key: list[str] | None = None, cursor: str | None = None) -> ResourceConfig:
+    return ResourceConfig.model_validate(
+        {"name": name, "path": f"/{name}", "primary_key": primary_key or ["id"], "cursor_field": cursor, "columns": columns}
+    )
+
+
+ORDERS = _resource("orders", {"id": "integer", "total": "decimal", "updated_at": "datetime"}, cursor="updated_at")
+
+
+@asynccontextmanager
+async def _store(url: str, *resources: ResourceConfig) -> AsyncIterator[Store]:
+    engine = create_engine(url)
+    try:
+        store = Store(engine)
+        await store.prepare(resources, auto_migrate=True)
+        yield store
+    finally:
+        await engine.dispose()
+
+
+async def _run(store: Store) -> int:
+    return await store.start_run("sync", {}, ["test"])
+
+
+async def _load(store: Store, resource: ResourceConfig, records: list[Any], run_id: int) -> None:
+    """Validate records as the pipeline does and commit them in one batch."""
+    page = RecordValidator(resource).validate(records)
+    await store.commit(LoadBatch(rows={resource.name: page.rows}, rejects=[(resource.name, r) for r in page.rejects]), run_id)
+
+
+async def _rows(store: Store, resource: ResourceConfig) -> list[Row[Any]]:
+    table = resource_table(resource)
+    async with store.engine.connect() as connection:
+        return list(await connection.execute(select(table).order_by(*table.primary_key.columns)))
+
+
+def _order(id_: int, total: str, minutes: int) -> dict[str, Any]:
+    return {"id": id_, "total": total, "updated_at": (T0 + timedelta(minutes=minutes)).isoformat()}
+
+
+async def test_every_type_round_trips_exactly(database_url: str) -> None:
+    """Decimals to the last digit, aware UTC datetimes, unicode with quotes and emoji, JSON and NULLs come back as sent."""
+    resource = _resource("things", TYPES)
+    full = {
+        "id": 1, "big": 2**63 - 1, "name": UNICODE, "body": UNICODE * 100, "price": "123.40", "ratio": 0.1 + 0.2,
+        "flag": "true", "day": "2024-02-29", "at": "2024-02-29T23:59:59.123456+02:00",
+        "doc": {"a": [1, 2.5, "x😀"], "b": None, "c": {"d": True}}, "meta": {"label": "ok"},
+    }
+    edges = {"id": 2, "big": -(2**63), "price": "-1234567890123456789012345678.0123456789", "flag": 0, "at": 1700000000}
+    async with _store(database_url, resource) as store:
+        await _load(store, resource, [full, edges, {"id": 3}], await _run(store))
+        first, second, empty = await _rows(store, resource)
+
+    assert (first.big, first.name, first.body, first.ratio, first.flag) == (2**63 - 1, UNICODE, UNICODE * 100, 0.30000000000000004, True)
+    assert isinstance(first.price, Decimal) and first.price == Decimal("123.40")
+    assert first.day == date(2024, 2, 29)
+    assert first.at == datetime(2024, 2, 29, 21, 59, 59, 123456, tzinfo=UTC)
+    assert first.at.utcoffset() == timedelta(0)
+    assert first.doc == {"a": [1, 2.5, "x😀"], "b": None, "c": {"d": True}}
+    assert first.label == "ok"
+    assert (second.big, second.flag) == (-(2**63), False)
+    assert second.price == Decimal("-1234567890123456789012345678.0123456789")
+    assert second.at == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    assert [empty.big, empty.name, empty.price, empty.flag, empty.day, empty.at, empty.doc] == [None] * 7
+    assert first._etl_run_id == second._etl_run_id and first._etl_loaded_at.utcoffset() == timedelta(0)
+
+
+async def test_sqlite_shows_decimals_and_datetimes_as_they_are(fresh_database: Callable[[str], Any]) -> None:
+    """In `sqlite3 etl.db` a decimal is the text 123.40 (not a float) and a datetime is ISO-8601 UTC text."""
+    async with _store(await fresh_database("sqlite"), ORDERS) as store:
+        await _load(store, ORDERS, [{"id": 1, "total": "123.40", "updated_at": "2024-05-01T12:00:00+02:00"}], await _run(store))
+        async with store.engine.connect() as connection:
+            row = (await connection.execute(text("SELECT typeof(total), total, updated_at FROM orders"))).one()
+    assert tuple(row) == ("text", "123.40", "2024-05-01 10:00:00+00:00")
+
+
+async def test_composite_keys_keep_rows_apart_and_update_one(database_url: str) -> None:
+    """(order, line) keys: each pair is its own row, keys differing only in case too, and an update touches one row."""
+    resource = _resource("lines", {"code": "string", "line": "integer", "qty": "integer"}, primary_key=["code", "line"])
+    async with _store(database_url, resource) as store:
+        run = await _run(store)
+        await _load(store, resource, [{"code": "a", "line": 1, "qty": 1}, {"code": "a", "line": 2, "qty": 2},
+                                      {"code": "A", "line": 1, "qty": 3}], run)
+        await _load(store, resource, [{"code": "a", "line": 2, "qty": 20}], run)
+        rows = await _rows(store, resource)
+    assert sorted((row.code, row.line, row.qty) for row in rows) == [("A", 1, 3), ("a", 1, 1), ("a", 2, 20)]
+
+
+async def test_an_updated_record_replaces_the_stored_row(database_url: str) -> None:
+    """The same key with a newer cursor replaces every column and the run that loaded it."""
+    async with _store(database_url, ORDERS) as store:
+        first_run, second_run = await _run(store), await _run(store)
+        await _load(store, ORDERS, [_order(1, "10.00", 0), _order(2, "20.00", 0)], first_run)
+        await _load(store, ORDERS, [_order(1, "11.50", 5)], second_run)
+        rows = await _rows(store, ORDERS)
+    assert [(row.id, row.total, row.updated_at, row._etl_run_id) for row in rows] == [
+        (1, Decimal("11.50"), T0 + timedelta(minutes=5), second_run),
+        (2, Decimal("20.00"), T0, first_run),
+    ]
+
+
+async def test_an_older_version_arriving_later_does_not_overwrite_a_newer_one(database_url: str) -> None:
+    """A late page with an older cursor (a lookback re-read, a retried window) leaves the newer row alone."""
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        await _load(store, ORDERS, [_order(1, "2.00", 10)], run)
+        await _load(store, ORDERS, [_order(1, "1.00", 5)], run)
+        (row,) = await _rows(store, ORDERS)
+    assert (row.total, row.updated_at) == (Decimal("2.00"), T0 + timedelta(minutes=10))
+
+
+async def test_duplicates_in_one_batch_collapse_to_the_newest(database_url: str) -> None:
+    """A key three times in one batch is stored once, as its newest version even when that is not the last."""
+    async with _store(database_url, ORDERS) as store:
+        await _load(store, ORDERS, [_order(1, "1.00", 1), _order(1, "3.00", 3), _order(1, "2.00", 2), _order(2, "9.00", 0)],
+                    await _run(store))
+        rows = await _rows(store, ORDERS)
+    assert [(row.id, row.total) for row in rows] == [(1, Decimal("3.00")), (2, Decimal("9.00"))]
+
+
+async def test_duplicates_without_a_cursor_collapse_to_the_last(database_url: str) -> None:
+    """Without a cursor column the last version of a key in the batch wins."""
+    resource = _resource("plain", {"id": "integer", "name": "string"})
+    async with _store(database_url, resource) as store:
+        await _load(store, resource, [{"id": 1, "name": "first"}, {"id": 1, "name": "last"}], await _run(store))
+        rows = await _rows(store, resource)
+    assert [(row.id, row.name) for row in rows] == [(1, "last")]
+
+
+async def test_rejects_are_stored_with_their_raw_payload_key_and_error(database_url: str) -> None:
+    """A bad record is in etl_rejects byte for byte as received, with its resource, run, key and reason."""
+    bad = {"id": 7, "total": "12,50", "updated_at": "2024-05-01", "note": UNICODE}
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        await _load(store, ORDERS, [_order(1, "1.00", 0), bad, "not a record"], run)
+        async with store.engine.connect() as connection:
+            stored = list(await connection.execute(select(rejects).order_by(rejects.c.id)))
+        loaded = await _rows(store, ORDERS)
+    assert [row.id for row in loaded] == [1]
+    assert [(row.resource, row.run_id, row.record_key) for row in stored] == [("orders", run, "7"), ("orders", run, None)]
+    assert stored[0].raw == orjson.dumps(bad).decode()
+    assert orjson.loads(stored[0].raw) == bad
+    assert stored[0].error.startswith("total: ")
+    assert stored[1].raw == '"not a record"'
+    assert stored[0].rejected_at.utcoffset() == timedelta(0)
+
+
+async def _window(store: Store, run: int) -> int:
+    (record,) = await store.open_windows("sync", "orders", [Window(T0, T0 + timedelta(days=1))], run, reuse=False)
+    return record.id
+
+
+def _finishing_batch(window_id: int) -> LoadBatch:
+    rows = RecordValidator(ORDERS).validate([_order(1, "1.00", 30), _order(2, "2.00", 60)]).rows
+    return LoadBatch(
+        rows={"orders": rows},
+        windows={window_id: WindowProgress(position={"page": 3}, pages=2, records=2, max_cursor=T0 + timedelta(hours=1), done=True)},
+        watermarks=[Watermark("orders", T0 + timedelta(hours=1), T0 + timedelta(days=1))],
+    )
+
+
+async def _bookkeeping(store: Store, window_id: int) -> tuple[int, Row[Any], Row[Any] | None]:
+    async with store.engine.connect() as connection:
+        count = (await connection.execute(select(func.count()).select_from(resource_table(ORDERS)))).scalar_one()
+        window = (await connection.execute(select(windows).where(windows.c.id == window_id))).one()
+        mark = (await connection.execute(select(watermarks).where(watermarks.c.resource == "orders"))).first()
+    return count, window, mark
+
+
+async def test_rows_window_progress_and_watermark_are_committed_together(database_url: str) -> None:
+    """After a commit the rows, the finished window with its position and cursor, and the watermark are all there."""
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        window_id = await _window(store, run)
+        await store.commit(_finishing_batch(window_id), run)
+        count, window, mark = await _bookkeeping(store, window_id)
+        assert (await store.watermark("orders")) == Watermark("orders", T0 + timedelta(hours=1), T0 + timedelta(days=1))
+    assert count == 2
+    assert (window.state, window.pages, window.records, orjson.loads(window.position)) == ("done", 2, 2, {"page": 3})
+    assert window.max_cursor == "2024-05-01T01:00:00Z"
+    assert mark is not None and mark.run_id == run
+
+
+async def test_a_failure_between_rows_and_watermark_moves_neither(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error after the upsert ran but before the watermark was written rolls back the rows and the window too."""
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        window_id = await _window(store, run)
+        upserted: list[int] = []
+        original_write = Store._write_rows
+
+        async def write_then_count(self: Store, connection: Any, *args: Any) -> None:
+            await original_write(self, connection, *args)
+            upserted.append((await connection.execute(select(func.count()).select_from(resource_table(ORDERS)))).scalar_one())
+
+        async def fail(*_args: Any) -> None:
+            raise LoadError("injected failure before the watermark")
+
+        monkeypatch.setattr(Store, "_write_rows", write_then_count)
+        monkeypatch.setattr(Store, "_save_watermark", fail)
+        with pytest.raises(LoadError, match="injected"):
+            await store.commit(_finishing_batch(window_id), run)
+        count, window, mark = await _bookkeeping(store, window_id)
+    assert upserted == [2]
+    assert count == 0
+    assert (window.state, window.pages, window.records, window.max_cursor) == ("pending", 0, 0, None)
+    assert mark is None
+
+
+async def test_reserved_words_are_quoted_as_table_and_column_names(database_url: str) -> None:
+    """A resource named `select` with columns `order`, `group`, `from` and a cursor `where` loads and upserts."""
+    resource = _resource("select", {"order": "integer", "group": "string", "from": "decimal", "where": "datetime"},
+                         primary_key=["order", "group"], cursor="where")
+    records = [{"order": 1, "group": "g", "from": "1.5", "where": T0.isoformat()},
+               {"order": 1, "group": "g", "from": "2.5", "where": (T0 + timedelta(1)).isoformat()}]
+    async with _store(database_url, resource) as store:
+        await _load(store, resource, records, await _run(store))
+        await _load(store, resource, records[:1], await _run(store))
+        rows = await _rows(store, resource)
+    assert [(row.order, row.group, row._mapping["from"]) for row in rows] == [(1, "g", Decimal("2.5"))]
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [("sqlite:///etl.db", "sqlite+aiosqlite"), ("postgresql://u@h/db", "postgresql+asyncpg"),
+     ("mysql://u@h/db", "mysql+aiomysql"), ("mariadb://u@h/db", "mysql+aiomysql")],
+)
+def test_plain_urls_get_the_async_driver(url: str, driver: str) -> None:
+    """sqlite://, postgresql:// and mysql:// without a driver name get aiosqlite, asyncpg and aiomysql."""
+    assert async_url(url).drivername == driver
+
+
+@pytest.mark.parametrize("field", ["name", "table", "column"])
+def test_names_that_are_not_identifiers_are_refused_before_any_sql(field: str) -> None:
+    """`x"; DROP TABLE y; --` as a resource, table or column name is a configuration error."""
+    evil = 'x"; DROP TABLE y; --'
+    document: dict[str, Any] = {"name": "orders", "path": "/o", "primary_key": ["id"], "columns": {"id": "integer"}}
+    if field == "column":
+        document["columns"] = {"id": "integer", evil: "string"}
+    else:
+        document[field] = evil
+    with pytest.raises(ValueError, match="letter or _"):
+        ResourceConfig.model_validate(document)
+
+
+async def test_a_text_or_json_primary_key_is_a_configuration_error(fresh_database: Callable[[str], Any]) -> None:
+    """Text and JSON cannot be keys on every database: refused up front (exit 2), naming the column."""
+    resource = _resource("docs", {"id": "text", "body": "json"})
+    with pytest.raises(ConfigError, match="'id'") as caught:
+        async with _store(await fresh_database("sqlite"), resource):
+            pass
+    assert caught.value.exit_code == 2
+
+
+async def test_a_database_refusal_is_a_load_error(fresh_database: Callable[[str], Any]) -> None:
+    """A write the database refuses comes out as etl's LoadError naming the database, not a driver traceback."""
+    url = await fresh_database("sqlite")
+    async with _store(url, ORDERS) as store:
+        run = await _run(store)
+        async with store.engine.begin() as connection:
+            await connection.execute(text("DROP TABLE orders"))
+        with pytest.raises(LoadError, match="no such table: orders"):
+            await _load(store, ORDERS, [_order(1, "1.00", 0)], run)
+
