@@ -89,10 +89,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_CONNECTION_WORDS = ("connect", "refused", "could not translate host", "unable to open", "timeout", "password", "authentication", "access denied", "unknown database", "does not exist")
+
+
 def database_error(exc: Exception, url: str | URL) -> LoadError:
-    """A driver error as etl's, with the URL (no password) and the driver's own words."""
+    """A driver error as etl's, with the URL (no password) and the driver's own words.
+
+    Only failures to reach or log in get the hint about the URL and the server; a
+    statement the database refused (a missing table, a constraint) says so instead.
+    """
     original = getattr(exc, "orig", None) or exc
-    if isinstance(exc, OperationalError | OSError | ConnectionError) or "connect" in type(original).__name__.lower():
+    text = str(original).lower()
+    reaching = isinstance(exc, OSError | ConnectionError) or "connect" in type(original).__name__.lower()
+    if reaching or (isinstance(exc, OperationalError) and any(word in text for word in _CONNECTION_WORDS) and "no such table" not in text):
         return LoadError(
             f"cannot use the database {safe_url(url)}: {original}",
             hint="check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials",

@@ -29,8 +29,9 @@ def _advisory_key(resource: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _mysql_name(resource: str) -> str:
-    return "etl:" + hashlib.blake2b(resource.encode(), digest_size=16).hexdigest()
+def _mysql_name(database: str, resource: str) -> str:
+    """GET_LOCK names are server-wide: the database is part of the name (at most 64 characters)."""
+    return "etl:" + hashlib.blake2b(f"{database}/{resource}".encode(), digest_size=16).hexdigest()
 
 
 class ResourceLocks:
@@ -62,7 +63,8 @@ class ResourceLocks:
             return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": _advisory_key(resource)}))
         if dialect == "mysql":
             connection = await self._lock_connection()
-            return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": _mysql_name(resource)}) == 1
+            name = _mysql_name(self._engine.url.database or "", resource)
+            return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": name}) == 1
         return self._flock(resource)
 
     async def _lock_connection(self) -> AsyncConnection:

@@ -301,3 +301,23 @@ async def test_a_database_refusal_is_a_load_error(fresh_database: Callable[[str]
         with pytest.raises(LoadError, match="no such table: orders"):
             await _load(store, ORDERS, [_order(1, "1.00", 0)], run)
 
+
+
+def test_a_missing_table_is_not_reported_as_an_unreachable_server() -> None:
+    """SQLite's "no such table" is a refused statement, not a hint to check the URL and credentials."""
+    from sqlalchemy.exc import OperationalError
+
+    from etl.db import database_error
+
+    error = database_error(OperationalError("SELECT", {}, Exception("no such table: etl_runs")), "sqlite:///x.db")
+    assert "refused a statement" in str(error) and "credentials" not in str(error)
+    unreachable = database_error(OperationalError("connect", {}, Exception("unable to open database file")), "sqlite:///x.db")
+    assert "cannot use the database" in str(unreachable) and "credentials" in str(unreachable)
+
+
+def test_mysql_lock_names_differ_per_database_and_fit_in_64_characters() -> None:
+    """GET_LOCK is server-wide: the same resource in two databases must not block each other."""
+    from etl.locks import _mysql_name
+
+    assert _mysql_name("a", "orders") != _mysql_name("b", "orders")
+    assert len(_mysql_name("x" * 64, "y" * 63)) <= 64
