@@ -262,22 +262,36 @@ class Pipeline:
     ) -> None:
         """The rest of a window whose total is known: up to `concurrency` pages at once, queued in page order.
 
-        In page order so that a committed position has every page before it committed too; at most
-        `concurrency` responses wait here, so memory stays bounded however long the window. After a
-        stop, requests already sent are awaited and queued (the grace period bounds them), none are added.
+        In page order so that a committed position has every page before it committed too. A slot is
+        refilled as soon as any request ends, not only the oldest, so a slow page does not idle the
+        others; at most 2 x `concurrency` pages wait here, so memory stays bounded however long the
+        window. After a stop, requests already sent are awaited and queued (the grace period bounds
+        them), none are added.
         """
         stats, validator = self.stats[resource.name], self._validators[resource.name]
+        concurrency = self.config.api.concurrency
         planned_pages = iter(plan)
         pending: deque[tuple[PlannedPage, asyncio.Task[PageResponse]]] = deque()
         try:
             while resource.name not in self._failed:
-                # after a stop nothing new starts, but what is in flight is finished and queued
-                while not self.stop.is_set() and len(pending) < self.config.api.concurrency and (planned := next(planned_pages, None)):
-                    pending.append((planned, asyncio.create_task(client.get(planned.request))))
+                in_flight = {task for _, task in pending if not task.done()}
+                while (
+                    not self.stop.is_set()
+                    and len(in_flight) < concurrency
+                    and len(pending) < 2 * concurrency
+                    and (planned := next(planned_pages, None))
+                ):
+                    task = asyncio.create_task(client.get(planned.request))
+                    pending.append((planned, task))
+                    in_flight.add(task)
                 if not pending:
                     return
-                planned, task = pending.popleft()
-                response = await task
+                planned, task = pending[0]
+                if not task.done():
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                pending.popleft()
+                response = task.result()
                 records = records_at(response.body, resource.records_path, response.url)
                 plan.check(response, records)
                 page = validator.validate(records)
