@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dbquery import scalar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -206,15 +207,6 @@ async def _sync_orders(make_config: Callable[..., Config], sim: Simulator, url: 
     return await runs.sync(config, None, asyncio.Event(), NoProgress())
 
 
-async def _count(url: str, table: str) -> int:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as connection:
-            from sqlalchemy import text
-
-            return int((await connection.execute(text(f"SELECT COUNT(*) FROM {table}"))).scalar() or 0)
-    finally:
-        await engine.dispose()
 
 
 @pytest.mark.parametrize(
@@ -232,7 +224,7 @@ async def test_malformed_pages_end_with_a_clear_error_and_keep_what_was_committe
     url = await fresh_database("sqlite")
     async with Simulator(SimulatorSettings(counts={"orders": 500})) as sim:
         first = await _sync_orders(make_config, sim, url)
-        loaded = await _count(url, "orders")
+        loaded = await scalar(url, "SELECT COUNT(*) FROM orders")
         sim.faults.update(fault)
         sim.touch("orders", list(range(1, 401)), at=datetime.now().astimezone() - __import__("datetime").timedelta(minutes=30))
         second = await _sync_orders(make_config, sim, url)
@@ -240,7 +232,7 @@ async def test_malformed_pages_end_with_a_clear_error_and_keep_what_was_committe
     assert first.exit_code == 0 and loaded > 0
     assert second.exit_code == 1
     assert message in str(second.error)
-    assert await _count(url, "orders") == loaded
+    assert await scalar(url, "SELECT COUNT(*) FROM orders") == loaded
 
 
 async def test_a_cursor_that_never_ends_is_stopped(make_config: Callable[..., Config], fresh_database: Callable[[str], Any]) -> None:

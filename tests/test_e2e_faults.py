@@ -14,11 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from dbquery import rows, scalar
 
 from etl import runs
 from etl.config import Config, config_from_document
-from etl.db import create_engine
 from etl.demo import demo_document
 from etl.pipeline import RunOutcome
 from etl.progress import NoProgress
@@ -74,23 +73,15 @@ def expected_keys(sim: Simulator, name: str) -> set[Any]:
     return {key for key, record in truth.items() if name != "orders" or is_valid_order(record)}
 
 
-async def stored(database_url: str, sql: str) -> list[Any]:
-    """The first column of a query's rows."""
-    engine = create_engine(database_url)
-    try:
-        async with engine.connect() as connection:
-            return list((await connection.execute(text(sql))).scalars())
-    finally:
-        await engine.dispose()
 
 
 async def assert_each_record_once(sim: Simulator, database_url: str, name: str) -> None:
     """The table holds every valid key exactly once and nothing else; every invalid record is a reject."""
-    keys = await stored(database_url, f"SELECT {KEYS[name]} FROM {name}")
-    rejects = await stored(database_url, f"SELECT COUNT(*) FROM etl_rejects WHERE resource = '{name}'")
+    keys = [row[0] for row in await rows(database_url, f"SELECT {KEYS[name]} FROM {name}")]
+    rejects = await scalar(database_url, f"SELECT COUNT(*) FROM etl_rejects WHERE resource = '{name}'")
     assert len(keys) == len(set(keys)), name
     assert set(keys) == expected_keys(sim, name), name
-    assert rejects == [len(sim.truth(name)) - len(keys)], name
+    assert rejects == len(sim.truth(name)) - len(keys), name
 
 
 async def test_with_faults_on_every_record_arrives_exactly_once(fresh_database: Callable[[str], Any]) -> None:
@@ -132,8 +123,8 @@ async def test_retries_running_out_end_with_exit_1_and_the_next_run_completes(
 
         assert outcome.exit_code == 1
         assert "503 from" in str(outcome.error)
-        committed = await stored(url, "SELECT COUNT(*) FROM orders")
-        assert committed[0] == outcome.resources["orders"].loaded > 0
+        committed = await scalar(url, "SELECT COUNT(*) FROM orders")
+        assert committed == outcome.resources["orders"].loaded > 0
 
         sim.faults.outage = False
         second = await backfill(config)

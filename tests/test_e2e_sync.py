@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, text
+from dbquery import scalar
+from sqlalchemy import select
 
 from etl import runs
 from etl.config import Config
@@ -22,13 +23,6 @@ async def _sync(config: Config, names: list[str] | None = None) -> runs.RunOutco
     return await runs.sync(config, names, asyncio.Event(), NoProgress())
 
 
-async def _scalar(url: str, sql: str) -> Any:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as connection:
-            return (await connection.execute(text(sql))).scalar()
-    finally:
-        await engine.dispose()
 
 
 async def test_first_sync_loads_every_valid_record_of_every_resource(
@@ -41,10 +35,10 @@ async def test_first_sync_loads_every_valid_record_of_every_resource(
     for name in ("orders", "customers", "events", "payments", "products"):
         truth = simulator.truth(name)
         stats = outcome.resources[name]
-        stored = await _scalar(database_url, f"SELECT COUNT(*) FROM {name}")
+        stored = await scalar(database_url, f"SELECT COUNT(*) FROM {name}")
         assert stored + stats.rejected == len(truth), name
         assert stats.loaded == stored
-    rejected = await _scalar(database_url, "SELECT COUNT(*) FROM etl_rejects")
+    rejected = await scalar(database_url, "SELECT COUNT(*) FROM etl_rejects")
     assert rejected == outcome.resources["orders"].rejected > 0
     assert outcome.token_requests == 1
 
@@ -86,8 +80,8 @@ async def test_second_sync_fetches_from_the_lookback_and_updates_changed_rows(
     assert outcome.exit_code == 0
     assert outcome.resources["orders"].windows == 1
     assert outcome.resources["orders"].loaded == 3
-    assert await _scalar(sqlite_or_postgres_url, "SELECT COUNT(*) FROM orders WHERE version = 2") == 3
-    assert await _scalar(sqlite_or_postgres_url, "SELECT COUNT(*) FROM orders WHERE id IN (1, 2, 3)") == 3
+    assert await scalar(sqlite_or_postgres_url, "SELECT COUNT(*) FROM orders WHERE version = 2") == 3
+    assert await scalar(sqlite_or_postgres_url, "SELECT COUNT(*) FROM orders WHERE id IN (1, 2, 3)") == 3
 
 
 async def test_each_run_is_recorded_with_its_counts(

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+from dbquery import sqlite_rows
 
 from etl.config import config_from_document
 from etl.demo import demo_document
@@ -39,16 +40,13 @@ def _valid_keys(sim: Simulator, name: str) -> set[Any]:
     return {row[KEYS[name]] for row in RecordValidator(resource).validate(list(sim.truth(name).values())).rows}
 
 
-def _query(url: str, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30) as connection:
-        return connection.execute(sql).fetchall()
 
 
 def _assert_tables_match_truth(sim: Simulator, url: str, names: list[str]) -> int:
     """Every valid record exactly once and nothing else; returns the rows compared."""
     compared = 0
     for name in names:
-        stored = [row[0] for row in _query(url, f"SELECT {KEYS[name]} FROM {name}")]
+        stored = [row[0] for row in sqlite_rows(url, f"SELECT {KEYS[name]} FROM {name}")]
         expected = _valid_keys(sim, name)
         doubled = len(stored) - len(set(stored))
         lost = len(expected - set(stored))
@@ -78,7 +76,7 @@ async def test_a_mix_of_faults_loses_nothing(tmp_path: Path, fresh_database: Cal
     TOTALS["faults_injected"] += injected
     assert result.returncode == 0, result.stderr
     assert injected > 10 and max_in_flight <= 6
-    run = _query(url, "SELECT status, records_loaded, retries FROM etl_runs")[0]
+    run = sqlite_rows(url, "SELECT status, records_loaded, retries FROM etl_runs")[0]
     # aiohttp itself re-sends a request once when a reused connection was dropped, so retries <= faults
     assert run[0] == "succeeded" and run[1] == compared and run[2] > 0
     print(f"fault mix: {injected} faults injected, {run[2]} retries, {compared} rows compared, max in flight {max_in_flight}/6")
@@ -113,8 +111,8 @@ async def test_an_outage_mid_run_ends_in_bounded_time_and_the_next_run_completes
         went_down = time.monotonic()
         failed = await finish(process, timeout=60)
         stopped_after = time.monotonic() - went_down
-        committed = _query(url, "SELECT COUNT(*) FROM orders")[0][0]
-        first_run = _query(url, "SELECT status, error FROM etl_runs ORDER BY id")[0]
+        committed = sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0]
+        first_run = sqlite_rows(url, "SELECT status, error FROM etl_runs ORDER BY id")[0]
         sim.faults.update({"outage": False})
         again = await run_etl("sync", "--config", str(config))
         _assert_tables_match_truth(sim, url, RESOURCES)
@@ -173,7 +171,7 @@ async def _timed_backfill(directory: Path, sim: Simulator, url: str) -> float:
 
 def _done_windows(url: str) -> set[tuple[str, str]]:
     try:
-        rows = _query(url, "SELECT resource, window_start FROM etl_windows WHERE state = 'done'")
+        rows = sqlite_rows(url, "SELECT resource, window_start FROM etl_windows WHERE state = 'done'")
     except sqlite3.OperationalError:
         return set()
     return {(resource, start) for resource, start in rows}

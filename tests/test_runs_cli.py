@@ -19,10 +19,9 @@ from urllib.parse import parse_qsl
 
 import orjson
 import pytest
-from sqlalchemy import text
+from dbquery import rows, sqlite_rows
 
 from etl.config import config_from_document
-from etl.db import create_engine
 from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
@@ -44,19 +43,8 @@ def _valid_keys(sim: Simulator, start: datetime | None = None, end: datetime | N
     return {row["id"] for row in RecordValidator(resource).validate(records).rows}
 
 
-def _query(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    path = url.removeprefix("sqlite:///")
-    with sqlite3.connect(path, timeout=30) as connection:
-        return connection.execute(sql, params).fetchall()
 
 
-async def _rows(url: str, sql: str) -> list[Any]:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as connection:
-            return list((await connection.execute(text(sql))).all())
-    finally:
-        await engine.dispose()
 
 
 def _window_fetches(sim: Simulator) -> dict[str, int]:
@@ -80,9 +68,9 @@ async def test_backfill_of_a_sub_range_holds_exactly_that_range(tmp_path: Path, 
 
     assert result.returncode == 0, result.stderr
     assert "2024-01-03T00:00:00Z" in result.stdout and "2024-01-05T00:00:00Z" in result.stdout
-    stored = {row[0] for row in _query(url, "SELECT id FROM orders")}
+    stored = {row[0] for row in sqlite_rows(url, "SELECT id FROM orders")}
     assert stored == expected
-    bounds = _query(url, "SELECT MIN(updated_at), MAX(updated_at) FROM orders")[0]
+    bounds = sqlite_rows(url, "SELECT MIN(updated_at), MAX(updated_at) FROM orders")[0]
     assert bounds[0] >= "2024-01-03" and bounds[1] < "2024-01-05"
 
 
@@ -97,7 +85,7 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
         finished_before_kill = await _wait_for_done_windows(url, process, at_least=5)
         process.send_signal(signal.SIGKILL)
         await finish(process)
-        done_at_kill = dict(_query(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
+        done_at_kill = dict(sqlite_rows(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
 
         again = await run_etl(*args)
         fetches = _window_fetches(sim)
@@ -105,9 +93,9 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
 
     assert finished_before_kill >= 5 and len(done_at_kill) < 20
     assert again.returncode == 0, again.stderr
-    stored = [row[0] for row in _query(url, "SELECT id FROM orders")]
+    stored = [row[0] for row in sqlite_rows(url, "SELECT id FROM orders")]
     assert len(stored) == len(set(stored)) and set(stored) == expected
-    assert _query(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'done'")[0][0] == 20
+    assert sqlite_rows(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'done'")[0][0] == 20
     for window_start, pages in done_at_kill.items():
         since = datetime.fromisoformat(window_start).strftime("%Y-%m-%dT%H:%M:%SZ")
         assert fetches[since] == pages, f"window {since}, finished before the kill, was fetched again"
@@ -124,7 +112,7 @@ async def _wait_for_done_windows(url: str, process: asyncio.subprocess.Process, 
         await asyncio.sleep(0.05)
         assert process.returncode is None, "the run ended before it could be killed"
         try:
-            done = _query(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'done'")[0][0]
+            done = sqlite_rows(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'done'")[0][0]
         except sqlite3.OperationalError:
             continue
         if done >= at_least:
@@ -160,7 +148,7 @@ async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_comple
         await _wait_for_done_windows(url, process, at_least=3)
         process.send_signal(signal.SIGTERM)
         stopped = await finish(process, timeout=30)
-        status_after_stop = _query(url, "SELECT status, error FROM etl_runs ORDER BY id")[-1]
+        status_after_stop = sqlite_rows(url, "SELECT status, error FROM etl_runs ORDER BY id")[-1]
 
         again = await run_etl(*args)
         expected = _valid_keys(sim)
@@ -169,7 +157,7 @@ async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_comple
     assert "SIGTERM received" in stopped.stderr
     assert status_after_stop[0] == "interrupted"
     assert again.returncode == 0, again.stderr
-    assert {row[0] for row in _query(url, "SELECT id FROM orders")} == expected
+    assert {row[0] for row in sqlite_rows(url, "SELECT id FROM orders")} == expected
 
 
 async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
@@ -264,5 +252,5 @@ async def test_a_backfill_and_a_sync_on_other_resources_run_at_once(
     assert sync.returncode == 0, sync.stderr
     assert backfilled.returncode == 0, backfilled.stderr
     assert overlapping
-    runs = await _rows(sqlite_or_postgres_url, "SELECT command, status FROM etl_runs ORDER BY id")
+    runs = await rows(sqlite_or_postgres_url, "SELECT command, status FROM etl_runs ORDER BY id")
     assert sorted(tuple(run) for run in runs) == [("backfill", "succeeded"), ("sync", "succeeded")]
