@@ -39,6 +39,7 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
         start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
         end = floor_to(now - lag, step)
         planned = cut(start, end, resource.window, step) if start < end else []
+    await store.supersede_sync_windows(resource.name, run_id)
     windows = await store.open_windows("sync", resource.name, planned, run_id, reuse=False)
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base))
 

@@ -42,7 +42,7 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
                     windows.c.resource, windows.c.kind, windows.c.state, func.count().label("count"),
                     func.min(windows.c.window_start).label("first_start"), func.max(windows.c.window_end).label("last_end"),
                 )
-                .where(windows.c.state != "done")
+                .where(windows.c.state.not_in(["done", "superseded"]))
                 .group_by(windows.c.resource, windows.c.kind, windows.c.state)
                 .order_by(windows.c.resource, windows.c.kind, windows.c.state)
             )

@@ -248,6 +248,15 @@ class Store:
             )
             return result.rowcount or 0
 
+    async def supersede_sync_windows(self, resource: str, run_id: int) -> None:
+        """Unfinished sync windows of earlier runs: a new sync plans from the watermark and covers them."""
+        async with self._transaction() as connection:
+            await connection.execute(
+                update(windows)
+                .where(windows.c.kind == "sync", windows.c.resource == resource, windows.c.state != "done", windows.c.run_id != run_id)
+                .values(state="superseded", updated_at=utc_now())
+            )
+
     async def fail_window(self, window_id: int, error: str) -> None:
         async with self._transaction() as connection:
             await connection.execute(

@@ -254,3 +254,23 @@ async def test_a_backfill_and_a_sync_on_other_resources_run_at_once(
     assert overlapping
     runs = await rows(sqlite_or_postgres_url, "SELECT command, status FROM etl_runs ORDER BY id")
     assert sorted(tuple(run) for run in runs) == [("backfill", "succeeded"), ("sync", "succeeded")]
+
+
+async def test_sync_windows_left_by_an_interrupted_sync_are_superseded_by_the_next(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A sync stopped mid-way leaves unfinished windows; the next sync covers them, and status no longer lists them."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(orders=20000, delay_ms=80)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2}, sync={"max_rejects": 1000})
+        process = await start_etl("sync", "--config", str(config))
+        await asyncio.sleep(2.5)
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process)
+        unfinished_after_stop = sqlite_rows(url, "SELECT COUNT(*) FROM etl_windows WHERE state NOT IN ('done', 'superseded')")[0][0]
+        again = await run_etl("sync", "--config", str(config))
+        status = await run_etl("status", "--config", str(config))
+    assert stopped.returncode == 1 and unfinished_after_stop > 0
+    assert again.returncode == 0, again.stderr
+    assert sqlite_rows(url, "SELECT COUNT(*) FROM etl_windows WHERE state NOT IN ('done', 'superseded')")[0][0] == 0
+    assert "unfinished windows:\n  none" in status.stdout
