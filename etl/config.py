@@ -306,7 +306,15 @@ def config_from_document(document: dict[str, Any], path: Path | None = None) -> 
         raise ConfigError(describe_validation_error(exc, path)) from None
     if config.auth.client_secret is not None and path is not None:
         _warn_secret_in_file(path)
-    return config
+    return _relative_to(config, path)
+
+
+def _relative_to(config: Config, path: Path | None) -> Config:
+    """A relative ca_bundle names a file beside config.toml, as client_secret_file does, whatever cron's cwd."""
+    bundle = Path(config.api.ca_bundle).expanduser() if config.api.ca_bundle else None
+    if path is None or bundle is None or bundle.is_absolute():
+        return config
+    return config.model_copy(update={"api": config.api.model_copy(update={"ca_bundle": str(path.parent / bundle)})})
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:

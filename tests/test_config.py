@@ -190,3 +190,14 @@ def test_cli_global_options_after_the_command_and_config_from_environment(tmp_pa
 def test_cli_unknown_flag_exits_2() -> None:
     result = _cli("sync", "--frm", "2024-01-01")
     assert result.returncode == 2 and "--frm" in result.stderr
+
+
+def test_a_relative_ca_bundle_is_beside_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under cron the working directory is anywhere: ca_bundle = "chain.pem" means the file next to config.toml."""
+    document = _document()
+    document["api"]["ca_bundle"] = "chain.pem"
+    path = tomlwriter.write(tmp_path / "config.toml", document)
+    monkeypatch.chdir("/")
+    assert load_config(path).api.ca_bundle == str(tmp_path / "chain.pem")
+    document["api"]["ca_bundle"] = "/etc/ssl/extra.pem"
+    assert load_config(tomlwriter.write(tmp_path / "abs.toml", document)).api.ca_bundle == "/etc/ssl/extra.pem"
