@@ -184,9 +184,18 @@ class Pipeline:
         if loader.done():  # the loader only ends early when the database failed
             workers_done.cancel()
             await asyncio.gather(workers_done, return_exceptions=True)
-        else:
+            return
+        try:
             await self._wait_for_workers(workers_done)
-            await self._queue.put(_END)
+        finally:  # even when a worker failed unexpectedly, what is queued is committed
+            await self._close_loader(loader)
+
+    async def _close_loader(self, loader: asyncio.Task[None]) -> None:
+        """Tell the loader that no page will come, and wait for its last commit."""
+        closing = asyncio.create_task(self._queue.put(_END))
+        await asyncio.wait([closing, loader], return_when=asyncio.FIRST_COMPLETED)
+        if loader.done():
+            closing.cancel()
         await loader
 
     async def _wait_for_workers(self, workers_done: asyncio.Future[Any]) -> None:

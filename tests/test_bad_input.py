@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbquery import scalar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
@@ -36,6 +35,7 @@ from etl.simulator import Faults, Simulator, SimulatorSettings
 from etl.store import LoadBatch, Store
 
 import tomlwriter
+from dbquery import scalar
 
 COLUMN_TYPES = ["string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"]
 TRIED = {"configs": 0, "values": 0}

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from dbquery import rows, scalar
 
 from etl import runs
 from etl.config import Config, config_from_document
@@ -22,6 +21,8 @@ from etl.demo import demo_document
 from etl.pipeline import RunOutcome
 from etl.progress import NoProgress
 from etl.simulator import Faults, Simulator, SimulatorSettings
+
+from dbquery import rows, scalar
 
 START, END = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 11, tzinfo=UTC)
 COUNTS = {"orders": 2000, "customers": 600, "events": 1000, "payments": 600}

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from dbquery import scalar
+import pytest
 from sqlalchemy import select
 
 from etl import runs
@@ -17,6 +17,8 @@ from etl.db import create_engine
 from etl.progress import NoProgress
 from etl.schema import runs as runs_table
 from etl.simulator import Simulator
+
+from dbquery import scalar
 
 
 async def _sync(config: Config, names: list[str] | None = None) -> runs.RunOutcome:
@@ -102,3 +104,28 @@ async def test_each_run_is_recorded_with_its_counts(
     assert row.pages == simulator.counters.as_dict()["api_requests"]
     assert row.token_requests == 1
     assert row.ended_at is not None
+
+
+async def test_an_unexpected_worker_failure_still_commits_what_was_queued(
+    simulator: Simulator, make_config: Callable[..., Config], fresh_database: Callable[[str], Any], monkeypatch: Any
+) -> None:
+    """A bug in a worker (not an EtlError) fails the run, but the pages already queued are committed first."""
+    from etl.pipeline import Pipeline
+
+    url = await fresh_database("sqlite")
+    original = Pipeline._fetch_window
+    calls = 0
+
+    async def fetch_then_break(self: Pipeline, *args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise RuntimeError("a bug")
+        await original(self, *args)
+
+    monkeypatch.setattr(Pipeline, "_fetch_window", fetch_then_break)
+    config = make_config(simulator, url, resources=["orders"], api={"concurrency": 1})
+    with pytest.raises(RuntimeError, match="a bug"):
+        await _sync(config)
+    assert await scalar(url, "SELECT COUNT(*) FROM orders") > 0
+    assert await scalar(url, "SELECT status FROM etl_runs") == "failed"

@@ -7,13 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dbquery import rows
-
 from etl import runs
 from etl.config import Config
 from etl.progress import NoProgress
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
+from dbquery import rows
 from etlproc import run_etl, write_config
 
 

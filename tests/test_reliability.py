@@ -18,13 +18,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-from dbquery import sqlite_rows
 
 from etl.config import config_from_document
 from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
+from dbquery import sqlite_rows
 from etlproc import finish, run_etl, start_etl, write_config
 
 pytestmark = pytest.mark.slow

@@ -19,13 +19,13 @@ from urllib.parse import parse_qsl
 
 import orjson
 import pytest
-from dbquery import rows, sqlite_rows
 
 from etl.config import config_from_document
 from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
+from dbquery import rows, sqlite_rows
 from etlproc import etl_env, finish, run_etl, start_etl, write_config
 
 DAY = "2024-01-{:02d}"
