@@ -367,8 +367,7 @@ class Pipeline:
         progress.rejects += len(item.page.rejects)
         progress.position = item.position
         if item.page.max_cursor is not None:
-            plan.tracker.saw_cursor(item.window.id, item.page.max_cursor)
-            progress.max_cursor = item.page.max_cursor
+            progress.max_cursor = plan.tracker.saw_cursor(item.window.id, item.page.max_cursor)
         if item.finished:
             progress.done = True
             mark = plan.tracker.window_finished(item.window.id)

@@ -87,8 +87,10 @@ class WatermarkTracker:
         self._may_advance = first is not None and (first.start is None or anchor is None or first.start <= anchor)
         self._next = 0
 
-    def saw_cursor(self, window_id: int, cursor: Any) -> None:
+    def saw_cursor(self, window_id: int, cursor: Any) -> Any:
+        """Record a page's highest cursor; returns the window's highest so far, committed pages included."""
         self._max_cursor[window_id] = newest_cursor(self._max_cursor.get(window_id), cursor)
+        return self._max_cursor[window_id]
 
     def window_finished(self, window_id: int) -> Watermark | None:
         """The new watermark if this window extends the finished prefix, else None."""

@@ -101,7 +101,11 @@ class WindowRecord:
 
 @dataclass
 class WindowProgress:
-    """What one batch adds to a window: pages, records, where to resume, and whether it is done."""
+    """What one batch adds to a window: pages, records, where to resume, and whether it is done.
+
+    `max_cursor` is the window's highest cursor so far, earlier batches included (the pipeline's
+    WatermarkTracker holds it), so it is written as it is, without reading the stored one.
+    """
 
     position: dict[str, Any] | None = None
     pages: int = 0
@@ -303,8 +307,7 @@ class Store:
         if progress.position is not None:
             values["position"] = orjson.dumps(progress.position).decode()
         if progress.max_cursor is not None:
-            current = (await connection.execute(select(windows.c.max_cursor).where(windows.c.id == window_id))).scalar()
-            values["max_cursor"] = cursor_text(newest_cursor(cursor_from_text(current), progress.max_cursor))
+            values["max_cursor"] = cursor_text(progress.max_cursor)
         await connection.execute(update(windows).where(windows.c.id == window_id).values(**values))
 
     async def _save_watermark(self, connection: AsyncConnection, mark: Watermark, run_id: int, now: datetime) -> None:

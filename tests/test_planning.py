@@ -1,0 +1,52 @@
+"""WatermarkTracker: the watermark follows finished windows only, and each window's highest cursor is cumulative."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from etl.config import config_from_document
+from etl.demo import demo_document
+from etl.planning import WatermarkTracker
+from etl.store import Watermark, WindowRecord
+from etl.windows import Window
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+
+def _orders():  # type: ignore[no-untyped-def]
+    document = demo_document(None, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    return config_from_document(document).resource("orders")
+
+
+def _windows(count: int, max_cursor: datetime | None = None) -> list[WindowRecord]:
+    return [
+        WindowRecord(n + 1, "orders", "sync", Window(T0 + n * DAY, T0 + (n + 1) * DAY), "pending", None, 0, 0, max_cursor if n == 0 else None)
+        for n in range(count)
+    ]
+
+
+def test_a_windows_highest_cursor_is_cumulative_across_pages_and_runs() -> None:
+    """A page with a lower cursor after a higher one does not lower the window's maximum; a resumed window starts from its stored one."""
+    tracker = WatermarkTracker(_orders(), _windows(2, max_cursor=T0 + timedelta(hours=5)), None)
+    assert tracker.saw_cursor(1, T0 + timedelta(hours=3)) == T0 + timedelta(hours=5)
+    assert tracker.saw_cursor(1, T0 + timedelta(hours=9)) == T0 + timedelta(hours=9)
+    assert tracker.saw_cursor(1, T0 + timedelta(hours=7)) == T0 + timedelta(hours=9)
+
+
+def test_the_watermark_waits_for_the_first_unfinished_window() -> None:
+    """Window 2 finishing before window 1 moves nothing; window 1 finishing then moves it over both."""
+    tracker = WatermarkTracker(_orders(), _windows(2), None)
+    tracker.saw_cursor(1, T0 + timedelta(hours=20))
+    tracker.saw_cursor(2, T0 + timedelta(hours=30))
+    assert tracker.window_finished(2) is None
+    mark = tracker.window_finished(1)
+    assert mark == Watermark("orders", T0 + timedelta(hours=30), T0 + 2 * DAY)
+
+
+def test_a_backfill_that_does_not_touch_the_watermark_never_moves_it() -> None:
+    """A range beginning after the watermark, with a gap in between, leaves the watermark where it was."""
+    later = [WindowRecord(1, "orders", "backfill", Window(T0 + 10 * DAY, T0 + 11 * DAY), "pending", None, 0, 0, None)]
+    tracker = WatermarkTracker(_orders(), later, Watermark("orders", T0, T0 + DAY))
+    tracker.saw_cursor(1, T0 + timedelta(days=10, hours=1))
+    assert tracker.window_finished(1) is None
