@@ -20,7 +20,7 @@ import ssl
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -43,7 +43,7 @@ from etl.errors import ConfigError, EtlError, LoadError, SourceError, Unreachabl
 from etl.logs import redact, register_secret
 from etl.paginators import Paginator, paginator_for
 from etl.records import RecordValidator, records_at
-from etl.token import DEFAULT_LIFETIME_S, METHOD_HINT, Token, TokenManager, token_request
+from etl.token import DEFAULT_LIFETIME_S, METHOD_HINT, Token, TokenManager, json_object, token_request
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
 from etl.windows import FULL_REFRESH, Window, ceil_to, filter_params, floor_to, granularity
 
@@ -428,13 +428,13 @@ class Checker:
 
     async def _request_token(self) -> Verdict:
         status, body = await self._post_token(self.config.auth.client_auth)
-        fields = _json_object(body)
+        fields = json_object(body)
         value = fields.get("access_token") if fields else None
         if 200 <= status < 300 and fields and isinstance(value, str) and value:
             return self._issued(status, fields, value)
         return await self._refused(status, fields, body)
 
-    def _issued(self, status: int, fields: dict[str, Any], value: str) -> Verdict:
+    def _issued(self, status: int, fields: Mapping[str, Any], value: str) -> Verdict:
         register_secret(value)
         expires_in = fields.get("expires_in", DEFAULT_LIFETIME_S)
         try:
@@ -455,7 +455,7 @@ class Checker:
             verdict.details.append(f"warning: auth.token_url does not end in {TOKEN_PATH} (Cognito's token endpoint)")
         return verdict
 
-    async def _refused(self, status: int, fields: dict[str, Any] | None, body: bytes) -> Verdict:
+    async def _refused(self, status: int, fields: Mapping[str, Any] | None, body: bytes) -> Verdict:
         error = fields.get("error") if fields else None
         if fields and isinstance(error, str):
             details = [f"{key}: {json.dumps(fields[key], ensure_ascii=False)}" for key in ("error", "error_description") if fields.get(key)]
@@ -495,7 +495,7 @@ class Checker:
             status, body = await self._post_token(other)
         except EtlError:
             status, body = 0, b""
-        if 200 <= status < 300 and (_json_object(body) or {}).get("access_token"):
+        if 200 <= status < 300 and (json_object(body) or {}).get("access_token"):
             return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'
         return (
             f"check auth.client_id ({auth.client_id!r}) and the client secret (from {self.secret_source}); "
@@ -638,14 +638,6 @@ def _trusted(leaf: x509.Certificate) -> Verdict:
     if days < EXPIRY_WARNING_DAYS:
         return Verdict(f"{summary} (in {days} days)", "warning", hint="the API's owners should renew the certificate")
     return Verdict(summary)
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 def _proxy_address(proxy: str) -> tuple[str, int]:

@@ -197,7 +197,7 @@ class TokenManager:
         raise self._refusal(status, answer)
 
     def _issued_token(self, status: int, answer: bytes, issued: float) -> Token:
-        fields = _json_object(answer)
+        fields = json_object(answer)
         if fields is None:
             raise AuthError(
                 f"the token endpoint {self._url} answered {status} with something that is not a JSON object: "
@@ -231,7 +231,7 @@ class TokenManager:
 
     def _refusal(self, status: int, answer: bytes) -> AuthError:
         """The endpoint's own refusal as AuthError: its error and error_description verbatim, plus a hint."""
-        fields = _json_object(answer) or {}
+        fields = json_object(answer) or {}
         error, description = fields.get("error"), fields.get("error_description")
         if isinstance(error, str) and (status in (400, 401) or error == "invalid_request"):
             hint = self._refusal_hint(error)
@@ -320,7 +320,8 @@ def _form_encode(value: str) -> str:
     return quote_plus(value, safe="").replace("~", "%7E")
 
 
-def _json_object(answer: bytes) -> Mapping[str, Any] | None:
+def json_object(answer: bytes) -> Mapping[str, Any] | None:
+    """The body as a JSON object, or None when it is not one (an endpoint's answer may be anything)."""
     try:
         parsed = json.loads(answer)
     except ValueError:
