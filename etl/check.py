@@ -41,11 +41,11 @@ from etl.config import Config, EnvSettings, ResourceConfig, load_config
 from etl.db import create_engine, current_revision, database_error, head_revision, safe_url
 from etl.errors import ConfigError, EtlError, LoadError, SourceError, UnreachableError
 from etl.logs import redact, register_secret
-from etl.paginators import Paginator, paginator_for
+from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
 from etl.token import DEFAULT_LIFETIME_S, METHOD_HINT, Token, TokenManager, json_object, token_request
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
-from etl.windows import FULL_REFRESH, Window, ceil_to, filter_params, floor_to, granularity
+from etl.windows import FULL_REFRESH, Window, ceil_to, floor_to, granularity
 
 Status = Literal["ok", "warning", "failed", "skipped"]
 MARKS: dict[Status, str] = {"ok": "✔", "warning": "!", "failed": "✘", "skipped": "–"}
@@ -519,10 +519,7 @@ class Checker:
         return self._judge_page(resource, page, tried)
 
     async def _first_page(self, client: ApiClient, resource: ResourceConfig, window: Window, tried: list[str]) -> _Page:
-        params = {key: _query_value(value) for key, value in resource.params.items()}
-        if resource.filter is not None:
-            params |= filter_params(window, resource.filter)
-        paginator = paginator_for(resource.pagination, self.config.api.base_url + resource.path, params)
+        paginator = window_paginator(resource, self.config.api.base_url, window)
         request = paginator.request()
         assert request is not None  # a new paginator always has a first page
         tried.append(f"window {window}: GET {_request_text(request)}")
@@ -643,10 +640,6 @@ def _trusted(leaf: x509.Certificate) -> Verdict:
 def _proxy_address(proxy: str) -> tuple[str, int]:
     parts = urlsplit(proxy)
     return parts.hostname or "", parts.port or 80
-
-
-def _query_value(value: str | float | bool) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _request_text(request: PageRequest) -> str:

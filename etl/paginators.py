@@ -32,9 +32,11 @@ from etl.config import (
     OffsetPagination,
     PagePagination,
     Pagination,
+    ResourceConfig,
 )
 from etl.errors import SourceError
 from etl.transport import display_url
+from etl.windows import Window, filter_params
 
 SEEN_LIMIT = 4096  # pages, cursors or links a window remembers to recognise a loop
 
@@ -436,3 +438,15 @@ PAGINATORS: dict[str, type[Paginator]] = {
 def paginator_for(config: Pagination, url: str, params: dict[str, str]) -> Paginator:
     """The paginator class the config's `style` discriminator names."""
     return PAGINATORS[config.style](config, url, params)  # type: ignore[arg-type]
+
+
+def window_paginator(resource: ResourceConfig, base_url: str, window: Window) -> Paginator:
+    """The paginator of one window of a resource: its static params plus the window's filter bounds."""
+    params = {key: _query_value(value) for key, value in resource.params.items()}
+    if resource.filter is not None:
+        params |= filter_params(window, resource.filter)
+    return paginator_for(resource.pagination, base_url + resource.path, params)
+
+
+def _query_value(value: str | int | float | bool) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)

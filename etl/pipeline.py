@@ -37,14 +37,13 @@ from etl.errors import (
     UnreachableError,
 )
 from etl.logs import register_secret, resource_var, run_id_var, window_var
-from etl.paginators import PagePlan, PlannedPage, paginator_for
+from etl.paginators import PagePlan, PlannedPage, window_paginator
 from etl.planning import ResourcePlan
 from etl.progress import NoProgress, ProgressDisplay
 from etl.records import RecordValidator, ValidatedPage, records_at
 from etl.store import LoadBatch, Store, WindowProgress, WindowRecord
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, open_session
-from etl.windows import filter_params
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +234,7 @@ class Pipeline:
                 await self._queue.put(_WindowFailed(window, exc))
 
     async def _fetch_window(self, client: ApiClient, resource: ResourceConfig, window: WindowRecord) -> None:
-        params = {key: _query_value(value) for key, value in resource.params.items()}
-        if resource.filter is not None:
-            params.update(filter_params(window.window, resource.filter))
-        paginator = paginator_for(resource.pagination, self.config.api.base_url + resource.path, params)
+        paginator = window_paginator(resource, self.config.api.base_url, window.window)
         if window.position:
             paginator.restore(window.position)
         stats = self.stats[resource.name]
@@ -415,10 +411,6 @@ class Pipeline:
 def _stopped_midway(exc: ConnectionFailed) -> EtlError:
     """A host that answered earlier in the run and then went away: the run stopped early (exit 1)."""
     return EtlError(f"the API stopped answering in the middle of the run: {exc.message}", hint=exc.hint)
-
-
-def _query_value(value: str | int | float | bool) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _interleave(lists: list[list[Any]]) -> list[Any]:
