@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from etl.config import config_from_document, config_path
+from etl.db import safe_url
 from etl.pipeline import RunOutcome
 from etl.progress import ProgressDisplay
 from etl.simulator import Simulator, demo_settings
@@ -50,11 +51,5 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
         log.info("simulator serving %s (token endpoint %s)", simulator.base_url, simulator.token_url)
         document = demo_document(_user_database(explicit_config), simulator.base_url, simulator.token_url)
         config = config_from_document(document, Path("demo_config.toml"))
-        print(f"demo: simulator on {simulator.base_url}, loading into {_shown(config.database.url)}", flush=True)
+        print(f"demo: simulator on {simulator.base_url}, loading into {safe_url(config.database.url)}", flush=True)
         return await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret))
-
-
-def _shown(url: str) -> str:
-    from etl.db import safe_url
-
-    return safe_url(url)
