@@ -60,7 +60,7 @@ class SimulatorProcess:
 
 
 def start_simulator(records: int, delay_ms: int = 0) -> SimulatorProcess:
-    command = [sys.executable, "-m", "etl.simulator", "--port", "0", "--records", f"orders={records}", "--seed", "42"]
+    command = [sys.executable, "-m", "etl.simulator", "--port", "0", "--records", f"orders={records}", "--seed", "42", "--prebuild"]
     if delay_ms:
         command += ["--delay-ms", str(delay_ms)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scope", action="append", dest="scopes", help="allowed scope (repeatable)")
     parser.add_argument("--token-lifetime", type=int, default=defaults.token_lifetime_s, help="seconds")
     parser.add_argument("--tls", action="store_true", help="serve https with a fresh self-signed certificate")
+    parser.add_argument(
+        "--prebuild", action="store_true", help="encode every record at start-up: cheap pages for benchmarks"
+    )
     faults = parser.add_argument_group("faults (API requests unless token_*)")
     for flag in ("fault_503", "fault_500", "fault_429", "fault_reset", "fault_truncated", "fault_html"):
         faults.add_argument("--" + flag.replace("_", "-"), type=float, default=0.0, metavar="RATE")
@@ -95,6 +98,7 @@ def settings_from(args: argparse.Namespace) -> SimulatorSettings:
         scopes=set(args.scopes) if args.scopes else demo_settings().scopes,
         token_lifetime_s=args.token_lifetime,
         tls=args.tls,
+        prebuild=args.prebuild,
         host=args.host,
         port=args.port,
         faults=Faults(**{field: getattr(args, flag) for flag, field in FAULT_FLAGS.items()}),

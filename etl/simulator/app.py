@@ -208,6 +208,9 @@ class SimState:
         self.datasets = build_datasets(
             settings.seed, settings.all_counts(), settings.data_start, settings.data_end
         )
+        if settings.prebuild:
+            for dataset in self.datasets.values():
+                dataset.prebuild()
         self.tokens = Tokens(settings.token_lifetime_s)
         self.faults = settings.faults
         self.counters = Counters()
@@ -336,7 +339,7 @@ def page_orders(ds: Dataset, request: web.Request, faults: Faults) -> Page:
     size = int_param(query, "page_size", DEFAULT_PAGE, 1, MAX_PAGE)
     selection = ds.select(iso_param(query, "updated_since"), iso_param(query, "updated_until"))
     served = min(page, 2) if faults.repeat_cursor else page  # stuck on page 2
-    records = ds.records(selection.indices((served - 1) * size, size))
+    records = ds.served(selection.indices((served - 1) * size, size))
     return Page({"data": records, "page": page, "page_size": size, "total": len(selection)}, len(records))
 
 
@@ -349,7 +352,7 @@ def page_customers(ds: Dataset, request: web.Request, faults: Faults) -> Page:
         epoch_param(query, "modified_after", 1_000_000), epoch_param(query, "modified_before", 1_000_000)
     )
     served = min(offset, limit) if faults.repeat_cursor else offset  # stuck on the second window
-    records = ds.records(selection.indices(served, limit))
+    records = ds.served(selection.indices(served, limit))
     return Page({"results": records, "count": len(selection)}, len(records))
 
 
@@ -373,7 +376,7 @@ def page_events(ds: Dataset, request: web.Request, faults: Faults) -> Page:
         next_cursor = encode_token([ds.ticks_of(last), last, since, until])
     else:
         next_cursor = None
-    records = ds.records(indices)
+    records = ds.served(indices)
     return Page({"items": records, "meta": {"next_cursor": next_cursor}}, len(records))
 
 
@@ -391,7 +394,7 @@ def page_payments(ds: Dataset, request: web.Request, faults: Faults) -> Page:
         token = encode_token([ds.ticks_of(indices[-1]), indices[-1]])
     else:
         token = None
-    records = ds.records(indices)
+    records = ds.served(indices)
     headers = {"Link": f'<{_next_link(request, token, per_page, faults)}>; rel="next"'} if token else {}
     return Page(records, len(records), headers)
 
@@ -410,7 +413,7 @@ def _next_link(request: web.Request, token: str, per_page: int, faults: Faults) 
 
 def page_products(ds: Dataset, request: web.Request, faults: Faults) -> Page:
     """No pagination, no filter: the whole list at once."""
-    records = ds.records(ds.select().indices(0, ds.count))
+    records = ds.served(ds.select().indices(0, ds.count))
     return Page({"products": records}, len(records))
 
 

@@ -27,6 +27,7 @@ class SimulatorSettings:
     scopes: set[str] = field(default_factory=lambda: {"legacy-api/read", "legacy-api/write"})
     token_lifetime_s: int = 3600
     tls: bool = False
+    prebuild: bool = False  # encode every record at start-up (benchmarks): a page then costs a join
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
     faults: Faults = field(default_factory=Faults)
