@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -83,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return exc.exit_code
     setup_logging(args.log_format, -1 if args.quiet else min(args.verbose, 1))
+    _tune_garbage_collector()
     try:
         return asyncio.run(_dispatch(args))
     except EtlError as exc:
@@ -91,6 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 1
+
+
+def _tune_garbage_collector() -> None:
+    """Collect less often: a page allocates thousands of objects, and with the default thresholds the
+    collector ran every few records and rescanned every module's objects (~15% of a backfill's time).
+
+    What exists once the modules are imported lives for the whole process, so it is frozen out of the scans.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
 
 
 def _wants_json(argv: list[str]) -> bool:
@@ -202,18 +215,27 @@ async def _demo(args: argparse.Namespace) -> int:
 
 def report(outcome: RunOutcome) -> int:
     """One line per resource on stdout (what cron mails), then the verdict; returns the exit code."""
+    lines = []
     for stats in outcome.resources.values():
         rate = stats.loaded / stats.seconds if stats.seconds > 0 else 0.0
         line = (
             f"{stats.name}: {stats.loaded} loaded, {stats.rejected} rejected, {stats.pages} pages, "
             f"{stats.windows_done}/{stats.windows} windows, {stats.seconds:.1f}s ({rate:,.0f} records/s)"
         )
-        print(line + (f" — FAILED: {stats.error}" if stats.error else ""))
-    print(
+        lines.append(line + (f" — FAILED: {stats.error}" if stats.error else ""))
+    lines.append(
         f"run {outcome.run_id} {outcome.status} in {outcome.seconds:.1f}s: {outcome.requests} requests, "
-        f"{outcome.retries} retried, {outcome.token_requests} token request(s)",
-        flush=True,
+        f"{outcome.retries} retried, {outcome.token_requests} token request(s)"
     )
+    _print_lines(lines)
     if outcome.error is not None:
         log.error("%s", outcome.error)
     return outcome.exit_code
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Print to stdout; a reader that went away (`etl sync | head -1`) costs the lines, not the exit code."""
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's last flush is quiet

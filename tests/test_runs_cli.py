@@ -26,7 +26,7 @@ from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
 from dbquery import rows, sqlite_rows
-from etlproc import etl_env, finish, run_etl, start_etl, write_config
+from etlproc import Finished, etl_env, finish, run_etl, start_etl, write_config
 
 DAY = "2024-01-{:02d}"
 
@@ -81,10 +81,7 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
     url = await fresh_database("sqlite")
     async with Simulator(_settings(delay_ms=120)) as sim:
         args = _twenty_window_backfill(tmp_path, sim, url)
-        process = await start_etl(*args)
-        finished_before_kill = await _wait_for_done_windows(url, process, at_least=5)
-        process.send_signal(signal.SIGKILL)
-        await finish(process)
+        finished_before_kill, _ = await _signal_mid_backfill(args, url, signal.SIGKILL, at_least=5)
         done_at_kill = dict(sqlite_rows(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
 
         again = await run_etl(*args)
@@ -105,6 +102,14 @@ def _twenty_window_backfill(directory: Path, sim: Simulator, url: str) -> tuple[
     """The CLI arguments of a backfill of orders in 20 windows of 12 h, slow enough to interrupt."""
     config = write_config(directory, sim, url, resources=["orders"], api={"concurrency": 2})
     return ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
+
+
+async def _signal_mid_backfill(args: tuple[str, ...], url: str, signum: int, at_least: int) -> tuple[int, Finished]:
+    """Start the backfill, signal it once `at_least` windows are done; the windows done then, and how it ended."""
+    process = await start_etl(*args)
+    done = await _wait_for_done_windows(url, process, at_least)
+    process.send_signal(signum)
+    return done, await finish(process, timeout=30)
 
 
 async def _wait_for_done_windows(url: str, process: asyncio.subprocess.Process, at_least: int) -> int:
@@ -144,10 +149,7 @@ async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_comple
     url = await fresh_database("sqlite")
     async with Simulator(_settings(delay_ms=120)) as sim:
         args = _twenty_window_backfill(tmp_path, sim, url)
-        process = await start_etl(*args)
-        await _wait_for_done_windows(url, process, at_least=3)
-        process.send_signal(signal.SIGTERM)
-        stopped = await finish(process, timeout=30)
+        _, stopped = await _signal_mid_backfill(args, url, signal.SIGTERM, at_least=3)
         status_after_stop = sqlite_rows(url, "SELECT status, error FROM etl_runs ORDER BY id")[-1]
 
         again = await run_etl(*args)
@@ -170,6 +172,22 @@ async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, f
     assert [line.split(":")[0] for line in lines[:-1]] == ["orders", "customers", "events", "payments", "products"]
     assert lines[-1].startswith("run 1 succeeded")
     assert "━" not in result.stdout + result.stderr
+
+
+async def test_a_reader_that_went_away_costs_the_summary_not_the_exit_code(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """`etl sync | head -1` after head has exited: no traceback, exit 0, the rows are committed."""
+    url = await fresh_database("sqlite")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    async with Simulator() as sim:
+        process = await start_etl("sync", "--config", str(write_config(tmp_path, sim, url)), stdout=write_end)
+        os.close(write_end)
+        result = await finish(process)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+    assert sqlite_rows(url, "SELECT count(*) FROM orders")[0][0] > 0
 
 
 async def test_on_a_terminal_progress_bars_are_drawn(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
