@@ -38,25 +38,20 @@ def test_the_example_config_is_valid_and_matches_the_demo() -> None:
     assert (root / "config.toml").read_text() == (root / "etl" / "demo_config.toml").read_text()
 
 
-def test_unknown_key_is_named_with_its_path() -> None:
-    """A typo in a nested key is reported as resources[0].pagination.page_sise."""
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("page_sise", 10, "resources[0].pagination.page_sise: unknown key"),
+        ("page_size", "ten", "resources[0].pagination.page_size: Input should be a valid integer"),
+        ("page_size", 0, "resources[0].pagination.page_size: Input should be greater than or equal to 1"),
+    ],
+    ids=["unknown key", "wrong type", "bad value"],
+)
+def test_a_bad_key_is_named_with_its_path(key: str, value: object, message: str) -> None:
+    """A typo, a wrong type or a refused value in a nested key names resources[0].pagination.<key>."""
     document = _document()
-    document["resources"][0]["pagination"]["page_sise"] = 10
-    assert "resources[0].pagination.page_sise: unknown key" in _error(document)
-
-
-def test_wrong_type_is_named() -> None:
-    """page_size = "ten" names the key and says what is expected."""
-    document = _document()
-    document["resources"][0]["pagination"]["page_size"] = "ten"
-    assert "resources[0].pagination.page_size: Input should be a valid integer" in _error(document)
-
-
-def test_bad_value_is_named() -> None:
-    """A zero page size is refused, naming the key."""
-    document = _document()
-    document["resources"][0]["pagination"]["page_size"] = 0
-    assert "resources[0].pagination.page_size: Input should be greater than or equal to 1" in _error(document)
+    document["resources"][0]["pagination"][key] = value
+    assert message in _error(document)
 
 
 def test_unknown_pagination_style_lists_the_known_ones() -> None:

@@ -189,10 +189,7 @@ async def test_https_proxy_carries_the_token_and_api_requests(
     no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     """HTTPS_PROXY set: every connection to the https host is a CONNECT tunnel through the proxy."""
-    recorder, proxy_url = proxy
-    no_proxy_env.setenv("HTTPS_PROXY", proxy_url)
-    outcome = await _sync(_config(tls_sim, await fresh_database("sqlite"), ca_bundle=tls_sim.ca_pem_path))
-    assert outcome.exit_code == 0, outcome.error
+    recorder = await _sync_with_proxy(tls_sim, await fresh_database("sqlite"), proxy, no_proxy_env)
     target = tls_sim.origin.removeprefix("https://")
     assert recorder.tunnels and set(recorder.tunnels) == {f"CONNECT {target}"}
 
@@ -204,9 +201,17 @@ async def test_no_proxy_sends_the_host_around_the_proxy(
     no_proxy_env: pytest.MonkeyPatch,
 ) -> None:
     """HTTPS_PROXY set but the host in NO_PROXY: the run loads without a single tunnel."""
-    recorder, proxy_url = proxy
-    no_proxy_env.setenv("HTTPS_PROXY", proxy_url)
     no_proxy_env.setenv("NO_PROXY", "127.0.0.1")
-    outcome = await _sync(_config(tls_sim, await fresh_database("sqlite"), ca_bundle=tls_sim.ca_pem_path))
-    assert outcome.exit_code == 0, outcome.error
+    recorder = await _sync_with_proxy(tls_sim, await fresh_database("sqlite"), proxy, no_proxy_env)
     assert recorder.tunnels == []
+
+
+async def _sync_with_proxy(
+    tls_sim: Simulator, url: str, proxy: tuple[ConnectProxy, str], env: pytest.MonkeyPatch
+) -> ConnectProxy:
+    """A sync over https with HTTPS_PROXY set, which must succeed; the proxy's record of tunnels."""
+    recorder, proxy_url = proxy
+    env.setenv("HTTPS_PROXY", proxy_url)
+    outcome = await _sync(_config(tls_sim, url, ca_bundle=tls_sim.ca_pem_path))
+    assert outcome.exit_code == 0, outcome.error
+    return recorder
