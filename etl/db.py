@@ -18,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from etl.errors import ConfigError, LoadError
 
@@ -111,6 +111,19 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
 
 
+async def begin_schema_change(connection: AsyncConnection) -> None:
+    """Open SQLite's transaction before the first CREATE or ALTER, so a schema change is all or nothing.
+
+    Python's sqlite3 opens a transaction only before INSERT, UPDATE and DELETE: DDL run first was
+    committed on its own, and a run killed mid-migration left tables without their version row, so
+    every later run failed on "table etl_runs already exists". IMMEDIATE takes the write lock up
+    front, so two runs migrating at once take turns. PostgreSQL's DDL is transactional already;
+    MySQL's commits implicitly and cannot be made so.
+    """
+    if connection.dialect.name == "sqlite":
+        await connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def _alembic_config(connection: Connection) -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -136,6 +149,7 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
     """Bring etl's tables to the newest revision; harmless when they are there. Returns (before, after)."""
     try:
         async with engine.begin() as connection:
+            await begin_schema_change(connection)
             before = await connection.run_sync(_current_revision)
             await connection.run_sync(_upgrade)
             after = await connection.run_sync(_current_revision)

@@ -50,7 +50,7 @@ from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.dml import Insert
 
 from etl.config import ResourceConfig
-from etl.db import database_error, migrate
+from etl.db import begin_schema_change, database_error, migrate
 from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
 from etl.records import Reject
@@ -152,6 +152,7 @@ class Store:
             await migrate(self.engine)
         try:
             async with self.engine.begin() as connection:
+                await begin_schema_change(connection)
                 for resource in resources:
                     table = await connection.run_sync(ensure_resource_table, resource)
                     self._register(resource, table)

@@ -13,6 +13,8 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+import etl.db
+import etl.schema
 from etl.config import ResourceConfig
 from etl.db import MIGRATIONS_DIR, create_engine, current_revision, head_revision, migrate
 from etl.errors import ConfigError, LoadError
@@ -213,3 +215,39 @@ async def test_without_auto_migrate_an_empty_database_says_to_run_migrate(fresh_
         with pytest.raises(LoadError) as caught:
             await Store(engine).prepare([_orders()], auto_migrate=False)
     assert caught.value.hint == "run `python -m etl migrate`"
+
+
+async def test_a_migration_cut_short_leaves_nothing_behind_and_the_next_one_completes(
+    sqlite_or_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed mid-migration must not leave tables without their version row: every later run
+    would fail on "table etl_runs already exists". (MySQL commits each DDL statement; it cannot be tested so.)"""
+    real_upgrade = etl.db._upgrade
+
+    def upgrade_then_die(connection: Connection) -> None:
+        real_upgrade(connection)
+        raise RuntimeError("killed before commit")
+
+    async with _engine(sqlite_or_postgres_url) as engine:
+        monkeypatch.setattr(etl.db, "_upgrade", upgrade_then_die)
+        with pytest.raises(RuntimeError):
+            await migrate(engine)
+        assert not {name for name in await _tables(engine) if name.startswith("etl_")}
+        monkeypatch.setattr(etl.db, "_upgrade", real_upgrade)
+        assert await migrate(engine) == (None, head_revision())
+
+
+async def test_adding_a_column_cut_short_leaves_the_table_as_it_was(fresh_database: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ALTER TABLE and the record of what was declared commit together, or neither does."""
+    async with _engine(await fresh_database("sqlite")) as engine:
+        await _prepare(engine, _orders())
+        monkeypatch.setattr(etl.schema, "_record_declaration", _die)
+        with pytest.raises(RuntimeError):
+            await Store(engine).prepare([_orders(note="string")], auto_migrate=True)
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda sync: {column["name"] for column in inspect(sync).get_columns("orders")})
+    assert "note" not in columns
+
+
+def _die(*_args: Any) -> None:
+    raise RuntimeError("killed before commit")
