@@ -358,7 +358,8 @@ class Pipeline:
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
             exc = _stopped_midway(exc)
-        log.error("%s", exc)
+        repeated = any(error.message == exc.message for error in self._errors)  # a run-wide cause, met by every worker
+        log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
         self._failed.add(resource.name)
         self.stats[resource.name].error = exc.message

@@ -30,7 +30,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from etl.config import AuthConfig
 from etl.errors import AuthError, EtlError, RetryableError, TokenRejected
 from etl.logs import register_secret
-from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
+from etl.transport import CONNECT_HINT, RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class TokenManager:
                 status, answer = response.status, await response.read()
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise translate(exc, self._url) from exc
+            raise _at_token_endpoint(translate(exc, self._url), self._url) from exc
         if 200 <= status < 300:
             return self._issued_token(status, answer, issued)
         if status == 429 or status >= 500:
@@ -291,6 +291,15 @@ def refresh_after(lifetime: float, margin: float) -> float:
     if margin <= lifetime / 2:
         return lifetime - margin
     return lifetime * (1 - SHORT_TOKEN_MARGIN)
+
+
+def _at_token_endpoint(error: EtlError, url: str) -> EtlError:
+    """The transport's error, saying it was the token endpoint: "cannot connect to host:port" alone reads as the API."""
+    error.message = f"the token endpoint {url}: {error.message}"
+    error.args = (error.message,)
+    if error.hint == CONNECT_HINT:
+        error.hint = f"check [auth].token_url; {CONNECT_HINT}"
+    return error
 
 
 def token_request(auth: AuthConfig, secret: SecretStr, client_auth: str) -> tuple[dict[str, str], bytes]:

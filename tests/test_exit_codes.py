@@ -88,6 +88,26 @@ async def test_exit_5_when_nothing_listens(tmp_path: Path, fresh_database: Calla
     assert "cannot connect to" in result.stderr and str(port) in result.stderr
 
 
+async def test_an_unreachable_token_endpoint_is_named_as_such_and_reported_once(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The API is up, the token endpoint is not: the message says it is the token endpoint, and
+    says it once, not once per resource and window."""
+    url = await fresh_database("sqlite")
+    port = _free_port()
+    async with Simulator() as sim:
+        config = write_config(
+            tmp_path, sim, url, resources=["orders", "customers", "events"],
+            auth={"token_url": f"http://127.0.0.1:{port}/oauth2/token"}, api={"max_retries": 1, "retry_backoff_s": 0.01},
+        )
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 5
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert errors and all(f"the token endpoint http://127.0.0.1:{port}/oauth2/token" in line for line in errors), result.stderr
+    assert len(errors) == 2, result.stderr  # when it happened, and the run's verdict
+    assert "[auth].token_url" in result.stderr
+
+
 async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     url = await fresh_database("sqlite")
     async with Simulator() as sim:
