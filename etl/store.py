@@ -29,6 +29,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     MetaData,
     Select,
     Table,
@@ -55,7 +56,7 @@ from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
 from etl.records import Reject
 from etl.schema import LOADED_AT, RUN_ID, ensure_resource_table, rejects, runs, watermarks, windows
-from etl.sqltypes import driver_column, driver_value, to_utc
+from etl.sqltypes import ExactDecimal, driver_column, driver_value, to_utc
 from etl.windows import Window
 
 # The raw COPY bypasses SQLAlchemy, so asyncpg's own errors are translated too.
@@ -364,6 +365,8 @@ def upsert_statement(
         newer = None
         if cursor is not None:
             old, new = table.c[cursor], statement.excluded[cursor]
+            if dialect == "sqlite" and isinstance(old.type, ExactDecimal):  # stored as text, where '10.25' < '9.5'
+                old, new = cast(old, Float), cast(new, Float)
             newer = or_(old.is_(None), new.is_(None), new >= old)
         return statement.on_conflict_do_update(
             index_elements=key, set_={column.name: statement.excluded[column.name] for column in others}, where=newer

@@ -148,6 +148,17 @@ async def test_an_older_version_arriving_later_does_not_overwrite_a_newer_one(da
     assert (row.total, row.updated_at) == (Decimal("2.00"), T0 + timedelta(minutes=10))
 
 
+async def test_a_decimal_cursor_is_compared_as_a_number(database_url: str) -> None:
+    """Version 10.25 is newer than 9.5 on every database; SQLite keeps decimals as text, where '10.25' < '9.5'."""
+    versioned = _resource("versioned", {"id": "integer", "note": "string", "version": "decimal"}, cursor="version")
+    async with _store(database_url, versioned) as store:
+        run = await _run(store)
+        for note, version in (("first", "9.5"), ("second", "10.25"), ("late", "9.9")):
+            await _load(store, versioned, [{"id": 1, "note": note, "version": version}], run)
+        (row,) = await _rows(store, versioned)
+    assert (row.note, row.version) == ("second", Decimal("10.25"))
+
+
 async def test_duplicates_in_one_batch_collapse_to_the_newest(database_url: str) -> None:
     """A key three times in one batch is stored once, as its newest version even when that is not the last."""
     async with _store(database_url, ORDERS) as store:
