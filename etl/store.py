@@ -28,6 +28,7 @@ import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     DateTime,
     Float,
     MetaData,
@@ -364,7 +365,8 @@ def upsert_statement(
             statement = statement.from_select([column.name for column in table.columns], source)
         newer = None
         if cursor is not None:
-            old, new = table.c[cursor], statement.excluded[cursor]
+            old: ColumnElement[Any] = table.c[cursor]
+            new: ColumnElement[Any] = statement.excluded[cursor]
             if dialect == "sqlite" and isinstance(old.type, ExactDecimal):  # stored as text, where '10.25' < '9.5'
                 old, new = cast(old, Float), cast(new, Float)
             newer = or_(old.is_(None), new.is_(None), new >= old)
