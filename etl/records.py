@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Annotated, Any, NotRequired
 
 from pydantic import AfterValidator, AliasPath, Field, TypeAdapter, ValidationError
+from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 from etl.config import ColumnSpec, ResourceConfig
@@ -87,6 +88,19 @@ def _field(name: str, spec: ColumnSpec, required: bool) -> Any:
     return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]
 
 
+class _Invalid:
+    """A record that failed its row type, kept as it came: the page's other records still validate in one pass."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: Any) -> None:
+        self.record = record
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(cls)
+
+
 @dataclass(frozen=True)
 class Reject:
     """A record that failed validation, kept with the payload exactly as it was parsed."""
@@ -112,7 +126,9 @@ class RecordValidator:
             name: _field(name, spec, self._required(name, spec)) for name, spec in resource.columns.items()
         }
         row_type = TypedDict(f"{resource.name}_row", fields)  # type: ignore[misc]
-        self._page_adapter: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[row_type])  # type: ignore[valid-type,arg-type]
+        row_or_invalid = Annotated[row_type | _Invalid, Field(union_mode="left_to_right")]  # type: ignore[valid-type]
+        self._page_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[row_or_invalid])
+        self._strict_adapter: TypeAdapter[list[Any]] = TypeAdapter(list[row_type])  # type: ignore[valid-type]
         self._cursor_column = resource.cursor_field if resource.cursor_field in resource.columns else None
         self._cursor_adapter = TypeAdapter(_python_type("datetime"))
         self._columns_by_source = {
@@ -125,16 +141,32 @@ class RecordValidator:
         return spec.nullable is False
 
     def validate(self, records: list[Any]) -> ValidatedPage:
-        """Rows for every valid record, a Reject for every other; never raises for a bad record."""
+        """Rows for every valid record, a Reject for every other; never raises for a bad record.
+
+        One pass over the page: a record that fails comes out as _Invalid, so a page with one bad
+        record is not validated twice. Only the failed records are validated again, for the reasons.
+        """
+        validated = self._validated(self._page_adapter, records)
+        failed = [item.record for item in validated if type(item) is _Invalid]
+        if not failed:
+            return ValidatedPage(validated, [], self._max_cursor(validated, records))
+        rows = [item for item in validated if type(item) is not _Invalid]
+        good = [record for item, record in zip(validated, records, strict=True) if type(item) is not _Invalid]
         try:
-            rows = self._page_adapter.validate_python(records)
-            return ValidatedPage(rows, [], self._max_cursor(rows, records))
+            self._strict_adapter.validate_python(failed)
+            reasons: dict[int, list[str]] = {}
         except ValidationError as exc:
-            failed = _errors_by_index(exc, self._columns_by_source)
-        good = [record for index, record in enumerate(records) if index not in failed]
-        rows = self._page_adapter.validate_python(good)
-        rejects = [self._reject(records[index], messages) for index, messages in sorted(failed.items())]
+            reasons = _errors_by_index(exc, self._columns_by_source)
+        rejects = [self._reject(record, reasons.get(index, ["record: refused"])) for index, record in enumerate(failed)]
         return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
+
+    def _validated(self, adapter: TypeAdapter[list[Any]], records: list[Any]) -> list[Any]:
+        """The page through `adapter`; a body that is not a list of records is the API's fault (SourceError)."""
+        try:
+            return adapter.validate_python(records)
+        except ValidationError as exc:
+            _errors_by_index(exc, self._columns_by_source)
+            raise
 
     def _reject(self, record: Any, messages: list[str]) -> Reject:
         return Reject(key=self._key_of(record), raw=raw_json(record), error="; ".join(messages))

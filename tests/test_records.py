@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+import etl.records
 from etl.config import ResourceConfig
 from etl.errors import SourceError
 from etl.records import RecordValidator, Reject
@@ -185,3 +186,19 @@ def test_a_page_that_is_not_a_list_is_a_source_error() -> None:
     """A body whose record list is not a list is the API's fault, not a reject."""
     with pytest.raises(SourceError):
         _validator({}).validate({"id": 1})  # type: ignore[arg-type]
+
+
+def test_a_page_with_a_bad_record_validates_each_good_record_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bad record must not cost the whole page a second validation: with a reject in half the pages, it did."""
+    converted: list[datetime] = []
+
+    def counting_to_utc(moment: datetime) -> datetime:
+        converted.append(moment)
+        return moment.astimezone(UTC)
+
+    monkeypatch.setattr(etl.records, "_to_utc", counting_to_utc)
+    validator = _validator({"at": "datetime"})
+    page = validator.validate([{"id": 1, "at": "2024-01-01T00:00:00Z"}, {"id": 2, "at": "not a date"}, {"id": 3, "at": "2024-01-03T00:00:00Z"}])
+    assert [row["id"] for row in page.rows] == [1, 3]
+    assert [reject.key for reject in page.rejects] == ["2"] and "at: " in page.rejects[0].error
+    assert len(converted) == 2
