@@ -141,6 +141,7 @@ class EtlRun:
     token_requests: int
     requests: int
     exit_code: int
+    run_seconds: float  # etl's own clock (etl_runs): from the run's start, after interpreter start and imports
 
     @property
     def rate(self) -> float:
@@ -162,7 +163,9 @@ def run_etl(document: dict[str, Any], directory: Path, start: str = "2024-01-01"
     if process.returncode != 0:
         print(stdout.decode(), stderr.decode(), file=sys.stderr)
     run = asyncio.run(_last_run(document["database"]["url"]))
-    return EtlRun(seconds, peak_kb / 1024, run["records_loaded"], run["records_rejected"], run["token_requests"], run["requests"], process.returncode)
+    run_seconds = (run["ended_at"] - run["started_at"]).total_seconds()
+    return EtlRun(seconds, peak_kb / 1024, run["records_loaded"], run["records_rejected"], run["token_requests"], run["requests"],
+                  process.returncode, run_seconds)
 
 
 def _high_water_kb(pid: int) -> int:
@@ -267,6 +270,9 @@ def bench_latency(latency_ms: int, records: int, concurrency: int) -> None:
         print(f"bare aiohttp client: {bare:,.0f} records/s ({bare / ideal:.2f} of the ideal)")
         print(f"etl: {run.rate:,.0f} records/s ({run.rate / bare:.2f} of the bare client); concurrency x page_size / latency = {ideal:,.0f}; "
               f"ratio {run.rate / ideal:.2f} (target >= 0.90: {'MET' if run.rate / ideal >= 0.9 else 'NOT MET'})")
+        steady = (run.loaded + run.rejected) / run.run_seconds
+        print(f"etl on its own clock ({run.run_seconds:.1f}s of {run.seconds:.1f}s wall; interpreter start and imports excluded): "
+              f"{steady:,.0f} records/s, ratio {steady / ideal:.2f} (the target above is judged on the wall clock)")
     finally:
         sim.stop()
 
