@@ -146,7 +146,7 @@ class RecordValidator:
         One pass over the page: a record that fails comes out as _Invalid, so a page with one bad
         record is not validated twice. Only the failed records are validated again, for the reasons.
         """
-        validated = self._validated(self._page_adapter, records)
+        validated = self._validated(records)
         failed = [item.record for item in validated if type(item) is _Invalid]
         if not failed:
             return ValidatedPage(validated, [], self._max_cursor(validated, records))
@@ -160,10 +160,10 @@ class RecordValidator:
         rejects = [self._reject(record, reasons.get(index, ["record: refused"])) for index, record in enumerate(failed)]
         return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
 
-    def _validated(self, adapter: TypeAdapter[list[Any]], records: list[Any]) -> list[Any]:
-        """The page through `adapter`; a body that is not a list of records is the API's fault (SourceError)."""
+    def _validated(self, records: list[Any]) -> list[Any]:
+        """Each record as its row or as _Invalid; a body that is not a list of records is the API's fault (SourceError)."""
         try:
-            return adapter.validate_python(records)
+            return self._page_adapter.validate_python(records)
         except ValidationError as exc:
             _errors_by_index(exc, self._columns_by_source)
             raise
