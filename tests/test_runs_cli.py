@@ -11,7 +11,7 @@ import os
 import pty
 import signal
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,18 +75,16 @@ async def test_backfill_of_a_sub_range_holds_exactly_that_range(tmp_path: Path, 
 
 
 async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_finished_window(
-    tmp_path: Path, fresh_database: Callable[[str], Any]
+    twenty_window_backfill: tuple[Simulator, str, tuple[str, ...]],
 ) -> None:
     """A 20-window backfill killed with SIGKILL, run again: every record present once, finished windows fetched once."""
-    url = await fresh_database("sqlite")
-    async with Simulator(_settings(delay_ms=120)) as sim:
-        args = _twenty_window_backfill(tmp_path, sim, url)
-        finished_before_kill, _ = await _signal_mid_backfill(args, url, signal.SIGKILL, at_least=5)
-        done_at_kill = dict(sqlite_rows(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
+    sim, url, args = twenty_window_backfill
+    finished_before_kill, _ = await _signal_mid_backfill(args, url, signal.SIGKILL, at_least=5)
+    done_at_kill = dict(sqlite_rows(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
 
-        again = await run_etl(*args)
-        fetches = _window_fetches(sim)
-        expected = _valid_keys(sim)
+    again = await run_etl(*args)
+    fetches = _window_fetches(sim)
+    expected = _valid_keys(sim)
 
     assert finished_before_kill >= 5 and len(done_at_kill) < 20
     assert again.returncode == 0, again.stderr
@@ -98,10 +96,16 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
         assert fetches[since] == pages, f"window {since}, finished before the kill, was fetched again"
 
 
-def _twenty_window_backfill(directory: Path, sim: Simulator, url: str) -> tuple[str, ...]:
-    """The CLI arguments of a backfill of orders in 20 windows of 12 h, slow enough to interrupt."""
-    config = write_config(directory, sim, url, resources=["orders"], api={"concurrency": 2})
-    return ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
+@pytest.fixture
+async def twenty_window_backfill(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> AsyncIterator[tuple[Simulator, str, tuple[str, ...]]]:
+    """A slow simulator, a fresh SQLite database, and the CLI arguments of a backfill of orders in
+    20 windows of 12 h, slow enough to interrupt."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(delay_ms=120)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
+        yield sim, url, ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
 
 
 async def _signal_mid_backfill(args: tuple[str, ...], url: str, signum: int, at_least: int) -> tuple[int, Finished]:
@@ -143,17 +147,15 @@ async def test_two_syncs_at_once_one_exits_4_naming_the_holder(
 
 
 async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_completes(
-    tmp_path: Path, fresh_database: Callable[[str], Any]
+    twenty_window_backfill: tuple[Simulator, str, tuple[str, ...]],
 ) -> None:
     """SIGTERM mid-run: exit 1, etl_runs says interrupted, and the next sync finishes the job."""
-    url = await fresh_database("sqlite")
-    async with Simulator(_settings(delay_ms=120)) as sim:
-        args = _twenty_window_backfill(tmp_path, sim, url)
-        _, stopped = await _signal_mid_backfill(args, url, signal.SIGTERM, at_least=3)
-        status_after_stop = sqlite_rows(url, "SELECT status, error FROM etl_runs ORDER BY id")[-1]
+    sim, url, args = twenty_window_backfill
+    _, stopped = await _signal_mid_backfill(args, url, signal.SIGTERM, at_least=3)
+    status_after_stop = sqlite_rows(url, "SELECT status, error FROM etl_runs ORDER BY id")[-1]
 
-        again = await run_etl(*args)
-        expected = _valid_keys(sim)
+    again = await run_etl(*args)
+    expected = _valid_keys(sim)
 
     assert stopped.returncode == 1
     assert "SIGTERM received" in stopped.stderr
