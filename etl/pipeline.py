@@ -300,8 +300,6 @@ class Pipeline:
         paginator = window_paginator(resource, self.config.api.base_url, window.window)
         if window.position:
             paginator.restore(window.position)
-        stats = self.stats[resource.name]
-        validator = self._validators[resource.name]
         first = not window.position
         while not self.stop.is_set() and resource.name not in self._failed:
             request = paginator.request()
@@ -314,11 +312,8 @@ class Pipeline:
             if first and (total := paginator.known_total(response)) is not None:
                 self.progress.add_total(resource.name, total)
             first = False
-            page = validator.validate(records)
             paginator.advance(response, records)
-            stats.pages += 1
-            stats.fetched += len(records)
-            await self._queue.put(_Page(window, page, paginator.position(), paginator.finished, len(records)))
+            await self._queue_page(resource, window, records, paginator.position(), paginator.finished)
             total = paginator.known_total(response)
             plan = paginator.remaining_requests(total) if total is not None else None
             if plan is not None:
@@ -336,7 +331,6 @@ class Pipeline:
         2 x `concurrency` pages wait here, so memory stays bounded however long the window. After a
         stop, requests already sent are awaited and queued (the grace period bounds them), none are added.
         """
-        stats, validator = self.stats[resource.name], self._validators[resource.name]
         concurrency = self.config.api.concurrency
         lanes = _Lanes(iter(plan), 2 * concurrency, lambda: self.stop.is_set() or resource.name in self._failed)
         tasks = lanes.start(client, min(concurrency, len(plan)))
@@ -345,15 +339,22 @@ class Pipeline:
                 planned, response = head
                 records = records_at(response.body, resource.records_path, response.url)
                 plan.check(response, records)
-                page = validator.validate(records)
-                stats.pages += 1
-                stats.fetched += len(records)
-                await self._queue.put(_Page(window, page, planned.position, planned.finished, len(records)))
+                await self._queue_page(resource, window, records, planned.position, planned.finished)
         finally:
             lanes.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _queue_page(
+        self, resource: ResourceConfig, window: WindowRecord, records: list[Any], position: dict[str, Any], finished: bool
+    ) -> None:
+        """Validate a fetched page, count it, and queue it for the loader; a full queue holds the fetcher back."""
+        page = self._validators[resource.name].validate(records)
+        stats = self.stats[resource.name]
+        stats.pages += 1
+        stats.fetched += len(records)
+        await self._queue.put(_Page(window, page, position, finished, len(records)))
 
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
