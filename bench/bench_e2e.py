@@ -46,6 +46,9 @@ PAGE_SIZE = 100
 CONCURRENCY = 8
 RSS_LIMIT_MB = 150
 SECRET = "demo-secret"
+# A limit is what the machine can do: on a shared machine one pass of a bound moved by
+# up to 40% between runs (validation 112k-195k records/s the same day), so the best of a few is taken.
+BOUND_TRIES = 3
 
 
 @dataclass
@@ -111,22 +114,24 @@ async def drain(sim: SimulatorProcess, records: int) -> tuple[float, list[bytes]
 
 
 def validate_rate(sample: list[bytes], document: dict[str, Any]) -> float:
-    """orjson + the resource's pydantic validator over the sampled pages, in process."""
+    """orjson + the resource's pydantic validator over the sampled pages, in process: the best of BOUND_TRIES passes."""
     resource = config_from_document(document).resources[0]
     validator = RecordValidator(resource)
-    count, started = 0, time.perf_counter()
-    for _ in range(4):
+    rates = []
+    for _ in range(BOUND_TRIES):
+        count, started = 0, time.perf_counter()
         for body in sample:
             page = validator.validate(records_at(orjson.loads(body), "data", "bench"))
             count += len(page.rows) + len(page.rejects)
-    return count / (time.perf_counter() - started)
+        rates.append(count / (time.perf_counter() - started))
+    return max(rates)
 
 
 def ingest_rate(database: str, records: int) -> float:
-    """The database's raw bulk upsert of rows like these (bench_load.py's measurement)."""
+    """The database's raw bulk upsert of rows like these (bench_load.py's measurement), the best of BOUND_TRIES."""
     import bench_load
 
-    return bench_load.raw_rate(database, records)
+    return bench_load.raw_rate(database, records, tries=BOUND_TRIES)
 
 
 # -- etl itself ---------------------------------------------------------------------------------------

@@ -228,12 +228,16 @@ async def raw_rate_into(database: str, url: str, batches: list[list[dict[str, An
     return await measure(url, batches, prepared)
 
 
-def raw_rate(database: str, rows: int, prepared: bool = False) -> float:
-    """The raw bulk upsert rate of `rows` such rows into a fresh "sqlite" or "postgresql" database (bench_e2e.py)."""
+def raw_rate(database: str, rows: int, prepared: bool = False, tries: int = 1) -> float:
+    """The best raw bulk upsert rate of `rows` such rows into a fresh "sqlite" or "postgresql" database, of `tries` (bench_e2e.py)."""
+    batches = validated_batches(rows, 5000)
 
     async def measure() -> float:
-        async with fresh_database(database) as url:
-            return await raw_rate_into(database, url, validated_batches(rows, 5000), prepared)
+        best = 0.0
+        for _ in range(tries):
+            async with fresh_database(database) as url:
+                best = max(best, await raw_rate_into(database, url, batches, prepared))
+        return best
 
     return asyncio.run(measure())
 
