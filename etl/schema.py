@@ -27,6 +27,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
 
 from etl.config import ResourceConfig
 from etl.errors import ConfigError
@@ -117,11 +118,11 @@ RUN_ID = "_etl_run_id"
 UNKEYABLE_TYPES = ("text", "json")
 
 
-def resource_table(resource: ResourceConfig) -> Table:
+def resource_table(resource: ResourceConfig, mysql_collation: str = "utf8mb4_bin") -> Table:
     """The table of a resource, from its columns; names are quoted by SQLAlchemy, never pasted.
 
-    On MySQL the table is utf8mb4 (emoji) with a binary collation, so that keys
-    differing only in case or accents stay distinct rows, as on the other databases.
+    On MySQL the table is utf8mb4 (emoji) with a binary collation (`key_collation`), so that
+    keys differing only in case, accents or trailing spaces stay distinct rows, as on the other databases.
     """
     table_metadata = MetaData()
     columns = [
@@ -142,14 +143,26 @@ def resource_table(resource: ResourceConfig) -> Table:
         Column(LOADED_AT, UtcDateTime, nullable=False),
         Column(RUN_ID, BigInteger, nullable=False),
         mysql_charset="utf8mb4",
-        mysql_collate="utf8mb4_bin",
+        mysql_collate=mysql_collation,
     )
+
+
+def key_collation(dialect: Dialect) -> str:
+    """The binary NO PAD collation of the server: utf8mb4_bin is PAD SPACE, where 'A1' and 'A1 ' are one key.
+
+    MySQL 5.7 has no NO PAD collation for utf8mb4: there trailing spaces still compare equal.
+    """
+    if getattr(dialect, "is_mariadb", False):
+        return "utf8mb4_nopad_bin"
+    if dialect.name == "mysql" and (dialect.server_version_info or (0,)) >= (8, 0):
+        return "utf8mb4_0900_bin"
+    return "utf8mb4_bin"
 
 
 def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> Table:
     """Create the table, or add newly declared columns; refuse changed types or keys (exit 2)."""
     _check_key_types(resource)
-    table = resource_table(resource)
+    table = resource_table(resource, key_collation(connection.dialect))
     inspector = inspect(connection)
     if inspector.has_table(table.name):
         declared = _declared_columns(connection, table.name)

@@ -125,6 +125,17 @@ async def test_composite_keys_keep_rows_apart_and_update_one(database_url: str) 
     assert sorted((row.code, row.line, row.qty) for row in rows) == [("A", 1, 3), ("a", 1, 1), ("a", 2, 20)]
 
 
+async def test_keys_differing_only_in_trailing_spaces_are_two_rows(database_url: str) -> None:
+    """A legacy system's 'A1' and 'A1 ' are two records; MySQL's PAD SPACE collations would make them one, losing one."""
+    resource = _resource("codes", {"code": "string", "qty": "integer"}, primary_key=["code"])
+    async with _store(database_url, resource) as store:
+        run = await _run(store)
+        await _load(store, resource, [{"code": "A1", "qty": 1}, {"code": "A1 ", "qty": 2}], run)
+        await _load(store, resource, [{"code": "A1  ", "qty": 3}], run)
+        rows = await _rows(store, resource)
+    assert sorted((row.code, row.qty) for row in rows) == [("A1", 1), ("A1 ", 2), ("A1  ", 3)]
+
+
 async def test_an_updated_record_replaces_the_stored_row(database_url: str) -> None:
     """The same key with a newer cursor replaces every column and the run that loaded it."""
     async with _store(database_url, ORDERS) as store:
