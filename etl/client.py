@@ -4,8 +4,10 @@ Every request of a run goes through one `ApiClient`, so `api.concurrency`
 caps requests in flight across all workers and resources, and
 `api.requests_per_second` is one budget for the whole run. A request holds
 its concurrency slot only while it is on the wire (plus its wait for the rate
-limit): backoff sleeps and token renewals happen outside it, so a slow retry
-never starves the other workers.
+limit): backoff sleeps happen outside it, so a slow retry never starves the
+other workers. The token is taken once the slot and the rate-limit share are
+held: a request that queued behind others for longer than the token's margin
+would otherwise go out with an expired token (many workers, short tokens).
 """
 
 from __future__ import annotations
@@ -106,7 +108,10 @@ class ApiClient:
             async for attempt in self._retry.retrying(on_retry=self._log_retry):
                 with attempt:
                     await self._token_at_hand()
-                    response = await self._tokens.authorized(lambda token: self._attempt(request, token))
+                    async with self._in_flight:
+                        response = await self._tokens.authorized(
+                            lambda token: self._attempt(request, token), before=self._rate_limit
+                        )
         except _TokenUnavailable as unavailable:
             raise unavailable.error from None
         assert response is not None  # tenacity ends with a result or re-raises the last error
@@ -123,20 +128,22 @@ class ApiClient:
         except (RetryableError, ConnectionFailed) as exc:
             raise _TokenUnavailable(exc) from exc
 
+    async def _rate_limit(self) -> None:
+        """A share of `requests_per_second`, taken before the token so that the token sent is never one that aged in a queue."""
+        if self._limiter is not None:
+            await self._limiter.acquire()
+
     async def _attempt(self, request: PageRequest, token: Token) -> PageResponse:
-        """One request on the wire, holding a concurrency slot and, first, a share of the rate limit."""
-        async with self._in_flight:
-            if self._limiter is not None:
-                await self._limiter.acquire()
-            self._counters.requests += 1
-            headers = {**self._static_headers, "Authorization": token.authorization()}
-            try:
-                async with self._session.get(
-                    request.url, params=request.params, headers=headers, proxy=proxy_for(request.url)
-                ) as resp:
-                    body = await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise translate(exc, request.url) from exc
+        """One request on the wire; the caller holds its concurrency slot and took its rate-limit share."""
+        self._counters.requests += 1
+        headers = {**self._static_headers, "Authorization": token.authorization()}
+        try:
+            async with self._session.get(
+                request.url, params=request.params, headers=headers, proxy=proxy_for(request.url)
+            ) as resp:
+                body = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise translate(exc, request.url) from exc
         return verdict(resp, body)
 
     def _log_retry(self, state: RetryCallState) -> None:

@@ -125,10 +125,14 @@ class TokenManager:
             self._current = None
             log.info("token dropped; the next request gets a new one from %s", self._host)
 
-    async def authorized(self, send: Callable[[Token], Awaitable[T]]) -> T:
+    async def authorized(
+        self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None = None
+    ) -> T:
         """`send(token)`; after a TokenRejected (401), once more with a new token.
 
-        Other exceptions pass through untouched: the API client retries 429 and 5xx itself.
+        `before` is awaited before each token is taken (the client's rate limit): what waits,
+        waits without a token in hand. Other exceptions pass through untouched: the API client
+        retries 429 and 5xx itself.
         """
         retrying = AsyncRetrying(
             stop=stop_after_attempt(2),
@@ -137,14 +141,16 @@ class TokenManager:
             before_sleep=_log_rejected,
         )
         try:
-            return await retrying(self._send_once, send)
+            return await retrying(self._send_once, send, before)
         except TokenRejected as exc:
             raise AuthError(
                 f"the API rejected a freshly issued token from {self._url}: {exc.message}",
                 hint=FRESH_TOKEN_HINT,
             ) from exc
 
-    async def _send_once(self, send: Callable[[Token], Awaitable[T]]) -> T:
+    async def _send_once(self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None) -> T:
+        if before is not None:
+            await before()
         token = await self.token()
         try:
             return await send(token)

@@ -7,8 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from etl import runs
-from etl.config import Config
+from etl.config import Config, config_from_document
+from etl.demo import demo_document
 from etl.progress import NoProgress
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
@@ -34,6 +37,33 @@ async def test_tokens_revoked_every_3s_the_run_completes_with_every_record(
     assert outcome.token_requests >= 2
     print(f"revocation run: {outcome.seconds:.1f}s, {unauthorized} 401s, {outcome.retries} retried requests, "
           f"{outcome.token_requests} token requests")
+
+
+async def test_requests_queued_behind_others_never_carry_an_expired_token(
+    monkeypatch: pytest.MonkeyPatch, fresh_database: Callable[[str], Any]
+) -> None:
+    """3 s tokens, 64 lanes of 8 windows queued for 8 slots at 0.4 s a request: each takes its token once it has a slot.
+
+    Taken before the wait, a token aged past its lifetime in the queue: the API answered 401, the retry
+    queued and aged again, and the run failed with "the API rejected a freshly issued token" (exit 3).
+    """
+    url = await fresh_database("sqlite")
+    settings = SimulatorSettings(counts={"orders": 3000}, token_lifetime_s=3, faults=Faults(delay_ms=400))
+    async with Simulator(settings) as sim:
+        monkeypatch.setenv("ETL_CLIENT_SECRET", "demo-secret")
+        document = demo_document({"url": url}, sim.base_url, sim.token_url)
+        document["api"]["concurrency"] = 8
+        document["auth"]["refresh_margin_s"] = 1
+        document["resources"] = [r | {"window": "1d"} for r in document["resources"] if r["name"] == "orders"]
+        document["resources"][0]["pagination"]["page_size"] = 20
+        config = config_from_document(document)
+        outcome = await runs.backfill(config, settings.data_start, settings.data_end, None, None, False, asyncio.Event(), NoProgress())
+        unauthorized = sim.counters.unauthorized
+
+    assert outcome.exit_code == 0, outcome.error
+    assert sum(stats.loaded + stats.rejected for stats in outcome.resources.values()) == 3000
+    assert unauthorized == 0
+    assert outcome.token_requests >= 2
 
 
 async def test_neither_secret_nor_any_token_appears_in_any_output(
