@@ -41,7 +41,7 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
         planned = cut(start, end, resource.window, step) if start < end else []
     await store.supersede_sync_windows(resource.name, run_id)
     windows = await store.open_windows("sync", resource.name, planned, run_id, reuse=False)
-    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base))
+    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
 
 
 async def plan_backfill(
@@ -52,7 +52,9 @@ async def plan_backfill(
     end: datetime,
     window: timedelta | None,
     restart: bool,
+    settled: datetime,
 ) -> ResourcePlan:
+    """`settled` is now less `[sync].lag`: what lies after it may still change, so the watermark stops there."""
     base = await store.watermark(resource.name)
     if resource.filter is None:
         planned = [FULL_REFRESH]
@@ -63,7 +65,7 @@ async def plan_backfill(
         if restart:
             await store.forget_windows("backfill", resource.name, floor_to(start, step), ceil_to(end, step))
         windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True)
-    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base))
+    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, settled))
 
 
 class WatermarkTracker:
@@ -72,16 +74,22 @@ class WatermarkTracker:
     Windows finish out of order when they run in parallel; the watermark
     follows the first unfinished one, so a crash can never leave it past a
     window that was not loaded. A backfill of a range that does not touch the
-    watermark (a hole in the past, or beyond a gap) never moves it.
+    watermark (a hole in the past, or beyond a gap) never moves it, and
+    `synced_until` never passes `settled` (now less `[sync].lag`): a backfill
+    to tomorrow has loaded tomorrow only as it stands today, and the next sync
+    must read it again rather than start after it.
     """
 
-    def __init__(self, resource: ResourceConfig, windows: list[WindowRecord], base: Watermark | None) -> None:
+    def __init__(
+        self, resource: ResourceConfig, windows: list[WindowRecord], base: Watermark | None, settled: datetime
+    ) -> None:
         self._resource = resource.name
         self._windows = windows
         self._done = {window.id: window.state == "done" for window in windows}
         self._max_cursor: dict[int, Any] = {window.id: window.max_cursor for window in windows}
         self._watermark = base.watermark if base else None
         self._synced_until = base.synced_until if base else None
+        self._settled = settled
         anchor = self._synced_until or resource.start
         first: Window | None = windows[0].window if windows else None
         self._may_advance = first is not None and (first.start is None or anchor is None or first.start <= anchor)
@@ -100,7 +108,8 @@ class WatermarkTracker:
             window = self._windows[self._next]
             self._watermark = newest_cursor(self._watermark, self._max_cursor.get(window.id))
             if window.window.end is not None:
-                self._synced_until = max(self._synced_until or window.window.end, window.window.end)
+                loaded_until = min(window.window.end, self._settled)
+                self._synced_until = max(self._synced_until or loaded_until, loaded_until)
             self._next += 1
             moved = True
         if not (moved and self._may_advance):

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from etl.config import Config, ResourceConfig
 from etl.db import create_engine
+from etl.durations import isoformat_utc
 from etl.errors import EtlError
 from etl.locks import ResourceLocks
 from etl.logs import run_id_var
@@ -59,8 +60,13 @@ async def backfill(
     stop: asyncio.Event,
     progress: ProgressDisplay,
 ) -> RunOutcome:
+    settled = datetime.now(UTC) - config.sync.lag
+    if end > settled:
+        log.info("the interval ends after now less [sync].lag (%s): the watermark moves no further than that, "
+                 "so the next sync reads the rest again", isoformat_utc(settled))
+
     def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
-        return plan_backfill(store, resource, run_id, start, end, window, restart)
+        return plan_backfill(store, resource, run_id, start, end, window, restart, settled)
 
     arguments = {"from": start.isoformat(), "to": end.isoformat(), "resources": names or [], "window": str(window or ""), "restart": restart}
     return await execute(config, "backfill", arguments, select_resources(config, names), plan, stop, progress)

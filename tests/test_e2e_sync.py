@@ -86,6 +86,30 @@ async def test_second_sync_fetches_from_the_lookback_and_updates_changed_rows(
     assert await scalar(sqlite_or_postgres_url, "SELECT COUNT(*) FROM orders WHERE id IN (1, 2, 3)") == 3
 
 
+async def test_a_backfill_into_the_future_does_not_make_the_next_sync_skip_what_changes_meanwhile(
+    simulator: Simulator, fresh_database: Callable[[str], Any], make_config: Callable[..., Config]
+) -> None:
+    """`backfill --to` the day after tomorrow loads those days as they are now; a record changed after it is still synced.
+
+    The watermark used to move to the end of the backfill, so the next syncs started after it and skipped
+    every change until then.
+    """
+    url = await fresh_database("sqlite")
+    config = make_config(simulator, url, resources=["orders"])
+    await _sync(config)
+    now = datetime.now(UTC)
+    outcome = await runs.backfill(config, now - timedelta(days=1), now + timedelta(days=2), None, None, False, asyncio.Event(), NoProgress())
+    assert outcome.exit_code == 0, outcome.error
+    synced_until = await scalar(url, "SELECT synced_until FROM etl_watermarks WHERE resource = 'orders'")
+    assert datetime.fromisoformat(synced_until) <= datetime.now(UTC) - config.sync.lag
+
+    simulator.touch("orders", [7], at=datetime.now(UTC) - timedelta(minutes=6))  # settled: older than the lag
+    outcome = await _sync(config)
+
+    assert outcome.exit_code == 0, outcome.error
+    assert await scalar(url, "SELECT version FROM orders WHERE id = 7") == 2
+
+
 async def test_each_run_is_recorded_with_its_counts(
     simulator: Simulator, make_config: Callable[..., Config], fresh_database: Callable[[str], Any]
 ) -> None:

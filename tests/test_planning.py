@@ -12,6 +12,7 @@ from etl.windows import Window
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
+SETTLED = datetime(2100, 1, 1, tzinfo=UTC)  # now less lag, far after every window here
 
 
 def _orders():  # type: ignore[no-untyped-def]
@@ -28,7 +29,7 @@ def _windows(count: int, max_cursor: datetime | None = None) -> list[WindowRecor
 
 def test_a_windows_highest_cursor_is_cumulative_across_pages_and_runs() -> None:
     """A page with a lower cursor after a higher one does not lower the window's maximum; a resumed window starts from its stored one."""
-    tracker = WatermarkTracker(_orders(), _windows(2, max_cursor=T0 + timedelta(hours=5)), None)
+    tracker = WatermarkTracker(_orders(), _windows(2, max_cursor=T0 + timedelta(hours=5)), None, SETTLED)
     assert tracker.saw_cursor(1, T0 + timedelta(hours=3)) == T0 + timedelta(hours=5)
     assert tracker.saw_cursor(1, T0 + timedelta(hours=9)) == T0 + timedelta(hours=9)
     assert tracker.saw_cursor(1, T0 + timedelta(hours=7)) == T0 + timedelta(hours=9)
@@ -36,7 +37,7 @@ def test_a_windows_highest_cursor_is_cumulative_across_pages_and_runs() -> None:
 
 def test_the_watermark_waits_for_the_first_unfinished_window() -> None:
     """Window 2 finishing before window 1 moves nothing; window 1 finishing then moves it over both."""
-    tracker = WatermarkTracker(_orders(), _windows(2), None)
+    tracker = WatermarkTracker(_orders(), _windows(2), None, SETTLED)
     tracker.saw_cursor(1, T0 + timedelta(hours=20))
     tracker.saw_cursor(2, T0 + timedelta(hours=30))
     assert tracker.window_finished(2) is None
@@ -47,6 +48,16 @@ def test_the_watermark_waits_for_the_first_unfinished_window() -> None:
 def test_a_backfill_that_does_not_touch_the_watermark_never_moves_it() -> None:
     """A range beginning after the watermark, with a gap in between, leaves the watermark where it was."""
     later = [WindowRecord(1, "orders", "backfill", Window(T0 + 10 * DAY, T0 + 11 * DAY), "pending", None, 0, 0, None)]
-    tracker = WatermarkTracker(_orders(), later, Watermark("orders", T0, T0 + DAY))
+    tracker = WatermarkTracker(_orders(), later, Watermark("orders", T0, T0 + DAY), SETTLED)
     tracker.saw_cursor(1, T0 + timedelta(days=10, hours=1))
     assert tracker.window_finished(1) is None
+
+
+def test_synced_until_stops_at_now_less_lag_when_windows_reach_into_the_future() -> None:
+    """A backfill to the day after tomorrow loaded those days as they stand now: the next sync must read them again."""
+    settled = T0 + timedelta(hours=30)
+    tracker = WatermarkTracker(_orders(), _windows(3), Watermark("orders", None, T0), settled)
+    tracker.window_finished(1)
+    tracker.window_finished(2)
+    mark = tracker.window_finished(3)
+    assert mark is not None and mark.synced_until == settled
