@@ -13,10 +13,13 @@
 
 aiohttp and SQLAlchemy errors are translated into these where they enter etl
 (`etl.client`, `etl.token`, `etl.store`), so retry conditions and the CLI only
-ever test etl's own classes. No message may contain a secret or a token.
+ever test etl's own classes. No message may contain a secret or a token: every
+registered one (etl.logs.register_secret) is masked when an error is made.
 """
 
 from __future__ import annotations
+
+from etl.logs import redact
 
 
 class EtlError(Exception):
@@ -25,6 +28,8 @@ class EtlError(Exception):
     exit_code: int = 1
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        # A server may echo what it was sent: masked here, the message is safe on stdout and in etl_runs too.
+        message, hint = redact(message), redact(hint) if hint else hint
         super().__init__(message)
         self.message = message
         self.hint = hint

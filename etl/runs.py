@@ -20,7 +20,7 @@ from etl.db import create_engine
 from etl.durations import isoformat_utc
 from etl.errors import EtlError
 from etl.locks import ResourceLocks
-from etl.logs import run_id_var
+from etl.logs import redact, run_id_var
 from etl.pipeline import Pipeline, RunOutcome
 from etl.planning import ResourcePlan, plan_backfill, plan_sync
 from etl.progress import ProgressDisplay
@@ -115,7 +115,7 @@ async def _run_recorded(
         outcome = await pipeline.run(plans, secret)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt) else "failed"
-        message = str(exc) if isinstance(exc, EtlError) else f"internal error: {type(exc).__name__}: {exc}"
+        message = str(exc) if isinstance(exc, EtlError) else redact(f"internal error: {type(exc).__name__}: {exc}")
         await asyncio.shield(store.finish_run(run_id, status, _counts(pipeline), message))
         raise
     error_text = str(outcome.error) if outcome.error else None

@@ -317,8 +317,10 @@ def token_request(auth: AuthConfig, secret: SecretStr, client_auth: str) -> tupl
     if auth.scopes:
         form["scope"] = " ".join(auth.scopes)
     headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
+    register_secret(_form_encode(secret.get_secret_value()))  # as the form or a server's echo of it may show it
     if client_auth == "basic":
         headers["Authorization"] = basic_authorization(auth.client_id, secret.get_secret_value())
+        register_secret(headers["Authorization"].removeprefix("Basic "))
     else:
         form |= {"client_id": auth.client_id, "client_secret": secret.get_secret_value()}
     return headers, urlencode(form).encode("ascii")

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+from aiohttp import web
 from sqlalchemy import select
 
 from etl.config import config_from_document
@@ -15,7 +17,8 @@ from etl.schema import resource_table
 from etl.simulator import Simulator
 from etl.store import LoadBatch, Store
 
-from etlproc import run_etl, write_config
+from dbquery import rows
+from etlproc import SECRET, run_etl, write_config
 
 HOSTILE = "x'); DROP TABLE probe; -- \" ; DELETE FROM etl_runs; \\\\ \u0000 ☃ 🎉"
 
@@ -54,3 +57,53 @@ async def test_hostile_values_are_stored_verbatim(database_url: str) -> None:
     assert stored.key == value[:200] and stored.note == value and stored.order == value[:200]
     assert stored.select == {"q": value}
     assert runs_left == 0
+
+
+ECHOED_TOKEN = "TOKEN-SEKRIT-abc123"
+
+
+async def _echoing_servers(refuse_client: bool) -> web.AppRunner:
+    """A token endpoint and an API that echo what they were sent in their error bodies, as careless servers do."""
+
+    async def token(request: web.Request) -> web.Response:
+        form = await request.post()
+        if refuse_client:
+            description = f"secret {form.get('client_secret')} is wrong"
+            return web.json_response({"error": "invalid_client", "error_description": description}, status=400)
+        return web.json_response({"access_token": ECHOED_TOKEN, "expires_in": 3600, "token_type": "Bearer"})
+
+    async def orders(request: web.Request) -> web.Response:
+        return web.json_response({"message": f"bad request for token {request.headers.get('Authorization')}"}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", token)
+    app.router.add_get("/api/v1/orders", orders)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+@pytest.mark.parametrize("refuse_client", [True, False], ids=["secret-echoed-by-token-endpoint", "token-echoed-by-api"])
+async def test_a_secret_or_token_echoed_by_a_server_is_masked_in_etl_runs_and_on_stdout(
+    refuse_client: bool, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """Masking only the log lines left the echoed value in the summary on stdout and in etl_runs.error."""
+    url = await fresh_database("sqlite")
+    runner = await _echoing_servers(refuse_client)
+    try:
+        port = runner.addresses[0][1]
+        async with Simulator() as sim:  # only for write_config's shape; its URLs are replaced below
+            config = write_config(tmp_path, sim, url, resources=["orders"], auth={"client_auth": "body"})
+        text = config.read_text().replace(sim.base_url, f"http://127.0.0.1:{port}/api/v1").replace(sim.token_url, f"http://127.0.0.1:{port}/oauth2/token")
+        config.write_text(text)
+        result = await run_etl("sync", "--config", str(config))
+    finally:
+        await runner.cleanup()
+
+    assert result.returncode == (3 if refuse_client else 1), result.stderr
+    stored = [row.error for row in await rows(url, "SELECT error FROM etl_runs")]
+    assert stored and all(stored)
+    for where in (result.stdout, result.stderr, *stored):
+        assert SECRET not in where and ECHOED_TOKEN not in where
+    assert "***" in result.stdout
