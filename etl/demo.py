@@ -13,16 +13,23 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from etl.config import config_from_document, config_path
-from etl.db import safe_url
+from etl.db import create_engine, safe_url
+from etl.errors import ConfigError
 from etl.pipeline import RunOutcome
 from etl.progress import ProgressDisplay
+from etl.schema import runs as runs_table
 from etl.simulator import Simulator, demo_settings
 
 log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def demo_document(database: dict[str, Any] | None, base_url: str, token_url: str) -> dict[str, Any]:
@@ -35,12 +42,38 @@ def demo_document(database: dict[str, Any] | None, base_url: str, token_url: str
     return document
 
 
-def _user_database(explicit: str | None) -> dict[str, Any] | None:
+def _user_config(explicit: str | None) -> dict[str, Any]:
     path = config_path(explicit)
-    if not path.is_file():
-        return None
-    database = tomllib.loads(path.read_text(encoding="utf-8")).get("database")
-    return database if isinstance(database, dict) else None
+    return tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _on_loopback(url: Any) -> bool:
+    return isinstance(url, str) and urlsplit(url).hostname in LOOPBACK_HOSTS
+
+
+async def _refuse_a_real_database(url: str, user_api: Any) -> None:
+    """The demo writes simulator records into its resources' tables and moves their watermarks.
+
+    So it refuses a database that runs other than demos have loaded from an API that is not on
+    this machine: with the orders of a real API, a demo would mix in fake rows and move the
+    watermark to now, and the next sync would skip everything before it.
+    """
+    if not isinstance(user_api, dict) or _on_loopback(user_api.get("base_url")):
+        return
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            loaded = (await connection.execute(select(runs_table.c.command).where(runs_table.c.command != "demo").limit(1))).first()
+    except DBAPIError:
+        return  # no etl tables yet: a new database, or one the sync will report on
+    finally:
+        await engine.dispose()
+    if loaded is not None:
+        raise ConfigError(
+            f"database.url: {safe_url(url)} holds runs of `{loaded.command}` from {user_api.get('base_url')}; "
+            "the demo would write simulator records into it and move its watermarks",
+            hint="give the demo a database of its own: ETL_DATABASE_URL=sqlite:///demo.db python -m etl demo",
+        )
 
 
 async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: ProgressDisplay) -> RunOutcome:
@@ -49,7 +82,10 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
     settings = demo_settings()
     async with Simulator(settings) as simulator:
         log.info("simulator serving %s (token endpoint %s)", simulator.base_url, simulator.token_url)
-        document = demo_document(_user_database(explicit_config), simulator.base_url, simulator.token_url)
+        user = _user_config(explicit_config)
+        database = user.get("database")
+        document = demo_document(database if isinstance(database, dict) else None, simulator.base_url, simulator.token_url)
         config = config_from_document(document, Path("demo_config.toml"))
+        await _refuse_a_real_database(config.database.url, user.get("api"))
         print(f"demo: simulator on {simulator.base_url}, loading into {safe_url(config.database.url)}", flush=True)
-        return await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret))
+        return await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret), command="demo")

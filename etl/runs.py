@@ -40,14 +40,20 @@ def select_resources(config: Config, names: list[str] | None) -> list[ResourceCo
 
 
 async def sync(
-    config: Config, names: list[str] | None, stop: asyncio.Event, progress: ProgressDisplay, secret: SecretStr | None = None
+    config: Config,
+    names: list[str] | None,
+    stop: asyncio.Event,
+    progress: ProgressDisplay,
+    secret: SecretStr | None = None,
+    command: str = "sync",
 ) -> RunOutcome:
+    """`command` is what etl_runs records: "demo" for the demo's sync, so that a later demo can tell its own database."""
     now = datetime.now(UTC)
 
     def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
         return plan_sync(store, resource, run_id, now, config.sync.lag)
 
-    return await execute(config, "sync", {"resources": names or []}, select_resources(config, names), plan, stop, progress, secret)
+    return await execute(config, command, {"resources": names or []}, select_resources(config, names), plan, stop, progress, secret)
 
 
 async def backfill(

@@ -25,6 +25,7 @@ from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
+import tomlwriter
 from dbquery import rows, sqlite_rows
 from etlproc import Finished, etl_env, finish, run_etl, start_etl, write_config
 
@@ -294,3 +295,39 @@ async def test_sync_windows_left_by_an_interrupted_sync_are_superseded_by_the_ne
     assert again.returncode == 0, again.stderr
     assert sqlite_rows(url, "SELECT COUNT(*) FROM etl_windows WHERE state NOT IN ('done', 'superseded')")[0][0] == 0
     assert "unfinished windows:\n  none" in status.stdout
+
+
+def _config_for(tmp_path: Path, database_url: str, base_url: str) -> Path:
+    """A user's config.toml: the demo's document with their API's URL and their database."""
+    document = demo_document({"url": database_url}, base_url, "https://auth.example.com/oauth2/token")
+    return tomlwriter.write(tmp_path / "config.toml", document)
+
+
+async def test_demo_loads_the_simulator_into_the_configured_database(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """README's first command: the bundled simulator, a sync into [database].url, one summary line per resource."""
+    url = await fresh_database("sqlite")
+    config = _config_for(tmp_path, url, "http://127.0.0.1:8765/api/v1")
+    result = await run_etl("demo", "--config", str(config), env=etl_env())
+    assert result.returncode == 0, result.stderr
+    assert "demo: simulator on http://127.0.0.1:" in result.stdout and "orders:" in result.stdout
+    assert [tuple(row) for row in await rows(url, "SELECT command, status FROM etl_runs")] == [("demo", "succeeded")]
+    assert (await rows(url, "SELECT COUNT(*) FROM orders"))[0][0] > 0
+
+
+async def test_demo_refuses_a_database_that_a_real_api_fills(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """With a production config in the working directory, a demo would have mixed fake orders into real ones
+    and moved the watermark to now, so that the next sync skipped all history: it refuses, exit 2, naming the key."""
+    url = await fresh_database("sqlite")
+    config = _config_for(tmp_path, url, "https://legacy.example.com/api/v1")
+    assert (await run_etl("migrate", "--config", str(config), env=etl_env())).returncode == 0
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+        connection.execute(
+            "INSERT INTO etl_runs (command, arguments, resources, status, started_at, pages, records_fetched, records_loaded, "
+            "records_rejected, requests, retries, token_requests, host, pid) VALUES ('sync', '{}', 'orders', 'succeeded', '2026-01-01', 0, 0, 0, 0, 0, 0, 0, 'h', 1)"
+        )
+
+    result = await run_etl("demo", "--config", str(config), env=etl_env())
+
+    assert result.returncode == 2, result.stderr
+    assert "database.url" in result.stderr and "ETL_DATABASE_URL=sqlite:///demo.db" in result.stderr
+    assert [tuple(row) for row in await rows(url, "SELECT command FROM etl_runs")] == [("sync",)]
