@@ -7,13 +7,17 @@ windows an earlier, interrupted run of the same backfill left unfinished.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from etl.config import ResourceConfig
+from etl.durations import format_duration, isoformat_utc
 from etl.store import Store, Watermark, WindowRecord, newest_cursor
 from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,9 +66,17 @@ async def plan_backfill(
     else:
         step = granularity(resource.filter.format)
         planned = cut(start, end, window or resource.window, step)
+        loads = (planned[0].start, planned[-1].end) if planned else (start, end)
+        if loads != (start, end) and loads[0] and loads[1]:
+            log.info("%s: the API's filter (format %r) takes whole steps of %s, so the backfill loads %s to %s",
+                     resource.name, resource.filter.format, format_duration(step), isoformat_utc(loads[0]), isoformat_utc(loads[1]))
         if restart:
             await store.forget_windows("backfill", resource.name, floor_to(start, step), ceil_to(end, step))
         windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True)
+        finished = sum(window.state == "done" for window in windows)
+        if finished:
+            log.info("%s: %d of %d windows were finished by an earlier backfill and are not fetched again; "
+                     "--restart reloads them", resource.name, finished, len(windows))
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, settled))
 
 
