@@ -99,6 +99,7 @@ class Paginator(ABC):
         self.params = params
         self.finished = False
         self.records_seen = 0
+        self.total_understated = False  # the API served more than its total said: the total no longer ends the window
 
     @abstractmethod
     def request(self) -> PageRequest | None:
@@ -117,12 +118,14 @@ class Paginator(ABC):
 
     def position(self) -> dict[str, Any]:
         """Where the next request starts, JSON-able, stored with each committed page."""
-        return {"seen": self.records_seen, "finished": self.finished, **self._position()}
+        understated = {"total_understated": True} if self.total_understated else {}
+        return {"seen": self.records_seen, "finished": self.finished, **understated, **self._position()}
 
     def restore(self, position: dict[str, Any]) -> None:
         """Continue from a position saved with a committed page."""
         self.records_seen = int(position.get("seen", 0))
         self.finished = bool(position.get("finished", False))
+        self.total_understated = bool(position.get("total_understated", False))
         self._restore(position)
 
     @abstractmethod
@@ -132,6 +135,8 @@ class Paginator(ABC):
     def _restore(self, position: dict[str, Any]) -> None: ...
 
     def _total(self, response: PageResponse) -> int | None:
+        if self.total_understated:
+            return None
         raw: Any = None
         if self.config.total_path:
             raw = dig(response.body, self.config.total_path)
@@ -187,6 +192,21 @@ class PagePlan:
     def check(self, response: PageResponse, records: list[Any]) -> None:
         """Refuse a page that repeats another page of the window (the server ignores the page parameter)."""
         self._paginator.refuse_repeat(response, records)
+
+    def beyond(self, planned: PlannedPage, records: list[Any]) -> dict[str, Any] | None:
+        """Where to page on from when the last page holds more records than the total left for it, else None.
+
+        A total capped by the server (search backends stop counting at some number) would
+        otherwise end the window early and lose the rest without a word. From that position
+        on the total is ignored: the window ends on an empty or short page.
+        """
+        extra = len(records) - planned.expected
+        if not planned.finished or extra <= 0:
+            return None
+        position = {**planned.position, "seen": planned.position["seen"] + extra, "finished": False, "total_understated": True}
+        if "offset" in position:  # the next offset follows the records received, not the ones expected
+            position["offset"] += extra
+        return position
 
 
 class _NumberedPaginator(Paginator):

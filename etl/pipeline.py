@@ -317,12 +317,14 @@ class Pipeline:
             total = paginator.known_total(response)
             plan = paginator.remaining_requests(total) if total is not None else None
             if plan is not None:
-                await self._fetch_planned(client, resource, window, plan)
-                return
+                beyond = await self._fetch_planned(client, resource, window, plan)
+                if beyond is None:
+                    return
+                paginator.restore(beyond)  # the total was understated: page on one by one
 
     async def _fetch_planned(
         self, client: ApiClient, resource: ResourceConfig, window: WindowRecord, plan: PagePlan
-    ) -> None:
+    ) -> dict[str, Any] | None:
         """The rest of a window whose total is known: `concurrency` lanes of requests, pages queued in page order.
 
         In page order so that a committed position has every page before it committed too. Each lane
@@ -330,6 +332,7 @@ class Pipeline:
         50 ms of latency, refilling only between validations cost ~10% of the throughput. At most
         2 x `concurrency` pages wait here, so memory stays bounded however long the window. After a
         stop, requests already sent are awaited and queued (the grace period bounds them), none are added.
+        Returns where to page on from when the last page showed that the API's total was too low.
         """
         concurrency = self.config.api.concurrency
         lanes = _Lanes(iter(plan), 2 * concurrency, lambda: self.stop.is_set() or resource.name in self._failed)
@@ -339,7 +342,16 @@ class Pipeline:
                 planned, response = head
                 records = records_at(response.body, resource.records_path, response.url)
                 plan.check(response, records)
+                beyond = plan.beyond(planned, records)
+                if beyond is not None:
+                    log.warning(
+                        "%s: the API's total for this window is too low: its last page by that total held %d records, "
+                        "not %d; paging on until an empty or short page", response.url, len(records), planned.expected,
+                    )
+                    await self._queue_page(resource, window, records, beyond, False)
+                    return beyond
                 await self._queue_page(resource, window, records, planned.position, planned.finished)
+            return None
         finally:
             lanes.close()
             for task in tasks:

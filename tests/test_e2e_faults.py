@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from etl import runs
 from etl.config import Config, config_from_document
@@ -133,3 +134,51 @@ async def test_retries_running_out_end_with_exit_1_and_the_next_run_completes(
         assert second.exit_code == 0, second.error
         await assert_each_record_once(sim, url, "orders")
         assert sim.counters.records_served["orders"] == len(sim.truth("orders"))
+
+
+async def _capped_total_api(records: int, cap: int) -> web.AppRunner:
+    """An API whose `total` stops counting at `cap`, as search backends do, and a token endpoint."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "capped-total-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        page, size = int(request.query["page"]), int(request.query["page_size"])
+        data = [{"id": n, "name": f"item {n}"} for n in range((page - 1) * size + 1, min(page * size, records) + 1)]
+        return web.json_response({"data": data, "total": min(records, cap)})
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", token)
+    app.router.add_get("/api/v1/items", items)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+@pytest.mark.parametrize("records", [95, 100])
+async def test_a_total_lower_than_the_records_served_does_not_end_the_window_early(
+    records: int, fresh_database: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """total = min(records, 45) with 10-record pages: the last page by that total arrives full, so etl pages on.
+
+    It used to stop after 50 of 95 records and exit 0.
+    """
+    monkeypatch.setenv("ETL_CLIENT_SECRET", "demo-secret")
+    url = await fresh_database("sqlite")
+    runner = await _capped_total_api(records, cap=45)
+    try:
+        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10, "total_path": "total"},
+            "columns": {"id": "integer", "name": "string"},
+        }]
+        outcome = await runs.sync(config_from_document(document), None, asyncio.Event(), NoProgress())
+    finally:
+        await runner.cleanup()
+
+    assert outcome.exit_code == 0, outcome.error
+    assert await scalar(url, "SELECT COUNT(*) FROM items") == records
+    assert any("the API's total for this window is too low" in record.getMessage() for record in caplog.records)
