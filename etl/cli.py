@@ -228,7 +228,7 @@ def report(outcome: RunOutcome) -> int:
         f"{outcome.retries} retried, {outcome.token_requests} token request(s)"
     )
     _print_lines(lines)
-    if outcome.error is not None:
+    if outcome.error is not None and not outcome.error_logged:
         log.error("%s", outcome.error)
     return outcome.exit_code
 

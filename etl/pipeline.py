@@ -84,6 +84,7 @@ class RunOutcome:
     retries: int
     token_requests: int
     seconds: float
+    error_logged: bool = False  # the run's error was logged when it happened: the verdict need not repeat it
 
     @property
     def exit_code(self) -> int:
@@ -197,6 +198,7 @@ class Pipeline:
         self._validators: dict[str, RecordValidator] = {}
         self._failed: set[str] = set()
         self._errors: list[EtlError] = []
+        self._logged: set[str] = set()  # messages of the errors logged at ERROR
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
         self._tokens: TokenManager | None = None
         self._window_owner: dict[int, str] = {}
@@ -371,8 +373,9 @@ class Pipeline:
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
             exc = _stopped_midway(exc)
-        repeated = any(error.message == exc.message for error in self._errors)  # a run-wide cause, met by every worker
-        log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
+        # A run-wide cause is met by every worker in flight, each with its own URL: logged once.
+        repeated = any(error.message == exc.message or isinstance(error, RUN_WIDE_ERRORS) for error in self._errors)
+        self._log_error(exc, logging.DEBUG if repeated else logging.ERROR)
         self._errors.append(exc)
         self._failed.add(resource.name)
         self.stats[resource.name].error = exc.message
@@ -410,8 +413,13 @@ class Pipeline:
                     batch = LoadBatch()
         except EtlError as exc:
             self._errors.append(exc)
-            log.error("%s", exc)
+            self._log_error(exc, logging.ERROR)
             self.stop.set()
+
+    def _log_error(self, exc: EtlError, level: int) -> None:
+        log.log(level, "%s", exc)
+        if level >= logging.ERROR:
+            self._logged.add(exc.message)
 
     def _add(self, batch: LoadBatch, item: _Page) -> None:
         name = item.window.resource
@@ -469,6 +477,7 @@ class Pipeline:
             retries=self.retries,
             token_requests=self.token_requests,
             seconds=seconds,
+            error_logged=error is not None and error.message in self._logged,
         )
 
 

@@ -104,8 +104,22 @@ async def test_an_unreachable_token_endpoint_is_named_as_such_and_reported_once(
     assert result.returncode == 5
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert errors and all(f"the token endpoint http://127.0.0.1:{port}/oauth2/token" in line for line in errors), result.stderr
-    assert len(errors) == 2, result.stderr  # when it happened, and the run's verdict
+    assert len(errors) == 1, result.stderr
     assert "[auth].token_url" in result.stderr
+
+
+async def test_an_api_that_refuses_every_token_is_reported_once_not_once_per_window(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """Every worker in flight meets the refusal, each on its own URL: one ERROR line, and the summary still says why."""
+    url = await fresh_database("sqlite")
+    async with Simulator(SimulatorSettings(faults=Faults(revoke_every_s=0.000001))) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders", "customers"], api={"concurrency": 4})
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "the API rejected a freshly issued token" in errors[0], result.stderr
+    assert "FAILED: the API rejected a freshly issued token" in result.stdout
 
 
 async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
