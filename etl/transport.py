@@ -42,6 +42,8 @@ SAVE_CERTS_HINT = (
     "run `python -m etl check --save-certs chain.pem`, review the certificates it saved, "
     "and point [api].ca_bundle at that file"
 )
+# OpenSSL's X509_V_ERR_* codes, as ssl.SSLCertVerificationError.verify_code carries them
+X509_CERT_NOT_YET_VALID, X509_CERT_HAS_EXPIRED, X509_HOSTNAME_MISMATCH = 9, 10, 62
 CONNECT_HINT = "check that the host is up, the port is right, and any firewall or HTTPS_PROXY in between"
 
 
@@ -116,7 +118,7 @@ def translate(exc: BaseException, url: str) -> EtlError:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
         reason = getattr(exc, "certificate_error", None) or exc
         return UnreachableError(
-            f"TLS: the certificate of {host} is not trusted: {reason}", host=host, hint=SAVE_CERTS_HINT
+            f"TLS: the certificate of {host} is not trusted: {reason}", host=host, hint=_certificate_hint(reason, host)
         )
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return UnreachableError(
@@ -143,6 +145,18 @@ def translate(exc: BaseException, url: str) -> EtlError:
     if isinstance(exc, EtlError):
         return exc
     return RetryableError(f"request to {display_url(url)} failed: {type(exc).__name__}: {exc}")
+
+
+def _certificate_hint(reason: BaseException, host: str) -> str:
+    """What fixes it: a ca_bundle fixes an unknown issuer, never an expired certificate or one for another name."""
+    code = getattr(reason, "verify_code", None)
+    if code == X509_HOSTNAME_MISMATCH:
+        return (f"the certificate is not issued for {host}: use the host name it names in the config "
+                "(`python -m etl check` shows the certificate); a ca_bundle cannot fix this")
+    if code in (X509_CERT_HAS_EXPIRED, X509_CERT_NOT_YET_VALID):
+        return ("the certificate is outside its validity dates: its owner must renew it (or this machine's clock "
+                "is wrong); a ca_bundle cannot fix this")
+    return SAVE_CERTS_HINT
 
 
 def _host_port(url: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from etl.progress import NoProgress
 from etl.simulator import Simulator, SimulatorSettings
 from etl.simulator.tls import make_certificate
 from etl.token import TokenManager
-from etl.transport import RetryPolicy, build_ssl_context, open_session
+from etl.transport import RetryPolicy, build_ssl_context, open_session, translate
 
 from etlproc import run_etl, write_config
 
@@ -215,3 +216,21 @@ async def _sync_with_proxy(
     outcome = await _sync(_config(tls_sim, url, ca_bundle=tls_sim.ca_pem_path))
     assert outcome.exit_code == 0, outcome.error
     return recorder
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "hint"),
+    [
+        (10, "certificate has expired", "renew it"),
+        (62, "Hostname mismatch, certificate is not valid for '127.0.0.1'.", "not issued for api.example.com"),
+        (20, "unable to get local issuer certificate", "--save-certs"),
+    ],
+)
+def test_the_tls_hint_fits_the_verification_failure(code: int, message: str, hint: str) -> None:
+    """Only an unknown issuer is fixed by a ca_bundle: an expired certificate or one for another name is not."""
+    failure = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
+    failure.verify_code, failure.verify_message = code, message
+    error = translate(failure, "https://api.example.com/v1/orders")
+    assert error.exit_code == 5 and message in error.message
+    assert error.hint is not None and hint in error.hint
+    assert ("cannot fix this" in error.hint) == (code != 20)
