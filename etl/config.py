@@ -348,7 +348,14 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
 
 def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretStr:
     env_secret = EnvSettings().client_secret
-    if env_secret is not None and env_secret.get_secret_value():
+    env_secret = env_secret if env_secret is not None and env_secret.get_secret_value() else None
+    file_secret = auth.client_secret if auth.client_secret is not None and auth.client_secret.get_secret_value() else None
+    if file_secret is not None:  # a secret in the config file is worth a warning whether or not it is the one used
+        log.warning(
+            "auth.client_secret is set in the config file; prefer $ETL_CLIENT_SECRET or auth.client_secret_file"
+            + ("; $ETL_CLIENT_SECRET is set and is the one used" if env_secret is not None else "")
+        )
+    if env_secret is not None:
         return env_secret
     if auth.client_secret_file:
         secret_path = Path(auth.client_secret_file).expanduser()
@@ -361,11 +368,8 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
         if not secret:
             raise ConfigError(f"auth.client_secret_file: {secret_path} is empty")
         return SecretStr(secret)
-    if auth.client_secret is not None and auth.client_secret.get_secret_value():
-        log.warning(
-            "auth.client_secret is set in the config file; prefer $ETL_CLIENT_SECRET or auth.client_secret_file"
-        )
-        return auth.client_secret
+    if file_secret is not None:
+        return file_secret
     raise ConfigError(
         "auth.client_secret_file: no client secret found: set $ETL_CLIENT_SECRET or auth.client_secret_file"
     )

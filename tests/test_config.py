@@ -120,6 +120,18 @@ def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypat
     assert config_from_document(document).client_secret().get_secret_value() == "from-config"
 
 
+def test_a_secret_in_the_config_file_is_warned_about_even_when_the_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC: client_secret in the file is accepted with a warning; it used to pass silently when $ETL_CLIENT_SECRET was set."""
+    document = _document()
+    document["auth"]["client_secret"] = "from-config"
+    monkeypatch.setenv("ETL_CLIENT_SECRET", "from-env")
+    assert config_from_document(document).client_secret().get_secret_value() == "from-env"
+    assert "auth.client_secret is set in the config file" in caplog.text
+    assert "$ETL_CLIENT_SECRET is set and is the one used" in caplog.text
+
+
 def test_missing_secret_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ETL_CLIENT_SECRET", raising=False)
     config = config_from_document(_document())
