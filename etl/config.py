@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,11 +44,19 @@ def _duration(value: Any) -> timedelta:
     return value if isinstance(value, timedelta) else parse_duration(value)
 
 
+def _not_negative(duration: timedelta) -> timedelta:
+    """A negative lag would load past now, a negative lookback skip time between syncs."""
+    if duration < timedelta(0):
+        raise ValueError("must not be negative")
+    return duration
+
+
 def _instant(value: Any) -> datetime:
     return parse_instant(value)
 
 
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
+NonNegativeDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_not_negative)]
 Instant = Annotated[datetime, BeforeValidator(_instant)]
 
 
@@ -103,7 +112,7 @@ class DatabaseConfig(_Section):
 
 
 class SyncConfig(_Section):
-    lag: Duration = timedelta(minutes=5)
+    lag: NonNegativeDuration = timedelta(minutes=5)
     max_rejects: int = Field(0, ge=0)
 
 
@@ -183,7 +192,7 @@ class ResourceConfig(_Section):
     primary_key: list[str] = Field(min_length=1)
     cursor_field: str | None = None
     start: Instant | None = None
-    lookback: Duration = timedelta(0)
+    lookback: NonNegativeDuration = timedelta(0)
     window: Duration = timedelta(days=1)
     params: dict[str, str | int | float | bool] = {}
     filter: FilterConfig | None = None

@@ -94,6 +94,20 @@ def test_durations_and_dates_in_every_form() -> None:
     assert config.resources[0].start == datetime(2024, 2, 1, 4, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "message"),
+    [("sync", "lag", "sync.lag: must not be negative"), ("resource", "lookback", "resources[0].lookback: must not be negative")],
+)
+def test_negative_lag_or_lookback_is_refused_and_zero_is_fine(section: str, key: str, message: str) -> None:
+    """lag = -300 would load past now and lookback = -3600 would skip an hour per sync: both are exit 2."""
+    document = _document()
+    table = document["sync"] if section == "sync" else document["resources"][0]
+    table[key] = -300
+    assert message in _error(document)
+    table[key] = "0s"
+    config_from_document(document)
+
+
 def test_bad_duration_is_named() -> None:
     document = _document()
     document["resources"][2]["window"] = "a while"
