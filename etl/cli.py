@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from etl.config import Config, config_path, load_config
@@ -155,16 +155,22 @@ async def _backfill(args: argparse.Namespace) -> int:
     start, end = _instant("--from", args.start), _instant("--to", args.end)
     if start >= end:
         raise ConfigError(f"--from {isoformat_utc(start)} must be before --to {isoformat_utc(end)}")
-    window = None
-    if args.window:
-        try:
-            window = parse_duration(args.window)
-        except ValueError as exc:
-            raise ConfigError(f"--window: {exc}") from None
+    window = None if args.window is None else _window(args.window)
     config = _load(args)
     print(f"backfill from {isoformat_utc(start)} to {isoformat_utc(end)} (UTC, end excluded)", flush=True)
     outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal())
     return report(outcome)
+
+
+def _window(value: str) -> timedelta:
+    """A zero window is refused rather than read as "no --window", which would quietly use the config's."""
+    try:
+        window = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"--window: {exc}") from None
+    if window <= timedelta(0):
+        raise ConfigError(f"--window {value}: must be longer than zero")
+    return window
 
 
 def _instant(flag: str, value: str) -> datetime:

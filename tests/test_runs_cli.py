@@ -259,6 +259,14 @@ async def test_backfill_with_a_bad_interval_is_exit_2(tmp_path: Path, flags: tup
     assert result.returncode == 2 and "--from" in result.stderr
 
 
+@pytest.mark.parametrize("window", ["0s", "PT0S", ""])
+async def test_backfill_with_an_empty_window_is_exit_2(tmp_path: Path, window: str) -> None:
+    """`--window 0s` must not fall back to the config's window as if the flag were absent."""
+    flags = ("--from", "2024-01-01", "--to", "2024-01-02", "--window", window)
+    result = await run_etl("backfill", "--config", str(tmp_path / "absent.toml"), *flags, env=etl_env())
+    assert result.returncode == 2 and "--window" in result.stderr
+
+
 async def test_a_backfill_and_a_sync_on_other_resources_run_at_once(
     tmp_path: Path, sqlite_or_postgres_url: str
 ) -> None:
