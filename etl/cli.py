@@ -145,7 +145,7 @@ async def _sync(args: argparse.Namespace) -> int:
     from etl import runs
 
     config = _load(args)
-    outcome = await runs.sync(config, args.resources, stop_on_signals(), progress_for_terminal())
+    outcome = await runs.sync(config, args.resources, stop_on_signals(), progress_for_terminal(args.log_format))
     return report(outcome)
 
 
@@ -158,7 +158,7 @@ async def _backfill(args: argparse.Namespace) -> int:
     window = None if args.window is None else _window(args.window)
     config = _load(args)
     print(f"backfill from {isoformat_utc(start)} to {isoformat_utc(end)} (UTC, end excluded)", flush=True)
-    outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal())
+    outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal(args.log_format))
     return report(outcome)
 
 
@@ -215,7 +215,7 @@ async def _status(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from etl.demo import run_demo
 
-    outcome = await run_demo(args.config, stop_on_signals(), progress_for_terminal())
+    outcome = await run_demo(args.config, stop_on_signals(), progress_for_terminal(args.log_format))
     return report(outcome)
 
 

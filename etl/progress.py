@@ -1,4 +1,4 @@
-"""What a run shows while it works: live bars on a terminal, nothing under cron.
+"""What a run shows while it works: live bars on a terminal, nothing under cron or with JSON logs.
 
 The one-line-per-resource summary is printed by the CLI at the end in both
 cases; this module only draws the live display.
@@ -81,5 +81,6 @@ class LiveProgress:
         self._progress.stop()
 
 
-def progress_for_terminal() -> ProgressDisplay:
-    return LiveProgress() if sys.stderr.isatty() else NoProgress()
+def progress_for_terminal(log_format: str) -> ProgressDisplay:
+    """Bars only on a terminal with text logs: with JSON logs every stderr line must be one JSON object."""
+    return LiveProgress() if log_format == "text" and sys.stderr.isatty() else NoProgress()

@@ -11,6 +11,7 @@ import os
 import pty
 import signal
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 
 from etl.config import config_from_document
 from etl.demo import demo_document
+from etl.progress import LiveProgress, NoProgress, progress_for_terminal
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
@@ -205,6 +207,27 @@ async def test_on_a_terminal_progress_bars_are_drawn(tmp_path: Path, fresh_datab
     assert process.returncode == 0, screen
     assert "━" in screen and "rec/s" in screen
     assert "orders" in screen and "customers" in screen
+
+
+async def test_with_json_logs_a_terminal_gets_json_lines_and_no_bars(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """SPEC: with --log-format json every stderr line is one JSON object, on a terminal too, so no bars."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(delay_ms=20)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders", "customers"])
+        controller, terminal = pty.openpty()
+        process = await start_etl("--log-format", "json", "sync", "--config", str(config), stderr=terminal)
+        os.close(terminal)
+        screen = await _read_all(controller, process)
+    assert process.returncode == 0, screen
+    lines = [line for line in screen.split("\r\n") if line]
+    assert lines and all(isinstance(orjson.loads(line), dict) for line in lines), screen
+    assert "━" not in screen
+
+
+def test_json_logs_choose_no_progress_display_even_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert isinstance(progress_for_terminal("text"), LiveProgress)
+    assert isinstance(progress_for_terminal("json"), NoProgress)
 
 
 async def _read_all(descriptor: int, process: asyncio.subprocess.Process) -> str:
