@@ -72,7 +72,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(log_format: str, verbosity: int) -> None:
-    """`verbosity`: -1 quiet (warnings and errors), 0 normal, 1 debug."""
+    """`verbosity`: -1 quiet (warnings and errors), 0 normal, 1 debug for etl's own loggers.
+
+    Other libraries stay at INFO under -v: aiosqlite alone logs every statement at DEBUG.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_ContextFilter())
@@ -80,6 +83,7 @@ def setup_logging(log_format: str, verbosity: int) -> None:
     for existing in list(root.handlers):
         root.removeHandler(existing)
     root.addHandler(handler)
-    root.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    root.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
+    logging.getLogger("etl").setLevel(logging.DEBUG if verbosity > 0 else logging.NOTSET)
     for noisy in ("aiohttp.access", "asyncio", "alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
