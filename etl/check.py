@@ -32,13 +32,12 @@ import aiohttp
 from cryptography import x509
 from pydantic import SecretStr
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from etl import certs
 from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
 from etl.config import Config, EnvSettings, ResourceConfig, load_config
-from etl.db import create_engine, current_revision, database_error, head_revision, safe_url
+from etl.db import DRIVER_ERRORS, create_engine, current_revision, database_error, head_revision, safe_url
 from etl.errors import ConfigError, EtlError, LoadError, SourceError, UnreachableError
 from etl.logs import redact, register_secret
 from etl.paginators import Paginator, window_paginator
@@ -581,7 +580,7 @@ class Checker:
                 f"no answer from the database {safe_url(self.engine.url)} within {DATABASE_TIMEOUT_S:g}s",
                 hint="check [database].url (or $ETL_DATABASE_URL), that the server is up, and any firewall",
             ) from None
-        except (DBAPIError, OSError) as exc:
+        except DRIVER_ERRORS as exc:
             raise database_error(exc, self.engine.url) from None
 
     async def _db_connect(self) -> Verdict:

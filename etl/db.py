@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -89,6 +90,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# asyncpg raises its own errors at connect time and in the raw COPY, which bypass SQLAlchemy.
+DRIVER_ERRORS = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_CONNECTION_SQLSTATES = ("08", "28", "3D")  # connection exception, invalid authorization, unknown database
 _CONNECTION_WORDS = ("connect", "refused", "could not translate host", "unable to open", "timeout", "password", "authentication", "access denied", "unknown database", "does not exist")
 
 
@@ -100,7 +104,12 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     """
     original = getattr(exc, "orig", None) or exc
     text = str(original).lower()
-    reaching = isinstance(exc, OSError | ConnectionError) or "connect" in type(original).__name__.lower()
+    sqlstate = str(getattr(original, "sqlstate", None) or "")
+    reaching = (
+        isinstance(exc, OSError | ConnectionError)
+        or "connect" in type(original).__name__.lower()
+        or sqlstate[:2] in _CONNECTION_SQLSTATES
+    )
     if reaching or (isinstance(exc, OperationalError) and any(word in text for word in _CONNECTION_WORDS) and "no such table" not in text):
         return LoadError(
             f"cannot use the database {safe_url(url)}: {original}",
@@ -153,7 +162,7 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
             before = await connection.run_sync(_current_revision)
             await connection.run_sync(_upgrade)
             after = await connection.run_sync(_current_revision)
-    except (DBAPIError, OSError) as exc:
+    except DRIVER_ERRORS as exc:
         raise database_error(exc, engine.url) from exc
     return before, after
 
@@ -162,5 +171,5 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(_current_revision)
-    except (DBAPIError, OSError) as exc:
+    except DRIVER_ERRORS as exc:
         raise database_error(exc, engine.url) from exc

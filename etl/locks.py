@@ -18,6 +18,7 @@ from typing import IO
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from etl.db import DRIVER_ERRORS, database_error
 from etl.durations import isoformat_utc
 from etl.errors import LockHeld
 from etl.schema import runs
@@ -58,14 +59,19 @@ class ResourceLocks:
         await self.release()
 
     async def _acquire(self, dialect: str, resource: str) -> bool:
-        if dialect == "postgresql":
-            connection = await self._lock_connection()
-            return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": _advisory_key(resource)}))
-        if dialect == "mysql":
-            connection = await self._lock_connection()
-            name = _mysql_name(self._engine.url.database or "", resource)
-            return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": name}) == 1
-        return self._flock(resource)
+        """False when another run holds the lock; the lock is the run's first contact with the database, so a
+        server that is down or a SQLite directory that does not exist surfaces here, as etl's LoadError."""
+        try:
+            if dialect == "postgresql":
+                connection = await self._lock_connection()
+                return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": _advisory_key(resource)}))
+            if dialect == "mysql":
+                connection = await self._lock_connection()
+                name = _mysql_name(self._engine.url.database or "", resource)
+                return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": name}) == 1
+            return self._flock(resource)
+        except DRIVER_ERRORS as exc:
+            raise database_error(exc, self._engine.url) from exc
 
     async def _lock_connection(self) -> AsyncConnection:
         """A connection kept open for the whole run: the server drops its locks when it closes."""

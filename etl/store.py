@@ -52,16 +52,13 @@ from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.dml import Insert
 
 from etl.config import ResourceConfig
-from etl.db import begin_schema_change, database_error, migrate
+from etl.db import DRIVER_ERRORS, begin_schema_change, database_error, migrate
 from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
 from etl.records import Reject
 from etl.schema import LOADED_AT, RUN_ID, ensure_resource_table, rejects, runs, watermarks, windows
 from etl.sqltypes import ExactDecimal, driver_column, driver_value, to_utc
 from etl.windows import Window
-
-# The raw COPY bypasses SQLAlchemy, so asyncpg's own errors are translated too.
-DRIVER_ERRORS = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def cursor_text(value: Any) -> str | None:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import make_url
 
 from etl.check import run_check
 from etl.db import create_engine, migrate
@@ -304,6 +305,20 @@ async def test_an_unreachable_database(
     assert "skipped: database connect did not pass" in line_of(out, "– database schema")
     assert line_of(out, "– database write")
     assert line_of(out, "✔ resource products")
+
+
+async def test_a_postgresql_database_that_does_not_exist(
+    simulator: Simulator, write_config: WriteConfig, fresh_database: Callable[[str], Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """asyncpg's own error at connect time (not SQLAlchemy's) is a failed step with the hint, not a crash."""
+    url = make_url(await fresh_database("postgresql")).set(database="etl_no_such_database")
+    path = write_config(simulator.base_url, simulator.token_url, url.render_as_string(hide_password=False), resources=["products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 1
+    assert 'database "etl_no_such_database" does not exist' in line_of(out, "✘ database connect")
+    assert "hint: check [database].url (or $ETL_DATABASE_URL), that the server is up" in out
 
 
 async def test_the_database_steps_leave_nothing_behind(

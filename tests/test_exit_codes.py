@@ -7,9 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
+import pytest
+from sqlalchemy import make_url
+
+from etl.demo import demo_document
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
-from etlproc import etl_env, run_etl, write_config
+import tomlwriter
+from etlproc import Finished, etl_env, run_etl, write_config
 
 
 def _free_port() -> int:
@@ -130,3 +136,50 @@ async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_
     result = await run_etl("sync", "--config", str(config))
     assert result.returncode == 5
     assert "no-such-host.invalid" in result.stderr and "DNS" in result.stderr
+
+
+async def _run_against_database(tmp_path: Path, url: str, *command: str) -> Finished:
+    """`command` with JSON logs on a config whose API nobody serves: only the database is contacted."""
+    document = demo_document({"url": url}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    return await run_etl("--log-format", "json", *command, "--config", str(config), timeout=60)
+
+
+def _assert_one_clean_database_error(result: Finished, words: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [event for event in map(orjson.loads, result.stderr.splitlines()) if event["level"] == "error"]
+    assert len(errors) == 1, result.stderr
+    assert "cannot use the database" in errors[0]["message"] and words in errors[0]["message"]
+    assert "hint: check [database].url" in errors[0]["message"]
+
+
+SYNC_AND_BACKFILL = [("sync",), ("backfill", "--from", "2024-01-01", "--to", "2024-01-02")]
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("sqlite:////nonexistent/dir/etl.db", "No such file or directory"),
+        ("postgresql://root@127.0.0.1:1/test", "Connect call failed"),
+        ("mysql://root@127.0.0.1:1/test", "Can't connect to MySQL server"),
+    ],
+    ids=["sqlite-missing-directory", "postgresql-refused", "mysql-refused"],
+)
+@pytest.mark.parametrize("command", SYNC_AND_BACKFILL, ids=["sync", "backfill"])
+async def test_exit_1_with_a_hint_when_the_database_cannot_be_reached(
+    tmp_path: Path, url: str, words: str, command: tuple[str, ...]
+) -> None:
+    """The lock is the first thing to touch the database: its failure is one error line with a hint, as in
+    status and migrate, not a traceback (whose lines would not be JSON)."""
+    _assert_one_clean_database_error(await _run_against_database(tmp_path, url, *command), words)
+
+
+@pytest.mark.parametrize("command", [*SYNC_AND_BACKFILL, ("status",), ("migrate",)], ids=["sync", "backfill", "status", "migrate"])
+async def test_exit_1_with_a_hint_when_the_postgresql_database_does_not_exist(
+    tmp_path: Path, fresh_database: Callable[[str], Any], command: tuple[str, ...]
+) -> None:
+    """asyncpg raises its own error for an unknown database at connect time, not SQLAlchemy's."""
+    url = make_url(await fresh_database("postgresql")).set(database="etl_no_such_database")
+    result = await _run_against_database(tmp_path, url.render_as_string(hide_password=False), *command)
+    _assert_one_clean_database_error(result, 'database "etl_no_such_database" does not exist')
