@@ -63,6 +63,7 @@ class ResourceStats:
     rejected: int = 0
     windows: int = 0
     windows_done: int = 0
+    cursors_seen: bool = False  # a record carried cursor_field: else the watermark cannot move
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -231,7 +232,18 @@ class Pipeline:
             self.progress.stop()
         for stats in self.stats.values():
             stats.finished = stats.finished or time.monotonic()
+            self._warn_if_no_cursor(self._plans[stats.name].resource, stats)
         return self._outcome(time.monotonic() - started)
+
+    @staticmethod
+    def _warn_if_no_cursor(resource: ResourceConfig, stats: ResourceStats) -> None:
+        """A cursor_field no record carries (a typo, a renamed field) would leave the watermark still without a word."""
+        if resource.cursor_field and stats.fetched and not stats.cursors_seen:
+            log.warning(
+                "%s: cursor_field %r was in none of the %d records fetched: the watermark's highest cursor "
+                "does not move; check resources.%s.cursor_field against the API's records",
+                resource.name, resource.cursor_field, stats.fetched, resource.name,
+            )
 
     async def _fetch_and_load(self, client: ApiClient, plans: list[ResourcePlan]) -> None:
         jobs = _interleave([[(plan.resource, window) for window in plan.pending] for plan in plans])
@@ -368,6 +380,7 @@ class Pipeline:
         stats = self.stats[resource.name]
         stats.pages += 1
         stats.fetched += len(records)
+        stats.cursors_seen = stats.cursors_seen or page.max_cursor is not None
         await self._queue.put(_Page(window, page, position, finished, len(records)))
 
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:

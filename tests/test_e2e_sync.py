@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from etl import runs
-from etl.config import Config
+from etl.config import Config, config_from_document
 from etl.db import create_engine
+from etl.demo import demo_document
 from etl.progress import NoProgress
 from etl.schema import runs as runs_table
 from etl.simulator import Simulator
@@ -153,3 +154,17 @@ async def test_an_unexpected_worker_failure_still_commits_what_was_queued(
         await _sync(config)
     assert await scalar(url, "SELECT COUNT(*) FROM orders") > 0
     assert await scalar(url, "SELECT status FROM etl_runs") == "failed"
+
+
+async def test_a_cursor_field_no_record_carries_is_warned_about(
+    simulator: Simulator, fresh_database: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`updatedAt` for `updated_at`: the rows load, but the watermark cannot move, and the log says why."""
+    monkeypatch.setenv("ETL_CLIENT_SECRET", "demo-secret")
+    monkeypatch.delenv("ETL_DATABASE_URL", raising=False)
+    document = demo_document({"url": await fresh_database("sqlite")}, simulator.base_url, simulator.token_url)
+    document["resources"] = [r | {"cursor_field": "updatedAt"} for r in document["resources"] if r["name"] == "orders"]
+    outcome = await _sync(config_from_document(document))
+    assert outcome.exit_code == 0, outcome.error
+    assert "orders: cursor_field 'updatedAt' was in none of the" in caplog.text
+    assert "check resources.orders.cursor_field" in caplog.text
