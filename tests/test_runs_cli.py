@@ -308,7 +308,7 @@ async def test_a_backfill_and_a_sync_on_other_resources_run_at_once(
     tmp_path: Path, sqlite_or_postgres_url: str
 ) -> None:
     """The lock is per resource: a backfill of orders and a sync of customers on one database both succeed."""
-    async with Simulator(_settings(orders=5000, delay_ms=150)) as sim:
+    async with Simulator(_settings(orders=8000, delay_ms=150)) as sim:
         config = write_config(tmp_path, sim, sqlite_or_postgres_url, resources=["orders", "customers"], api={"concurrency": 2})
         backfill = await start_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--resource", "orders")
         await asyncio.sleep(1.0)
