@@ -5,6 +5,8 @@ It reads etl's tables only: it never contacts the API or the token endpoint.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,23 @@ def _section(title: str, lines: list[str]) -> list[str]:
     return ["", title, *(lines or ["  none"])]
 
 
+def _process_gone(run: dict[str, Any]) -> bool:
+    """A run still 'running' whose process on this host no longer exists: killed (kill -9, OOM) or crashed."""
+    if run["status"] != "running" or run["host"] != socket.gethostname() or not run["pid"]:
+        return False
+    try:
+        os.kill(run["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return False
+
+
 def _run_line(run: dict[str, Any]) -> str:
+    if _process_gone(run):
+        run = {**run, "error": f"its process {run['pid']} on this host is gone (killed or crashed); "
+                              "the next run of its resources marks it abandoned and continues its work"}
     line = (
         f"  #{run['id']:<5} {run['command']:<8} {run['status']:<11} started {_when(run['started_at'])}"
         f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"

@@ -84,6 +84,8 @@ async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_fin
     sim, url, args = twenty_window_backfill
     finished_before_kill, _ = await _signal_mid_backfill(args, url, signal.SIGKILL, at_least=5)
     done_at_kill = dict(sqlite_rows(url, "SELECT window_start, pages FROM etl_windows WHERE state = 'done'"))
+    status = await run_etl("status", "--config", args[args.index("--config") + 1])
+    assert "running" in status.stdout and "is gone (killed or crashed)" in status.stdout, status.stdout
 
     again = await run_etl(*args)
     fetches = _window_fetches(sim)
