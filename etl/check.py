@@ -546,9 +546,7 @@ class Checker:
             + f"; next page: {_next_page(page.request, page.paginator.request())}"
         )
         if not page.records:
-            body = page.response.body
-            keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else "(the body is a list)"
-            details = [*tried, f"top-level keys of the body: {keys}"]
+            details = [*tried, _body_shape(page.response.body)]
             return Verdict(summary, "warning", details, "no records in these windows to check the columns against")
         details = [] if len(tried) == 1 else [f"no records in the latest window; this page is from the first, {page.window}"]
         if not rejects:
@@ -654,6 +652,13 @@ def _next_page(first: PageRequest, following: PageRequest | None) -> str:
         return "a Link rel=next"
     changed = {key: value for key, value in following.params.items() if first.params.get(key) != value}
     return ", ".join(f"{key}={value[:24]}{'…' if len(value) > 24 else ''}" for key, value in changed.items()) or "yes"
+
+
+def _body_shape(body: Any) -> str:
+    """What an empty page's body held, for a records_path that may point at the wrong key."""
+    if isinstance(body, dict):
+        return f"top-level keys of the body: {', '.join(list(body)[:12])}"
+    return "the body is empty (204 No Content) or null" if body is None else "the body is a list"
 
 
 def _text_verdict(checker: Checker) -> str:

@@ -49,7 +49,7 @@ class PageRequest:
 
 @dataclass(frozen=True)
 class PageResponse:
-    """A 2xx answer whose body parsed as JSON."""
+    """A 2xx answer whose body parsed as JSON; None for a 204 No Content."""
 
     url: str
     status: int
@@ -177,7 +177,7 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
     """A usable page, or the error that says why not; only what may heal is a RetryableError."""
     status = resp.status
     if 200 <= status < 300:
-        parsed = parse_json(status, resp, body)
+        parsed = None if status == 204 else parse_json(status, resp, body)
         return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp))
     url = display_url(resp.url)
     if status == 401:

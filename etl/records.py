@@ -220,10 +220,18 @@ def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ..
 
 
 def records_at(body: Any, records_path: str, url: str) -> list[Any]:
-    """The record list of a page body; anything else is an error naming what the body holds."""
+    """The record list of a page body; anything else is an error naming what the body holds.
+
+    No body (a 204) and a record list that is null (Go encodes an empty slice so) are a page
+    without records; a records_path that is not in the body stays an error.
+    """
+    if body is None:
+        return []
     records = dig(body, records_path) if records_path else body
     if isinstance(records, list):
         return records
+    if records is None and _holds_null(body, records_path):
+        return []
     if records is None and isinstance(body, dict) and not records_path:
         keys = ", ".join(list(body)[:12])
         raise SourceError(
@@ -233,6 +241,13 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
         keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
         raise SourceError(f"{url}: records_path {records_path!r} is not in the body; its top-level keys are: {keys}")
     raise SourceError(f"{url}: records_path {records_path!r} holds a {type(records).__name__}, not a list of records")
+
+
+def _holds_null(body: Any, dotted: str) -> bool:
+    """Whether the path's last key is in the body, for a path where `dig` found None: null, not missing."""
+    parent_path, _, key = dotted.rpartition(".")
+    parent = dig(body, parent_path) if parent_path else body
+    return isinstance(parent, dict) and key in parent
 
 
 def raw_json(record: Any) -> str:

@@ -458,6 +458,25 @@ async def test_an_empty_page_shows_the_top_level_keys(
     assert "hint: no records in these windows to check the columns against" in out
 
 
+async def test_a_204_is_an_empty_page_not_a_json_error(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An API that answers 204 No Content has no records there: a warning, as for an empty list."""
+
+    async def no_content(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/products", no_content)
+    async with TestServer(app, host="127.0.0.1") as api:
+        path = write_config(str(api.make_url("/api/v1")), simulator.token_url, resources=["products"])
+        code, out = await check(capsys, path)
+
+    assert code == 0
+    assert "204, 0 records at 'products'; next page: none" in line_of(out, "! resource products")
+    assert "the body is empty (204 No Content) or null" in out
+
+
 def _certificate(
     name: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[str, ec.EllipticCurvePrivateKey] | None, ca: bool
 ) -> x509.Certificate:

@@ -134,6 +134,15 @@ async def test_a_200_that_is_not_json_is_an_error_not_an_empty_page(
     assert counters.requests == 1
 
 
+async def test_a_204_is_a_page_without_a_body(http_mock: aioresponses, make_client: MakeClient) -> None:
+    """204 No Content is how some APIs say "no records": body None, not "is not JSON: (empty body)"."""
+    client, counters = make_client()
+    http_mock.get(PAGE, status=204, body="")
+    response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert (response.status, response.body) == (204, None)
+    assert counters.requests == 1
+
+
 @pytest.mark.parametrize("status", [400, 403, 404])
 async def test_a_client_error_fails_fast_with_the_url_and_the_first_bytes(
     http_mock: aioresponses, make_client: MakeClient, status: int

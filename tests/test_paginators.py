@@ -28,6 +28,7 @@ from etl.config import (
     NoPagination,
     OffsetPagination,
     PagePagination,
+    Pagination,
 )
 from etl.errors import SourceError
 from etl.paginators import Paginator, Seen, paginator_for
@@ -194,6 +195,40 @@ async def test_a_repeated_cursor_ends_the_window_with_an_error(
     with pytest.raises(SourceError, match="returned the cursor '100' a second time"):
         await walk(paginator, client, "items")
     assert len(queries) == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "records_path"),
+    [
+        (PagePagination(style="page", page_size=100), "data"),
+        (OffsetPagination(style="offset", page_size=100), "data"),
+        (CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), "data"),
+        (LinkHeaderPagination(style="link_header"), ""),
+        (NoPagination(style="none"), "data"),
+    ],
+    ids=["page", "offset", "cursor", "link_header", "none"],
+)
+async def test_a_204_ends_the_window_as_an_empty_page_does(
+    http_mock: aioresponses, client: ApiClient, config: Pagination, records_path: str
+) -> None:
+    """204 No Content is a page without records: every style ends the window there, without an error."""
+    queries = serve(http_mock, lambda query: CallbackResult(status=204, body=""))
+    assert await walk(paginator_for(config, BASE + "/items", {}), client, records_path) == []
+    assert len(queries) == 1
+
+
+async def test_a_null_record_list_ends_a_page_window_as_an_empty_page_does(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """`"data": null` (Go's empty slice) after two full pages ends the window like `"data": []`."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = (int(query["page"]) - 1) * 100
+        return CallbackResult(payload={"data": RECORDS[start : min(start + 100, 200)] or None})
+
+    queries = serve(http_mock, answer)
+    assert await walk(page_paginator(page_size=100), client, "data") == RECORDS[:200]
+    assert [q["page"] for q in queries] == ["1", "2", "3"]
 
 
 def linked_pages(link: Callable[[int], str]) -> Answer:

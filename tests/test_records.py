@@ -12,7 +12,7 @@ import pytest
 import etl.records
 from etl.config import ResourceConfig
 from etl.errors import SourceError
-from etl.records import RecordValidator, Reject
+from etl.records import RecordValidator, Reject, records_at
 
 
 def _validator(columns: dict[str, Any], primary_key: list[str] | None = None, cursor: str | None = None) -> RecordValidator:
@@ -202,3 +202,19 @@ def test_a_page_with_a_bad_record_validates_each_good_record_once(monkeypatch: p
     assert [row["id"] for row in page.rows] == [1, 3]
     assert [reject.key for reject in page.rejects] == ["2"] and "at: " in page.rejects[0].error
     assert len(converted) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "records_path"),
+    [({"data": None, "total": 0}, "data"), ({"meta": {"items": None}}, "meta.items"), (None, ""), (None, "data")],
+    ids=["null-key", "null-nested-key", "null-body", "no-body"],
+)
+def test_a_null_record_list_or_no_body_is_a_page_without_records(body: Any, records_path: str) -> None:
+    """Go encodes an empty slice as null, and a 204 has no body: both are an empty page, not an error."""
+    assert records_at(body, records_path, "https://api.example.test/orders") == []
+
+
+def test_a_records_path_missing_from_the_body_is_still_an_error() -> None:
+    """Only a key that is there and null means no records; a key that is absent names the keys there are."""
+    with pytest.raises(SourceError, match="records_path 'items' is not in the body; its top-level keys are: data, total"):
+        records_at({"data": None, "total": 0}, "items", "https://api.example.test/orders")
