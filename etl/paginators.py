@@ -4,8 +4,10 @@ A paginator belongs to one window and is never shared. It says which request
 comes next (`request`), learns from each page (`advance`), and can be saved
 and restored (`position`, `restore`) so a resumed backfill starts at the first
 page that was not committed. A server that answers the same cursor, link or
-page again ends the window with an error instead of looping forever; what a
-window remembers for that is bounded, so memory stays flat however long it is.
+page again ends the window with an error instead of looping forever (except
+an empty cursor page that returns its own cursor: that is the last page);
+what a window remembers for that is bounded, so memory stays flat however
+long it is.
 
 Page and offset windows whose total is known can also hand out every
 remaining page at once (`remaining_requests`), for fetching them in parallel.
@@ -326,7 +328,11 @@ class OffsetPaginator(_NumberedPaginator):
 
 
 class CursorPaginator(Paginator):
-    """Follows `next_cursor_path`; null, "" or missing means the last page, as does an empty page."""
+    """Follows `next_cursor_path`; null, "" or missing means the last page.
+
+    An empty page with a new cursor is followed: the cursor, not the page, says whether more
+    follow. An empty page that hands back the cursor it was sent is the last page, not a loop.
+    """
 
     config: CursorPagination
 
@@ -349,7 +355,7 @@ class CursorPaginator(Paginator):
         if self.cursor is not None:
             self._sent.add(self.cursor)
         cursor = dig(response.body, self.config.next_cursor_path)
-        if cursor in (None, "") or not records:
+        if cursor in (None, "") or (not records and str(cursor) == self.cursor):
             self.finished = True
             return
         cursor = str(cursor)

@@ -231,6 +231,35 @@ async def test_a_null_record_list_ends_a_page_window_as_an_empty_page_does(
     assert [q["page"] for q in queries] == ["1", "2", "3"]
 
 
+def scripted_cursor_pages(script: dict[str | None, tuple[list[Any], str | None]]) -> Answer:
+    """`script[cursor sent]` is (items, next_cursor) of that page; None is the first request."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        items, following = script[query.get("cursor")]
+        return CallbackResult(payload={"items": items, "meta": {"next_cursor": following}})
+
+    return answer
+
+
+async def test_an_empty_page_with_a_new_cursor_is_followed(http_mock: aioresponses, client: ApiClient) -> None:
+    """A cursor API may serve an empty page mid-window (a filtered-out batch): its next_cursor, not its size, says whether more follow."""
+    script = {None: (RECORDS[:100], "a"), "a": ([], "b"), "b": (RECORDS[100:200], None)}
+    queries = serve(http_mock, scripted_cursor_pages(script))
+    paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {})
+    assert await walk(paginator, client, "items") == RECORDS[:200]
+    assert [q.get("cursor") for q in queries] == [None, "a", "b"]
+
+
+async def test_an_empty_page_handing_back_its_own_cursor_ends_the_window(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """Some APIs answer the last, empty page with the cursor they were sent: that is the end, not a loop to report."""
+    queries = serve(http_mock, scripted_cursor_pages({None: (RECORDS[:100], "a"), "a": ([], "a")}))
+    paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {})
+    assert await walk(paginator, client, "items") == RECORDS[:100]
+    assert [q.get("cursor") for q in queries] == [None, "a"]
+
+
 def linked_pages(link: Callable[[int], str]) -> Answer:
     """A bare list per page; `Link: <link(next index)>; rel="next"` while records remain."""
 
