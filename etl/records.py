@@ -14,7 +14,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, NotRequired
 
-from pydantic import AfterValidator, AliasPath, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, AliasPath, BeforeValidator, Field, TypeAdapter, ValidationError
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
@@ -28,6 +28,7 @@ INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 NO_NUL = r"^[^\x00]*$"
 NUL_MESSAGE = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
+NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
 
 
 def _to_utc(moment: datetime) -> datetime:
@@ -45,6 +46,13 @@ def _storable_json(value: Any) -> Any:
     """
     if value is not None and "\\u0000" in json_text(value) and _has_nul(value):
         raise ValueError(NUL_MESSAGE)
+    return value
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """A key of true would validate as 1 (pydantic's lax mode) and overwrite record 1: a reject instead."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
     return value
 
 
@@ -79,10 +87,16 @@ def _python_type(column_type: str) -> Any:
     }[column_type]
 
 
-def _field(name: str, spec: ColumnSpec, required: bool) -> Any:
-    """One TypedDict field; nullable columns default to None when the record lacks them."""
+def _field(name: str, spec: ColumnSpec, required: bool, key: bool) -> Any:
+    """One TypedDict field; nullable columns default to None when the record lacks them.
+
+    Only a numeric key refuses booleans: the check costs a Python call per record, and
+    elsewhere a boolean read as 0 or 1 overwrites nothing.
+    """
     alias = AliasPath(*spec.source.split(".")) if spec.source else None
     python_type = _python_type(spec.type)
+    if key and spec.type in NUMBER_TYPES:
+        python_type = Annotated[python_type, BeforeValidator(_not_a_boolean)]
     if required:
         return Annotated[python_type, Field(validation_alias=alias)]
     return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]
@@ -123,7 +137,8 @@ class RecordValidator:
     def __init__(self, resource: ResourceConfig) -> None:
         self.resource = resource
         fields = {
-            name: _field(name, spec, self._required(name, spec)) for name, spec in resource.columns.items()
+            name: _field(name, spec, self._required(name, spec), name in resource.primary_key)
+            for name, spec in resource.columns.items()
         }
         row_type = TypedDict(f"{resource.name}_row", fields)  # type: ignore[misc]
         row_or_invalid = Annotated[row_type | _Invalid, Field(union_mode="left_to_right")]  # type: ignore[valid-type]

@@ -160,6 +160,15 @@ def test_a_missing_primary_key_is_rejected_without_a_key() -> None:
     assert reject.error.startswith("id: ")
 
 
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("column", ["integer", "bigint", "float", "decimal"])
+def test_a_boolean_key_is_a_reject_not_record_1(column: str, value: bool) -> None:
+    """pydantic reads true as 1: as a key it would overwrite record 1 without a word, so it is a reject that says why."""
+    page = _validator({"id": column}).validate([{"id": 1}, {"id": value}])
+    assert [row["id"] for row in page.rows] == [1]
+    assert [reject.error for reject in page.rejects] == [f"id: a boolean is not a number (got {value})"]
+
+
 def test_composite_key_of_a_reject_joins_its_parts() -> None:
     """The key of a reject with a composite key is `1|2`, taken from the source paths."""
     validator = _validator({"line": {"type": "integer", "source": "pos.line"}, "qty": "integer"}, primary_key=["id", "line"])
