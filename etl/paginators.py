@@ -16,6 +16,7 @@ remaining page at once (`remaining_requests`), for fetching them in parallel.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections import deque
@@ -40,7 +41,10 @@ from etl.errors import SourceError
 from etl.transport import display_url
 from etl.windows import Window, filter_params
 
+log = logging.getLogger(__name__)
+
 SEEN_LIMIT = 4096  # pages, cursors or links a window remembers to recognise a loop
+EMPTY_CURSOR_PAGES = 5  # empty pages in a row, each with a new cursor, that end a cursor window
 
 
 def dig(body: Any, dotted: str) -> Any:
@@ -331,7 +335,8 @@ class CursorPaginator(Paginator):
     """Follows `next_cursor_path`; null, "" or missing means the last page.
 
     An empty page with a new cursor is followed: the cursor, not the page, says whether more
-    follow. An empty page that hands back the cursor it was sent is the last page, not a loop.
+    follow. An empty page that hands back the cursor it was sent is the last page, not a loop,
+    and so are EMPTY_CURSOR_PAGES empty pages in a row (a polling API always has a next cursor).
     """
 
     config: CursorPagination
@@ -340,6 +345,7 @@ class CursorPaginator(Paginator):
         super().__init__(config, url, params)
         self.cursor: str | None = None
         self._sent = Seen()
+        self._empty_in_a_row = 0
 
     def request(self) -> PageRequest | None:
         if self.finished:
@@ -355,7 +361,13 @@ class CursorPaginator(Paginator):
         if self.cursor is not None:
             self._sent.add(self.cursor)
         cursor = dig(response.body, self.config.next_cursor_path)
+        self._empty_in_a_row = 0 if records else self._empty_in_a_row + 1
         if cursor in (None, "") or (not records and str(cursor) == self.cursor):
+            self.finished = True
+            return
+        if self._empty_in_a_row >= EMPTY_CURSOR_PAGES:
+            log.warning("%s: %d empty pages in a row, each with a new cursor: taking the window as complete",
+                        display_url(response.url), self._empty_in_a_row)
             self.finished = True
             return
         cursor = str(cursor)

@@ -247,8 +247,8 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
         return records
     if records is None and _holds_null(body, records_path):
         return []
-    if records is None and isinstance(body, dict) and not records_path:
-        keys = ", ".join(list(body)[:12])
+    if isinstance(records, dict) and not records_path:
+        keys = ", ".join(list(records)[:12])
         raise SourceError(
             f"{url}: the body is an object, not a list of records; set records_path to one of its keys: {keys}"
         )

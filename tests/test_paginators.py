@@ -260,6 +260,18 @@ async def test_an_empty_page_handing_back_its_own_cursor_ends_the_window(
     assert [q.get("cursor") for q in queries] == [None, "a"]
 
 
+async def test_empty_pages_that_never_stop_handing_out_new_cursors_end_the_window(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """A polling API always has a next cursor; five empty pages in a row end the window instead of walking forever."""
+    script: dict[str | None, tuple[list[Any], str | None]] = {None: (RECORDS[:100], "c0")}
+    script |= {f"c{n}": ([], f"c{n + 1}") for n in range(20)}
+    queries = serve(http_mock, scripted_cursor_pages(script))
+    paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {})
+    assert await walk(paginator, client, "items") == RECORDS[:100]
+    assert [q.get("cursor") for q in queries] == [None, "c0", "c1", "c2", "c3", "c4"]
+
+
 def linked_pages(link: Callable[[int], str]) -> Answer:
     """A bare list per page; `Link: <link(next index)>; rel="next"` while records remain."""
 

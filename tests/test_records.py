@@ -227,3 +227,9 @@ def test_a_records_path_missing_from_the_body_is_still_an_error() -> None:
     """Only a key that is there and null means no records; a key that is absent names the keys there are."""
     with pytest.raises(SourceError, match="records_path 'items' is not in the body; its top-level keys are: data, total"):
         records_at({"data": None, "total": 0}, "items", "https://api.example.test/orders")
+
+
+def test_an_object_body_with_an_empty_records_path_names_the_keys_to_choose_from() -> None:
+    """records_path = "" says the body is the list; an object body gets the hint to name its key, not "holds a dict"."""
+    with pytest.raises(SourceError, match="the body is an object, not a list of records; set records_path to one of its keys: data, total"):
+        records_at({"data": [], "total": 0}, "", "https://api.example.test/orders")
