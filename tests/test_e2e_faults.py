@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from loopback import Handler, serving
 
 from etl import runs
 from etl.config import Config, config_from_document
@@ -136,7 +137,7 @@ async def test_retries_running_out_end_with_exit_1_and_the_next_run_completes(
         assert sim.counters.records_served["orders"] == len(sim.truth("orders"))
 
 
-async def _capped_total_api(records: int, cap: int) -> web.AppRunner:
+def _capped_total_api(records: int, cap: int) -> dict[tuple[str, str], Handler]:
     """An API whose `total` stops counting at `cap`, as search backends do, and a token endpoint."""
 
     async def token(_request: web.Request) -> web.Response:
@@ -147,13 +148,7 @@ async def _capped_total_api(records: int, cap: int) -> web.AppRunner:
         data = [{"id": n, "name": f"item {n}"} for n in range((page - 1) * size + 1, min(page * size, records) + 1)]
         return web.json_response({"data": data, "total": min(records, cap)})
 
-    app = web.Application()
-    app.router.add_post("/oauth2/token", token)
-    app.router.add_get("/api/v1/items", items)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/v1/items"): items}
 
 
 @pytest.mark.parametrize("records", [95, 100])
@@ -166,9 +161,7 @@ async def test_a_total_lower_than_the_records_served_does_not_end_the_window_ear
     """
     monkeypatch.setenv("ETL_CLIENT_SECRET", "demo-secret")
     url = await fresh_database("sqlite")
-    runner = await _capped_total_api(records, cap=45)
-    try:
-        base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with serving(_capped_total_api(records, cap=45)) as base:
         document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
         document["resources"] = [{
             "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
@@ -176,8 +169,6 @@ async def test_a_total_lower_than_the_records_served_does_not_end_the_window_ear
             "columns": {"id": "integer", "name": "string"},
         }]
         outcome = await runs.sync(config_from_document(document), None, asyncio.Event(), NoProgress())
-    finally:
-        await runner.cleanup()
 
     assert outcome.exit_code == 0, outcome.error
     assert await scalar(url, "SELECT COUNT(*) FROM items") == records

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from loopback import Handler, serving
 from sqlalchemy import select
 
 from etl.config import config_from_document
@@ -62,7 +63,7 @@ async def test_hostile_values_are_stored_verbatim(database_url: str) -> None:
 ECHOED_TOKEN = "TOKEN-SEKRIT-abc123"
 
 
-async def _echoing_servers(refuse_client: bool) -> web.AppRunner:
+def _echoing_servers(refuse_client: bool) -> dict[tuple[str, str], Handler]:
     """A token endpoint and an API that echo what they were sent in their error bodies, as careless servers do."""
 
     async def token(request: web.Request) -> web.Response:
@@ -75,13 +76,7 @@ async def _echoing_servers(refuse_client: bool) -> web.AppRunner:
     async def orders(request: web.Request) -> web.Response:
         return web.json_response({"message": f"bad request for token {request.headers.get('Authorization')}"}, status=400)
 
-    app = web.Application()
-    app.router.add_post("/oauth2/token", token)
-    app.router.add_get("/api/v1/orders", orders)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/v1/orders"): orders}
 
 
 @pytest.mark.parametrize("refuse_client", [True, False], ids=["secret-echoed-by-token-endpoint", "token-echoed-by-api"])
@@ -90,16 +85,12 @@ async def test_a_secret_or_token_echoed_by_a_server_is_masked_in_etl_runs_and_on
 ) -> None:
     """Masking only the log lines left the echoed value in the summary on stdout and in etl_runs.error."""
     url = await fresh_database("sqlite")
-    runner = await _echoing_servers(refuse_client)
-    try:
-        port = runner.addresses[0][1]
+    async with serving(_echoing_servers(refuse_client)) as origin:
         async with Simulator() as sim:  # only for write_config's shape; its URLs are replaced below
             config = write_config(tmp_path, sim, url, resources=["orders"], auth={"client_auth": "body"})
-        text = config.read_text().replace(sim.base_url, f"http://127.0.0.1:{port}/api/v1").replace(sim.token_url, f"http://127.0.0.1:{port}/oauth2/token")
+        text = config.read_text().replace(sim.base_url, f"{origin}/api/v1").replace(sim.token_url, f"{origin}/oauth2/token")
         config.write_text(text)
         result = await run_etl("sync", "--config", str(config))
-    finally:
-        await runner.cleanup()
 
     assert result.returncode == (3 if refuse_client else 1), result.stderr
     stored = [row.error for row in await rows(url, "SELECT error FROM etl_runs")]
