@@ -193,7 +193,8 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried.
 
-    orjson first; the standard library only when orjson refuses, as it does integers over 64 bits.
+    orjson first; the standard library only when orjson refuses. orjson reads an integer outside
+    [-2**63, 2**64) as a float rather than refusing it (docs/DECISIONS.md, "Data", says what that means).
     """
     if "html" not in resp.headers.get("Content-Type", "").lower():
         try:
