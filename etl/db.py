@@ -7,12 +7,10 @@ its password hidden.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -22,6 +20,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, Operati
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from etl.errors import ConfigError, LoadError
+from etl.sqltypes import json_text
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "etl_alembic_version"
@@ -59,18 +58,10 @@ def safe_url(url: str | URL) -> str:
         return "<unparseable database URL>"
 
 
-def _json_dumps(value: Any) -> str:
-    """orjson, and the standard library for what orjson refuses (integers over 64 bits)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value, ensure_ascii=False)
-
-
 def create_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite gets WAL and a busy timeout so a reader never blocks a run."""
     target = async_url(url)
-    options: dict[str, Any] = {"json_serializer": _json_dumps, "pool_pre_ping": target.get_backend_name() != "sqlite"}
+    options: dict[str, Any] = {"json_serializer": json_text, "pool_pre_ping": target.get_backend_name() != "sqlite"}
     if target.get_backend_name() == "sqlite":
         options["connect_args"] = {"timeout": 60}
     try:
