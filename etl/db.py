@@ -104,11 +104,20 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     if reaching or (isinstance(exc, OperationalError) and any(word in text for word in _CONNECTION_WORDS) and "no such table" not in text):
         return LoadError(
             f"cannot use the database {safe_url(url)}: {original}",
-            hint="check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials",
+            hint="check [database].url (or $ETL_DATABASE_URL): the file's directory must exist and be writable"
+            if _is_sqlite(url) else "check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials",
         )
     if isinstance(exc, DBAPIError):
         return LoadError(f"the database {safe_url(url)} refused a statement: {original}")
     return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
+
+
+def _is_sqlite(url: str | URL) -> bool:
+    """SQLite has no server and no credentials: its hint is about the file."""
+    try:
+        return (url if isinstance(url, URL) else make_url(url)).get_backend_name() == "sqlite"
+    except ArgumentError:
+        return False
 
 
 async def begin_schema_change(connection: AsyncConnection) -> None:

@@ -172,7 +172,9 @@ async def test_exit_1_with_a_hint_when_the_database_cannot_be_reached(
 ) -> None:
     """The lock is the first thing to touch the database: its failure is one error line with a hint, as in
     status and migrate, not a traceback (whose lines would not be JSON)."""
-    _assert_one_clean_database_error(await _run_against_database(tmp_path, url, *command), words)
+    result = await _run_against_database(tmp_path, url, *command)
+    _assert_one_clean_database_error(result, words)
+    assert ("the file's directory must exist" in result.stderr) == url.startswith("sqlite"), result.stderr
 
 
 @pytest.mark.parametrize("command", [*SYNC_AND_BACKFILL, ("status",), ("migrate",)], ids=["sync", "backfill", "status", "migrate"])
