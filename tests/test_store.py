@@ -334,7 +334,7 @@ def test_a_missing_table_is_not_reported_as_an_unreachable_server() -> None:
     error = database_error(OperationalError("SELECT", {}, Exception("no such table: etl_runs")), "sqlite:///x.db")
     assert "refused a statement" in str(error) and "credentials" not in str(error)
     unreachable = database_error(OperationalError("connect", {}, Exception("unable to open database file")), "sqlite:///x.db")
-    assert "cannot use the database" in str(unreachable) and "credentials" in str(unreachable)
+    assert "cannot use the database" in str(unreachable) and "the file's directory must exist" in str(unreachable)
 
 
 def test_mysql_lock_names_differ_per_database_and_fit_in_64_characters() -> None:
