@@ -209,10 +209,9 @@ class PagePlan:
         extra = len(records) - planned.expected
         if not planned.finished or extra <= 0:
             return None
-        position = {**planned.position, "seen": planned.position["seen"] + extra, "finished": False, "total_understated": True}
-        if "offset" in position:  # the next offset follows the records received, not the ones expected
-            position["offset"] += extra
-        return position
+        seen = planned.position["seen"] + extra
+        # the last planned page is `count - 1` pages ahead; its style position follows the records received
+        return {**self._paginator.position_after(self._count - 1, len(records)), "seen": seen, "finished": False, "total_understated": True}
 
 
 class _NumberedPaginator(Paginator):

@@ -199,7 +199,6 @@ class Pipeline:
         self._validators: dict[str, RecordValidator] = {}
         self._failed: set[str] = set()
         self._errors: list[EtlError] = []
-        self._logged: set[str] = set()  # messages of the errors logged at ERROR
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
         self._tokens: TokenManager | None = None
         self._window_owner: dict[int, str] = {}
@@ -388,7 +387,7 @@ class Pipeline:
             exc = _stopped_midway(exc)
         # A run-wide cause is met by every worker in flight, each with its own URL: logged once.
         repeated = any(error.message == exc.message or isinstance(error, RUN_WIDE_ERRORS) for error in self._errors)
-        self._log_error(exc, logging.DEBUG if repeated else logging.ERROR)
+        log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
         self._failed.add(resource.name)
         self.stats[resource.name].error = exc.message
@@ -426,13 +425,8 @@ class Pipeline:
                     batch = LoadBatch()
         except EtlError as exc:
             self._errors.append(exc)
-            self._log_error(exc, logging.ERROR)
+            log.error("%s", exc)
             self.stop.set()
-
-    def _log_error(self, exc: EtlError, level: int) -> None:
-        log.log(level, "%s", exc)
-        if level >= logging.ERROR:
-            self._logged.add(exc.message)
 
     def _add(self, batch: LoadBatch, item: _Page) -> None:
         name = item.window.resource
@@ -490,7 +484,7 @@ class Pipeline:
             retries=self.retries,
             token_requests=self.token_requests,
             seconds=seconds,
-            error_logged=error is not None and error.message in self._logged,
+            error_logged=bool(self._errors),  # the run's error is then the first met, logged at ERROR when it happened
         )
 
 
