@@ -14,10 +14,13 @@ from typing import Any
 
 from etl.config import ResourceConfig
 from etl.durations import format_duration, isoformat_utc
+from etl.errors import ConfigError
 from etl.store import Store, Watermark, WindowRecord, newest_cursor
 from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularity
 
 log = logging.getLogger(__name__)
+
+MAX_WINDOWS = 100_000  # each window costs at least one request and one row of etl_windows
 
 
 @dataclass
@@ -42,7 +45,7 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
         assert resource.start is not None  # the config requires it with a filter
         start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
         end = floor_to(now - lag, step)
-        planned = cut(start, end, resource.window, step) if start < end else []
+        planned = _cut(start, end, resource.window, step, f"resources.{resource.name}.window") if start < end else []
     await store.supersede_sync_windows(resource.name, run_id)
     windows = await store.open_windows("sync", resource.name, planned, run_id, reuse=False)
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
@@ -65,7 +68,7 @@ async def plan_backfill(
         windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=False)
     else:
         step = granularity(resource.filter.format)
-        planned = cut(start, end, window or resource.window, step)
+        planned = _cut(start, end, window or resource.window, step, "--window" if window else f"resources.{resource.name}.window")
         loads = (planned[0].start, planned[-1].end) if planned else (start, end)
         if loads != (start, end) and loads[0] and loads[1]:
             log.info("%s: the API's filter (format %r) takes whole steps of %s, so the backfill loads %s to %s",
@@ -78,6 +81,17 @@ async def plan_backfill(
             log.info("%s: %d of %d windows were finished by an earlier backfill and are not fetched again; "
                      "--restart reloads them", resource.name, finished, len(windows))
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, settled))
+
+
+def _cut(start: datetime, end: datetime, size: timedelta, step: timedelta, key: str) -> list[Window]:
+    """`cut`, refused when a window far too small for the interval (`--window 1s` over a year) would plan millions."""
+    count = (end - start) // max(size, step)
+    if count > MAX_WINDOWS:
+        raise ConfigError(
+            f"{key}: windows of {format_duration(size)} cut {isoformat_utc(start)} to {isoformat_utc(end)} into "
+            f"about {count:,}, more than {MAX_WINDOWS:,} (each is at least one request): use a larger {key}"
+        )
+    return cut(start, end, size, step)
 
 
 class WatermarkTracker:

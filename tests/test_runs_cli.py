@@ -295,6 +295,17 @@ async def test_backfill_with_an_empty_window_is_exit_2(tmp_path: Path, window: s
     assert result.returncode == 2 and "--window" in result.stderr
 
 
+async def test_a_window_that_would_cut_the_interval_into_millions_is_exit_2(tmp_path: Path) -> None:
+    """`--window 1s` over a year would plan 31 million windows (and rows of etl_windows) before the first request."""
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    flags = ("--from", "2023-01-01", "--to", "2024-01-01", "--resource", "orders", "--window", "1s")
+    result = await run_etl("backfill", "--config", str(config), *flags, env=etl_env())
+    assert result.returncode == 2, result.stderr
+    assert "--window" in result.stderr and "31,536,000" in result.stderr
+    assert sqlite_rows(str(tmp_path / "etl.db"), "SELECT count(*) FROM etl_windows") == [(0,)]
+
+
 async def test_a_backfill_and_a_sync_on_other_resources_run_at_once(
     tmp_path: Path, sqlite_or_postgres_url: str
 ) -> None:
