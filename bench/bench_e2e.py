@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,22 +206,34 @@ async def _last_run(url: str) -> dict[str, Any]:
         await engine.dispose()
 
 
-async def _fresh_postgres() -> str:
-    from sqlalchemy import make_url, text
+async def _postgres_admin(statement: str) -> None:
+    from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from etl.db import async_url
 
-    name = f"etl_bench_{uuid.uuid4().hex[:8]}"
     engine = create_async_engine(async_url(POSTGRES), isolation_level="AUTOCOMMIT")
-    async with engine.connect() as connection:
-        await connection.execute(text(f"CREATE DATABASE {name}"))
-    await engine.dispose()
-    return make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(statement))
+    finally:
+        await engine.dispose()
 
 
-def database_url(database: str, directory: Path) -> str:
-    return f"sqlite:///{directory / 'bench.db'}" if database == "sqlite" else asyncio.run(_fresh_postgres())
+@contextmanager
+def database_url(database: str, directory: Path) -> Iterator[str]:
+    """A fresh database for one etl run: a file in `directory`, or a database on the server, dropped afterwards."""
+    if database == "sqlite":
+        yield f"sqlite:///{directory / 'bench.db'}"
+        return
+    from sqlalchemy import make_url
+
+    name = f"etl_bench_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_postgres_admin(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    finally:
+        asyncio.run(_postgres_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 # -- the report ------------------------------------------------------------------------------------------
@@ -235,9 +249,8 @@ def bench_size(records: int, databases: list[str], skip_bounds: bool) -> dict[st
         validated = validate_rate(sample, orders_document(sim, "sqlite://"))
         print(f"orjson + pydantic validation:           {validated:>10,.0f} records/s")
         for database in databases:
-            with tempfile.TemporaryDirectory() as temporary:
-                directory = Path(temporary)
-                run = run_etl(orders_document(sim, database_url(database, directory)), directory)
+            with tempfile.TemporaryDirectory() as temporary, database_url(database, Path(temporary)) as url:
+                run = run_etl(orders_document(sim, url), Path(temporary))
             results[database] = run
             print(f"-- {database}")
             print(f"etl backfill: {run.rate:>10,.0f} records/s, {run.seconds:.1f}s wall, peak RSS {run.peak_rss_mb:.0f} MB, "
@@ -268,9 +281,8 @@ def bench_latency(latency_ms: int, records: int, concurrency: int) -> None:
     try:
         ideal = concurrency * PAGE_SIZE / (latency_ms / 1000)
         bare, _ = asyncio.run(drain(sim, records))
-        with tempfile.TemporaryDirectory() as temporary:
-            directory = Path(temporary)
-            run = run_etl(orders_document(sim, database_url("sqlite", directory), concurrency), directory)
+        with tempfile.TemporaryDirectory() as temporary, database_url("sqlite", Path(temporary)) as url:
+            run = run_etl(orders_document(sim, url, concurrency), Path(temporary))
         print(f"\n== latency {latency_ms} ms per page, {records:,} records, concurrency {concurrency} ==")
         print(f"bare aiohttp client: {bare:,.0f} records/s ({bare / ideal:.2f} of the ideal)")
         print(f"etl: {run.rate:,.0f} records/s ({run.rate / bare:.2f} of the bare client); concurrency x page_size / latency = {ideal:,.0f}; "
