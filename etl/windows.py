@@ -16,6 +16,7 @@ from etl.config import FilterConfig
 from etl.durations import isoformat_utc
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+WHOLE_DAY = timedelta(days=1)
 
 
 @dataclass(frozen=True, order=True)
@@ -39,7 +40,7 @@ FULL_REFRESH = Window(None, None)
 
 
 FORMAT_STEPS = {
-    "date": timedelta(days=1),
+    "date": WHOLE_DAY,
     "epoch": timedelta(seconds=1),
     "epoch_ms": timedelta(milliseconds=1),
     "iso": timedelta(microseconds=1),
@@ -63,7 +64,7 @@ def granularity(fmt: str) -> timedelta:
     for letters, step in DIRECTIVE_STEPS:
         if directives & set(letters):
             return step
-    return timedelta(days=1)
+    return WHOLE_DAY
 
 
 def floor_to(moment: datetime, step: timedelta) -> datetime:
@@ -106,13 +107,17 @@ def format_bound(moment: datetime, fmt: str) -> str:
 def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
     """The query parameters that ask the API for exactly this window.
 
-    With `to_inclusive`, the end is the last grid point inside the window: for
-    days, `to` is the window's last day, so the next window (which starts on the
-    following day) neither repeats nor misses a record.
+    With `to_inclusive` and a format of whole days, `to` is the window's last day:
+    an API compares dates, so that day is asked for whole and the next window
+    starts on the following one. With a finer format (seconds, ...), `to` is the
+    window's end itself: `end - 1s` would ask for nothing after 23:59:59.000, and
+    a record at 23:59:59.5 would fall between two windows. A record exactly at the
+    end is then read by both windows and stored once.
     """
     if window.start is None or window.end is None:
         return {}
-    end = window.end - granularity(filter_.format) if filter_.to_inclusive else window.end
+    step = granularity(filter_.format)
+    end = window.end - step if filter_.to_inclusive and step >= WHOLE_DAY else window.end
     return {
         filter_.from_param: format_bound(window.start, filter_.format),
         filter_.to_param: format_bound(end, filter_.format),

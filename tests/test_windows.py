@@ -86,12 +86,19 @@ def test_an_exclusive_end_is_the_window_end() -> None:
     assert params == {"since": "1704067200", "until": "1704153600"}
 
 
+@pytest.mark.parametrize(("fmt", "to"), [("date", "2024-01-01"), ("%d/%m/%Y", "01/01/2024")])
+def test_an_inclusive_end_of_whole_days_is_the_windows_last_day(fmt: str, to: str) -> None:
+    """With to_inclusive and a format of days, `to` is the last day inside the window: the API reads it whole."""
+    filter_ = FilterConfig(from_param="from", to_param="to", format=fmt, to_inclusive=True)
+    assert filter_params(Window(JAN_1, JAN_1 + timedelta(days=1)), filter_)["to"] == to
+
+
 @pytest.mark.parametrize(
     ("fmt", "to"),
-    [("date", "2024-01-01"), ("%Y-%m-%d %T", "2024-01-01 23:59:59"), ("iso", "2024-01-01T23:59:59.999999Z")],
+    [("epoch", "1704153600"), ("%Y-%m-%d %T", "2024-01-02 00:00:00"), ("epoch_ms", "1704153600000"), ("iso", "2024-01-02T00:00:00Z")],
 )
-def test_an_inclusive_end_is_the_last_grid_point_inside_the_window(fmt: str, to: str) -> None:
-    """With to_inclusive, `to` is one step of the format's grid before the window's end."""
+def test_an_inclusive_end_finer_than_a_day_is_the_windows_end(fmt: str, to: str) -> None:
+    """`to = 23:59:59` would leave a record at 23:59:59.5 in neither window; the end itself overlaps one instant."""
     filter_ = FilterConfig(from_param="from", to_param="to", format=fmt, to_inclusive=True)
     assert filter_params(Window(JAN_1, JAN_1 + timedelta(days=1)), filter_)["to"] == to
 
