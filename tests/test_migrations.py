@@ -237,6 +237,22 @@ async def test_a_migration_cut_short_leaves_nothing_behind_and_the_next_one_comp
         assert await migrate(engine) == (None, head_revision())
 
 
+async def test_a_first_migration_that_left_some_tables_and_no_version_row_is_completed(database_url: str) -> None:
+    """MySQL commits each CREATE TABLE: a first `migrate` killed half-way leaves tables and an empty version table.
+    The next run must complete it, not fail on "table etl_runs already exists" for ever."""
+    async with _engine(database_url) as engine:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(text("DELETE FROM etl_alembic_version"))
+            await connection.execute(text("DROP INDEX ix_etl_rejects_resource_run" + (" ON etl_rejects" if "mysql" in database_url else "")))
+            await connection.execute(text("DROP TABLE etl_resource_columns"))
+        assert await migrate(engine) == (None, head_revision())
+        assert set(metadata.tables) <= await _tables(engine)
+        async with engine.connect() as connection:
+            indexes = await connection.run_sync(lambda sync: {index["name"] for index in inspect(sync).get_indexes("etl_rejects")})
+    assert "ix_etl_rejects_resource_run" in indexes
+
+
 async def test_adding_a_column_cut_short_leaves_the_table_as_it_was(fresh_database: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The ALTER TABLE and the record of what was declared commit together, or neither does."""
     async with _engine(await fresh_database("sqlite")) as engine:

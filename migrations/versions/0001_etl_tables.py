@@ -1,11 +1,18 @@
 """etl's bookkeeping tables: runs, watermarks, windows, rejects, declared columns.
 
+MySQL and MariaDB commit each CREATE on its own: a first migration killed half-way
+leaves some tables and no version row, and every later run failed on "table
+etl_runs already exists". So each table and index is created only when absent,
+and running this again completes what was cut short. (SQLite and PostgreSQL roll
+the whole migration back instead.)
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-24
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -22,8 +29,18 @@ AUTO_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql")
 
 
+def _create_table(name: str, *columns: sa.Column[Any]) -> None:
+    if not sa.inspect(op.get_bind()).has_table(name):
+        op.create_table(name, *columns)
+
+
+def _create_index(name: str, table: str, columns: list[str]) -> None:
+    if name not in {index["name"] for index in sa.inspect(op.get_bind()).get_indexes(table)}:
+        op.create_index(name, table, columns)
+
+
 def upgrade() -> None:
-    op.create_table(
+    _create_table(
         "etl_runs",
         sa.Column("id", AUTO_ID, primary_key=True, autoincrement=True),
         sa.Column("command", sa.String(32), nullable=False),
@@ -43,7 +60,7 @@ def upgrade() -> None:
         sa.Column("host", sa.String(255), nullable=False),
         sa.Column("pid", sa.Integer, nullable=False),
     )
-    op.create_table(
+    _create_table(
         "etl_watermarks",
         sa.Column("resource", sa.String(63), primary_key=True),
         sa.Column("watermark", sa.String(64)),
@@ -51,7 +68,7 @@ def upgrade() -> None:
         sa.Column("run_id", sa.BigInteger),
         sa.Column("updated_at", UtcDateTime, nullable=False),
     )
-    op.create_table(
+    _create_table(
         "etl_windows",
         sa.Column("id", AUTO_ID, primary_key=True, autoincrement=True),
         sa.Column("kind", sa.String(16), nullable=False),
@@ -68,8 +85,8 @@ def upgrade() -> None:
         sa.Column("error", sa.Text),
         sa.Column("updated_at", UtcDateTime, nullable=False),
     )
-    op.create_index("ix_etl_windows_lookup", "etl_windows", ["kind", "resource", "window_start"])
-    op.create_table(
+    _create_index("ix_etl_windows_lookup", "etl_windows", ["kind", "resource", "window_start"])
+    _create_table(
         "etl_rejects",
         sa.Column("id", AUTO_ID, primary_key=True, autoincrement=True),
         sa.Column("run_id", sa.BigInteger, nullable=False),
@@ -79,8 +96,8 @@ def upgrade() -> None:
         sa.Column("error", sa.Text, nullable=False),
         sa.Column("rejected_at", UtcDateTime, nullable=False),
     )
-    op.create_index("ix_etl_rejects_resource_run", "etl_rejects", ["resource", "run_id"])
-    op.create_table(
+    _create_index("ix_etl_rejects_resource_run", "etl_rejects", ["resource", "run_id"])
+    _create_table(
         "etl_resource_columns",
         sa.Column("table_name", sa.String(63), primary_key=True),
         sa.Column("column_name", sa.String(63), primary_key=True),
