@@ -289,6 +289,20 @@ class Store:
                 await self._advance_window(connection, window_id, progress, run_id, now)
             for mark in batch.watermarks:
                 await self._save_watermark(connection, mark, run_id, now)
+            await self._count_in_run(connection, batch, run_id)
+
+    @staticmethod
+    async def _count_in_run(connection: AsyncConnection, batch: LoadBatch, run_id: int) -> None:
+        """The run's counters grow with each commit: a run killed later still shows what it loaded (finish_run sets the totals)."""
+        progress = batch.windows.values()
+        await connection.execute(
+            update(runs).where(runs.c.id == run_id).values(
+                pages=runs.c.pages + sum(window.pages for window in progress),
+                records_fetched=runs.c.records_fetched + sum(window.records + window.rejects for window in progress),
+                records_loaded=runs.c.records_loaded + batch.row_count,
+                records_rejected=runs.c.records_rejected + len(batch.rejects),
+            )
+        )
 
     async def _write_rows(self, connection: AsyncConnection, resource: str, rows: list[dict[str, Any]], now: datetime, run_id: int) -> None:
         """Upsert one resource's rows of the batch, with the writer made for its table and database."""

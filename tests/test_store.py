@@ -16,7 +16,7 @@ from etl.config import ResourceConfig
 from etl.db import async_url, create_engine
 from etl.errors import ConfigError, LoadError
 from etl.records import RecordValidator
-from etl.schema import rejects, resource_table, watermarks, windows
+from etl.schema import rejects, resource_table, runs, watermarks, windows
 from etl.store import LoadBatch, Store, Watermark, WindowProgress
 from etl.windows import Window
 
@@ -240,6 +240,20 @@ async def test_rows_window_progress_and_watermark_are_committed_together(databas
     assert (window.state, window.pages, window.records, orjson.loads(window.position)) == ("done", 2, 2, {"page": 3})
     assert window.max_cursor == "2024-05-01T01:00:00Z"
     assert mark is not None and mark.run_id == run
+
+
+async def test_each_commit_adds_to_its_runs_counters(database_url: str) -> None:
+    """A run killed after some commits must still show, in etl_runs, the pages and records it committed."""
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        window_id = await _window(store, run)
+        await store.commit(_finishing_batch(window_id), run)
+        await _load(store, ORDERS, [_order(3, "1.00", 5), {"id": "not a number"}], run)
+        async with store.engine.connect() as connection:
+            counters = (await connection.execute(
+                select(runs.c.pages, runs.c.records_fetched, runs.c.records_loaded, runs.c.records_rejected).where(runs.c.id == run)
+            )).one()
+    assert tuple(counters) == (2, 2, 3, 1)
 
 
 async def test_a_failure_between_rows_and_watermark_moves_neither(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
