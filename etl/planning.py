@@ -46,7 +46,7 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
         start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
         end = floor_to(now - lag, step)
         planned = _cut(start, end, resource.window, step, f"resources.{resource.name}.window") if start < end else []
-    await store.supersede_sync_windows(resource.name, run_id)
+    await store.supersede_windows("sync", resource.name, run_id)
     windows = await store.open_windows("sync", resource.name, planned, run_id, reuse=False)
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
 
@@ -64,8 +64,8 @@ async def plan_backfill(
     """`settled` is now less `[sync].lag`: what lies after it may still change, so the watermark stops there."""
     base = await store.watermark(resource.name)
     if resource.filter is None:
-        planned = [FULL_REFRESH]
-        windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=False)
+        windows = await store.open_windows("backfill", resource.name, [FULL_REFRESH], run_id, reuse=not restart)
+        await store.supersede_windows("backfill", resource.name, run_id, full_refresh_only=True)
     else:
         step = granularity(resource.filter.format)
         planned = _cut(start, end, window or resource.window, step, "--window" if window else f"resources.{resource.name}.window")

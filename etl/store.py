@@ -219,6 +219,8 @@ class Store:
                 query = select(windows).where(windows.c.kind == kind, windows.c.resource == resource)
                 if planned[0].start is not None:
                     query = query.where(windows.c.window_start >= planned[0].start, windows.c.window_start < planned[-1].end)
+                else:  # a full refresh: an unfinished one resumes; a finished one is not this load, which reads everything again
+                    query = query.where(windows.c.window_start.is_(None), windows.c.state.not_in(("done", "superseded")))
                 for stored in await connection.execute(query.order_by(windows.c.id)):
                     existing[Window(stored.window_start, stored.window_end)] = stored
             records = []
@@ -252,14 +254,19 @@ class Store:
             )
             return result.rowcount or 0
 
-    async def supersede_sync_windows(self, resource: str, run_id: int) -> None:
-        """Unfinished sync windows of earlier runs: a new sync plans from the watermark and covers them."""
+    async def supersede_windows(self, kind: str, resource: str, run_id: int, full_refresh_only: bool = False) -> None:
+        """Unfinished windows of earlier runs that this run's plan covers, so that `status` does not list them.
+
+        A sync plans from the watermark, which covers every earlier sync window; a backfill of a resource
+        without date filters took up the newest unfinished full refresh (now this run's) and covers the rest.
+        """
+        query = update(windows).where(
+            windows.c.kind == kind, windows.c.resource == resource, windows.c.state != "done", windows.c.run_id != run_id
+        )
+        if full_refresh_only:
+            query = query.where(windows.c.window_start.is_(None))
         async with self._transaction() as connection:
-            await connection.execute(
-                update(windows)
-                .where(windows.c.kind == "sync", windows.c.resource == resource, windows.c.state != "done", windows.c.run_id != run_id)
-                .values(state="superseded", updated_at=utc_now())
-            )
+            await connection.execute(query.values(state="superseded", updated_at=utc_now()))
 
     async def fail_window(self, window_id: int, error: str) -> None:
         async with self._transaction() as connection:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import select
+
 from etl.config import config_from_document
 from etl.demo import demo_document
-from etl.planning import WatermarkTracker
-from etl.store import Watermark, WindowRecord
+from etl.db import create_engine
+from etl.planning import WatermarkTracker, plan_backfill
+from etl.schema import windows
+from etl.store import LoadBatch, Store, Watermark, WindowProgress, WindowRecord
 from etl.windows import Window
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -61,3 +65,36 @@ def test_synced_until_stops_at_now_less_lag_when_windows_reach_into_the_future()
     tracker.window_finished(2)
     mark = tracker.window_finished(3)
     assert mark is not None and mark.synced_until == settled
+
+
+async def test_a_full_refresh_backfill_resumes_an_unfinished_one_and_leaves_no_other_behind(database_url: str) -> None:
+    """A resource without date filters has one window per backfill: after a kill the next backfill takes it up
+    where it stopped, older unfinished ones are superseded (status listed them for ever), a finished one is not reused."""
+    products = config_from_document(demo_document(None, "http://127.0.0.1:1", "http://127.0.0.1:1")).resource("products")
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([products], auto_migrate=True)
+
+        async def backfill(restart: bool = False, position: dict[str, int] | None = None, done: bool = False) -> WindowRecord:
+            """Plans a backfill; with `position`, commits a page of it as the run would before it is killed or ends."""
+            run = await store.start_run("backfill", {}, ["products"])
+            plan = await plan_backfill(store, products, run, T0, T0 + DAY, None, restart, SETTLED)
+            assert len(plan.windows) == 1
+            if position is not None:
+                await store.commit(LoadBatch(windows={plan.windows[0].id: WindowProgress(position=position, pages=1, done=done)}), run)
+            return plan.windows[0]
+
+        killed = await backfill(position={"page": 4})
+        resumed = await backfill()
+        assert (resumed.id, resumed.position) == (killed.id, {"page": 4})
+        restarted = await backfill(restart=True, position={"page": 9}, done=True)
+        assert restarted.id != killed.id and restarted.position is None
+        fresh = await backfill()
+        assert fresh.id not in (killed.id, restarted.id) and fresh.position is None
+        async with engine.connect() as connection:
+            states = dict((await connection.execute(select(windows.c.id, windows.c.state))).all())
+    finally:
+        await engine.dispose()
+    assert states == {killed.id: "superseded", restarted.id: "done", fresh.id: "pending"}
+
