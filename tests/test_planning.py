@@ -1,4 +1,4 @@
-"""WatermarkTracker: the watermark follows finished windows only, and each window's highest cursor is cumulative."""
+"""Planning: the watermark follows finished windows only, each window's highest cursor is cumulative, full refreshes resume."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from etl.config import config_from_document
-from etl.demo import demo_document
 from etl.db import create_engine
+from etl.demo import demo_document
 from etl.planning import WatermarkTracker, plan_backfill
 from etl.schema import windows
 from etl.store import LoadBatch, Store, Watermark, WindowProgress, WindowRecord
