@@ -91,13 +91,18 @@ class ApiClient:
     """Sends GETs with the shared token; retries what is transient, fails fast on what is not."""
 
     def __init__(
-        self, api: ApiConfig, session: aiohttp.ClientSession, tokens: TokenManager, counters: RequestCounters
+        self,
+        api: ApiConfig,
+        session: aiohttp.ClientSession,
+        tokens: TokenManager,
+        counters: RequestCounters,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._session = session
         self._static_headers = {**api.headers, "Accept": "application/json"}
         self._tokens = tokens
         self._counters = counters
-        self._retry = RetryPolicy.from_api(api)
+        self._retry = retry or RetryPolicy.from_api(api)
         self._in_flight = asyncio.Semaphore(api.concurrency)
         self._limiter = rate_limiter(api.requests_per_second)
 

@@ -224,8 +224,9 @@ class Pipeline:
         self.progress.start([plan.resource.name for plan in plans])
         try:
             async with open_session(self.config.api) as session:
-                self._tokens = TokenManager(self.config.auth, secret, session, RetryPolicy.from_api(self.config.api))
-                client = ApiClient(self.config.api, session, self._tokens, self.counters)
+                retry = RetryPolicy.from_api(self.config.api, self.stop)
+                self._tokens = TokenManager(self.config.auth, secret, session, retry)
+                client = ApiClient(self.config.api, session, self._tokens, self.counters, retry)
                 await self._fetch_and_load(client, plans)
         finally:
             self.progress.stop()
@@ -305,6 +306,8 @@ class Pipeline:
             window_var.set(str(window.window))
             try:
                 await self._fetch_window(client, resource, window)
+            except Interrupted:
+                return  # stopped in a retry's wait: the window stays unfinished, as it was committed
             except EtlError as exc:
                 self._fail(resource, exc)
                 await self._queue.put(_WindowFailed(window, exc))

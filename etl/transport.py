@@ -27,7 +27,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_random_exponential
 
 from etl.config import ApiConfig
-from etl.errors import ConfigError, ConnectionFailed, EtlError, RetryableError, UnreachableError
+from etl.errors import ConfigError, ConnectionFailed, EtlError, Interrupted, RetryableError, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +196,21 @@ def _is_retryable(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently one request is retried (from [api])."""
+    """How often and how patiently one request is retried (from [api]).
+
+    `stop` is the run's stop event (SIGINT, SIGTERM): once set, a wait before a retry ends
+    at once with Interrupted. Without it a 429 with Retry-After: 60 kept a stopped run
+    waiting and retrying for minutes, long past the moment a service manager kills it.
+    """
 
     max_retries: int = 6
     backoff_s: float = 0.5
     retry_after_max_s: float = 60.0
+    stop: asyncio.Event | None = None
 
     @classmethod
-    def from_api(cls, api: ApiConfig) -> RetryPolicy:
-        return cls(api.max_retries, api.retry_backoff_s, api.retry_after_max_s)
+    def from_api(cls, api: ApiConfig, stop: asyncio.Event | None = None) -> RetryPolicy:
+        return cls(api.max_retries, api.retry_backoff_s, api.retry_after_max_s, stop)
 
     def retrying(self, on_retry: Callable[[RetryCallState], None] | None = None) -> AsyncRetrying:
         """Exponential backoff with jitter, or the server's Retry-After when it gave one (capped)."""
@@ -221,6 +227,17 @@ class RetryPolicy:
             retry=retry_if_exception(_is_retryable),
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait,
+            sleep=self._sleep,
             reraise=True,
             before_sleep=on_retry,
         )
+
+    async def _sleep(self, seconds: float) -> None:
+        if self.stop is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        except TimeoutError:
+            return
+        raise Interrupted("the run was stopped while a request waited to be retried; the next run fetches it again")

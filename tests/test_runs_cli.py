@@ -344,6 +344,24 @@ async def test_sync_windows_left_by_an_interrupted_sync_are_superseded_by_the_ne
     assert "unfinished windows:\n  none" in status.stdout
 
 
+async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """An API answering 429 with Retry-After: 30 held a stopped run in its waits for minutes; the stop must end them."""
+    url = await fresh_database("sqlite")
+    async with Simulator(SimulatorSettings(counts={"orders": 500}, faults=Faults(rate_429=1.0, retry_after_s=30))) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        process = await start_etl("sync", "--config", str(config))
+        while not sim.counters.api_status.get(429):
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # into the wait
+        signalled = asyncio.get_running_loop().time()
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process)
+        seconds = asyncio.get_running_loop().time() - signalled
+    assert stopped.returncode == 1, stopped.stderr
+    assert seconds < 10, f"exit {seconds:.1f}s after SIGTERM"
+    assert sqlite_rows(url, "SELECT status FROM etl_runs") == [("interrupted",)]
+
+
 def _config_for(tmp_path: Path, database_url: str, base_url: str) -> Path:
     """A user's config.toml: the demo's document with their API's URL and their database."""
     document = demo_document({"url": database_url}, base_url, "https://auth.example.com/oauth2/token")
