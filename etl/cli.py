@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 1
+    except BrokenPipeError:  # `etl status | head -1`: the reader has gone; no traceback, now or when Python flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _tune_garbage_collector() -> None:

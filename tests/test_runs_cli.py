@@ -362,6 +362,21 @@ async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_da
     assert sqlite_rows(url, "SELECT status FROM etl_runs") == [("interrupted",)]
 
 
+async def test_status_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:
+    """`etl status | head -1`: the reader leaves before etl writes; stderr must not fill with a BrokenPipeError traceback."""
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        process = await start_etl("status", "--config", str(config), stdout=writer, env=etl_env())
+    finally:
+        os.close(writer)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
+
+
 def _config_for(tmp_path: Path, database_url: str, base_url: str) -> Path:
     """A user's config.toml: the demo's document with their API's URL and their database."""
     document = demo_document({"url": database_url}, base_url, "https://auth.example.com/oauth2/token")
