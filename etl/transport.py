@@ -43,7 +43,7 @@ SAVE_CERTS_HINT = (
     "and point [api].ca_bundle at that file"
 )
 # OpenSSL's X509_V_ERR_* codes, as ssl.SSLCertVerificationError.verify_code carries them
-X509_CERT_NOT_YET_VALID, X509_CERT_HAS_EXPIRED, X509_HOSTNAME_MISMATCH = 9, 10, 62
+X509_CERT_NOT_YET_VALID, X509_CERT_HAS_EXPIRED, X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH = 9, 10, 62, 64
 CONNECT_HINT = "check that the host is up, the port is right, and any firewall or HTTPS_PROXY in between"
 
 
@@ -150,7 +150,7 @@ def translate(exc: BaseException, url: str) -> EtlError:
 def _certificate_hint(reason: BaseException, host: str) -> str:
     """What fixes it: a ca_bundle fixes an unknown issuer, never an expired certificate or one for another name."""
     code = getattr(reason, "verify_code", None)
-    if code == X509_HOSTNAME_MISMATCH:
+    if code in (X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH):
         return (f"the certificate is not issued for {host}: use the host name it names in the config "
                 "(`python -m etl check` shows the certificate); a ca_bundle cannot fix this")
     if code in (X509_CERT_HAS_EXPIRED, X509_CERT_NOT_YET_VALID):

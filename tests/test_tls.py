@@ -223,6 +223,7 @@ async def _sync_with_proxy(
     [
         (10, "certificate has expired", "renew it"),
         (62, "Hostname mismatch, certificate is not valid for '127.0.0.1'.", "not issued for api.example.com"),
+        (64, "IP address mismatch, certificate is not valid for '127.0.0.1'.", "not issued for api.example.com"),
         (20, "unable to get local issuer certificate", "--save-certs"),
     ],
 )
