@@ -42,7 +42,16 @@ from etl.errors import ConfigError, EtlError, LoadError, SourceError, Unreachabl
 from etl.logs import redact, register_secret
 from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
-from etl.token import DEFAULT_LIFETIME_S, METHOD_HINT, Token, TokenManager, json_object, token_request
+from etl.token import (
+    DEFAULT_LIFETIME_S,
+    METHOD_HINT,
+    REDIRECT_HINT,
+    Token,
+    TokenManager,
+    json_object,
+    redirect_text,
+    token_request,
+)
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
 from etl.windows import FULL_REFRESH, Window, ceil_to, floor_to, granularity
 
@@ -413,24 +422,26 @@ class Checker:
             if trusted:
                 await self.session.close()
 
-    async def _post_token(self, client_auth: str) -> tuple[int, bytes]:
-        """One POST as TokenManager sends it (RFC 6749 §4.4.2), answering the raw status and body to report."""
+    async def _post_token(self, client_auth: str) -> tuple[int, bytes, str | None]:
+        """One POST as TokenManager sends it (RFC 6749 §4.4.2): the raw status, body and Location to report."""
         auth = self.config.auth
         headers, body = token_request(auth, self.secret, client_auth)
         try:
             async with self.session.post(
                 auth.token_url, data=body, headers=headers, allow_redirects=False, proxy=proxy_for(auth.token_url)
             ) as response:
-                return response.status, await response.read()
+                return response.status, await response.read(), response.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise translate(exc, auth.token_url) from None
 
     async def _request_token(self) -> Verdict:
-        status, body = await self._post_token(self.config.auth.client_auth)
+        status, body, location = await self._post_token(self.config.auth.client_auth)
         fields = json_object(body)
         value = fields.get("access_token") if fields else None
         if 200 <= status < 300 and fields and isinstance(value, str) and value:
             return self._issued(status, fields, value)
+        if 300 <= status < 400:
+            return Verdict(f"{status}, {redirect_text(location)}", "failed", [], REDIRECT_HINT, 3)
         return await self._refused(status, fields, body)
 
     def _issued(self, status: int, fields: Mapping[str, Any], value: str) -> Verdict:
@@ -465,11 +476,11 @@ class Checker:
             details, summary = [f"body: {body[:EXCERPT_CHARS].decode('utf-8', 'replace')!r}"], f"{status}, not a token"
         if status == 429 or status >= 500:
             return Verdict(summary, "failed", details, "the token endpoint is overloaded or down: check again later", 1)
-        return Verdict(summary, "failed", details, await self._token_hint(error), 3)
+        return Verdict(summary, "failed", details, await self._token_hint(error, status), 3)
 
-    async def _token_hint(self, error: Any) -> str:
+    async def _token_hint(self, error: Any, status: int) -> str:
         auth = self.config.auth
-        if error == "invalid_client":
+        if error == "invalid_client" or (status == 401 and error is None):  # RFC 6749 §5.2: a client that failed to authenticate
             return await self._client_auth_hint()
         if error == "invalid_scope":
             return (
@@ -491,7 +502,7 @@ class Checker:
         auth = self.config.auth
         other = "body" if auth.client_auth == "basic" else "basic"
         try:
-            status, body = await self._post_token(other)
+            status, body, _ = await self._post_token(other)
         except EtlError:
             status, body = 0, b""
         if 200 <= status < 300 and (json_object(body) or {}).get("access_token"):

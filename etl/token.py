@@ -46,6 +46,10 @@ METHOD_HINT = (
     "the token endpoint wants POST with Content-Type application/x-www-form-urlencoded; "
     "check that auth.token_url is the token endpoint itself (it ends in /oauth2/token)"
 )
+REDIRECT_HINT = (
+    "set auth.token_url to the address it redirects to (often http:// to https://): etl does not "
+    "send the client's credentials on to another address"
+)
 FRESH_TOKEN_HINT = (
     "the token endpoint issues tokens this API does not accept: check that auth.token_url is the user pool "
     "the API trusts (audience), that auth.scopes are the ones the API requires, and that auth.client_id is "
@@ -194,13 +198,14 @@ class TokenManager:
             ) as response:
                 status, answer = response.status, await response.read()
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+                location = response.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _at_token_endpoint(translate(exc, self._url), self._url) from exc
         if 200 <= status < 300:
             return self._issued_token(status, answer, issued)
         if status == 429 or status >= 500:
             raise RetryableError(f"the token endpoint {self._url} answered {status}", retry_after=retry_after)
-        raise self._refusal(status, answer)
+        raise self._refusal(status, answer, location)
 
     def _issued_token(self, status: int, answer: bytes, issued: float) -> Token:
         fields = json_object(answer)
@@ -235,8 +240,10 @@ class TokenManager:
             )
         return lifetime
 
-    def _refusal(self, status: int, answer: bytes) -> AuthError:
+    def _refusal(self, status: int, answer: bytes, location: str | None = None) -> AuthError:
         """The endpoint's own refusal as AuthError: its error and error_description verbatim, plus a hint."""
+        if 300 <= status < 400:
+            return AuthError(f"the token endpoint {self._url} answered {status}, {redirect_text(location)}", hint=REDIRECT_HINT)
         fields = json_object(answer) or {}
         error, description = fields.get("error"), fields.get("error_description")
         if isinstance(error, str) and (status in (400, 401) or error == "invalid_request"):
@@ -246,7 +253,7 @@ class TokenManager:
                 return AuthError(
                     f"the token endpoint {self._url} refused the request ({status}): {quoted}", hint=hint
                 )
-        hint = METHOD_HINT if status in (404, 405) else None
+        hint = METHOD_HINT if status in (404, 405) else self._refusal_hint("invalid_client") if status == 401 else None
         return AuthError(f"the token endpoint {self._url} answered {status}: {_excerpt(answer)!r}", hint=hint)
 
     def _refusal_hint(self, error: str) -> str | None:
@@ -284,6 +291,10 @@ class TokenManager:
             exc,
             wait,
         )
+
+
+def redirect_text(location: str | None) -> str:
+    return f"a redirect to {display_url(location)}" if location else "a redirect without a Location"
 
 
 def refresh_after(lifetime: float, margin: float) -> float:

@@ -559,6 +559,28 @@ async def test_other_4xx_is_auth_error_with_status_and_body(
     assert "403" in str(excinfo.value) and "Forbidden by WAF rule 17" in str(excinfo.value)
 
 
+async def test_a_bare_401_gets_the_credentials_hint(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
+    """RFC 6749 §5.2: 401 is a client that failed to authenticate, even with an empty body and only WWW-Authenticate."""
+    http_mock.post(TOKEN_URL, status=401, body="", headers={"WWW-Authenticate": "Basic"})
+
+    with pytest.raises(AuthError) as excinfo:
+        await make_manager(session).token()
+
+    assert excinfo.value.exit_code == 3 and "401" in str(excinfo.value)
+    assert "auth.client_id" in (excinfo.value.hint or "")
+
+
+async def test_a_redirect_names_where_it_leads(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
+    """A 301 (http:// to https://, a moved domain) says where to, and that auth.token_url should be that address."""
+    http_mock.post(TOKEN_URL, status=301, headers={"Location": "https://login.example.com/oauth2/token"})
+
+    with pytest.raises(AuthError) as excinfo:
+        await make_manager(session).token()
+
+    assert "a redirect to https://login.example.com/oauth2/token" in str(excinfo.value)
+    assert "auth.token_url" in (excinfo.value.hint or "")
+
+
 # --- logs and secrets ----------------------------------------------------------------------------
 
 
