@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from etl import certs
 from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
-from etl.config import Config, EnvSettings, ResourceConfig, load_config
+from etl.config import Config, EnvSettings, ResourceConfig, database_url_key, load_config
 from etl.db import DRIVER_ERRORS, create_engine, current_revision, database_error, head_revision, safe_url
 from etl.errors import ConfigError, EtlError, LoadError, SourceError, UnreachableError
 from etl.logs import redact, register_secret
@@ -230,7 +230,8 @@ class Checker:
 
     async def _run_loaded(self) -> None:
         secret = await self._step("secret", "", self._find_secret, hint=SECRET_HINT)
-        database_url = await self._step("database url", "", self._parse_database_url, hint=DATABASE_URL_HINT)
+        hint = DATABASE_URL_HINT if database_url_key() == "database.url" else f"correct or unset $ETL_DATABASE_URL; {DATABASE_URL_HINT}"
+        database_url = await self._step("database url", "", self._parse_database_url, hint=hint)
         trust = await self._step("trust", self.config.api.ca_bundle or "system store", self._load_trust, hint=TRUST_HINT)
         by_role = endpoints(self.config)
         reached = {endpoint: await self._network(endpoint, trust) for endpoint in dict.fromkeys(by_role.values())}
@@ -297,8 +298,7 @@ class Checker:
 
     async def _parse_database_url(self) -> Verdict:
         self.engine = create_engine(self.config.database.url)
-        source = "$ETL_DATABASE_URL" if EnvSettings().database_url else "database.url"
-        return Verdict(f"{safe_url(self.engine.url)} (from {source})")
+        return Verdict(f"{safe_url(self.engine.url)} (from {database_url_key()})")
 
     async def _load_trust(self) -> Verdict:
         api = self.config.api

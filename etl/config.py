@@ -283,6 +283,11 @@ class EnvSettings(BaseSettings):
     database_url: str | None = None
 
 
+def database_url_key() -> str:
+    """The setting a database URL came from, for errors about it: $ETL_DATABASE_URL wins over the file."""
+    return "$ETL_DATABASE_URL" if EnvSettings().database_url else "database.url"
+
+
 def config_path(explicit: str | None) -> Path:
     """--config, else $ETL_CONFIG, else ./config.toml."""
     return Path(explicit or EnvSettings().config or "config.toml")

@@ -19,6 +19,7 @@ from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from etl.config import database_url_key
 from etl.errors import ConfigError, LoadError
 from etl.sqltypes import json_text
 
@@ -38,12 +39,12 @@ def async_url(url: str) -> URL:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError(f"database.url: {url!r} is not a database URL like sqlite:///etl.db") from None
+        raise ConfigError(f"{database_url_key()}: {url!r} is not a database URL like sqlite:///etl.db") from None
     if "+" not in parsed.drivername:
         driver = ASYNC_DRIVERS.get(parsed.drivername)
         if driver is None:
             known = ", ".join(sorted(ASYNC_DRIVERS))
-            raise ConfigError(f"database.url: unsupported database {parsed.drivername!r} (supported: {known})")
+            raise ConfigError(f"{database_url_key()}: unsupported database {parsed.drivername!r} (supported: {known})")
         parsed = parsed.set(drivername=driver)
     if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
@@ -67,7 +68,7 @@ def create_engine(url: str) -> AsyncEngine:
     try:
         engine = create_async_engine(target, **options)
     except (ArgumentError, NoSuchModuleError) as exc:
-        raise ConfigError(f"database.url: {safe_url(target)}: {exc}") from None
+        raise ConfigError(f"{database_url_key()}: {safe_url(target)}: {exc}") from None
     if target.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine

@@ -119,6 +119,17 @@ def test_database_url_from_the_environment_wins(monkeypatch: pytest.MonkeyPatch)
     assert config_from_document(_document()).database.url == "postgresql://u@h/db"
 
 
+@pytest.mark.parametrize("url", ["garbage", "oracle://x/y"])
+def test_a_bad_database_url_from_the_environment_is_blamed_on_the_environment(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The file's database.url may be fine: the message must name $ETL_DATABASE_URL, where the bad URL came from."""
+    from etl.db import create_engine
+
+    monkeypatch.setenv("ETL_DATABASE_URL", url)
+    with pytest.raises(ConfigError) as caught:
+        create_engine(config_from_document(_document()).database.url)
+    assert caught.value.message.startswith("$ETL_DATABASE_URL: ")
+
+
 def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
     secret_file = tmp_path / "secret"
