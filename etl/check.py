@@ -199,7 +199,8 @@ class Checker:
 
     def __init__(self, config_path: Path, save_certs: str | None, emit: Callable[[Step], None]) -> None:
         self.config_path = config_path
-        self.save_certs = save_certs
+        # absolute: the hint's `ca_bundle = "..."` must work in config.toml, where a relative path is the config's directory
+        self.save_certs = str(Path(save_certs).absolute()) if save_certs else None
         self.emit = emit
         self.steps: list[Step] = []
         self.tls_reports: list[certs.TlsReport] = []

@@ -279,6 +279,21 @@ async def test_saved_certs_as_ca_bundle_make_check_pass(
     assert line_of(out, "✔ resource products")
 
 
+async def test_the_save_certs_hint_names_the_file_so_that_config_toml_finds_it(
+    tls_simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--save-certs chain.pem` writes into the working directory, but config.toml reads a relative ca_bundle
+    beside itself: the hint must give the path that works there."""
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    _, out = await check(capsys, path, save_certs="chain.pem")
+
+    assert f'set [api].ca_bundle = "{elsewhere / "chain.pem"}"' in out
+
+
 async def test_a_wrong_records_path_shows_the_top_level_keys(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
