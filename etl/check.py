@@ -49,6 +49,7 @@ from etl.token import (
     Token,
     TokenManager,
     json_object,
+    lifetime_of,
     redirect_text,
     token_request,
 )
@@ -448,11 +449,8 @@ class Checker:
     def _issued(self, status: int, fields: Mapping[str, Any], value: str) -> Verdict:
         register_secret(value)
         expires_in = fields.get("expires_in", DEFAULT_LIFETIME_S)
-        try:
-            lifetime = float(expires_in)
-        except (TypeError, ValueError):
-            lifetime = 0.0
-        if not lifetime > 0:
+        lifetime = lifetime_of(expires_in)
+        if lifetime is None:
             hint = "this is not a standard OAuth2 token answer: check that auth.token_url is the token endpoint"
             return Verdict(f"{status}, but expires_in={expires_in!r} is not a positive number", "failed", [], hint, 3)
         now = time.monotonic()

@@ -81,6 +81,8 @@ class ApiConfig(_Section):
     def _http_url(cls, url: str) -> str:
         if not re.match(r"^https?://[^/\s]+", url):
             raise ValueError("must be an http:// or https:// URL")
+        if "?" in url or "#" in url:  # each resource's path is appended to it: the query would swallow the path
+            raise ValueError("must not carry a query string or fragment: put query parameters in each resource's params")
         return url.rstrip("/")
 
 
@@ -207,6 +209,12 @@ class ResourceConfig(_Section):
         if name is not None and name.lower().startswith("etl_"):
             raise ValueError("names starting with etl_ are reserved for etl's own tables")
         return name
+
+    @field_validator("path")
+    @classmethod
+    def _rooted(cls, path: str) -> str:
+        """`path = "orders"` means /orders: appended as written it asked for .../v1orders, a 404."""
+        return path if path.startswith("/") else f"/{path}"
 
     @field_validator("primary_key", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -230,13 +231,10 @@ class TokenManager:
     def _lifetime(self, expires_in: Any) -> float:
         if expires_in is None:
             return DEFAULT_LIFETIME_S
-        try:
-            lifetime = float(expires_in)
-        except (TypeError, ValueError):
-            lifetime = 0.0
-        if not lifetime > 0:
+        lifetime = lifetime_of(expires_in)
+        if lifetime is None:
             raise AuthError(
-                f"the token endpoint {self._url} answered expires_in={expires_in!r}, not a positive number"
+                f"the token endpoint {self._url} answered expires_in={expires_in!r}, not a positive number of seconds"
             )
         return lifetime
 
@@ -291,6 +289,15 @@ class TokenManager:
             exc,
             wait,
         )
+
+
+def lifetime_of(expires_in: Any) -> float | None:
+    """expires_in in seconds, or None when it is no lifetime: true is not 1 second, and "inf" would never be renewed."""
+    try:
+        lifetime = float(expires_in) if not isinstance(expires_in, bool) else 0.0
+    except (TypeError, ValueError):
+        return None
+    return lifetime if 0 < lifetime < math.inf else None
 
 
 def redirect_text(location: str | None) -> str:

@@ -130,6 +130,19 @@ def test_a_bad_database_url_from_the_environment_is_blamed_on_the_environment(mo
     assert caught.value.message.startswith("$ETL_DATABASE_URL: ")
 
 
+def test_a_path_without_its_leading_slash_is_still_under_base_url() -> None:
+    document = _document()
+    document["resources"][0]["path"] = "orders"
+    assert config_from_document(document).resources[0].path == "/orders"
+
+
+def test_a_base_url_with_a_query_string_is_refused() -> None:
+    """base_url + path would put the path inside the query (…/api?tenant=7/orders), a 404 far from its cause."""
+    document = _document()
+    document["api"]["base_url"] = "https://legacy.example.com/api?tenant=7"
+    assert "api.base_url:" in _error(document) and "params" in _error(document)
+
+
 def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
     secret_file = tmp_path / "secret"

@@ -559,6 +559,19 @@ async def test_other_4xx_is_auth_error_with_status_and_body(
     assert "403" in str(excinfo.value) and "Forbidden by WAF rule 17" in str(excinfo.value)
 
 
+@pytest.mark.parametrize("expires_in", [True, "inf", "NaN", 0, -5, "soon"])
+async def test_an_expires_in_that_is_not_a_lifetime_is_refused(
+    session: aiohttp.ClientSession, http_mock: aioresponses, expires_in: Any
+) -> None:
+    """`true` read as 1 second, and "inf" as a token never renewed: both are answers to refuse, naming the field."""
+    http_mock.post(TOKEN_URL, payload={"access_token": "tok", "expires_in": expires_in})
+
+    with pytest.raises(AuthError) as excinfo:
+        await make_manager(session).token()
+
+    assert "expires_in" in str(excinfo.value)
+
+
 async def test_a_bare_401_gets_the_credentials_hint(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
     """RFC 6749 §5.2: 401 is a client that failed to authenticate, even with an empty body and only WWW-Authenticate."""
     http_mock.post(TOKEN_URL, status=401, body="", headers={"WWW-Authenticate": "Basic"})
