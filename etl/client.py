@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 from aiolimiter import AsyncLimiter
 from multidict import CIMultiDictProxy
 from tenacity import RetryCallState
 from yarl import URL
 
+from etl import jsonnumbers
 from etl.config import ApiConfig
 from etl.errors import ConnectionFailed, EtlError, RetryableError, SourceError, TokenRejected
 from etl.token import Token, TokenManager
@@ -198,13 +198,13 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried.
 
-    orjson first; the standard library only when orjson refuses. orjson reads an integer outside
-    [-2**63, 2**64) as a float rather than refusing it (docs/DECISIONS.md, "Data", says what that means).
+    etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
+    the standard library alone only to say why a body is not JSON.
     """
     if "html" not in resp.headers.get("Content-Type", "").lower():
         try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
+            return jsonnumbers.loads(body)
+        except ValueError:
             pass
     url, stripped = display_url(resp.url), body.lstrip()
     if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":

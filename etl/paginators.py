@@ -24,9 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from yarl import URL
 
+from etl import jsonnumbers
 from etl.client import PageRequest, PageResponse
 from etl.config import (
     CursorPagination,
@@ -244,7 +244,7 @@ class _NumberedPaginator(Paginator):
         if not records:
             return
         # first and last record stand for the page: serialising every record of every page costs too much
-        content = orjson.dumps([len(records), records[0], records[-1]])
+        content = jsonnumbers.dumps([len(records), records[0], records[-1]])
         if content in self._pages:
             raise SourceError(
                 f"{display_url(response.url)} returned the same records as an earlier page: the API seems to "

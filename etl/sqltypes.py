@@ -12,7 +12,6 @@ time, through `driver_column`, which writes the same text and values.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -24,6 +23,8 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.types import DateTime, TypeDecorator, TypeEngine
+
+from etl import jsonnumbers
 
 DECIMAL_DIGITS = 38
 DECIMAL_PLACES = 10
@@ -64,11 +65,8 @@ def _mysql_datetime(moment: datetime) -> datetime:
 
 
 def json_text(value: Any) -> str:
-    """orjson, and the standard library for what orjson refuses (integers over 64 bits)."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value, ensure_ascii=False)
+    """JSON text with every digit of its numbers (etl.jsonnumbers)."""
+    return jsonnumbers.dumps(value).decode()
 
 
 _DRIVER_VALUES: dict[tuple[str, str], Callable[[Any], Any]] = {

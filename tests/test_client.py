@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from email.utils import format_datetime
 from typing import Any
 
@@ -141,6 +142,16 @@ async def test_a_204_is_a_page_without_a_body(http_mock: aioresponses, make_clie
     response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert (response.status, response.body) == (204, None)
     assert counters.requests == 1
+
+
+async def test_a_json_number_with_more_digits_than_a_float_holds_comes_back_exact(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """orjson alone read 12345678901234.567 as 12345678901234.566, which a decimal column then stored."""
+    client, _ = make_client()
+    http_mock.get(PAGE, body=b'{"data": [{"id": 1, "total": 12345678901234.567}]}', content_type="application/json")
+    response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert response.body["data"][0]["total"] == Decimal("12345678901234.567")
 
 
 @pytest.mark.parametrize("status", [400, 403, 404])

@@ -10,8 +10,9 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Row, func, select, text
+from sqlalchemy import Row, Text, cast, func, select, text
 
+from etl import jsonnumbers
 from etl.config import ResourceConfig
 from etl.db import async_url, create_engine
 from etl.errors import ConfigError, LoadError
@@ -186,6 +187,23 @@ async def test_duplicates_without_a_cursor_collapse_to_the_last(database_url: st
         await _load(store, resource, [{"id": 1, "name": "first"}, {"id": 1, "name": "last"}], await _run(store))
         rows = await _rows(store, resource)
     assert [(row.id, row.name) for row in rows] == [(1, "last")]
+
+
+async def test_long_json_numbers_are_stored_with_every_digit(database_url: str) -> None:
+    """A money API sending 12345678901234.567 as a JSON number: the decimal column, the json column and a
+    reject's raw record keep every digit (orjson alone rounded them to ...566 and 1.18e21, exit 0)."""
+    resource = _resource("ledger", {"id": "integer", "amount": "decimal", "doc": "json", "day": "date"})
+    body = (b'[{"id": 1, "amount": 12345678901234.567, "doc": {"n": 1180591620717411303424, "x": 1234567890.123456789}},'
+            b' {"id": 2, "amount": 1.5, "day": "not a date", "doc": {"x": 98765432109876.54321}}]')
+    async with _store(database_url, resource) as store:
+        await _load(store, resource, jsonnumbers.loads(body), await _run(store))
+        (row,) = await _rows(store, resource)
+        async with store.engine.connect() as connection:
+            (reject,) = list(await connection.execute(select(rejects)))
+            doc_text = (await connection.execute(select(cast(resource_table(resource).c.doc, Text)))).scalar_one()
+    assert row.amount == Decimal("12345678901234.567")
+    assert "1180591620717411303424" in doc_text and "1234567890.123456789" in doc_text  # as stored, not as read back
+    assert "98765432109876.54321" in reject.raw
 
 
 async def test_rejects_are_stored_with_their_raw_payload_key_and_error(database_url: str) -> None:
