@@ -185,14 +185,20 @@ class _Page:
 
 
 class _IssuedToken(TokenManager):
-    """Serves the token the token step obtained, so the pages cost no second token request."""
+    """Serves the token the token step obtained, so the pages cost no second token request;
+    once the API rejects it (401), a new one, as sync gets (SPEC: drop it, get a new one, retry once)."""
 
     def __init__(self, config: Config, secret: SecretStr, session: aiohttp.ClientSession, token: Token) -> None:
         super().__init__(config.auth, secret, session, RetryPolicy(max_retries=0))
-        self._issued = token
+        self._issued: Token | None = token
 
     async def token(self) -> Token:
-        return self._issued
+        return self._issued if self._issued is not None else await super().token()
+
+    async def invalidate(self, token: Token) -> None:
+        if token is self._issued:
+            self._issued = None
+        await super().invalidate(token)
 
 
 class Checker:

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from loopback import serving
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import make_url
 
@@ -208,6 +209,24 @@ async def test_a_token_the_api_refuses_is_an_authentication_failure_with_the_aud
     assert "200, lifetime 600s" in line_of(out, "✔ token")
     assert "the API rejected a freshly issued token" in line_of(out, "✘ resource products")
     assert "auth.token_url is the user pool the API trusts" in out
+
+
+async def test_a_401_from_the_api_gets_one_new_token_before_the_verdict(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As sync does (SPEC, "The token"): the rejected token is dropped and a new one tried once; check retried the same."""
+    issued: list[str] = []
+
+    async def token(_request: web.Request) -> web.Response:
+        issued.append(f"not-for-this-api-{len(issued)}")
+        return web.json_response({"access_token": issued[-1], "expires_in": 600, "token_type": "Bearer"})
+
+    async with serving({("POST", "/oauth2/token"): token}) as origin:
+        path = write_config(simulator.base_url, f"{origin}/oauth2/token", resources=["products"])
+        code, _ = await check(capsys, path)
+
+    assert code == 3
+    assert len(issued) == 2
 
 
 async def test_an_unknown_scope_gets_the_scope_hint(
