@@ -237,15 +237,17 @@ def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ..
 def records_at(body: Any, records_path: str, url: str) -> list[Any]:
     """The record list of a page body; anything else is an error naming what the body holds.
 
-    No body (a 204) and a record list that is null (Go encodes an empty slice so) are a page
-    without records; a records_path that is not in the body stays an error.
+    No body (a 204), a record list that is null (Go encodes an empty slice so) and an object
+    that holds no list at all (`{"total": 0}`: the key left out of an empty page, Go's omitempty)
+    are a page without records. A records_path that is not in a body that does hold a list stays
+    an error: the records would be there, under another key.
     """
     if body is None:
         return []
     records = dig(body, records_path) if records_path else body
     if isinstance(records, list):
         return records
-    if records is None and _holds_null(body, records_path):
+    if records is None and (_holds_null(body, records_path) or not _holds_a_list(body)):
         return []
     if isinstance(records, dict) and not records_path:
         keys = ", ".join(list(records)[:12])
@@ -256,6 +258,18 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
         keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
         raise SourceError(f"{url}: records_path {records_path!r} is not in the body; its top-level keys are: {keys}")
     raise SourceError(f"{url}: records_path {records_path!r} holds a {type(records).__name__}, not a list of records")
+
+
+def _holds_a_list(body: Any) -> bool:
+    """Whether a list is anywhere in the body: where records could be (a walk, not recursion: any depth)."""
+    objects = [body]
+    while objects:
+        value = objects.pop()
+        if isinstance(value, list):
+            return True
+        if isinstance(value, dict):
+            objects.extend(value.values())
+    return False
 
 
 def _holds_null(body: Any, dotted: str) -> bool:

@@ -223,10 +223,21 @@ def test_a_null_record_list_or_no_body_is_a_page_without_records(body: Any, reco
     assert records_at(body, records_path, "https://api.example.test/orders") == []
 
 
-def test_a_records_path_missing_from_the_body_is_still_an_error() -> None:
-    """Only a key that is there and null means no records; a key that is absent names the keys there are."""
+@pytest.mark.parametrize(
+    ("body", "records_path"),
+    [({"total": 0}, "data"), ({"page": 3, "meta": {"next": None}}, "data"), ({"result": {}}, "result.items")],
+    ids=["total-only", "page-only", "nested"],
+)
+def test_an_empty_page_that_leaves_out_its_records_key_is_a_page_without_records(body: Any, records_path: str) -> None:
+    """Go's omitempty drops the key of an empty list: a body with no list anywhere has no records to lose."""
+    assert records_at(body, records_path, "https://api.example.test/orders") == []
+
+
+@pytest.mark.parametrize("data", [[{"id": 1}], []], ids=["records", "empty-list"])
+def test_a_records_path_missing_from_a_body_that_holds_a_list_is_still_an_error(data: list[Any]) -> None:
+    """The list is there under another key: a wrong records_path names the keys there are, records or not."""
     with pytest.raises(SourceError, match="records_path 'items' is not in the body; its top-level keys are: data, total"):
-        records_at({"data": None, "total": 0}, "items", "https://api.example.test/orders")
+        records_at({"data": data, "total": len(data)}, "items", "https://api.example.test/orders")
 
 
 def test_an_object_body_with_an_empty_records_path_names_the_keys_to_choose_from() -> None:
