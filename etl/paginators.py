@@ -5,7 +5,7 @@ comes next (`request`), learns from each page (`advance`), and can be saved
 and restored (`position`, `restore`) so a resumed backfill starts at the first
 page that was not committed. A server that answers the same cursor, link or
 page again ends the window with an error instead of looping forever (except
-an empty cursor page that returns its own cursor: that is the last page);
+an empty or short page that points at itself: that is the last page);
 what a window remembers for that is bounded, so memory stays flat however
 long it is.
 
@@ -44,7 +44,7 @@ from etl.windows import Window, filter_params
 log = logging.getLogger(__name__)
 
 SEEN_LIMIT = 4096  # pages, cursors or links a window remembers to recognise a loop
-EMPTY_CURSOR_PAGES = 5  # empty pages in a row, each with a new cursor, that end a cursor window
+EMPTY_CURSOR_PAGES = 100  # empty pages in a row, each with a new cursor, that end a cursor window
 
 
 def dig(body: Any, dotted: str) -> Any:
@@ -116,8 +116,22 @@ class Paginator(ABC):
         self.records_seen += len(records)
         self._advance(response, records)
         total = self._total(response)
-        if total is not None and self.records_seen >= total:
+        if total is not None and self.records_seen > total:
+            self._distrust_total(response, total)
+        elif total is not None and self.records_seen >= total:
             self.finished = True
+
+    def _distrust_total(self, response: PageResponse, total: int) -> None:
+        """The API served more records than its total says (0 with records, a total capped by a search backend).
+
+        Ending the window at that total would drop the rest without a word: from here on the window
+        ends on an empty or short page, as it does without a total.
+        """
+        self.total_understated = True
+        log.warning(
+            "%s: the API's total (%d) is below the %d records already served in this window; "
+            "paging on until an empty or short page", display_url(response.url), total, self.records_seen,
+        )
 
     @abstractmethod
     def _advance(self, response: PageResponse, records: list[Any]) -> None: ...
@@ -149,9 +163,10 @@ class Paginator(ABC):
         elif self.config.total_header:
             raw = response.headers.get(self.config.total_header)
         try:
-            return int(raw) if raw is not None else None
+            total = int(raw) if raw is not None else None
         except (TypeError, ValueError):
             return None
+        return None if total is None or total < 0 else total  # -1 is a common "not counted"
 
     def known_total(self, response: PageResponse) -> int | None:
         """Records in the whole window when the API says so (for progress, ETA and parallel pages)."""
@@ -330,12 +345,38 @@ class OffsetPaginator(_NumberedPaginator):
         self.offset = int(position["offset"])
 
 
-class CursorPaginator(Paginator):
+class _FollowingPaginator(Paginator):
+    """Cursor and link styles: the server names the next page, and may name the page just served.
+
+    Pointing at itself from an empty or short page is how some APIs mark their last page; from
+    a full page it is a loop (a server that ignores the cursor), which stays an error.
+    """
+
+    config: CursorPagination | LinkHeaderPagination
+
+    def __init__(self, config: CursorPagination | LinkHeaderPagination, url: str, params: dict[str, str]) -> None:
+        super().__init__(config, url, params)
+        self._largest_page = 0
+
+    def _ends_here(self, response: PageResponse, records: list[Any], points_at_itself: bool) -> bool:
+        """Whether a page pointing at itself is the last one: empty, or shorter than a full page."""
+        full = self.config.page_size if self.config.size_param else self._largest_page
+        self._largest_page = max(self._largest_page, len(records))
+        if not points_at_itself or (records and len(records) >= full):
+            return False
+        log.debug(
+            "%s points at itself from a page of %d records: taken as the last page", display_url(response.url), len(records)
+        )
+        return True
+
+
+class CursorPaginator(_FollowingPaginator):
     """Follows `next_cursor_path`; null, "" or missing means the last page.
 
     An empty page with a new cursor is followed: the cursor, not the page, says whether more
-    follow. An empty page that hands back the cursor it was sent is the last page, not a loop,
-    and so are EMPTY_CURSOR_PAGES empty pages in a row (a polling API always has a next cursor).
+    follow (a filtered scan may serve many empty pages). An empty or short page that hands back
+    the cursor it was sent is the last page, not a loop, and so are EMPTY_CURSOR_PAGES empty pages
+    in a row (a polling API always has a next cursor).
     """
 
     config: CursorPagination
@@ -361,7 +402,7 @@ class CursorPaginator(Paginator):
             self._sent.add(self.cursor)
         cursor = dig(response.body, self.config.next_cursor_path)
         self._empty_in_a_row = 0 if records else self._empty_in_a_row + 1
-        if cursor in (None, "") or (not records and str(cursor) == self.cursor):
+        if cursor in (None, "") or self._ends_here(response, records, str(cursor) == self.cursor):
             self.finished = True
             return
         if self._empty_in_a_row >= EMPTY_CURSOR_PAGES:
@@ -384,7 +425,7 @@ class CursorPaginator(Paginator):
         self.cursor = position.get("cursor")
 
 
-class LinkHeaderPaginator(Paginator):
+class LinkHeaderPaginator(_FollowingPaginator):
     """Follows the RFC 8288 `Link: <...>; rel="next"` URL, which carries every parameter itself.
 
     The link is followed only on the origin of the first request: the bearer
@@ -409,9 +450,10 @@ class LinkHeaderPaginator(Paginator):
         return PageRequest(self.url, params)
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
-        self._visited.add(canonical_url(response.url))
+        here = canonical_url(response.url)
+        self._visited.add(here)
         link = response.next_link
-        if link is None:
+        if link is None or self._ends_here(response, records, canonical_url(link) == here):
             self.finished = True
             return
         if origin(link) != origin(self.url):

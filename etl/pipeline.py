@@ -325,12 +325,12 @@ class Pipeline:
                 return
             response = await client.get(request)
             records = records_at(response.body, resource.records_path, response.url)
-            if first and (total := paginator.known_total(response)) is not None:
+            paginator.advance(response, records)
+            total = paginator.known_total(response)  # after advance: a total the page already exceeded is None
+            if first and total is not None:
                 self.progress.add_total(resource.name, total)
             first = False
-            paginator.advance(response, records)
             await self._queue_page(resource, window, records, paginator.position(), paginator.finished)
-            total = paginator.known_total(response)
             plan = paginator.remaining_requests(total) if total is not None else None
             if plan is not None:
                 beyond = await self._fetch_planned(client, resource, window, plan)

@@ -31,7 +31,7 @@ from etl.config import (
     Pagination,
 )
 from etl.errors import SourceError
-from etl.paginators import Paginator, Seen, paginator_for
+from etl.paginators import EMPTY_CURSOR_PAGES, Paginator, Seen, paginator_for
 from etl.records import records_at
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, open_session
@@ -132,6 +132,22 @@ async def test_a_server_capping_the_page_size_loses_nothing_when_the_total_is_kn
     queries = serve(http_mock, pages(total_in_body=True, server_max=40))
     assert await walk(page_paginator(page_size=100, total_path="total"), client, "data") == RECORDS
     assert len(queries) == 7
+
+
+@pytest.mark.parametrize("total", [50, 0, -1], ids=["below-one-page", "zero", "minus-one"])
+async def test_a_total_the_records_already_exceed_does_not_end_the_window(
+    http_mock: aioresponses, client: ApiClient, total: int
+) -> None:
+    """A total below what the pages hold (0 or 50 beside 100 records; -1 for "not counted") is not trusted:
+    the window pages on to a short page instead of ending after the first one."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = (int(query["page"]) - 1) * 100
+        return CallbackResult(payload={"data": RECORDS[start : start + 100], "total": total})
+
+    queries = serve(http_mock, answer)
+    assert await walk(page_paginator(page_size=100, total_path="total"), client, "data") == RECORDS
+    assert [q["page"] for q in queries] == ["1", "2", "3"]
 
 
 async def test_offset_style_steps_by_records_and_stops_at_total_header(
@@ -263,13 +279,34 @@ async def test_an_empty_page_handing_back_its_own_cursor_ends_the_window(
 async def test_empty_pages_that_never_stop_handing_out_new_cursors_end_the_window(
     http_mock: aioresponses, client: ApiClient
 ) -> None:
-    """A polling API always has a next cursor; five empty pages in a row end the window instead of walking forever."""
+    """A polling API always has a next cursor; EMPTY_CURSOR_PAGES empty pages in a row end the window instead of walking forever."""
     script: dict[str | None, tuple[list[Any], str | None]] = {None: (RECORDS[:100], "c0")}
-    script |= {f"c{n}": ([], f"c{n + 1}") for n in range(20)}
+    script |= {f"c{n}": ([], f"c{n + 1}") for n in range(EMPTY_CURSOR_PAGES + 20)}
     queries = serve(http_mock, scripted_cursor_pages(script))
     paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {})
     assert await walk(paginator, client, "items") == RECORDS[:100]
-    assert [q.get("cursor") for q in queries] == [None, "c0", "c1", "c2", "c3", "c4"]
+    assert [q.get("cursor") for q in queries] == [None, *(f"c{n}" for n in range(EMPTY_CURSOR_PAGES))]
+
+
+async def test_records_after_a_run_of_empty_cursor_pages_are_loaded(http_mock: aioresponses, client: ApiClient) -> None:
+    """A filtered scan (DynamoDB) may serve many empty pages, each with a new cursor, before the next records."""
+    script: dict[str | None, tuple[list[Any], str | None]] = {None: (RECORDS[:50], "c0")}
+    script |= {f"c{n}": ([], f"c{n + 1}") for n in range(7)}
+    script["c7"] = (RECORDS[50:], None)
+    serve(http_mock, scripted_cursor_pages(script))
+    paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {})
+    assert await walk(paginator, client, "items") == RECORDS
+
+
+@pytest.mark.parametrize(("size_param", "last_page"), [("limit", RECORDS[100:150]), ("", RECORDS[100:150])])
+async def test_a_short_page_handing_back_its_own_cursor_is_the_last(
+    http_mock: aioresponses, client: ApiClient, size_param: str, last_page: list[Any]
+) -> None:
+    """A short last page that returns the cursor it was sent ends the window with its records loaded, not as a loop."""
+    queries = serve(http_mock, scripted_cursor_pages({None: (RECORDS[:100], "a"), "a": (last_page, "a")}))
+    config = CursorPagination(style="cursor", next_cursor_path="meta.next_cursor", size_param=size_param)
+    assert await walk(paginator_for(config, BASE + "/items", {}), client, "items") == RECORDS[:150]
+    assert [q.get("cursor") for q in queries] == [None, "a"]
 
 
 def linked_pages(link: Callable[[int], str]) -> Answer:
@@ -318,6 +355,21 @@ async def test_a_link_back_to_a_fetched_page_ends_the_window_with_an_error(
     with pytest.raises(SourceError, match="already fetched"):
         await walk(paginator, client, "")
     assert len(queries) == 2
+
+
+async def test_a_short_last_page_linking_to_itself_ends_the_window(http_mock: aioresponses, client: ApiClient) -> None:
+    """Some APIs put rel="next" on every page, the last one pointing at itself: its records are loaded and the window ends."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = int(query.get("from_index", "0"))
+        following = start + 100 if start + 100 < len(RECORDS) else start
+        headers = {"Link": f'<?from_index={following}&per_page=100>; rel="next"'}
+        return CallbackResult(body=orjson.dumps(RECORDS[start : start + 100]), content_type="application/json", headers=headers)
+
+    queries = serve(http_mock, answer)
+    paginator = paginator_for(LinkHeaderPagination(style="link_header", size_param="per_page"), BASE + "/items", {})
+    assert await walk(paginator, client, "") == RECORDS
+    assert [q.get("from_index") for q in queries] == [None, "100", "200"]
 
 
 async def test_a_link_to_another_origin_is_not_followed(http_mock: aioresponses, client: ApiClient) -> None:
