@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,11 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SNIPPET_BYTES = 200
-_LINK_VALUE = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]+)*)")
-_LINK_PARAM = re.compile(r";\s*([^=;,\s]+)\s*(?:=\s*(\"[^\"]*\"|[^;,]*))?")
+# RFC 8288 Link: a comma or semicolon inside <target> or a quoted string does not end a link-value or a parameter.
+# A link-value is <target> and its parameters, or (the second branch) a malformed one, skipped up to its comma.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_LINK_VALUE = re.compile(rf"\s*<([^>]*)>((?:{_QUOTED}|[^,])*)|(?:{_QUOTED}|[^,])+")
+_LINK_PARAM = re.compile(rf'{_QUOTED}|;\s*([^\s=;,"]+)\s*(?:=\s*({_QUOTED}|[^\s;,"]*))?')
 
 
 @dataclass(frozen=True)
@@ -170,12 +174,35 @@ def next_link(resp: aiohttp.ClientResponse) -> str | None:
     Every Link header counts, `rel` may list several types (`rel="next last"`)
     and is case-insensitive; a malformed link is ignored rather than fatal.
     """
-    for value in resp.headers.getall("Link", []):
-        for target, params in _LINK_VALUE.findall(value):
-            rel = next((v.strip('"') for k, v in _LINK_PARAM.findall(params) if k.lower() == "rel"), "")
+    for header in resp.headers.getall("Link", []):
+        for target, rel in _link_rels(header):
             if "next" in rel.lower().split():
-                return str(resp.url.join(URL(target.strip())))
+                try:
+                    return str(resp.url.join(URL(target)))
+                except ValueError:  # not a URL (a bad port, a broken IPv6 address)
+                    continue
     return None
+
+
+def _link_rels(header: str) -> Iterator[tuple[str, str]]:
+    """(target, rel) of each link-value in one Link header; a value that does not start with <target> is skipped.
+
+    A stray quoted string is matched whole (and dropped), so a `;` inside it never starts a parameter;
+    the first `rel` counts (RFC 8288 §3.3).
+    """
+    for link_value in _LINK_VALUE.finditer(header):
+        target, params = link_value.groups()
+        if target is None:
+            continue
+        rels = (value for name, value in _LINK_PARAM.findall(params) if name.lower() == "rel")
+        yield target.strip(), _unquoted(next(rels, ""))
+
+
+def _unquoted(value: str) -> str:
+    """A parameter's value without its quotes and backslash escapes."""
+    if value[:1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
 
 
 def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:

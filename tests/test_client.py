@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
+from multidict import CIMultiDict
 from pydantic import SecretStr
 from tenacity import RetryCallState
 from yarl import URL
@@ -293,6 +294,29 @@ async def test_next_link_reads_rfc_8288_rel_lists_and_resolves_relative_urls(
     http_mock.get(PAGE, payload=[], headers={"Link": link})
     response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert response.next_link == BASE + "/orders?page=2"
+
+
+@pytest.mark.parametrize(
+    ("links", "expected"),
+    [
+        (['<?page=2>; title="next page, please"; rel="next"'], "?page=2"),
+        (['<?page=0>; title="a; rel=next"; rel="prev", <?page=2>; rel=next'], "?page=2"),
+        ([r'<?page=2>; title="say \"hi\", then; go"; rel="next"'], "?page=2"),
+        (['<?page=0>; rel="prev"; title="see, <?page=9>; rel=next", <?page=2>; rel="next"'], "?page=2"),
+        (['<?page=0>; rel="prev"', '<?page=2>; rel="next last"'], "?page=2"),
+        (['junk; rel="next", <http://[::1/x>; rel="next", <?page=2>; rel="next"'], "?page=2"),
+        (['<?page=0>; rel="prev"; title="rel=next"', '<?page=3>; rel="nextpage"'], None),
+    ],
+    ids=["comma-in-title", "semicolon-in-title", "escaped-quote", "link-in-title", "two-headers", "malformed", "no-next"],
+)
+async def test_next_link_is_not_fooled_by_quoted_parameters(
+    http_mock: aioresponses, make_client: MakeClient, links: list[str], expected: str | None
+) -> None:
+    """A comma, a semicolon or a link inside a quoted value hid rel="next": a run stopped after one page, exit 0."""
+    client, _ = make_client()
+    http_mock.get(PAGE, payload=[], headers=CIMultiDict(("Link", link) for link in links))
+    response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert response.next_link == (expected and BASE + "/orders" + expected)
 
 
 async def test_a_refused_connection_is_retried_then_exit_5() -> None:
