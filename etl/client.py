@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SNIPPET_BYTES = 200
+UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # read as they are: ASCII is UTF-8
 # RFC 8288 Link: a comma or semicolon inside <target> or a quoted string does not end a link-value or a parameter.
 # A link-value is <target> and its parameters, or (the second branch) a malformed one, skipped up to its comma.
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
@@ -225,20 +226,44 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried.
 
+    A body in another charset than UTF-8 is read as its Content-Type declares; one that declares
+    none and is not UTF-8 is an error, not retried: another attempt brings the same bytes.
+
     etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
     the standard library alone only to say why a body is not JSON.
     """
+    url = display_url(resp.url)
+    body = _as_utf8(body, resp.charset, f"{status} from {url}")
     if "html" not in resp.headers.get("Content-Type", "").lower():
         try:
             return jsonnumbers.loads(body)
         except ValueError:
             pass
-    url, stripped = display_url(resp.url), body.lstrip()
+    stripped = body.lstrip()
     if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
         raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
     try:
         return json.loads(body)
     except ValueError as exc:
+        if isinstance(exc, UnicodeDecodeError) and exc.end < len(body):  # a bad byte, not a body cut inside a character
+            raise SourceError(
+                f"{status} from {url} is not UTF-8 ({exc.reason} at byte {exc.start}): an API that sends another "
+                "charset must declare it, as in Content-Type: application/json; charset=ISO-8859-1"
+            ) from None
         if stripped[:1] in (b"{", b"["):
             raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None
+
+
+def _as_utf8(body: bytes, charset: str | None, where: str) -> bytes:
+    """The body in UTF-8, which JSON is (RFC 8259 §8.1) and the parsers read; a charset the API declares is taken at its word."""
+    if charset is None or charset.lower() in UTF8_CHARSETS:
+        return body
+    try:
+        return body.decode(charset).encode()
+    except LookupError:
+        raise SourceError(f"{where} declares charset={charset}, which is not a known character set") from None
+    except UnicodeDecodeError as exc:
+        raise SourceError(
+            f"{where} is not {charset} as its Content-Type says ({exc.reason} at byte {exc.start})"
+        ) from None

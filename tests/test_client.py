@@ -85,8 +85,12 @@ def _free_port() -> int:
         {"exception": aiohttp.ClientOSError(104, "Connection reset by peer")},
         {"exception": aiohttp.ClientPayloadError("Response payload is not completed")},
         {"status": 200, "body": '{"data": [{"id": 1}, {"id"', "content_type": "application/json"},
+        {"status": 200, "body": b'{"data": [{"name": "caf\xc3', "content_type": "application/json"},
     ],
-    ids=["500", "502", "503", "504", "429", "timeout", "disconnect", "reset", "cut-body", "truncated-json"],
+    ids=[
+        "500", "502", "503", "504", "429", "timeout", "disconnect", "reset", "cut-body", "truncated-json",
+        "truncated-in-a-character",
+    ],
 )
 async def test_transient_failures_are_retried(
     http_mock: aioresponses, make_client: MakeClient, failure: dict[str, Any]
@@ -121,8 +125,16 @@ async def test_after_max_retries_the_last_error_is_raised(
         ({"body": "  <!DOCTYPE html><html></html>", "content_type": "application/json"}, "is HTML, not JSON"),
         ({"body": "Service OK", "content_type": "text/plain"}, "is not JSON: Service OK"),
         ({"body": "", "content_type": "application/json"}, r"is not JSON: \(empty body\)"),
+        (
+            {"body": '{"data": [{"name": "Café"}]}'.encode("latin-1"), "content_type": "application/json"},
+            r"is not UTF-8 \(invalid continuation byte at byte 23\): .* must declare it",
+        ),
+        (
+            {"body": b'{"data": []}', "content_type": "application/json; charset=x-klingon"},
+            "declares charset=x-klingon, which is not a known character set",
+        ),
     ],
-    ids=["html", "html-labelled-json", "text", "empty"],
+    ids=["html", "html-labelled-json", "text", "empty", "not-utf-8", "unknown-charset"],
 )
 async def test_a_200_that_is_not_json_is_an_error_not_an_empty_page(
     http_mock: aioresponses, make_client: MakeClient, answer: dict[str, Any], message: str
@@ -153,6 +165,18 @@ async def test_a_json_number_with_more_digits_than_a_float_holds_comes_back_exac
     http_mock.get(PAGE, body=b'{"data": [{"id": 1, "total": 12345678901234.567}]}', content_type="application/json")
     response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert response.body["data"][0]["total"] == Decimal("12345678901234.567")
+
+
+async def test_a_body_in_its_declared_charset_is_read_with_every_digit(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """charset=ISO-8859-1 with an é was retried as 'cut short' and failed; long numbers stay exact in it too."""
+    client, counters = make_client()
+    body = '{"data": [{"name": "Café", "total": 12345678901234.567}]}'.encode("latin-1")
+    http_mock.get(PAGE, body=body, content_type="application/json; charset=ISO-8859-1")
+    response = await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert response.body["data"][0] == {"name": "Café", "total": Decimal("12345678901234.567")}
+    assert counters.requests == 1
 
 
 @pytest.mark.parametrize("status", [400, 403, 404])
