@@ -51,6 +51,10 @@ class PageRequest:
     url: str
     params: dict[str, str] = field(default_factory=dict)
 
+    def page_url(self) -> str:
+        """The URL with the parameters in its query, as aiohttp sends it: what a message names (through display_url)."""
+        return str(URL(self.url).extend_query(self.params))
+
 
 @dataclass(frozen=True)
 class PageResponse:
@@ -153,7 +157,7 @@ class ApiClient:
             ) as resp:
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise translate(exc, request.url) from exc
+            raise translate(exc, request.page_url()) from exc
         return verdict(resp, body)
 
     def _log_retry(self, state: RetryCallState) -> None:

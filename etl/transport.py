@@ -23,11 +23,20 @@ from datetime import UTC
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
 from etl.config import ApiConfig
-from etl.errors import ConfigError, ConnectionFailed, EtlError, Interrupted, RetryableError, UnreachableError
+from etl.errors import (
+    ConfigError,
+    ConnectionFailed,
+    EtlError,
+    Interrupted,
+    RetryableError,
+    SourceError,
+    UnreachableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +122,7 @@ def translate(exc: BaseException, url: str) -> EtlError:
     Only what may heal by itself is retryable: timeouts, resets, cut bodies, and a
     refused or timed-out connection (ConnectionFailed, exit 5 once retries run out).
     DNS and TLS failures will not heal within a run, so they end it at once (exit 5).
+    `url` is what was requested, a page's query included, so that a message names the page.
     """
     host = urlsplit(url).hostname or url
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
@@ -137,14 +147,29 @@ def translate(exc: BaseException, url: str) -> EtlError:
             f"cannot connect to {_host_port(url)}: {_connect_reason(exc)}", host=host, hint=CONNECT_HINT
         )
     if isinstance(exc, asyncio.TimeoutError):
-        return RetryableError(f"timed out waiting for {display_url(url)}")
+        return RetryableError(
+            f"timed out waiting for {display_url(url)}: [api].timeout_s is the limit for the whole response; "
+            "raise it if pages are large or the API is slow"
+        )
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return RetryableError(f"the body from {display_url(url)} was cut short: {exc}")
+        return _payload_error(exc, url)
     if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError):
         return RetryableError(f"the connection to {host} was dropped: {type(exc).__name__} {exc}".rstrip())
     if isinstance(exc, EtlError):
         return exc
     return RetryableError(f"request to {display_url(url)} failed: {type(exc).__name__}: {exc}")
+
+
+def _payload_error(exc: aiohttp.ClientPayloadError, url: str) -> EtlError:
+    """A body cut short may come whole on another attempt; one that does not decode as its Content-Encoding says will not.
+
+    The reason is the message of aiohttp's parser error (the cause): its str() reads "400, message: ..."
+    although the server answered 200.
+    """
+    reason = getattr(exc.__cause__, "message", None) or str(exc)
+    if isinstance(exc.__cause__, ContentEncodingError):
+        return SourceError(f"the body from {display_url(url)} could not be decoded as its Content-Encoding said: {reason}")
+    return RetryableError(f"the body from {display_url(url)} was cut short: {reason}")
 
 
 def _certificate_hint(reason: BaseException, host: str) -> str:

@@ -19,7 +19,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, ContentLengthError, HttpProcessingError
 from aioresponses import aioresponses
+from loopback import serving
 from multidict import CIMultiDict
 from pydantic import SecretStr
 from tenacity import RetryCallState
@@ -70,6 +73,13 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _cut_body(cause: HttpProcessingError) -> aiohttp.ClientPayloadError:
+    """A ClientPayloadError as aiohttp raises it from its parser: the parser's error is the cause."""
+    error = aiohttp.ClientPayloadError(f"Response payload is not completed: {cause!r}")
+    error.__cause__ = cause
+    return error
 
 
 @pytest.mark.parametrize(
@@ -393,7 +403,17 @@ async def test_requests_in_flight_never_exceed_concurrency() -> None:
         (
             aiohttp.SocketTimeoutError("read"),
             RetryableError,
-            "timed out waiting for https://api.example.test/v1",
+            "timed out waiting for https://api.example.test/v1: [api].timeout_s is the limit for the whole response",
+        ),
+        (
+            _cut_body(ContentLengthError("Not enough data to satisfy content length header.")),
+            RetryableError,
+            "the body from https://api.example.test/v1 was cut short: Not enough data to satisfy content length header.",
+        ),
+        (
+            _cut_body(ContentEncodingError("Can not decode content-encoding: gzip")),
+            SourceError,
+            "could not be decoded as its Content-Encoding said: Can not decode content-encoding: gzip",
         ),
         (
             ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
@@ -401,12 +421,50 @@ async def test_requests_in_flight_never_exceed_concurrency() -> None:
             "TLS: the handshake with api.example.test failed",
         ),
     ],
-    ids=["connect-timeout", "read-timeout", "handshake"],
+    ids=["connect-timeout", "read-timeout", "cut-body", "bad-content-encoding", "handshake"],
 )
 def test_network_errors_are_translated_by_what_may_heal(
     error: BaseException, kind: type, message: str
 ) -> None:
-    """Connect timeout: ConnectionFailed (retried, exit 5); read timeout: a retry; bad handshake: final."""
+    """Connect timeout: ConnectionFailed (retried, exit 5); read timeout and cut body: a retry; bad handshake or gzip: final.
+
+    A body's reason is aiohttp's parser message alone: its "400, message:" read as if the server had answered 400.
+    """
     translated = translate(error, "https://api.example.test/v1")
     assert type(translated) is kind
     assert message in str(translated)
+    assert "400" not in str(translated)
+
+
+async def test_a_timeout_names_the_page_and_the_setting_that_limits_it(
+    http_mock: aioresponses, make_client: MakeClient
+) -> None:
+    """The message said only the resource's URL: which page was slow, and that timeout_s covers the whole body, were left out."""
+    client, _ = make_client(max_retries=0)
+    http_mock.get(BASE + "/orders?api_key=K3y-v4lue-123&page=7", exception=TimeoutError())
+    with pytest.raises(RetryableError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "7", "api_key": "K3y-v4lue-123"}))
+    message = str(raised.value)
+    assert "timed out waiting for https://api.example.test/api/v1/orders?page=7&api_key=***: " in message
+    assert "raise it if pages are large or the API is slow" in message
+    assert "K3y-v4lue-123" not in message
+
+
+async def test_a_body_that_does_not_decode_as_its_content_encoding_says_is_not_retried() -> None:
+    """Content-Encoding: gzip on bytes that are not gzip: the same bytes come back every time, so one attempt."""
+
+    async def not_gzip(_: web.Request) -> web.Response:
+        return web.Response(body=b'{"data": []}', content_type="application/json", headers={"Content-Encoding": "gzip"})
+
+    async with Simulator() as sim, serving({("GET", "/api/v1/orders"): not_gzip}) as origin:
+        api = ApiConfig(base_url=origin + "/api/v1", retry_backoff_s=0.001, max_retries=2)
+        async with open_session(api) as session:
+            client, counters = _client(api, session, sim.token_url)
+            with pytest.raises(SourceError) as raised:
+                await client.get(PageRequest(api.base_url + "/orders", {"page": "1"}))
+    assert not isinstance(raised.value, RetryableError)
+    assert counters.requests == 1
+    assert str(raised.value) == (
+        f"the body from {origin}/api/v1/orders?page=1 could not be decoded as its Content-Encoding said: "
+        "Can not decode content-encoding: gzip"
+    )
