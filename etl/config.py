@@ -15,6 +15,7 @@ import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -55,6 +56,19 @@ def _instant(value: Any) -> datetime:
     return parse_instant(value)
 
 
+def _http_url(url: str) -> str:
+    """An http(s) URL with a host and a usable port: `:99999` would otherwise crash the first request."""
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError("must be an http:// or https:// URL")
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    return url
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 NonNegativeDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_not_negative)]
 Instant = Annotated[datetime, BeforeValidator(_instant)]
@@ -78,9 +92,8 @@ class ApiConfig(_Section):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError("must be an http:// or https:// URL")
+    def _base_url(cls, url: str) -> str:
+        _http_url(url)
         if "?" in url or "#" in url:  # each resource's path is appended to it: the query would swallow the path
             raise ValueError("must not carry a query string or fragment: put query parameters in each resource's params")
         return url.rstrip("/")
@@ -97,10 +110,8 @@ class AuthConfig(_Section):
 
     @field_validator("token_url")
     @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError("must be an http:// or https:// URL")
-        return url
+    def _token_url(cls, url: str) -> str:
+        return _http_url(url)
 
     @field_validator("scopes", mode="before")
     @classmethod

@@ -143,6 +143,17 @@ def test_a_base_url_with_a_query_string_is_refused() -> None:
     assert "api.base_url:" in _error(document) and "params" in _error(document)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "url"),
+    [("api", "base_url", "http://legacy.example.com:99999/api"), ("auth", "token_url", "https://auth.example.com:x/oauth2/token")],
+)
+def test_a_url_with_an_impossible_port_is_refused_by_key(section: str, key: str, url: str) -> None:
+    """`:99999` passed the config and then crashed the first request with a traceback; it is exit 2 naming the key."""
+    document = _document()
+    document[section][key] = url
+    assert f"{section}.{key}:" in _error(document) and "port" in _error(document)
+
+
 def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
     secret_file = tmp_path / "secret"
