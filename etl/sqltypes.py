@@ -39,6 +39,11 @@ class SqliteUtcText(String):
     """Declared `DATETIME_UTC_TEXT`: ISO-8601 text in UTC, readable as it is."""
 
 
+class SqliteJsonText(JSON):
+    """Declared `JSON_TEXT`: TEXT affinity. `JSON` has NUMERIC affinity in SQLite, which stored a bare
+    number such as 12345678901234567890123 as a rounded float; sqlite's json functions read the text alike."""
+
+
 @compiles(SqliteDecimalText, "sqlite")
 def _decimal_text(type_: SqliteDecimalText, compiler: Any, **kw: Any) -> str:
     return "DECIMAL_TEXT"
@@ -47,6 +52,11 @@ def _decimal_text(type_: SqliteDecimalText, compiler: Any, **kw: Any) -> str:
 @compiles(SqliteUtcText, "sqlite")
 def _utc_text(type_: SqliteUtcText, compiler: Any, **kw: Any) -> str:
     return "DATETIME_UTC_TEXT"
+
+
+@compiles(SqliteJsonText, "sqlite")
+def _json_text(type_: SqliteJsonText, compiler: Any, **kw: Any) -> str:
+    return "JSON_TEXT"
 
 
 def to_utc(moment: datetime) -> datetime:
@@ -64,6 +74,11 @@ def _mysql_datetime(moment: datetime) -> datetime:
     return to_utc(moment).replace(tzinfo=None)
 
 
+def _plain_decimal(value: Decimal) -> str:
+    """Positional digits (0.0000000001, 100000), never str()'s exponent (1E-10, 1E+5), for whoever reads the text."""
+    return format(value, "f")
+
+
 def json_text(value: Any) -> str:
     """JSON text with every digit of its numbers (etl.jsonnumbers)."""
     return jsonnumbers.dumps(value).decode()
@@ -73,7 +88,7 @@ _DRIVER_VALUES: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("datetime", "sqlite"): _sqlite_datetime,
     ("datetime", "mysql"): _mysql_datetime,
     ("datetime", "postgresql"): to_utc,
-    ("decimal", "sqlite"): str,
+    ("decimal", "sqlite"): _plain_decimal,
     ("date", "sqlite"): date.isoformat,
     ("json", "sqlite"): json_text,
     ("json", "mysql"): json_text,
@@ -197,6 +212,8 @@ def column_type(declared: str) -> TypeEngine[Any]:
         "boolean": Boolean(create_constraint=False),
         "date": Date(),
         "datetime": UtcDateTime(),
-        "json": JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql"),
+        "json": JSON(none_as_null=True)
+        .with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
+        .with_variant(SqliteJsonText(none_as_null=True), "sqlite"),
     }
     return types[declared]

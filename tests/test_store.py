@@ -189,6 +189,23 @@ async def test_duplicates_without_a_cursor_collapse_to_the_last(database_url: st
     assert [(row.id, row.name) for row in rows] == [(1, "last")]
 
 
+async def test_sqlite_keeps_json_numbers_and_decimals_as_written(fresh_database: Callable[[str], Any]) -> None:
+    """A json column is TEXT to SQLite (JSON's NUMERIC affinity stored a bare 12345678901234567890123 as the
+    float 1.23456789012346e+22), and a decimal is positional text (str() gave -1E-10 and 1E+5)."""
+    resource = _resource("notes", {"id": "integer", "amount": "decimal", "doc": "json"})
+    body = (b'[{"id": 1, "amount": "-0.0000000001", "doc": 12345678901234567890123},'
+            b' {"id": 2, "amount": "1E+5", "doc": 3.14159265358979323846}, {"id": 3, "amount": "2.50", "doc": 1.0}]')
+    async with _store(await fresh_database("sqlite"), resource) as store:
+        await _load(store, resource, jsonnumbers.loads(body), await _run(store))
+        async with store.engine.connect() as connection:
+            stored = (await connection.execute(text("SELECT typeof(doc), doc, amount FROM notes ORDER BY id"))).all()
+    assert [tuple(row) for row in stored] == [
+        ("text", "12345678901234567890123", "-0.0000000001"),
+        ("text", "3.14159265358979323846", "100000"),
+        ("text", "1.0", "2.50"),
+    ]
+
+
 async def test_long_json_numbers_are_stored_with_every_digit(database_url: str) -> None:
     """A money API sending 12345678901234.567 as a JSON number: the decimal column, the json column and a
     reject's raw record keep every digit (orjson alone rounded them to ...566 and 1.18e21, exit 0)."""
