@@ -7,6 +7,7 @@ its password hidden.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,34 @@ def async_url(url: str) -> URL:
         parsed = parsed.set(drivername=driver)
     if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    if parsed.drivername == "postgresql+asyncpg":
+        parsed = _asyncpg_query(parsed)
     return parsed
+
+
+def _asyncpg_query(url: URL) -> URL:
+    """libpq's `sslmode=require` as asyncpg's `ssl=require`; a parameter asyncpg does not take is named now.
+
+    SQLAlchemy hands each query parameter to asyncpg.connect as a keyword: an unknown one was a
+    TypeError traceback at the first connection.
+    """
+    query = dict(url.query)
+    if "sslmode" in query and "ssl" not in query:
+        query["ssl"] = query.pop("sslmode")
+    unknown = sorted(set(query) - ASYNCPG_PARAMETERS)
+    if unknown:
+        raise ConfigError(
+            f"{database_url_key()}: the PostgreSQL driver (asyncpg) does not take the parameter {unknown[0]!r}",
+            hint="asyncpg takes ssl (disable, prefer, require, verify-ca, verify-full), sslmode as its alias, "
+            "timeout, command_timeout and server_settings; remove the others",
+        )
+    return url.set(query=query)
+
+
+# what asyncpg.connect takes, plus what SQLAlchemy's asyncpg dialect takes for itself
+ASYNCPG_PARAMETERS = (frozenset(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}) | {
+    "prepared_statement_cache_size", "prepared_statement_name_func",
+}
 
 
 def safe_url(url: str | URL) -> str:

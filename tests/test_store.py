@@ -340,6 +340,15 @@ def test_plain_urls_get_the_async_driver(url: str, driver: str) -> None:
     assert async_url(url).drivername == driver
 
 
+def test_libpq_sslmode_is_asyncpgs_ssl_and_an_unknown_parameter_is_named() -> None:
+    """`?sslmode=require` (libpq's spelling, in most PostgreSQL URLs) was a TypeError traceback from asyncpg.connect."""
+    assert async_url("postgresql://u@h/db?sslmode=require").query == {"ssl": "require"}
+    assert async_url("postgresql://u@h/db?ssl=disable&command_timeout=5").query == {"ssl": "disable", "command_timeout": "5"}
+    with pytest.raises(ConfigError, match="database.url: the PostgreSQL driver \\(asyncpg\\) does not take the parameter 'application'"):
+        async_url("postgresql://u@h/db?application=etl")
+
+
+
 @pytest.mark.parametrize("field", ["name", "table", "column"])
 def test_names_that_are_not_identifiers_are_refused_before_any_sql(field: str) -> None:
     """`x"; DROP TABLE y; --` as a resource, table or column name is a configuration error."""
