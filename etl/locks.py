@@ -84,7 +84,7 @@ class ResourceLocks:
         database = self._engine.url.database
         if not database or database == ":memory:":
             return True
-        directory = Path(database + ".locks")
+        directory = Path(os.path.realpath(database) + ".locks")  # one lock per file, however a symlink names it
         directory.mkdir(exist_ok=True)
         handle = open(directory / f"{resource}.lock", "a+b")  # noqa: SIM115 - held until release()
         try:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +16,8 @@ from sqlalchemy import Row, Text, cast, func, select, text
 from etl import jsonnumbers
 from etl.config import ResourceConfig
 from etl.db import async_url, create_engine
-from etl.errors import ConfigError, LoadError
+from etl.errors import ConfigError, LoadError, LockHeld
+from etl.locks import ResourceLocks
 from etl.records import RecordValidator
 from etl.schema import rejects, resource_table, runs, watermarks, windows
 from etl.store import LoadBatch, Store, Watermark, WindowProgress
@@ -393,6 +395,21 @@ def test_a_missing_table_is_not_reported_as_an_unreachable_server() -> None:
     assert "refused a statement" in str(error) and "credentials" not in str(error)
     unreachable = database_error(OperationalError("connect", {}, Exception("unable to open database file")), "sqlite:///x.db")
     assert "cannot use the database" in str(unreachable) and "the file's directory must exist" in str(unreachable)
+
+
+async def test_a_sqlite_file_reached_through_a_symlink_has_the_same_lock(tmp_path: Path) -> None:
+    """sqlite:///link.db and sqlite:///lock.db are one database: a second run through the link exits 4, as any other."""
+    (tmp_path / "lock.db").touch()
+    (tmp_path / "link.db").symlink_to(tmp_path / "lock.db")
+    engines = [create_engine(f"sqlite:///{tmp_path / name}") for name in ("lock.db", "link.db")]
+    try:
+        async with ResourceLocks(engines[0], ["orders"]):
+            with pytest.raises(LockHeld, match="another run holds the lock for resource 'orders'"):
+                async with ResourceLocks(engines[1], ["orders"]):
+                    pass
+    finally:
+        for engine in engines:
+            await engine.dispose()
 
 
 def test_mysql_lock_names_differ_per_database_and_fit_in_64_characters() -> None:
