@@ -238,11 +238,11 @@ class Pipeline:
     @staticmethod
     def _warn_if_no_cursor(resource: ResourceConfig, stats: ResourceStats) -> None:
         """A cursor_field no record carries (a typo, a renamed field) would leave the watermark still without a word."""
-        if resource.cursor_field and stats.fetched and not stats.cursors_seen:
+        if resource.cursor_field and stats.loaded and not stats.cursors_seen:  # rejects do not count: they may carry it
             log.warning(
-                "%s: cursor_field %r was in none of the %d records fetched: the watermark's highest cursor "
+                "%s: cursor_field %r was in none of the %d records loaded: the watermark's highest cursor "
                 "does not move; check resources.%s.cursor_field against the API's records",
-                resource.name, resource.cursor_field, stats.fetched, resource.name,
+                resource.name, resource.cursor_field, stats.loaded, resource.name,
             )
 
     async def _fetch_and_load(self, client: ApiClient, plans: list[ResourcePlan]) -> None:

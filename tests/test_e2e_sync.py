@@ -15,6 +15,7 @@ from etl import runs
 from etl.config import Config, config_from_document
 from etl.db import create_engine
 from etl.demo import demo_document
+from etl.pipeline import Pipeline, ResourceStats
 from etl.progress import NoProgress
 from etl.schema import runs as runs_table
 from etl.simulator import Simulator
@@ -135,8 +136,6 @@ async def test_an_unexpected_worker_failure_still_commits_what_was_queued(
     simulator: Simulator, make_config: Callable[..., Config], fresh_database: Callable[[str], Any], monkeypatch: Any
 ) -> None:
     """A bug in a worker (not an EtlError) fails the run, but the pages already queued are committed first."""
-    from etl.pipeline import Pipeline
-
     url = await fresh_database("sqlite")
     original = Pipeline._fetch_window
     calls = 0
@@ -168,3 +167,13 @@ async def test_a_cursor_field_no_record_carries_is_warned_about(
     assert outcome.exit_code == 0, outcome.error
     assert "orders: cursor_field 'updatedAt' was in none of the" in caplog.text
     assert "check resources.orders.cursor_field" in caplog.text
+
+
+def test_no_cursor_warning_when_every_record_was_rejected(caplog: pytest.LogCaptureFixture, simulator: Simulator) -> None:
+    """Records that carry updated_at but fail on another column are rejects: blaming cursor_field would mislead."""
+    document = demo_document({"url": "sqlite://"}, simulator.base_url, simulator.token_url)
+    resource = next(r for r in config_from_document(document, None).resources if r.name == "orders")
+    Pipeline._warn_if_no_cursor(resource, ResourceStats("orders", pages=1, fetched=3, loaded=0, rejected=3))
+    assert "cursor_field" not in caplog.text
+    Pipeline._warn_if_no_cursor(resource, ResourceStats("orders", pages=1, fetched=3, loaded=3))
+    assert "cursor_field 'updated_at' was in none of the 3 records loaded" in caplog.text
