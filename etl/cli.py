@@ -160,6 +160,7 @@ async def _backfill(args: argparse.Namespace) -> int:
         raise ConfigError(f"--from {isoformat_utc(start)} must be before --to {isoformat_utc(end)}")
     window = None if args.window is None else _window(args.window)
     config = _load(args)
+    runs.select_resources(config, args.resources)  # an unknown --resource is exit 2 before the interval is announced
     print(f"backfill from {isoformat_utc(start)} to {isoformat_utc(end)} (UTC, end excluded)", flush=True)
     outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal(args.log_format))
     return report(outcome)
