@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import make_url
+from sqlalchemy.exc import ArgumentError
 
 from etl.durations import parse_duration, parse_instant
 from etl.errors import ConfigError
@@ -339,15 +341,37 @@ def config_from_document(document: dict[str, Any], path: Path | None = None) -> 
         raise ConfigError(describe_validation_error(exc, path)) from None
     if config.auth.client_secret is not None and path is not None:
         _warn_secret_in_file(path)
-    return _relative_to(config, path)
+    if path is None:
+        return config
+    config = _bundle_beside(config, path)
+    return config if env.database_url else _sqlite_file_beside(config, path)
 
 
-def _relative_to(config: Config, path: Path | None) -> Config:
+def _bundle_beside(config: Config, path: Path) -> Config:
     """A relative ca_bundle names a file beside config.toml, as client_secret_file does, whatever cron's cwd."""
     bundle = Path(config.api.ca_bundle).expanduser() if config.api.ca_bundle else None
-    if path is None or bundle is None or bundle.is_absolute():
+    if bundle is None or bundle.is_absolute():
         return config
     return config.model_copy(update={"api": config.api.model_copy(update={"ca_bundle": str(path.parent / bundle)})})
+
+
+def _sqlite_file_beside(config: Config, path: Path) -> Config:
+    """`sqlite:///etl.db` in config.toml is the file beside it: from cron's cwd it was a new, empty database
+    that the nightly run filled from `start` again while the operator looked at the old one.
+
+    $ETL_DATABASE_URL has no file to be beside, and keeps SQLAlchemy's meaning (the working directory).
+    """
+    try:
+        url = make_url(config.database.url)
+    except ArgumentError:
+        return config  # db.py names the key when it opens the database
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return config
+    if Path(database).expanduser().is_absolute():
+        return config
+    beside = url.set(database=str(path.parent.resolve() / database))
+    return config.model_copy(update={"database": config.database.model_copy(update={"url": beside.render_as_string(hide_password=False)})})
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:

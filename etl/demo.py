@@ -42,9 +42,12 @@ def demo_document(database: dict[str, Any] | None, base_url: str, token_url: str
     return document
 
 
-def _user_config(explicit: str | None) -> dict[str, Any]:
+def _user_config(explicit: str | None) -> tuple[dict[str, Any], Path]:
+    """The user's config document, if there is one, and the path its relative file names are beside."""
     path = config_path(explicit)
-    return tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if path.is_file():
+        return tomllib.loads(path.read_text(encoding="utf-8")), path
+    return {}, Path("demo_config.toml")
 
 
 def _on_loopback(url: Any) -> bool:
@@ -82,10 +85,10 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
     settings = demo_settings()
     async with Simulator(settings) as simulator:
         log.info("simulator serving %s (token endpoint %s)", simulator.base_url, simulator.token_url)
-        user = _user_config(explicit_config)
+        user, user_path = _user_config(explicit_config)
         database = user.get("database")
         document = demo_document(database if isinstance(database, dict) else None, simulator.base_url, simulator.token_url)
-        config = config_from_document(document, Path("demo_config.toml"))
+        config = config_from_document(document, user_path)
         await _refuse_a_real_database(config.database.url, user.get("api"))
         print(f"demo: simulator on {simulator.base_url}, loading into {safe_url(config.database.url)}", flush=True)
         return await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret), command="demo")

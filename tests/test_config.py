@@ -154,6 +154,25 @@ def test_a_url_with_an_impossible_port_is_refused_by_key(section: str, key: str,
     assert f"{section}.{key}:" in _error(document) and "port" in _error(document)
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("sqlite:///etl.db", "sqlite:///{dir}/etl.db"), ("sqlite:///data/etl.db", "sqlite:///{dir}/data/etl.db"),
+     ("sqlite:////var/etl.db", "sqlite:////var/etl.db"), ("sqlite://", "sqlite://"), ("postgresql://u@h/db", "postgresql://u@h/db")],
+)
+def test_a_relative_sqlite_file_is_beside_the_config_file(tmp_path: Path, url: str, expected: str) -> None:
+    """Under cron (cwd anywhere) sqlite:///etl.db made a new, empty database; it is the file beside config.toml,
+    as client_secret_file and ca_bundle are."""
+    document = _document()
+    document["database"]["url"] = url
+    config = config_from_document(document, tmp_path / "config.toml")
+    assert config.database.url == expected.format(dir=tmp_path.resolve())
+
+
+def test_a_relative_sqlite_file_from_the_environment_keeps_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETL_DATABASE_URL", "sqlite:///etl.db")
+    assert config_from_document(_document(), tmp_path / "config.toml").database.url == "sqlite:///etl.db"
+
+
 def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
     secret_file = tmp_path / "secret"
