@@ -452,6 +452,7 @@ class Pipeline:
     async def _commit(self, batch: LoadBatch) -> None:
         if batch.is_empty():
             return
+        batch.token_requests = self.token_requests
         await asyncio.shield(self.store.commit(batch, self.run_id))
         for name, rows in batch.rows.items():
             self.stats[name].loaded += len(rows)
