@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -244,3 +245,10 @@ def test_an_object_body_with_an_empty_records_path_names_the_keys_to_choose_from
     """records_path = "" says the body is the list; an object body gets the hint to name its key, not "holds a dict"."""
     with pytest.raises(SourceError, match="the body is an object, not a list of records; set records_path to one of its keys: data, total"):
         records_at({"data": [], "total": 0}, "", "https://api.example.test/orders")
+
+
+def test_a_reject_for_nan_or_infinity_keeps_the_value_in_its_raw_payload() -> None:
+    """`"f": NaN` and `"f": 1e400` are rejects ("got inf"); their raw record showed "f": null, the reason gone."""
+    validator = _validator({"f": "float"})
+    page = validator.validate(json.loads('[{"id": 1, "f": NaN}, {"id": 2, "f": 1e400}, {"id": 3, "f": [-1e400]}]'))  # as parse_json reads NaN
+    assert [reject.raw for reject in page.rejects] == ['{"id":1,"f":NaN}', '{"id":2,"f":Infinity}', '{"id":3,"f":[-Infinity]}']
