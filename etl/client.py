@@ -28,7 +28,7 @@ from yarl import URL
 
 from etl import jsonnumbers
 from etl.config import ApiConfig
-from etl.errors import ConnectionFailed, EtlError, RetryableError, SourceError, TokenRejected
+from etl.errors import ConnectionFailed, EtlError, RefusedRequest, RetryableError, SourceError, TokenRejected
 from etl.token import Token, TokenManager
 from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
@@ -224,7 +224,7 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
             f"{status} from {url}: {snippet(body)}",
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
         )
-    raise SourceError(f"{status} from {url}: {snippet(body)}")
+    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status)
 
 
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:

@@ -76,6 +76,14 @@ class SourceError(EtlError):
     exit_code = 1
 
 
+class RefusedRequest(SourceError):
+    """The API refused a request with a 4xx other than 401 and 429: final, and the status says why."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class RetryableError(SourceError):
     """A transient failure worth another attempt; `retry_after` in seconds when the server said."""
 

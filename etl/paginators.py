@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from yarl import URL
@@ -168,6 +169,10 @@ class Paginator(ABC):
             return None
         return None if total is None or total < 0 else total  # -1 is a common "not counted"
 
+    def ends_at(self, status: int) -> bool:
+        """Whether the API's refusal (`status`) of the next request ends the window; it is an error, except where a style says."""
+        return False
+
     def known_total(self, response: PageResponse) -> int | None:
         """Records in the whole window when the API says so (for progress, ETA and parallel pages)."""
         return self._total(response)
@@ -271,6 +276,19 @@ class _NumberedPaginator(Paginator):
         if self.finished or self._last_count != self.config.page_size:
             return None
         return PagePlan(self, total)
+
+    def ends_at(self, status: int) -> bool:
+        """Whether a refusal of the next page is the end of the window: a 404 right after a full page.
+
+        Without a total a full last page can only be told from the rest by asking for the next one,
+        and some APIs (Django REST framework's page numbers) answer that with 404, not an empty page:
+        the same path and parameters served the page before it, so "no such page" is all it can mean.
+        """
+        if status != HTTPStatus.NOT_FOUND or self._last_count != self.config.page_size:
+            return False
+        log.info("%s answered 404 after a full page: taken as the end of the window", display_url(self.url))
+        self.finished = True
+        return True
 
     @abstractmethod
     def request_ahead(self, ahead: int) -> PageRequest:

@@ -34,6 +34,7 @@ from etl.errors import (
     EtlError,
     Interrupted,
     LoadError,
+    RefusedRequest,
     UnreachableError,
 )
 from etl.logs import register_secret, resource_var, run_id_var, window_var
@@ -323,7 +324,13 @@ class Pipeline:
                 if window.position and window.position.get("finished"):
                     await self._queue.put(_Page(window, ValidatedPage([], [], None), paginator.position(), True, None))
                 return
-            response = await client.get(request)
+            try:
+                response = await client.get(request)
+            except RefusedRequest as refused:
+                if not paginator.ends_at(refused.status):
+                    raise
+                await self._queue_page(resource, window, [], paginator.position(), True)
+                return
             records = records_at(response.body, resource.records_path, response.url)
             paginator.advance(response, records)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None

@@ -173,3 +173,42 @@ async def test_a_total_lower_than_the_records_served_does_not_end_the_window_ear
     assert outcome.exit_code == 0, outcome.error
     assert await scalar(url, "SELECT COUNT(*) FROM items") == records
     assert any("the API's total for this window is too low" in record.getMessage() for record in caplog.records)
+
+
+def _page_numbers_api(records: int) -> dict[tuple[str, str], Handler]:
+    """Django REST framework's page numbers: a page past the last is 404 {"detail": "Invalid page."}, not an empty page."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "page-numbers-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        page, size = int(request.query["page"]), int(request.query["page_size"])
+        if page > 1 and (page - 1) * size >= records:
+            return web.json_response({"detail": "Invalid page."}, status=404)
+        results = [{"id": n} for n in range((page - 1) * size + 1, min(page * size, records) + 1)]
+        return web.json_response({"count": records, "results": results})
+
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/v1/items"): items}
+
+
+@pytest.mark.parametrize(("records", "path"), [(30, "/api/v1/items"), (30, "/api/v1/gone")])
+async def test_a_404_after_a_full_page_ends_the_window_but_a_404_first_is_an_error(
+    records: int, path: str, fresh_database: Callable[[str], Any]
+) -> None:
+    """30 records by 10 without total_path: page 4 is 404. That ended every run with exit 1 (the window never
+    finished); it is the end of the window now. A path that is 404 from its first page stays an error."""
+    url = await fresh_database("sqlite")
+    async with serving(_page_numbers_api(records)) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["resources"] = [{
+            "name": "items", "path": path.removeprefix("/api/v1"), "records_path": "results", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        }]
+        outcome = await runs.sync(config_from_document(document), None, asyncio.Event(), NoProgress())
+
+    if path.endswith("gone"):
+        assert outcome.exit_code == 1 and "404 from" in str(outcome.error)
+        return
+    assert outcome.exit_code == 0, outcome.error
+    assert await scalar(url, "SELECT COUNT(*) FROM items") == records
+    assert await scalar(url, "SELECT COUNT(*) FROM etl_windows WHERE state <> 'done'") == 0
