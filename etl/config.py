@@ -59,13 +59,25 @@ def _instant(value: Any) -> datetime:
 
 
 def _http_url(url: str) -> str:
-    """An http(s) URL with a host and a usable port: `:99999` would otherwise crash the first request."""
+    """An http(s) URL with a host and a usable port: `:99999` would otherwise crash the first request.
+
+    Credentials in it (`user:pw@host`) are refused too: aiohttp will not send them beside the
+    Authorization header every request carries, and failed at the first request with a traceback.
+    The message never repeats the URL, which holds a password.
+    """
     if not re.match(r"^https?://[^/\s]+", url):
         raise ValueError("must be an http:// or https:// URL")
     try:
-        port = urlsplit(url).port
+        parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         port = 0
+    else:
+        if "@" in parts.netloc:
+            raise ValueError(
+                "must not carry credentials (user:password@host): the client id and secret belong in [auth], "
+                "and API calls are authorized by the token endpoint's bearer token"
+            )
     if port == 0:
         raise ValueError("has a port that is not a number from 1 to 65535")
     return url

@@ -173,6 +173,23 @@ def test_a_relative_sqlite_file_from_the_environment_keeps_the_working_directory
     assert config_from_document(_document(), tmp_path / "config.toml").database.url == "sqlite:///etl.db"
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "url"),
+    [
+        ("api", "base_url", "http://user:pw-s3cr3t@127.0.0.1:8080/api"),
+        ("auth", "token_url", "https://client:pw-s3cr3t@auth.example.com/oauth2/token"),
+        ("auth", "token_url", "https://client@auth.example.com/oauth2/token"),
+    ],
+)
+def test_credentials_in_a_url_are_refused_without_repeating_them(section: str, key: str, url: str) -> None:
+    """aiohttp will not send URL credentials beside the bearer token: the first request died with a traceback."""
+    document = _document()
+    document[section][key] = url
+    message = _error(document)
+    assert f"{section}.{key}: must not carry credentials" in message and "[auth]" in message
+    assert "s3cr3t" not in message and "client@" not in message
+
+
 def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
     secret_file = tmp_path / "secret"
