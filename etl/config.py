@@ -38,6 +38,8 @@ from etl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 ColumnType = Literal[
     "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
 ]
@@ -83,9 +85,25 @@ def _http_url(url: str) -> str:
     return url
 
 
+def _header_name(name: str) -> str:
+    """An HTTP token (RFC 9110): anything else aiohttp refused at the first request, with a traceback."""
+    if not HEADER_NAME.fullmatch(name):
+        raise ValueError("a header name must be one or more letters, digits or !#$%&'*+-.^_`|~, with no space, colon or line break")
+    return name
+
+
+def _header_value(value: str) -> str:
+    """CR or LF would start a header of their own (header injection); aiohttp refused them, with a traceback."""
+    if HEADER_VALUE_FORBIDDEN.search(value):
+        raise ValueError("must not contain CR, LF, NUL or another control character (a tab is fine)")
+    return value
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 NonNegativeDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_not_negative)]
 Instant = Annotated[datetime, BeforeValidator(_instant)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
 
 
 class _Section(BaseModel):
@@ -100,7 +118,7 @@ class ApiConfig(_Section):
     max_retries: int = Field(6, ge=0, le=100)
     ca_bundle: str = ""
     verify_tls: bool = True
-    headers: dict[str, str] = {}
+    headers: dict[HeaderName, HeaderValue] = {}
     retry_backoff_s: float = Field(0.5, ge=0, description="first backoff; doubles per retry, with jitter")
     retry_after_max_s: float = Field(60, ge=0, description="a longer Retry-After is cut to this")
 
@@ -407,12 +425,18 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     for index, part in enumerate(loc):
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part == "source_path" or (index > 0 and loc[index - 1] == "pagination" and part in _UNION_TAGS):
-            continue
-        else:
+        elif not _unwritten(loc, index):
             name = part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else repr(part)
             text += f".{name}" if text else name
     return text
+
+
+def _unwritten(loc: tuple[int | str, ...], index: int) -> bool:
+    """Parts of pydantic's location that are no key in the file: a union's tag, the `[key]` mark of a dict key's error."""
+    part = loc[index]
+    if part == "source_path" or (index > 0 and loc[index - 1] == "pagination" and part in _UNION_TAGS):
+        return True
+    return part == "[key]" and index == len(loc) - 1
 
 
 def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretStr:

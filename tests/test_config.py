@@ -190,6 +190,31 @@ def test_credentials_in_a_url_are_refused_without_repeating_them(section: str, k
     assert "s3cr3t" not in message and "client@" not in message
 
 
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"X-A": "a\r\nX-Injected: 1"}, "api.headers.X-A: must not contain CR, LF, NUL"),
+        ({"X-Key": "k3y\x00"}, "api.headers.X-Key: must not contain CR, LF, NUL"),
+        ({"X-A\n": "a"}, "api.headers.'X-A\\n': a header name must be"),
+        ({"X A": "a"}, "api.headers.'X A': a header name must be"),
+        ({"": "a"}, "api.headers.'': a header name must be"),
+    ],
+    ids=["CRLF in a value", "NUL in a value", "LF in a name", "space in a name", "empty name"],
+)
+def test_a_header_that_cannot_be_sent_is_refused_by_name(headers: dict[str, str], message: str) -> None:
+    """aiohttp refused these at the first request with a traceback; a value is never repeated (it may be a key)."""
+    document = _document()
+    document["api"]["headers"] = headers
+    assert message in (error := _error(document))
+    assert "Injected" not in error and "k3y" not in error
+
+
+def test_headers_with_a_tab_or_non_ascii_text_are_fine() -> None:
+    document = _document()
+    document["api"]["headers"] = {"X-Tenant": "a\tb", "X-Name": "Zoë"}
+    assert config_from_document(document).api.headers == {"X-Tenant": "a\tb", "X-Name": "Zoë"}
+
+
 def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """$ETL_CLIENT_SECRET wins over client_secret_file, which wins over client_secret in the file."""
     secret_file = tmp_path / "secret"
