@@ -86,9 +86,17 @@ def _http_url(url: str) -> str:
 
 
 def _header_name(name: str) -> str:
-    """An HTTP token (RFC 9110): anything else aiohttp refused at the first request, with a traceback."""
+    """An HTTP token (RFC 9110): anything else aiohttp refused at the first request, with a traceback.
+
+    Authorization, in any case, was replaced by the bearer token on every request without a word.
+    """
     if not HEADER_NAME.fullmatch(name):
         raise ValueError("a header name must be one or more letters, digits or !#$%&'*+-.^_`|~, with no space, colon or line break")
+    if name.lower() == "authorization":
+        raise ValueError(
+            "etl sends the token endpoint's bearer token as Authorization on every API request, "
+            "so this header would never be sent: remove it"
+        )
     return name
 
 

@@ -209,6 +209,16 @@ def test_a_header_that_cannot_be_sent_is_refused_by_name(headers: dict[str, str]
     assert "Injected" not in error and "k3y" not in error
 
 
+@pytest.mark.parametrize("name", ["Authorization", "authorization"])
+def test_an_authorization_header_is_refused_not_silently_replaced(name: str) -> None:
+    """The bearer token replaced it on every request (whatever its case), so an API key set there was never sent."""
+    document = _document()
+    document["api"]["headers"] = {name: "ApiKey k3y"}
+    error = _error(document)
+    assert f"api.headers.{name}: etl sends the token endpoint's bearer token as Authorization" in error
+    assert "k3y" not in error
+
+
 def test_headers_with_a_tab_or_non_ascii_text_are_fine() -> None:
     document = _document()
     document["api"]["headers"] = {"X-Tenant": "a\tb", "X-Name": "Zoë"}
