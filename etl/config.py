@@ -43,6 +43,7 @@ HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 ColumnType = Literal[
     "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
 ]
+UNORDERED_CURSOR_TYPES = ("json", "boolean")  # json values do not compare (a TypeError every run); a boolean watermark is True
 
 
 def _duration(value: Any) -> timedelta:
@@ -292,6 +293,12 @@ class ResourceConfig(_Section):
         missing = [key for key in self.primary_key if key not in self.columns]
         if missing:
             raise ValueError(f"primary_key {missing} must be declared in [resources.columns]")
+        cursor = self.columns.get(self.cursor_field) if self.cursor_field is not None else None
+        if cursor is not None and cursor.type in UNORDERED_CURSOR_TYPES:
+            raise ValueError(
+                f"cursor_field {self.cursor_field!r} is a {cursor.type} column, which cannot be a watermark: "
+                "name a datetime, date or number column"
+            )
         if self.filter is not None and self.start is None:
             raise ValueError("start is required when [resources.filter] is set: it is where the first sync begins")
         return self

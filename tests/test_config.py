@@ -82,6 +82,21 @@ def test_primary_key_must_be_a_declared_column() -> None:
     assert "primary_key ['order_id'] must be declared" in message
 
 
+@pytest.mark.parametrize("column_type", ["json", "boolean"])
+def test_a_cursor_field_column_without_an_order_is_refused(column_type: str) -> None:
+    """A json cursor failed every run with a TypeError in max(); a boolean one made the watermark True."""
+    document = _document()
+    document["resources"][0]["columns"]["marker"] = column_type
+    document["resources"][0]["cursor_field"] = "marker"
+    assert f"resources[0]: cursor_field 'marker' is a {column_type} column, which cannot be a watermark" in _error(document)
+
+
+def test_a_cursor_field_that_is_no_column_is_still_read_from_the_record() -> None:
+    document = _document()
+    document["resources"][0]["cursor_field"] = "meta.modified"
+    assert config_from_document(document).resources[0].cursor_field == "meta.modified"
+
+
 def test_durations_and_dates_in_every_form() -> None:
     """Durations as 30s/5m/1h/1d or ISO-8601; start as a date (midnight UTC) or a datetime."""
     document = _document()
