@@ -273,6 +273,15 @@ class ResourceConfig(_Section):
     def _key_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("primary_key")
+    @classmethod
+    def _distinct_keys(cls, keys: list[str]) -> list[str]:
+        """["id", "id"] failed only at the first load, in the database ("ON CONFLICT clause does not match")."""
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(map(repr, repeated))} more than once")
+        return keys
+
     @field_validator("window")
     @classmethod
     def _positive_window(cls, window: timedelta) -> timedelta:

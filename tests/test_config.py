@@ -82,6 +82,13 @@ def test_primary_key_must_be_a_declared_column() -> None:
     assert "primary_key ['order_id'] must be declared" in message
 
 
+def test_a_primary_key_that_repeats_a_column_is_refused() -> None:
+    """["id", "id"] passed the config and failed at the first load with "ON CONFLICT clause does not match"."""
+    document = _document()
+    document["resources"][0]["primary_key"] = ["id", "id"]
+    assert "resources[0].primary_key: lists 'id' more than once" in _error(document)
+
+
 @pytest.mark.parametrize("column_type", ["json", "boolean"])
 def test_a_cursor_field_column_without_an_order_is_refused(column_type: str) -> None:
     """A json cursor failed every run with a TypeError in max(); a boolean one made the watermark True."""
