@@ -292,9 +292,16 @@ class ResourceConfig(_Section):
     @field_validator("columns")
     @classmethod
     def _column_names(cls, columns: dict[str, ColumnSpec]) -> dict[str, ColumnSpec]:
+        """Identifiers, and distinct without case: SQLite and MySQL took `v` and `V` for one column at the first load."""
+        seen: dict[str, str] = {}
         for name in columns:
             if not IDENTIFIER.match(name) or name.startswith("_etl_"):
                 raise ValueError(f"column {name!r}: must be a letter or _ followed by letters, digits or _")
+            if name.lower() in seen:
+                raise ValueError(
+                    f"columns {seen[name.lower()]!r} and {name!r} differ only in case: SQLite and MySQL take them for one column"
+                )
+            seen[name.lower()] = name
         return columns
 
     @model_validator(mode="after")

@@ -75,6 +75,13 @@ def test_unsafe_column_names_are_refused() -> None:
     assert "resources[0].columns:" in _error(document)
 
 
+def test_columns_that_differ_only_in_case_are_refused_naming_both() -> None:
+    """`v` and `V` passed the config and failed at the first load: "duplicate column name: V" on SQLite, as on MySQL."""
+    document = _document()
+    document["resources"][0]["columns"] |= {"v": "string", "V": "integer"}
+    assert "resources[0].columns: columns 'v' and 'V' differ only in case" in _error(document)
+
+
 def test_primary_key_must_be_a_declared_column() -> None:
     document = _document()
     document["resources"][0]["primary_key"] = ["order_id"]
