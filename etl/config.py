@@ -292,11 +292,16 @@ class ResourceConfig(_Section):
     @field_validator("columns")
     @classmethod
     def _column_names(cls, columns: dict[str, ColumnSpec]) -> dict[str, ColumnSpec]:
-        """Identifiers, and distinct without case: SQLite and MySQL took `v` and `V` for one column at the first load."""
+        """Identifiers, and distinct without case: SQLite and MySQL took `v` and `V` for one column at the first load.
+
+        `_ETL_run_id` is etl's own `_etl_run_id` to them, so the reserved prefix is matched without case too.
+        """
         seen: dict[str, str] = {}
         for name in columns:
-            if not IDENTIFIER.match(name) or name.startswith("_etl_"):
+            if not IDENTIFIER.match(name):
                 raise ValueError(f"column {name!r}: must be a letter or _ followed by letters, digits or _")
+            if name.lower().startswith("_etl_"):
+                raise ValueError(f"column {name!r}: names starting with _etl_ are reserved for etl's own _etl_loaded_at and _etl_run_id")
             if name.lower() in seen:
                 raise ValueError(
                     f"columns {seen[name.lower()]!r} and {name!r} differ only in case: SQLite and MySQL take them for one column"

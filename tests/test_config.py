@@ -75,6 +75,14 @@ def test_unsafe_column_names_are_refused() -> None:
     assert "resources[0].columns:" in _error(document)
 
 
+@pytest.mark.parametrize("name", ["_etl_loaded_at", "_ETL_run_id", "_Etl_note"])
+def test_column_names_in_etls_own_prefix_are_refused_whatever_their_case(name: str) -> None:
+    """Each table has _etl_loaded_at and _etl_run_id; `_ETL_run_id` is the same column to SQLite and MySQL."""
+    document = _document()
+    document["resources"][0]["columns"][name] = "string"
+    assert f"resources[0].columns: column {name!r}: names starting with _etl_ are reserved" in _error(document)
+
+
 def test_columns_that_differ_only_in_case_are_refused_naming_both() -> None:
     """`v` and `V` passed the config and failed at the first load: "duplicate column name: V" on SQLite, as on MySQL."""
     document = _document()
