@@ -37,7 +37,7 @@ from etl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # with fullmatch: `$` also matches before a final newline
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 ColumnType = Literal[
@@ -256,7 +256,7 @@ class ResourceConfig(_Section):
     @field_validator("name", "table")
     @classmethod
     def _identifier(cls, name: str | None) -> str | None:
-        if name is not None and not IDENTIFIER.match(name):
+        if name is not None and not IDENTIFIER.fullmatch(name):
             raise ValueError("must be a letter or _ followed by letters, digits or _ (at most 63)")
         if name is not None and name.lower().startswith("etl_"):
             raise ValueError("names starting with etl_ are reserved for etl's own tables")
@@ -298,7 +298,7 @@ class ResourceConfig(_Section):
         """
         seen: dict[str, str] = {}
         for name in columns:
-            if not IDENTIFIER.match(name):
+            if not IDENTIFIER.fullmatch(name):
                 raise ValueError(f"column {name!r}: must be a letter or _ followed by letters, digits or _")
             if name.lower().startswith("_etl_"):
                 raise ValueError(f"column {name!r}: names starting with _etl_ are reserved for etl's own _etl_loaded_at and _etl_run_id")

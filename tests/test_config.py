@@ -61,7 +61,7 @@ def test_unknown_pagination_style_lists_the_known_ones() -> None:
     assert "resources[1].pagination" in message and "'page', 'offset', 'cursor', 'link_header', 'none'" in message
 
 
-@pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "1abc", "with space", "etl_runs"])
+@pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "1abc", "with space", "etl_runs", "orders\n"])
 def test_unsafe_or_reserved_table_names_are_refused(name: str) -> None:
     """Table names are identifiers, never SQL: anything else is exit 2 before a connection is made."""
     document = _document()
@@ -69,9 +69,11 @@ def test_unsafe_or_reserved_table_names_are_refused(name: str) -> None:
     assert "resources[0].name:" in _error(document)
 
 
-def test_unsafe_column_names_are_refused() -> None:
+@pytest.mark.parametrize("name", ['a"; DROP TABLE orders; --', "note\n"])
+def test_unsafe_column_names_are_refused(name: str) -> None:
+    """A final newline passed too (`$` matches before it): a column "note\\n" that no record field would ever fill."""
     document = _document()
-    document["resources"][0]["columns"]['a"; DROP TABLE orders; --'] = "string"
+    document["resources"][0]["columns"][name] = "string"
     assert "resources[0].columns:" in _error(document)
 
 
