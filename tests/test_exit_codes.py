@@ -187,16 +187,10 @@ async def test_exit_1_with_a_hint_when_the_postgresql_database_does_not_exist(
     _assert_one_clean_database_error(result, 'database "etl_no_such_database" does not exist')
 
 
-def test_exit_2_for_an_unknown_resource_before_the_interval_is_announced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_exit_2_for_an_unknown_resource_before_the_interval_is_announced(tmp_path: Path) -> None:
     """`backfill --resource nope` printed "backfill from … to …" and then refused: a typo is refused first."""
-    from etl import cli
-
     document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:9/api", "http://127.0.0.1:9/token")
     config = tomlwriter.write(tmp_path / "config.toml", document)
-    monkeypatch.setenv("ETL_CLIENT_SECRET", "demo-secret")
-    code = cli.main(["--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02", "--resource", "nope"])
-    captured = capsys.readouterr()
-    assert code == 2 and "nope" in captured.err
-    assert "backfill from" not in captured.out
+    result = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02", "--resource", "nope")
+    assert result.returncode == 2 and "nope" in result.stderr
+    assert "backfill from" not in result.stdout
