@@ -108,7 +108,7 @@ class ApiClient:
         retry: RetryPolicy | None = None,
     ) -> None:
         self._session = session
-        self._static_headers = {**api.headers, "Accept": "application/json"}
+        self._static_headers = _with_accept(api.headers)
         self._tokens = tokens
         self._counters = counters
         self._retry = retry or RetryPolicy.from_api(api)
@@ -171,6 +171,14 @@ class ApiClient:
             self._retry.max_retries + 1,
             exc,
         )
+
+
+def _with_accept(headers: dict[str, str]) -> dict[str, str]:
+    """The configured headers, with `Accept: application/json` unless they name their own Accept (in any case):
+    a JSON:API server wants `application/vnd.api+json`, and it was replaced without a word."""
+    if any(name.lower() == "accept" for name in headers):
+        return dict(headers)
+    return {**headers, "Accept": "application/json"}
 
 
 def next_link(resp: aiohttp.ClientResponse) -> str | None:

@@ -158,6 +158,23 @@ async def test_a_200_that_is_not_json_is_an_error_not_an_empty_page(
     assert counters.requests == 1
 
 
+@pytest.mark.parametrize(
+    ("headers", "accept"),
+    [({}, "application/json"), ({"accept": "application/vnd.api+json"}, "application/vnd.api+json"), ({"X-Tenant": "7"}, "application/json")],
+    ids=["default", "configured", "other-header"],
+)
+async def test_an_accept_header_in_the_config_is_the_one_sent(
+    http_mock: aioresponses, make_client: MakeClient, headers: dict[str, str], accept: str
+) -> None:
+    """etl asks for JSON unless [api].headers names its own Accept, which it used to replace without a word."""
+    http_mock.get(PAGE, payload=OK)
+    client, _ = make_client(headers=headers)
+    await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    sent = next(call for (method, _url), calls in http_mock.requests.items() if method == "GET" for call in calls)
+    assert [value for name, value in sent.kwargs["headers"].items() if name.lower() == "accept"] == [accept]
+    assert all(sent.kwargs["headers"].get(name) == value for name, value in headers.items())
+
+
 async def test_a_204_is_a_page_without_a_body(http_mock: aioresponses, make_client: MakeClient) -> None:
     """204 No Content is how some APIs say "no records": body None, not "is not JSON: (empty body)"."""
     client, counters = make_client()
