@@ -113,6 +113,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # asyncpg raises its own errors at connect time and in the raw COPY, which bypass SQLAlchemy.
 DRIVER_ERRORS = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _CONNECTION_SQLSTATES = ("08", "28", "3D")  # connection exception, invalid authorization, unknown database
+# MySQL/MariaDB on a statement bigger than max_allowed_packet: the error, or the connection cut under it
+_TOO_LARGE_WORDS = ("max_allowed_packet", "lost connection to mysql server during query", "server has gone away")
 _CONNECTION_WORDS = ("connect", "refused", "could not translate host", "unable to open", "timeout", "password", "authentication", "access denied", "unknown database", "does not exist")
 
 
@@ -130,6 +132,12 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
         or "connect" in type(original).__name__.lower()
         or sqlstate[:2] in _CONNECTION_SQLSTATES
     )
+    if any(words in text for words in _TOO_LARGE_WORDS):
+        return LoadError(
+            f"the database {safe_url(url)} closed the connection in the middle of a statement: {original}",
+            hint="a record larger than the server's max_allowed_packet (16 MB by default on MariaDB) does this: "
+            "raise it (SET GLOBAL max_allowed_packet = 1073741824), or see the server's log",
+        )
     if reaching or (isinstance(exc, OperationalError) and any(word in text for word in _CONNECTION_WORDS) and "no such table" not in text):
         return LoadError(
             f"cannot use the database {safe_url(url)}: {original}",

@@ -421,3 +421,15 @@ def test_mysql_lock_names_differ_per_database_and_fit_in_64_characters() -> None
 
     assert _mysql_name("a", "orders") != _mysql_name("b", "orders")
     assert len(_mysql_name("x" * 64, "y" * 63)) <= 64
+
+
+@pytest.mark.parametrize("words", ["(2013, 'Lost connection to MySQL server during query')", "(1153, \"Got a packet bigger than 'max_allowed_packet' bytes\")"])
+def test_a_statement_too_large_for_mysql_names_max_allowed_packet(words: str) -> None:
+    """A 17 MB record made every run fail with a hint to check the URL, the server and the credentials."""
+    from sqlalchemy.exc import OperationalError
+
+    from etl.db import database_error
+
+    error = database_error(OperationalError("INSERT", {}, Exception(words)), "mysql://root@127.0.0.1/test")
+    assert "max_allowed_packet" in (error.hint or "") and "credentials" not in str(error) + (error.hint or "")
+
