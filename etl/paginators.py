@@ -320,7 +320,7 @@ class PagePaginator(_NumberedPaginator):
         return PageRequest(self.url, {**self.params, **page})
 
     def position_after(self, ahead: int, count: int) -> dict[str, Any]:
-        return {"page": self.page + ahead + 1}
+        return {"page": self.page + ahead + 1, "page_size": self.config.page_size}
 
     def _step(self, count: int) -> None:
         self.page += 1
@@ -329,9 +329,21 @@ class PagePaginator(_NumberedPaginator):
         return self.config.page_param
 
     def _position(self) -> dict[str, Any]:
-        return {"page": self.page}
+        return {"page": self.page, "page_size": self.config.page_size}
 
     def _restore(self, position: dict[str, Any]) -> None:
+        """A page number counts pages of the size it was saved with: after a change of page_size it
+        points elsewhere (page 3 of 100 skipped records 101-200 of a window saved at page 3 of 50),
+        so such a window is read again from its first page; the upsert stores each record once."""
+        saved_size = int(position.get("page_size", self.config.page_size))
+        if saved_size != self.config.page_size and not self.finished:
+            log.warning(
+                "%s: page_size changed from %d to %d since this window was last committed: reading it again from its first page",
+                display_url(self.url), saved_size, self.config.page_size,
+            )
+            self.records_seen = 0
+            self.page = self.config.first_page
+            return
         self.page = int(position["page"])
 
 

@@ -475,3 +475,17 @@ def _response(body: Any) -> PageResponse:
     return PageResponse(
         url=BASE, status=200, headers=CIMultiDictProxy(CIMultiDict()), body=body, next_link=None
     )
+
+
+async def test_a_window_saved_with_another_page_size_is_read_again_from_its_first_page(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """Saved at page 3 of 50 (100 records committed), resumed with page_size 100: page 3 of 100 would skip
+    records 101-200 for good; the window is read again from page 1 instead."""
+    serve(http_mock, pages())
+    saved = page_paginator(page_size=50)
+    saved.restore({"seen": 100, "finished": False, "page": 3})
+    assert saved.position()["page_size"] == 50
+    resumed = page_paginator(page_size=100)
+    resumed.restore(saved.position())
+    assert await walk(resumed, client, "data") == RECORDS
