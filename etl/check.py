@@ -405,6 +405,13 @@ class Checker:
         reports = [report for report in self.tls_reports if report.chain]
         if not reports:
             return Verdict("no https host presented a certificate: nothing written", "warning")
+        bundle = self.config.api.ca_bundle
+        if bundle and Path(bundle).expanduser().resolve() == Path(self.save_certs or "").resolve():
+            raise ConfigError(
+                f"--save-certs: {self.save_certs} is [api].ca_bundle: writing the presented chains there would "
+                "replace the CAs it trusts (a root the servers do not send would be lost)",
+                hint="save to another file, review it, and add what you trust to your bundle",
+            )
         try:
             Path(self.save_certs or "").write_text(certs.saved_pem(reports), encoding="ascii")
         except OSError as exc:
@@ -413,7 +420,7 @@ class Checker:
         hosts = ", ".join(f"{report.host}:{report.port}" for report in reports)
         return Verdict(
             f"wrote {count} certificate(s) presented by {hosts}",
-            details=[f'review them, then set [api].ca_bundle = "{self.save_certs}" to trust them'],
+            details=[f'review them, then add the ones you trust to [api].ca_bundle (or set it to "{self.save_certs}" if it has none)'],
         )
 
     # 4, 5. the token, then one page of each resource with it

@@ -298,6 +298,23 @@ async def test_saved_certs_as_ca_bundle_make_check_pass(
     assert line_of(out, "✔ resource products")
 
 
+async def test_save_certs_refuses_to_overwrite_the_configured_ca_bundle(
+    tls_simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`check --save-certs ca.pem` with ca_bundle = ca.pem replaced the user's root with the presented chain,
+    and every later run failed; it is refused, and the bundle is left as it was."""
+    bundle = tmp_path / "ca.pem"
+    await check(capsys, write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"]), save_certs=str(bundle))
+    bundle.write_text(bundle.read_text() + "# the user's own CAs\n")
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"], api={"ca_bundle": str(bundle)})
+    before = bundle.read_text()
+
+    code, out = await check(capsys, path, save_certs=str(bundle))
+
+    assert code == 2 and "is [api].ca_bundle" in out
+    assert bundle.read_text() == before
+
+
 async def test_the_save_certs_hint_names_the_file_so_that_config_toml_finds_it(
     tls_simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
