@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import io
 import logging
 import os
 import signal
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _tolerate_narrow_encodings()
     setup_logging("json" if _wants_json(argv) else "text", 0)
     try:
         args = build_parser().parse_args(argv)
@@ -97,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `etl status | head -1`: the reader has gone; no traceback, now or when Python flushes at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _tolerate_narrow_encodings() -> None:
+    """Under LANG=C or PYTHONIOENCODING=latin-1 a ✔ or a name like 李小龍 crashed the output with a
+    UnicodeEncodeError (exit 1 whatever the result): such characters are written as escapes instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _tune_garbage_collector() -> None:

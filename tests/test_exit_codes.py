@@ -194,3 +194,12 @@ async def test_exit_2_for_an_unknown_resource_before_the_interval_is_announced(t
     result = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02", "--resource", "nope")
     assert result.returncode == 2 and "nope" in result.stderr
     assert "backfill from" not in result.stdout
+
+
+async def test_check_on_an_ascii_terminal_reports_instead_of_crashing(tmp_path: Path) -> None:
+    """PYTHONIOENCODING=ascii (LANG=C under cron): the ✘ of a failed step was a UnicodeEncodeError, exit 1."""
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, f"http://127.0.0.1:{_free_port()}/api", f"http://127.0.0.1:{_free_port()}/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    result = await run_etl("--config", str(config), "check", env=etl_env(PYTHONIOENCODING="ascii"))
+    assert result.returncode == 5, result.stderr
+    assert "UnicodeEncodeError" not in result.stderr and "\\u2718" in result.stdout
