@@ -37,7 +37,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from etl import certs
 from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
 from etl.config import Config, EnvSettings, ResourceConfig, database_url_key, load_config
-from etl.db import DRIVER_ERRORS, create_engine, current_revision, database_error, head_revision, safe_url
+from etl.db import (
+    DRIVER_ERRORS,
+    create_engine,
+    current_revision,
+    database_error,
+    head_revision,
+    newer_schema_error,
+    safe_url,
+)
 from etl.errors import ConfigError, EtlError, LoadError, SourceError, UnreachableError
 from etl.logs import redact, register_secret
 from etl.paginators import Paginator, window_paginator
@@ -617,6 +625,8 @@ class Checker:
         current, head = await self._with_database(current_revision), head_revision()
         if current == head:
             return Verdict(f"etl's tables at revision {head} (current)")
+        if (newer := newer_schema_error(current, self.config.database.url)) is not None:
+            return Verdict(newer.message, "failed", hint=newer.hint, exit_code=1)
         state = "not created yet" if current is None else f"at revision {current}, this etl's is {head}"
         if self.config.database.auto_migrate:
             hint = "the next sync migrates it (auto_migrate = true), or run `python -m etl migrate` now"

@@ -181,10 +181,26 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(_alembic_config(connection), "head")
 
 
-def head_revision() -> str | None:
+def _scripts() -> ScriptDirectory:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return ScriptDirectory.from_config(config)
+
+
+def head_revision() -> str | None:
+    return _scripts().get_current_head()
+
+
+def newer_schema_error(revision: str | None, url: str | URL) -> LoadError | None:
+    """A database whose revision this etl has no migration for was migrated by a newer etl: Alembic
+    would fail on it with a traceback ("Can't locate revision"), and downgrading is not etl's to do."""
+    if revision is None or revision in {script.revision for script in _scripts().walk_revisions()}:
+        return None
+    return LoadError(
+        f"etl's tables in {safe_url(url)} are at revision {revision}, which this etl (revision {head_revision()}) "
+        "does not know: a newer etl migrated them",
+        hint="run the newer etl here too (pip install -U the project), or point [database].url at another database",
+    )
 
 
 def _current_revision(connection: Connection) -> str | None:
@@ -197,6 +213,8 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
         async with engine.begin() as connection:
             await begin_schema_change(connection)
             before = await connection.run_sync(_current_revision)
+            if (newer := newer_schema_error(before, engine.url)) is not None:
+                raise newer
             await connection.run_sync(_upgrade)
             after = await connection.run_sync(_current_revision)
     except DRIVER_ERRORS as exc:

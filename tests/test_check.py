@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from loopback import serving
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import make_url
+from sqlalchemy import make_url, text
 
 from etl.check import run_check
 from etl.db import create_engine, migrate
@@ -617,3 +617,22 @@ async def test_an_incomplete_chain_says_which_certificate_is_missing(
         assert "trusted: CN=api.test, issued by CN=Test Intermediate CA" in line_of(out, "✔ tls token")
     finally:
         server.close()
+
+
+async def test_a_database_migrated_by_a_newer_etl_fails_the_schema_step(
+    simulator: Simulator, fresh_database: Callable[[str], Any], write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check passed with "the next sync migrates it" while migrate and sync ended in Alembic's traceback."""
+    url = await fresh_database("sqlite")
+    engine = create_engine(url)
+    try:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE etl_alembic_version SET version_num = '0099'"))
+    finally:
+        await engine.dispose()
+
+    code, out = await check(capsys, write_config(simulator.base_url, simulator.token_url, url, resources=["products"]))
+
+    assert code == 1
+    assert "a newer etl migrated them" in line_of(out, "✘ database schema")

@@ -71,6 +71,16 @@ async def test_migrate_from_empty_creates_etl_tables_and_twice_is_harmless(datab
     assert set(metadata.tables) | {"etl_alembic_version"} <= tables
 
 
+async def test_a_database_migrated_by_a_newer_etl_is_named_as_such(fresh_database: Callable[[str], Any]) -> None:
+    """Revision 0099 (a newer etl's): migrate ended in Alembic's "Can't locate revision" traceback, and check passed."""
+    async with _engine(await fresh_database("sqlite")) as engine:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(text(f"UPDATE {etl.db.VERSION_TABLE} SET version_num = '0099'"))
+        with pytest.raises(LoadError, match="revision 0099, which this etl .* does not know: a newer etl migrated them"):
+            await migrate(engine)
+
+
 async def test_schema_definitions_match_what_the_migrations_create(database_url: str) -> None:
     """etl/schema.py's tables (what the code queries) have exactly the columns, keys and indexes the migrations made."""
 
