@@ -477,7 +477,8 @@ class Checker:
         now = time.monotonic()
         self.token = Token(value, now + lifetime, now + lifetime)
         granted = fields.get("scope")
-        verdict = Verdict(f"{status}, lifetime {lifetime:g}s" + (f", scope {granted}" if granted else ""))
+        said = f"lifetime {lifetime:g}s" if "expires_in" in fields else f"no expires_in, taken as {lifetime:g}s"
+        verdict = Verdict(f"{status}, {said}" + (f", scope {granted}" if granted else ""))
         missing = set(self.config.auth.scopes) - set(str(granted).split()) if granted else set()
         if missing:
             verdict.status, verdict.hint = "warning", f"the endpoint did not grant {', '.join(sorted(missing))}"
@@ -582,7 +583,7 @@ class Checker:
         details = [] if len(tried) == 1 else [f"no records in the latest window; this page is from the first, {page.window}"]
         if not rejects:
             return Verdict(summary, details=details)
-        details += [f"invalid record {r.key or '(no key)'}: {r.error[:EXCERPT_CHARS]}" for r in rejects[:SHOWN_REJECTS]]
+        details += [f"invalid record {r.key or '(no key)'}: {_excerpt(r.error)}" for r in rejects[:SHOWN_REJECTS]]
         max_rejects = self.config.sync.max_rejects
         hint = (
             f"{len(rejects)} of {len(page.records)} records do not fit [resources.columns] "
@@ -652,6 +653,11 @@ class Checker:
 
         await self._with_database(probe)
         return Verdict("can create a table and insert (in a transaction, rolled back)")
+
+
+def _excerpt(text: str, limit: int = 4 * EXCERPT_CHARS) -> str:
+    """A record's schema errors, cut with a mark that says so (at 200 characters the third error was lost unseen)."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _failure(exc: EtlError) -> Verdict:

@@ -636,3 +636,29 @@ async def test_a_database_migrated_by_a_newer_etl_fails_the_schema_step(
 
     assert code == 1
     assert "a newer etl migrated them" in line_of(out, "✘ database schema")
+
+
+async def test_a_token_without_expires_in_says_the_lifetime_is_assumed(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """"lifetime 3600s" read as if the endpoint had said so; it said nothing, and etl assumes an hour."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "no-lifetime-token", "token_type": "Bearer"})
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", token)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        _, out = await check(capsys, write_config(simulator.base_url, str(server.make_url("/oauth2/token")), resources=["products"]))
+    finally:
+        await server.close()
+    assert "200, no expires_in, taken as 3600s" in line_of(out, "✔ token")
+
+
+def test_schema_errors_cut_short_say_so() -> None:
+    from etl.check import _excerpt
+
+    assert _excerpt("short") == "short"
+    assert _excerpt("x" * 2000).endswith("…") and len(_excerpt("x" * 2000)) < 2000
