@@ -388,6 +388,9 @@ class Checker:
             raise UnreachableError(f"no answer within {timeout:g}s ({route})", host=endpoint.host, hint=hint) from None
         except OSError as exc:
             hint = f"check the port in {endpoint.keys}, that the service is up, and any firewall in between"
+            if proxy:  # the connection that failed was the proxy's
+                hint = (f"the proxy {display_url(proxy)} is not answering: check ${endpoint.scheme.upper()}_PROXY, "
+                        f"or exclude {endpoint.host} with $NO_PROXY")
             raise UnreachableError(f"{exc.strerror or exc} ({route})", host=endpoint.host, hint=hint) from None
         connection.close()
         return Verdict(f"connected, {route}")

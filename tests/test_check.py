@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -662,3 +663,21 @@ def test_schema_errors_cut_short_say_so() -> None:
 
     assert _excerpt("short") == "short"
     assert _excerpt("x" * 2000).endswith("…") and len(_excerpt("x" * 2000)) < 2000
+
+
+async def test_a_proxy_that_is_down_is_named_in_the_hint(
+    tls_simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$HTTPS_PROXY at a port nobody listens on: the hint said to check auth.token_url's port and the service."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{dead_port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 5
+    assert f"hint: the proxy http://127.0.0.1:{dead_port} is not answering: check $HTTPS_PROXY" in out
