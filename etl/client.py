@@ -244,14 +244,13 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
     the standard library alone only to say why a body is not JSON.
     """
-    url = display_url(resp.url)
-    body = _as_utf8(body, resp.charset, f"{status} from {url}")
+    body = _as_utf8(body, resp, status)
     if "html" not in resp.headers.get("Content-Type", "").lower():
         try:
             return jsonnumbers.loads(body)
         except ValueError:
             pass
-    stripped = body.lstrip()
+    url, stripped = display_url(resp.url), body.lstrip()
     if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
         raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
     try:
@@ -267,10 +266,12 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None
 
 
-def _as_utf8(body: bytes, charset: str | None, where: str) -> bytes:
+def _as_utf8(body: bytes, resp: aiohttp.ClientResponse, status: int) -> bytes:
     """The body in UTF-8, which JSON is (RFC 8259 §8.1) and the parsers read; a charset the API declares is taken at its word."""
+    charset = resp.charset
     if charset is None or charset.lower() in UTF8_CHARSETS:
         return body
+    where = f"{status} from {display_url(resp.url)}"
     try:
         return body.decode(charset).encode()
     except LookupError:

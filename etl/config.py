@@ -70,19 +70,18 @@ def _http_url(url: str) -> str:
     """
     if not re.match(r"^https?://[^/\s]+", url):
         raise ValueError("must be an http:// or https:// URL")
+    parts = urlsplit(url)
     try:
-        parts = urlsplit(url)
-        port = parts.port
+        port = parts.port  # ValueError when out of range or not a number
     except ValueError:
         port = 0
-    else:
-        if "@" in parts.netloc:
-            raise ValueError(
-                "must not carry credentials (user:password@host): the client id and secret belong in [auth], "
-                "and API calls are authorized by the token endpoint's bearer token"
-            )
     if port == 0:
         raise ValueError("has a port that is not a number from 1 to 65535")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not carry credentials (user:password@host): the client id and secret belong in [auth], "
+            "and API calls are authorized by the token endpoint's bearer token"
+        )
     return url
 
 
@@ -413,12 +412,16 @@ def config_from_document(document: dict[str, Any], path: Path | None = None) -> 
     return config if env.database_url else _sqlite_file_beside(config, path)
 
 
+def _beside(config_file: Path, name: str) -> Path:
+    """A file the config names: a relative name is beside config.toml, whatever the working directory (cron's is anywhere)."""
+    path = Path(name).expanduser()
+    return path if path.is_absolute() else config_file.parent.resolve() / path
+
+
 def _bundle_beside(config: Config, path: Path) -> Config:
-    """A relative ca_bundle names a file beside config.toml, as client_secret_file does, whatever cron's cwd."""
-    bundle = Path(config.api.ca_bundle).expanduser() if config.api.ca_bundle else None
-    if bundle is None or bundle.is_absolute():
+    if not config.api.ca_bundle:
         return config
-    return config.model_copy(update={"api": config.api.model_copy(update={"ca_bundle": str(path.parent / bundle)})})
+    return config.model_copy(update={"api": config.api.model_copy(update={"ca_bundle": str(_beside(path, config.api.ca_bundle))})})
 
 
 def _sqlite_file_beside(config: Config, path: Path) -> Config:
@@ -434,9 +437,7 @@ def _sqlite_file_beside(config: Config, path: Path) -> Config:
     database = url.database or ""
     if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
         return config
-    if Path(database).expanduser().is_absolute():
-        return config
-    beside = url.set(database=str(path.parent.resolve() / database))
+    beside = url.set(database=str(_beside(path, database)))
     return config.model_copy(update={"database": config.database.model_copy(update={"url": beside.render_as_string(hide_password=False)})})
 
 
@@ -487,9 +488,7 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
     if env_secret is not None:
         return env_secret
     if auth.client_secret_file:
-        secret_path = Path(auth.client_secret_file).expanduser()
-        if not secret_path.is_absolute() and config_file is not None:
-            secret_path = config_file.parent / secret_path
+        secret_path = _beside(config_file, auth.client_secret_file) if config_file else Path(auth.client_secret_file).expanduser()
         try:
             secret = secret_path.read_text(encoding="utf-8").strip()
         except OSError as exc:

@@ -194,10 +194,11 @@ def head_revision() -> str | None:
 def newer_schema_error(revision: str | None, url: str | URL) -> LoadError | None:
     """A database whose revision this etl has no migration for was migrated by a newer etl: Alembic
     would fail on it with a traceback ("Can't locate revision"), and downgrading is not etl's to do."""
-    if revision is None or revision in {script.revision for script in _scripts().walk_revisions()}:
+    scripts = _scripts()
+    if revision is None or revision in {script.revision for script in scripts.walk_revisions()}:
         return None
     return LoadError(
-        f"etl's tables in {safe_url(url)} are at revision {revision}, which this etl (revision {head_revision()}) "
+        f"etl's tables in {safe_url(url)} are at revision {revision}, which this etl (revision {scripts.get_current_head()}) "
         "does not know: a newer etl migrated them",
         hint="run the newer etl here too (pip install -U the project), or point [database].url at another database",
     )

@@ -14,6 +14,7 @@ and a big integer back as the same digits.
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 from typing import Any
 
@@ -31,21 +32,30 @@ def loads(body: bytes) -> Any:
     return orjson.loads(body)
 
 
-def dumps(value: Any) -> bytes:
-    """JSON text with every digit: a Decimal as its digits, an integer beyond 64 bits (which orjson refuses) too."""
-    try:
-        return orjson.dumps(value, default=_decimal_digits)
-    except TypeError:
-        return orjson.dumps(_big_integers_as_digits(value), default=_decimal_digits)
+def dumps(value: Any, *, non_finite_as_read: bool = False) -> bytes:
+    """JSON text with every digit: a Decimal as its digits, an integer beyond 64 bits (which orjson refuses) too.
+
+    `non_finite_as_read` writes NaN and Infinity as such (not JSON, but what the page said), where orjson
+    writes null: for a reject's raw record, whose value that got it rejected must stay visible.
+    """
+    if not non_finite_as_read:
+        try:
+            return orjson.dumps(value, default=_decimal_digits)
+        except TypeError:
+            pass
+    return orjson.dumps(_as_written(value, non_finite_as_read), default=_decimal_digits)
 
 
-def _big_integers_as_digits(value: Any) -> Any:
+def _as_written(value: Any, non_finite: bool) -> Any:
+    """The value with what orjson would refuse or change as Fragments of its text."""
     if type(value) is int and not -(2**63) <= value < 2**64:
         return orjson.Fragment(str(value))
+    if non_finite and type(value) is float and not math.isfinite(value):
+        return orjson.Fragment("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
     if isinstance(value, dict):
-        return {key: _big_integers_as_digits(item) for key, item in value.items()}
+        return {key: _as_written(item, non_finite) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_big_integers_as_digits(item) for item in value]
+        return [_as_written(item, non_finite) for item in value]
     return value
 
 

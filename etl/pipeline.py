@@ -322,14 +322,14 @@ class Pipeline:
             request = paginator.request()
             if request is None:
                 if window.position and window.position.get("finished"):
-                    await self._queue.put(_Page(window, ValidatedPage([], [], None), paginator.position(), True, None))
+                    await self._close_window(window, paginator.position())
                 return
             try:
                 response = await client.get(request)
             except RefusedRequest as refused:
                 if not paginator.ends_at(refused.status):
                     raise
-                await self._queue_page(resource, window, [], paginator.position(), True)
+                await self._close_window(window, paginator.position())
                 return
             records = records_at(response.body, resource.records_path, response.url)
             paginator.advance(response, records)
@@ -391,6 +391,10 @@ class Pipeline:
         stats.fetched += len(records)
         stats.cursors_seen = stats.cursors_seen or page.max_cursor is not None
         await self._queue.put(_Page(window, page, position, finished, len(records)))
+
+    async def _close_window(self, window: WindowRecord, position: dict[str, Any]) -> None:
+        """Mark a window finished with no page to load (resumed after its last page, or ended by a refusal)."""
+        await self._queue.put(_Page(window, ValidatedPage([], [], None), position, True, None))
 
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):

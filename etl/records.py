@@ -9,17 +9,16 @@ with its raw payload and the rest of the page is loaded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, NotRequired
 
-import orjson
 from pydantic import AfterValidator, AliasPath, BeforeValidator, Field, TypeAdapter, ValidationError
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
+from etl import jsonnumbers
 from etl.config import ColumnSpec, ResourceConfig
 from etl.errors import SourceError
 from etl.paginators import dig
@@ -287,14 +286,4 @@ def raw_json(record: Any) -> str:
     NaN and Infinity (a page's NaN or 1e400) are written as such, not as the null JSON would make of
     them: the value that got the record rejected stays in its raw payload.
     """
-    return json_text(_non_finite_as_written(record))
-
-
-def _non_finite_as_written(value: Any) -> Any:
-    if type(value) is float and not math.isfinite(value):
-        return orjson.Fragment("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {key: _non_finite_as_written(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_non_finite_as_written(item) for item in value]
-    return value
+    return jsonnumbers.dumps(record, non_finite_as_read=True).decode()
