@@ -39,10 +39,10 @@ from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
 from etl.config import Config, EnvSettings, ResourceConfig, database_url_key, load_config
 from etl.db import (
     DRIVER_ERRORS,
+    HEAD_REVISION,
     create_engine,
     current_revision,
     database_error,
-    head_revision,
     newer_schema_error,
     safe_url,
 )
@@ -626,7 +626,7 @@ class Checker:
         return Verdict(f"connected, {self.engine.dialect.name if self.engine else ''} {found}".rstrip())
 
     async def _db_schema(self) -> Verdict:
-        current, head = await self._with_database(current_revision), head_revision()
+        current, head = await self._with_database(current_revision), HEAD_REVISION
         if current == head:
             return Verdict(f"etl's tables at revision {head} (current)")
         if (newer := newer_schema_error(current, self.config.database.url)) is not None:

@@ -7,18 +7,11 @@ cases; this module only draws the live display.
 from __future__ import annotations
 
 import sys
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 class ProgressDisplay(Protocol):
@@ -45,9 +38,22 @@ class NoProgress:
 
 
 class LiveProgress:
-    """A rich bar per resource: records, records/s, and an ETA once the API has said how many there are."""
+    """A rich bar per resource: records, records/s, and an ETA once the API has said how many there are.
+
+    rich is imported here, not at the top: a run under cron never draws, and need not load it.
+    """
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self._progress = Progress(
             TextColumn("[bold]{task.description:<16}"),
             BarColumn(),

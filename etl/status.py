@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from etl.db import current_revision, database_error, head_revision
+from etl.db import HEAD_REVISION, current_revision, database_error
 from etl.durations import isoformat_utc
 from etl.schema import rejects, runs, watermarks, windows
 
@@ -34,7 +34,7 @@ class StatusReport:
 async def read_status(engine: AsyncEngine) -> StatusReport:
     revision = await current_revision(engine)
     if revision is None:
-        return StatusReport(None, head_revision(), [], [], [], [])
+        return StatusReport(None, HEAD_REVISION, [], [], [], [])
     try:
         async with engine.connect() as connection:
             recent = await connection.execute(select(runs).order_by(runs.c.id.desc()).limit(RECENT_RUNS))
@@ -55,7 +55,7 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
             )
             return StatusReport(
                 revision,
-                head_revision(),
+                HEAD_REVISION,
                 [dict(row._mapping) for row in recent],
                 [dict(row._mapping) for row in marks],
                 [dict(row._mapping) for row in open_windows],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -10,13 +12,15 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import etl.db
 import etl.schema
 from etl.config import ResourceConfig
-from etl.db import MIGRATIONS_DIR, create_engine, current_revision, head_revision, migrate
+from etl.db import HEAD_REVISION, MIGRATIONS_DIR, create_engine, current_revision, migrate
 from etl.errors import ConfigError, LoadError
 from etl.records import RecordValidator
 from etl.schema import metadata, rejects, resource_table, runs
@@ -65,10 +69,56 @@ def _reject_row(run_id: int) -> dict[str, Any]:
 async def test_migrate_from_empty_creates_etl_tables_and_twice_is_harmless(database_url: str) -> None:
     """`migrate` on an empty database reaches head with every etl_* table; a second run changes nothing."""
     async with _engine(database_url) as engine:
-        assert await migrate(engine) == (None, head_revision())
-        assert await migrate(engine) == (head_revision(), head_revision())
+        assert await migrate(engine) == (None, HEAD_REVISION)
+        assert await migrate(engine) == (HEAD_REVISION, HEAD_REVISION)
         tables = await _tables(engine)
     assert set(metadata.tables) | {"etl_alembic_version"} <= tables
+
+
+def test_head_revision_is_the_newest_migration() -> None:
+    """etl.db knows the head without Alembic, to start fast; a new migration must move it too."""
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD_REVISION
+
+
+async def test_current_revision_reads_what_alembic_reads(database_url: str) -> None:
+    """etl's own read of the version table, without Alembic, gives Alembic's answer at no revision, 0001 and head."""
+
+    def alembics(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection, opts={"version_table": etl.db.VERSION_TABLE}).get_current_revision()
+
+    async with _engine(database_url) as engine:
+        for step in (None, "0001", "head"):
+            if step is not None:
+                await _alembic_to(engine, "upgrade", step)
+            async with engine.connect() as connection:
+                assert await current_revision(engine) == await connection.run_sync(alembics)
+    assert await current_revision_of(database_url) == HEAD_REVISION
+
+
+async def current_revision_of(url: str) -> str | None:
+    async with _engine(url) as engine:
+        return await current_revision(engine)
+
+
+async def test_a_run_on_an_up_to_date_database_does_not_import_alembic(fresh_database: Callable[[str], Any]) -> None:
+    """Alembic and its templates cost ~0.1 s of every start; they are loaded only when the schema must change."""
+    url = await fresh_database("sqlite")
+    async with _engine(url) as engine:
+        await migrate(engine)
+    script = (
+        "import asyncio, sys\n"
+        "from etl.db import create_engine, migrate\n"
+        "async def main():\n"
+        f"    engine = create_engine({url!r})\n"
+        "    print(await migrate(engine))\n"
+        "    await engine.dispose()\n"
+        "asyncio.run(main())\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('alembic', 'mako')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.splitlines() == [f"('{HEAD_REVISION}', '{HEAD_REVISION}')", "[]"]
 
 
 async def test_a_database_migrated_by_a_newer_etl_is_named_as_such(fresh_database: Callable[[str], Any]) -> None:
@@ -116,7 +166,7 @@ async def test_upgrade_from_the_previous_revision_keeps_every_row(database_url: 
         await _alembic_to(engine, "upgrade", "0001")
         async with engine.begin() as connection:
             await connection.execute(insert(runs).values(**_run_row()))
-        assert await migrate(engine) == ("0001", head_revision())
+        assert await migrate(engine) == ("0001", HEAD_REVISION)
         async with engine.begin() as connection:
             run_id = (await connection.execute(select(runs.c.id))).scalar_one()
             await connection.execute(insert(rejects).values(**_reject_row(run_id)))
@@ -244,7 +294,7 @@ async def test_a_migration_cut_short_leaves_nothing_behind_and_the_next_one_comp
             await migrate(engine)
         assert not {name for name in await _tables(engine) if name.startswith("etl_")}
         monkeypatch.setattr(etl.db, "_upgrade", real_upgrade)
-        assert await migrate(engine) == (None, head_revision())
+        assert await migrate(engine) == (None, HEAD_REVISION)
 
 
 async def test_a_first_migration_that_left_some_tables_and_no_version_row_is_completed(database_url: str) -> None:
@@ -256,7 +306,7 @@ async def test_a_first_migration_that_left_some_tables_and_no_version_row_is_com
             await connection.execute(text("DELETE FROM etl_alembic_version"))
             await connection.execute(text("DROP INDEX ix_etl_rejects_resource_run" + (" ON etl_rejects" if "mysql" in database_url else "")))
             await connection.execute(text("DROP TABLE etl_resource_columns"))
-        assert await migrate(engine) == (None, head_revision())
+        assert await migrate(engine) == (None, HEAD_REVISION)
         assert set(metadata.tables) <= await _tables(engine)
         async with engine.connect() as connection:
             indexes = await connection.run_sync(lambda sync: {index["name"] for index in inspect(sync).get_indexes("etl_rejects")})
