@@ -36,7 +36,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from etl import certs
 from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
-from etl.config import Config, EnvSettings, ResourceConfig, database_url_key, load_config
+from etl.config import (
+    Config,
+    EnvSettings,
+    OffsetPagination,
+    PagePagination,
+    ResourceConfig,
+    database_url_key,
+    load_config,
+)
 from etl.db import (
     DRIVER_ERRORS,
     HEAD_REVISION,
@@ -550,7 +558,46 @@ class Checker:
                 tried[-1] += "  → 0 records"
         except EtlError as exc:
             return Verdict(_failure(exc).summary, "failed", tried, exc.hint or REQUEST_HINT, exc.exit_code)
-        return self._judge_page(resource, page, tried)
+        verdict = self._judge_page(resource, page, tried)
+        if verdict.status != "failed" and (capped := await self._page_size_cap(client, resource, page)) is not None:
+            return capped
+        return verdict
+
+    async def _page_size_cap(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:
+        """A failure when the API serves fewer records a page than page_size asks for, and more after them.
+
+        Without a total, a short page ends a window (SPEC): against an API that caps the page size
+        below page_size, every sync would load the first page of each window and drop the rest with
+        exit 0. The page after the first, asked at the size the API answered, tells the two apart.
+        """
+        pagination = resource.pagination
+        served = len(page.records)
+        if not isinstance(pagination, PagePagination | OffsetPagination) or not 0 < served < pagination.page_size:
+            return None
+        if page.paginator.known_total(page.response) is not None:
+            return None  # with a total a short page does not end the window
+        at_served = resource.model_copy(update={"pagination": pagination.model_copy(update={"page_size": served})})
+        paginator = window_paginator(at_served, self.config.api.base_url, page.window)
+        paginator.advance(page.response, page.records)
+        following = paginator.request()
+        if following is None:
+            return None
+        try:
+            response = await client.get(following)
+            more = records_at(response.body, resource.records_path, response.url)
+        except EtlError:
+            return None  # the first page passed; what the next one says is sync's to find out
+        if not more or more == page.records:
+            return None
+        return Verdict(
+            f"{page.response.status}, {served} records where page_size = {pagination.page_size} asked for more, "
+            f"and the next page holds {len(more)} more: the API caps its pages at {served} records",
+            "failed",
+            [f"GET {_request_text(page.request)}  → {served} records", f"GET {_request_text(following)}  → {len(more)} records"],
+            f"set [resources.pagination].page_size = {served} for {resource.name!r} (or lower): without a total, "
+            "a short page ends a window, and sync would keep the first page of each window and skip the rest",
+            1,
+        )
 
     async def _first_page(self, client: ApiClient, resource: ResourceConfig, window: Window, tried: list[str]) -> _Page:
         paginator = window_paginator(resource, self.config.api.base_url, window)

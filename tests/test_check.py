@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -681,3 +682,33 @@ async def test_a_proxy_that_is_down_is_named_in_the_hint(
 
     assert code == 5
     assert f"hint: the proxy http://127.0.0.1:{dead_port} is not answering: check $HTTPS_PROXY" in out
+
+
+@pytest.mark.parametrize(("cap", "stored", "expected_code"), [(10, 25, 1), (10, 10, 0), (50, 25, 0)])
+async def test_an_api_that_caps_its_pages_below_page_size_fails_with_the_size_to_set(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], cap: int, stored: int, expected_code: int
+) -> None:
+    """page_size = 50 against an API that serves at most `cap` records a page and has `stored`, with no total.
+
+    A short page ends a window, so a sync would keep the first `cap` records of each window and exit 0.
+    Only a short page followed by more is a cap: 10 of 10 stored, or 25 of 25 under a cap of 50, passes.
+    """
+    products = [{"sku": f"S{n:03}", "name": "thing", "price": "1.50", "tags": [], "updated_at": "2024-01-02T00:00:00Z"} for n in range(stored)]
+
+    async def capped(request: web.Request) -> web.Response:
+        size = min(int(request.query["page_size"]), cap)
+        first = (int(request.query["page"]) - 1) * size
+        return web.json_response({"products": products[first:first + size]})
+
+    async with serving({("GET", "/api/v1/products"): capped}) as api:
+        path = write_config(f"{api}/api/v1", simulator.token_url, resources=["products"])
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document["resources"][0]["pagination"] = {"style": "page", "page_size": 50}
+        tomlwriter.write(path, document)
+        code, out = await check(capsys, path)
+
+    assert code == expected_code, out
+    line = line_of(out, "✘ resource products" if expected_code else "✔ resource products")
+    if expected_code:
+        assert f"{cap} records where page_size = 50 asked for more, and the next page holds 10 more: the API caps its pages at {cap}" in line
+        assert f"hint: set [resources.pagination].page_size = {cap} for 'products'" in out
