@@ -32,31 +32,48 @@ def loads(body: bytes) -> Any:
     return orjson.loads(body)
 
 
-def dumps(value: Any, *, non_finite_as_read: bool = False) -> bytes:
+def dumps(value: Any, *, as_read: bool = False) -> bytes:
     """JSON text with every digit: a Decimal as its digits, an integer beyond 64 bits (which orjson refuses) too.
 
-    `non_finite_as_read` writes NaN and Infinity as such (not JSON, but what the page said), where orjson
-    writes null: for a reject's raw record, whose value that got it rejected must stay visible.
+    `as_read` writes what JSON cannot hold as the page had it, for a reject's raw record, whose value
+    that got it rejected must stay visible: NaN and Infinity as such (orjson writes null), and a lone
+    UTF-16 surrogate as its escape, \\ud800 (orjson refuses it). Without it, such a string raises TypeError.
     """
-    if not non_finite_as_read:
+    if not as_read:
         try:
             return orjson.dumps(value, default=_decimal_digits)
         except TypeError:
             pass
-    return orjson.dumps(_as_written(value, non_finite_as_read), default=_decimal_digits)
+    return orjson.dumps(_as_written(value, as_read), default=_decimal_digits)
 
 
-def _as_written(value: Any, non_finite: bool) -> Any:
+def _as_written(value: Any, as_read: bool) -> Any:
     """The value with what orjson would refuse or change as Fragments of its text."""
     if type(value) is int and not -(2**63) <= value < 2**64:
         return orjson.Fragment(str(value))
-    if non_finite and type(value) is float and not math.isfinite(value):
+    if as_read and type(value) is float and not math.isfinite(value):
         return orjson.Fragment("NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity")
+    if as_read and type(value) is str and not _is_utf8(value):
+        return orjson.Fragment(json.dumps(value))
     if isinstance(value, dict):
-        return {key: _as_written(item, non_finite) for key, item in value.items()}
+        return {_utf8_key(key) if as_read else key: _as_written(item, as_read) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_as_written(item, non_finite) for item in value]
+        return [_as_written(item, as_read) for item in value]
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string holding a lone surrogate, which the standard library's parser lets through."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_key(key: Any) -> Any:
+    """A key holding a lone surrogate as the text of its escape (a key cannot be a Fragment)."""
+    return key if type(key) is not str or _is_utf8(key) else json.dumps(key)[1:-1]
 
 
 def _exact_float(token: str) -> float | Decimal:

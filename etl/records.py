@@ -9,6 +9,8 @@ with its raw payload and the rest of the page is loaded.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -29,6 +31,7 @@ INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 NO_NUL = r"^[^\x00]*$"
 NUL_MESSAGE = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
+SURROGATE_MESSAGE = "holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), which is not text"
 NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
 
 
@@ -41,12 +44,22 @@ def _to_utc(moment: datetime) -> datetime:
 
 
 def _storable_json(value: Any) -> Any:
-    """JSON without U+0000: PostgreSQL refuses it, so it is a reject on every database (same config, same result).
+    """JSON every database stores as it came, else a reject on every database (same config, same result).
 
-    The text test is the fast filter; the walk rules out a literal backslash-u0000 in a string.
+    Refused: U+0000 (PostgreSQL cannot store it), a lone UTF-16 surrogate (not text: no driver sends it),
+    and NaN or Infinity (JSON has neither: they would be stored as null). The last two reach here only
+    from a page the standard library parsed. The text tests are the fast filters; the walks confirm.
     """
-    if value is not None and "\\u0000" in json_text(value) and _has_nul(value):
+    if value is None:
+        return value
+    try:
+        text = json_text(value)
+    except TypeError:
+        raise ValueError(SURROGATE_MESSAGE) from None
+    if "\\u0000" in text and _any_leaf(value, _has_nul):
         raise ValueError(NUL_MESSAGE)
+    if "null" in text and _any_leaf(value, _not_finite):
+        raise ValueError("holds NaN or Infinity, which JSON has no value for (it would be stored as null)")
     return value
 
 
@@ -57,14 +70,21 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
+def _any_leaf(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether `test` holds for a key or a value anywhere in a JSON value."""
     if isinstance(value, dict):
-        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+        return any(test(key) or _any_leaf(item, test) for key, item in value.items())
     if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
+        return any(_any_leaf(item, test) for item in value)
+    return test(value)
+
+
+def _has_nul(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" in value
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _python_type(column_type: str) -> Any:
@@ -185,7 +205,7 @@ class RecordValidator:
             raise
 
     def _reject(self, record: Any, messages: list[str]) -> Reject:
-        return Reject(key=self._key_of(record), raw=raw_json(record), error="; ".join(messages))
+        return Reject(key=self._key_of(record), raw=raw_json(record), error=storable_text("; ".join(messages)))
 
     def _key_of(self, record: Any) -> str | None:
         """The primary key as text (`1|2` for composite keys), when the record has all of it."""
@@ -194,7 +214,7 @@ class RecordValidator:
         parts = [dig(record, self.resource.columns[name].source or name) for name in self.resource.primary_key]
         if any(part is None for part in parts):
             return None
-        return "|".join(str(part) for part in parts)
+        return storable_text("|".join(str(part) for part in parts))
 
     def _max_cursor(self, rows: list[dict[str, Any]], records: list[Any]) -> Any:
         """The highest cursor value of the page: the column's typed value, or the raw field parsed as a datetime."""
@@ -215,6 +235,10 @@ class RecordValidator:
         return max(values, default=None)
 
 
+# pydantic's words where etl's say more: the pattern is the NUL test, and "unable to parse raw data as a unicode string" is a lone surrogate
+_REASONS = {"string_pattern_mismatch": NUL_MESSAGE, "string_unicode": SURROGATE_MESSAGE}
+
+
 def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ...], str]) -> dict[int, list[str]]:
     """Readable messages per record index: `column (source path): what is wrong (got value)`."""
     failed: dict[int, list[str]] = {}
@@ -225,7 +249,7 @@ def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ..
         where = ".".join(path) or "record"
         if path in columns_by_source:
             where = f"{columns_by_source[path]} ({where})"
-        reason = NUL_MESSAGE if error["type"] == "string_pattern_mismatch" else error["msg"].removeprefix("Value error, ")
+        reason = _REASONS.get(error["type"]) or error["msg"].removeprefix("Value error, ")
         got = error.get("input")
         shown = repr(got)[:60] if not isinstance(got, dict) else "an object"
         message = f"{where}: {reason}" + (f" (got {shown})" if error["type"] != "missing" else "")
@@ -280,10 +304,16 @@ def _holds_null(body: Any, dotted: str) -> bool:
     return isinstance(parent, dict) and key in parent
 
 
+def storable_text(text: str) -> str:
+    """The text with U+0000 and lone surrogates as their escapes: PostgreSQL stores neither, and a
+    reject's key or error that the database refuses would fail the batch of every run."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")
+
+
 def raw_json(record: Any) -> str:
     """The record as JSON text, as it was parsed from the page.
 
     NaN and Infinity (a page's NaN or 1e400) are written as such, not as the null JSON would make of
     them: the value that got the record rejected stays in its raw payload.
     """
-    return jsonnumbers.dumps(record, non_finite_as_read=True).decode()
+    return jsonnumbers.dumps(record, as_read=True).decode()

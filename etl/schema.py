@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import OperationalError
 
 from etl.config import ResourceConfig
 from etl.errors import ConfigError
@@ -173,10 +174,26 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
                 _add_column(connection, table, column)
     else:  # new, or dropped by its owner: what was declared for an earlier table of that name no longer holds
         connection.execute(delete(resource_columns).where(resource_columns.c.table_name == table.name))
-        table.create(connection)
+        _create(connection, table, resource)
         declared = {}
     _record_declaration(connection, resource, declared)
     return table
+
+
+def _create(connection: Connection, table: Table, resource: ResourceConfig) -> None:
+    """CREATE TABLE; a key longer than MySQL/MariaDB's index limit (3,072 bytes, and a `string` is 1,020
+    in utf8mb4) is the configuration's to change, said as such rather than as the driver's error 1071."""
+    try:
+        table.create(connection)
+    except OperationalError as exc:
+        if "key was too long" not in str(exc.orig).lower():
+            raise
+        strings = [name for name in resource.primary_key if resource.columns[name].type == "string"]
+        raise ConfigError(
+            f"resources.{resource.name}.primary_key: {resource.primary_key} is too long a key for this database: {exc.orig}",
+            hint=f"MySQL/MariaDB index at most 3,072 bytes and a string column takes 1,020: key on fewer of {strings}, "
+            "or on integer, date or datetime columns",
+        ) from None
 
 
 def _check_key_types(resource: ResourceConfig) -> None:

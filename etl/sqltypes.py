@@ -83,6 +83,12 @@ def _plain_decimal(value: Decimal) -> str:
     return text if "E" not in text else format(value, "f")
 
 
+def key_decimal_text(value: Decimal) -> str:
+    """A decimal key on SQLite, one text per number: 1, 1.0 and 1.00 are one key on the other databases,
+    but SQLite's text key held them as three rows."""
+    return "0" if value.is_zero() else _plain_decimal(value.normalize())
+
+
 def json_text(value: Any) -> str:
     """JSON text with every digit of its numbers (etl.jsonnumbers)."""
     return jsonnumbers.dumps(value).decode()
@@ -94,6 +100,8 @@ _DRIVER_VALUES: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("datetime", "postgresql"): to_utc,
     ("decimal", "sqlite"): _plain_decimal,
     ("date", "sqlite"): date.isoformat,
+    # asyncpg sends 0001-01-01 and 9999-12-31 as -infinity and infinity; as text they stay dates
+    ("date", "postgresql"): date.isoformat,
     ("json", "sqlite"): json_text,
     ("json", "mysql"): json_text,
     ("json", "postgresql"): json_text,
@@ -156,6 +164,12 @@ def driver_column(declared: str, dialect: str) -> ColumnConverter | None:
         return _DRIVER_COLUMNS[(declared, dialect)]
     convert = driver_value(declared, dialect)
     return None if convert is None else _each(convert)
+
+
+def key_column(declared: str, dialect: str) -> ColumnConverter | None:
+    """How a primary-key column goes to the driver where it differs from `driver_column`: a key must
+    compare as the number it is, and SQLite compares the decimal text."""
+    return _each(key_decimal_text) if (declared, dialect) == ("decimal", "sqlite") else None
 
 
 class UtcDateTime(TypeDecorator[datetime]):

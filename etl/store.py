@@ -57,7 +57,7 @@ from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
 from etl.records import Reject
 from etl.schema import LOADED_AT, RUN_ID, ensure_resource_table, rejects, runs, watermarks, windows
-from etl.sqltypes import ExactDecimal, driver_column, driver_value, to_utc
+from etl.sqltypes import ExactDecimal, driver_column, driver_value, key_column, to_utc
 from etl.windows import Window
 
 
@@ -441,6 +441,9 @@ class RowWriter(ABC):
             name: convert
             for name, spec in resource.columns.items()
             if (convert := driver_column(spec.type, dialect.name)) is not None
+        }
+        self._converters |= {
+            name: convert for name in resource.primary_key if (convert := key_column(resource.columns[name].type, dialect.name)) is not None
         }
 
     @abstractmethod

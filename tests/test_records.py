@@ -252,3 +252,17 @@ def test_a_reject_for_nan_or_infinity_keeps_the_value_in_its_raw_payload() -> No
     validator = _validator({"f": "float"})
     page = validator.validate(json.loads('[{"id": 1, "f": NaN}, {"id": 2, "f": 1e400}, {"id": 3, "f": [-1e400]}]'))  # as parse_json reads NaN
     assert [reject.raw for reject in page.rejects] == ['{"id":1,"f":NaN}', '{"id":2,"f":Infinity}', '{"id":3,"f":[-Infinity]}']
+
+
+@pytest.mark.parametrize(("body", "raw"), [
+    ('{"x": NaN}', '{"x":NaN}'), ("[1, [Infinity]]", "[1,[Infinity]]"), ("-1e400", "-Infinity"),
+    ('{"k": "a\\ud800"}', '{"k":"a\\ud800"}'), ('["\\udfff"]', '["\\udfff"]'), ('{"\\ud800": 1}', '{"\\\\ud800":1}'),
+])
+def test_json_that_no_database_stores_as_it_came_is_a_reject(body: str, raw: str) -> None:
+    """NaN and 1e400 were stored as null, and a lone surrogate crashed the run with a traceback;
+    the standard library (parse_json's fallback) reads all three. Each is a reject with its raw text."""
+    validator = _validator({"doc": "json"})
+    page = validator.validate([{"id": 1, "doc": json.loads(body)}, {"id": 2, "doc": {"x": None}}])
+    assert [row["id"] for row in page.rows] == [2]
+    assert "doc: holds " in page.rejects[0].error
+    assert page.rejects[0].raw == '{"id":1,"doc":' + raw + "}"

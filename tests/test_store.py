@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -137,6 +138,47 @@ async def test_keys_differing_only_in_trailing_spaces_are_two_rows(database_url:
         await _load(store, resource, [{"code": "A1  ", "qty": 3}], run)
         rows = await _rows(store, resource)
     assert sorted((row.code, row.qty) for row in rows) == [("A1", 1), ("A1 ", 2), ("A1  ", 3)]
+
+
+async def test_the_first_and_last_dates_of_the_calendar_stay_dates(database_url: str) -> None:
+    """asyncpg sends date.min and date.max as -infinity and infinity: PostgreSQL stored those, not the dates."""
+    resource = _resource("days", {"id": "integer", "day": "date"})
+    async with _store(database_url, resource) as store:
+        run = await _run(store)
+        await _load(store, resource, [{"id": 1, "day": "0001-01-01"}, {"id": 2, "day": "9999-12-31"}], run)
+        async with store.engine.connect() as connection:
+            shown = (await connection.execute(text("SELECT CAST(day AS CHAR(10)) FROM days ORDER BY id"))).scalars().all()
+            rows = await _rows(store, resource)
+    assert [row.day for row in rows] == [date(1, 1, 1), date(9999, 12, 31)]
+    assert shown == ["0001-01-01", "9999-12-31"]
+
+
+async def test_a_decimal_key_is_one_row_however_the_api_writes_the_number(database_url: str) -> None:
+    """1.0 in one run and 1 in the next are one key: SQLite compared the decimal text and kept two rows."""
+    resource = _resource("parts", {"k": "decimal", "qty": "integer"}, primary_key=["k"])
+    async with _store(database_url, resource) as store:
+        run = await _run(store)
+        await _load(store, resource, [{"k": "1.0", "qty": 1}, {"k": "0.00", "qty": 1}, {"k": "1E+2", "qty": 1}], run)
+        await _load(store, resource, [{"k": 1, "qty": 2}, {"k": "-0", "qty": 2}, {"k": "100.000", "qty": 2}], run)
+        rows = await _rows(store, resource)
+    assert sorted((Decimal(row.k), row.qty) for row in rows) == [(Decimal(0), 2), (Decimal(1), 2), (Decimal(100), 2)]
+
+
+async def test_a_nul_or_a_lone_surrogate_in_a_rejected_key_does_not_fail_the_batch(database_url: str) -> None:
+    """The reject's key went to etl_rejects with the NUL in it: PostgreSQL refused the insert, the whole
+    batch failed, and so did every later run. Keys are stored with such characters escaped."""
+    resource = _resource("codes", {"code": "string", "qty": "integer"}, primary_key=["code"])
+    async with _store(database_url, resource) as store:
+        run = await _run(store)
+        await _load(store, resource, [{"code": "a\x00b", "qty": 1}, {"code": "c\ud800", "qty": 2}, {"code": "ok", "qty": 3}], run)
+        async with store.engine.connect() as connection:
+            stored = list(await connection.execute(select(rejects).order_by(rejects.c.id)))
+        rows = await _rows(store, resource)
+    assert [row.code for row in rows] == ["ok"]
+    assert [row.record_key for row in stored] == ["a\\u0000b", "c\\ud800"]
+    assert "U+0000" in stored[0].error and "lone UTF-16 surrogate" in stored[1].error
+    assert orjson.loads(stored[0].raw) == {"code": "a\x00b", "qty": 1}
+    assert json.loads(stored[1].raw) == {"code": "c\ud800", "qty": 2}
 
 
 async def test_an_updated_record_replaces_the_stored_row(database_url: str) -> None:
@@ -374,6 +416,15 @@ async def test_a_text_or_json_primary_key_is_a_configuration_error(fresh_databas
         async with _store(await fresh_database("sqlite"), resource):
             pass
     assert caught.value.exit_code == 2
+
+
+async def test_a_key_too_long_for_mariadb_is_a_configuration_error(fresh_database: Callable[[str], Any]) -> None:
+    """Four string key columns are 4,080 bytes of index in utf8mb4, past MariaDB's 3,072: exit 2 naming the key, not error 1071."""
+    resource = _resource("wide", {name: "string" for name in "abcd"}, primary_key=list("abcd"))
+    with pytest.raises(ConfigError, match=r"resources\.wide\.primary_key: \['a', 'b', 'c', 'd'\] is too long a key") as caught:
+        async with _store(await fresh_database("mysql"), resource):
+            pass
+    assert caught.value.exit_code == 2 and "3,072 bytes" in str(caught.value.hint)
 
 
 async def test_a_database_refusal_is_a_load_error(fresh_database: Callable[[str], Any]) -> None:
