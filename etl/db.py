@@ -143,6 +143,12 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
             hint="a record larger than the server's max_allowed_packet (16 MB by default on MariaDB) does this: "
             "raise it (SET GLOBAL max_allowed_packet = 1073741824), or see the server's log",
         )
+    if "readonly database" in text:  # SQLite: the file, or its directory for the -wal and -shm files beside it
+        return LoadError(
+            f"cannot write to the database {safe_url(url)}: {original}",
+            hint="the user running etl needs write permission on the SQLite file and on its directory "
+            "(SQLite writes its -wal and -shm files beside it)",
+        )
     if reaching or (isinstance(exc, OperationalError) and any(word in text for word in _CONNECTION_WORDS) and "no such table" not in text):
         return LoadError(
             f"cannot use the database {safe_url(url)}: {original}",

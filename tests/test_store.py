@@ -449,6 +449,8 @@ def test_a_missing_table_is_not_reported_as_an_unreachable_server() -> None:
     assert "refused a statement" in str(error) and "credentials" not in str(error)
     unreachable = database_error(OperationalError("connect", {}, Exception("unable to open database file")), "sqlite:///x.db")
     assert "cannot use the database" in str(unreachable) and "the file's directory must exist" in str(unreachable)
+    readonly = database_error(OperationalError("INSERT", {}, Exception("attempt to write a readonly database")), "sqlite:///x.db")
+    assert "cannot write to the database" in str(readonly) and "write permission on the SQLite file and on its directory" in str(readonly.hint)
 
 
 async def test_a_sqlite_file_reached_through_a_symlink_has_the_same_lock(tmp_path: Path) -> None:
