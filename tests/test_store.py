@@ -468,6 +468,23 @@ async def test_a_sqlite_file_reached_through_a_symlink_has_the_same_lock(tmp_pat
             await engine.dispose()
 
 
+async def test_a_sqlite_uri_filename_is_locked_and_loaded_like_its_path(tmp_path: Path) -> None:
+    """sqlite:///file:/dir/x.db?uri=true (SQLAlchemy's URI filenames): the lock went to ./file:/dir/x.db.locks, which did not exist."""
+    path = tmp_path / "uri.db"
+    engines = [create_engine(f"sqlite:///file:{path}?uri=true"), create_engine(f"sqlite:///{path}")]
+    try:
+        async with ResourceLocks(engines[0], ["orders"]):
+            with pytest.raises(LockHeld):
+                async with ResourceLocks(engines[1], ["orders"]):
+                    pass
+        async with _store(f"sqlite:///file:{path}?uri=true", ORDERS) as store:
+            await _load(store, ORDERS, [_order(1, "1.00", 0)], await _run(store))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert (tmp_path / "uri.db.locks").is_dir() and not Path("file:").exists()
+
+
 def test_mysql_lock_names_differ_per_database_and_fit_in_64_characters() -> None:
     """GET_LOCK is server-wide: the same resource in two databases must not block each other."""
     from etl.locks import _mysql_name
