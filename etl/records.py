@@ -265,14 +265,25 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
     No body (a 204), a record list that is null (Go encodes an empty slice so) and an object
     that holds no list at all (`{"total": 0}`: the key left out of an empty page, Go's omitempty)
     are a page without records. A records_path that is not in a body that does hold a list stays
-    an error: the records would be there, under another key.
+    an error: the records would be there, under another key. So is a body that is no object at
+    all, or one that carries an error or a message instead of records (`{"message": "search backend
+    warming up"}` with a 200): taken as empty, its window would end and its records be lost.
     """
     if body is None:
         return []
     records = dig(body, records_path) if records_path else body
     if isinstance(records, list):
         return records
-    if records is None and (_holds_null(body, records_path) or not _holds_a_list(body)):
+    if records is None and _holds_null(body, records_path):
+        return []
+    if records is None and not _holds_a_list(body):
+        if not isinstance(body, dict):
+            raise SourceError(f"{url}: the body is a JSON {type(body).__name__}, not records: {_snippet(body)}")
+        if explanation := [key for key in body if str(key).lower() in _EXPLANATION_KEYS]:
+            raise SourceError(
+                f"{url}: answered with {explanation[0]!r} and no records: {_snippet(body)}",
+                hint="the API says why it sent no records; the window is left unfinished and the next run reads it again",
+            )
         return []
     if isinstance(records, dict) and not records_path:
         keys = ", ".join(list(records)[:12])
@@ -283,6 +294,16 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
         keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
         raise SourceError(f"{url}: records_path {records_path!r} is not in the body; its top-level keys are: {keys}")
     raise SourceError(f"{url}: records_path {records_path!r} holds a {type(records).__name__}, not a list of records")
+
+
+# keys with which an API explains a body without records: an error passed off with a 200
+_EXPLANATION_KEYS = frozenset({"error", "errors", "error_description", "errormessage", "fault", "message", "detail", "msg"})
+
+
+def _snippet(body: Any) -> str:
+    """The start of a parsed body, as JSON, for a message."""
+    text = raw_json(body)
+    return text if len(text) <= 300 else text[:300] + "…"
 
 
 def _holds_a_list(body: Any) -> bool:

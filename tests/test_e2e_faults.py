@@ -212,3 +212,43 @@ async def test_a_404_after_a_full_page_ends_the_window_but_a_404_first_is_an_err
     assert outcome.exit_code == 0, outcome.error
     assert await scalar(url, "SELECT COUNT(*) FROM items") == records
     assert await scalar(url, "SELECT COUNT(*) FROM etl_windows WHERE state <> 'done'") == 0
+
+
+@pytest.mark.parametrize("answer", [{"message": "search backend warming up, try later"}, "warming up", {"error": None}])
+async def test_a_200_that_explains_why_it_has_no_records_leaves_its_window_for_the_next_run(
+    answer: Any, fresh_database: Callable[[str], Any]
+) -> None:
+    """One order a day; the 2 January window is answered 200 with a message and no list. It was taken as an
+    empty page: exit 0, order 2 never loaded, and the watermark past it. It fails that window now (exit 1),
+    the other days load, and the next run, with the API well again, loads order 2."""
+    url = await fresh_database("sqlite")
+    warming = [True]
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "gap-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def orders(request: web.Request) -> web.Response:
+        since = datetime.fromisoformat(request.query["updated_since"].replace("Z", "+00:00"))
+        if warming[0] and since.day == 2:
+            return web.json_response(answer)
+        day = since.day
+        return web.json_response({"data": [{"id": day, "updated_at": f"2024-01-{day:02}T12:00:00Z"}] if day <= 5 else []})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/v1/orders"): orders}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["resources"] = [{
+            "name": "orders", "path": "/orders", "records_path": "data", "primary_key": ["id"], "cursor_field": "updated_at",
+            "start": "2024-01-01", "window": "1d", "pagination": {"style": "none"},
+            "filter": {"from_param": "updated_since", "to_param": "updated_until"},
+            "columns": {"id": "integer", "updated_at": "datetime"},
+        }]
+        config = config_from_document(document)
+        first = await runs.backfill(config, START, datetime(2024, 1, 8, tzinfo=UTC), None, None, False, asyncio.Event(), NoProgress())
+        loaded_first = {row[0] for row in await rows(url, "SELECT id FROM orders")}
+        warming[0] = False
+        again = await runs.backfill(config, START, datetime(2024, 1, 8, tzinfo=UTC), None, None, False, asyncio.Event(), NoProgress())
+
+    assert first.exit_code == 1 and ("no records" in str(first.error) or "not records" in str(first.error)), first.error
+    assert loaded_first == {1, 3, 4, 5}
+    assert again.exit_code == 0, again.error
+    assert {row[0] for row in await rows(url, "SELECT id FROM orders")} == {1, 2, 3, 4, 5}
