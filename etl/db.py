@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from sqlalchemy import URL, Connection, event, make_url, text
 from sqlalchemy import inspect as inspect_schema
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from etl.config import database_url_key
@@ -123,6 +130,40 @@ _TOO_LARGE_WORDS = ("max_allowed_packet", "lost connection to mysql server durin
 _CONNECTION_WORDS = ("connect", "refused", "could not translate host", "unable to open", "timeout", "password", "authentication", "access denied", "unknown database", "does not exist")
 
 
+# What the database says when it refuses a value, a key or a constraint, not the statement or the connection:
+# SQLSTATE classes 22 (data exception), 23 (integrity) and 54 (program limit exceeded: an index row too large).
+_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
+# MySQL/MariaDB numbers for the same, where the SQLSTATE is the generic HY000: column cannot be null (1048),
+# duplicate entry (1062), out of range (1264), truncated (1265), incorrect value (1292, 1366), too long (1406),
+# invalid JSON (3140), CHECK failed (3819 on MySQL, 4025 on MariaDB, e.g. JSON_VALID on a json column).
+_MYSQL_DATA_ERRORS = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 3140, 3819, 4025})
+
+
+def refused_data(exc: BaseException) -> bool:
+    """Whether the database refused what a statement carried, so that some row of it is to blame.
+
+    A lock, a deadlock, a lost connection or a missing table is not: no row is, and retrying row by
+    row would only repeat the failure.
+    """
+    original = getattr(exc, "orig", None) or exc
+    sqlstate = str(getattr(original, "sqlstate", None) or "")
+    number = original.args[0] if original.args and isinstance(original.args[0], int) else None
+    return (
+        isinstance(exc, IntegrityError | DataError)
+        or sqlstate[:2] in _DATA_SQLSTATE_CLASSES
+        or number in _MYSQL_DATA_ERRORS
+    )
+
+
+def driver_message(exc: BaseException) -> str:
+    """The first line of the driver's own words, without SQLAlchemy's wrapping or asyncpg's class name."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).split("\n", 1)[0]
+    if text.startswith("<class '"):
+        text = text.split(">: ", 1)[-1]
+    return text
+
+
 def database_error(exc: Exception, url: str | URL) -> LoadError:
     """A driver error as etl's, with the URL (no password) and the driver's own words.
 
@@ -179,6 +220,15 @@ async def begin_schema_change(connection: AsyncConnection) -> None:
     """
     if connection.dialect.name == "sqlite":
         await connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+async def begin_before_savepoints(connection: AsyncConnection) -> None:
+    """Open SQLite's transaction before the first SAVEPOINT.
+
+    Python's sqlite3 opens a transaction only before INSERT, UPDATE and DELETE: a SAVEPOINT sent first
+    would start one of its own, which its RELEASE would commit, whatever the rest of the batch did.
+    """
+    await begin_schema_change(connection)
 
 
 def _alembic_config(connection: Connection) -> AlembicConfig:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -445,7 +445,7 @@ class Pipeline:
     def _add(self, batch: LoadBatch, item: _Page) -> None:
         name = item.window.resource
         plan = self._plans[name]
-        batch.rows.setdefault(name, []).extend(item.page.rows)
+        batch.add_rows(name, item.window.id, item.page.rows)
         batch.rejects.extend((name, reject) for reject in item.page.rejects)
         progress = batch.windows.setdefault(item.window.id, WindowProgress())
         progress.pages += 0 if item.fetched is None else 1
@@ -464,11 +464,12 @@ class Pipeline:
         if batch.is_empty():
             return
         batch.token_requests = self.token_requests
-        await asyncio.shield(self.store.commit(batch, self.run_id))
+        refused = await asyncio.shield(self.store.commit(batch, self.run_id))
+        moved = Counter(name for name, _reject in refused)
         for name, rows in batch.rows.items():
-            self.stats[name].loaded += len(rows)
-            self.progress.advance(name, len(rows))
-        for name, _reject in batch.rejects:
+            self.stats[name].loaded += len(rows) - moved[name]
+            self.progress.advance(name, len(rows) - moved[name])
+        for name, _reject in batch.rejects + refused:
             self.stats[name].rejected += 1
         for window_id, progress in batch.windows.items():
             if progress.done:

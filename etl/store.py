@@ -5,16 +5,26 @@
 and the watermarks those windows move. A crash before the commit loses the
 whole batch and nothing else; after it, all of it is there. Nothing is ever
 half-recorded, so the next run neither skips nor double-counts.
+
+When the database refuses a row (a value, a key or a constraint it will not
+take), the batch is written again with each resource's rows in SAVEPOINTs,
+halving any set that fails down to the rows that fail alone: those become
+rejects, and everything else of the batch commits as usual. Only that failure
+path pays for savepoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import operator
 import os
 import socket
 from abc import ABC, abstractmethod
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,14 +61,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.dml import Insert
 
+from etl import jsonnumbers
 from etl.config import ResourceConfig
-from etl.db import DRIVER_ERRORS, begin_schema_change, database_error, migrate
+from etl.db import (
+    DRIVER_ERRORS,
+    begin_before_savepoints,
+    begin_schema_change,
+    database_error,
+    driver_message,
+    migrate,
+    refused_data,
+)
 from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
 from etl.records import Reject
 from etl.schema import LOADED_AT, RUN_ID, ensure_resource_table, rejects, runs, watermarks, windows
 from etl.sqltypes import ExactDecimal, driver_column, driver_value, key_column, to_utc
 from etl.windows import Window
+
+log = logging.getLogger(__name__)
+REFUSED = "the database refused this record"
 
 
 def cursor_text(value: Any) -> str | None:
@@ -130,6 +152,8 @@ class LoadBatch:
     windows: dict[int, WindowProgress] = field(default_factory=dict)
     watermarks: list[Watermark] = field(default_factory=list)
     token_requests: int | None = None  # the run's so far, for etl_runs: not only known once it ends
+    # per resource, (rows so far, window) after each page: whose window a row the database refuses was in
+    row_windows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def row_count(self) -> int:
@@ -137,6 +161,33 @@ class LoadBatch:
 
     def is_empty(self) -> bool:
         return not (self.rows or self.rejects or self.windows or self.watermarks)
+
+    def add_rows(self, resource: str, window_id: int, rows: list[dict[str, Any]]) -> None:
+        """A page's rows, remembering their window once per page (not per row)."""
+        kept = self.rows.setdefault(resource, [])
+        kept.extend(rows)
+        self.row_windows.setdefault(resource, []).append((len(kept), window_id))
+
+    def window_of(self, resource: str, index: int) -> int | None:
+        """The window of the resource's row at `index`; None for rows added without one."""
+        pages = self.row_windows.get(resource, [])
+        page = bisect_right([end for end, _ in pages], index)
+        return pages[page][1] if page < len(pages) else None
+
+    def refusing(self, refused: dict[str, dict[int, Reject]]) -> LoadBatch:
+        """This batch with the rows the database refused (by resource and index) moved to its rejects."""
+        windows = {window_id: dataclasses.replace(progress) for window_id, progress in self.windows.items()}
+        moved = Counter(self.window_of(resource, index) for resource, found in refused.items() for index in found)
+        for window_id, count in moved.items():
+            if window_id in windows:
+                windows[window_id].records -= count
+                windows[window_id].rejects += count
+        rows = {
+            resource: [row for index, row in enumerate(rows) if index not in refused.get(resource, {})]
+            for resource, rows in self.rows.items()
+        }
+        new_rejects = [(resource, reject) for resource, found in refused.items() for reject in found.values()]
+        return dataclasses.replace(self, rows=rows, rejects=self.rejects + new_rejects, windows=windows, row_windows={})
 
 
 class Store:
@@ -277,27 +328,87 @@ class Store:
 
     # -- the load ------------------------------------------------------------------------------------
 
-    async def commit(self, batch: LoadBatch, run_id: int) -> None:
-        """Rows, rejects, window progress and watermarks of one batch, in one transaction."""
+    async def commit(self, batch: LoadBatch, run_id: int) -> list[tuple[str, Reject]]:
+        """Rows, rejects, window progress and watermarks of one batch, in one transaction.
+
+        Returns the rows the database refused, now in etl_rejects (none on the normal path), for
+        the caller's counts. Any other failure raises LoadError and commits nothing of the batch.
+        """
         now = utc_now()
+        try:
+            async with self.engine.begin() as connection:
+                for resource, rows in batch.rows.items():
+                    if rows:
+                        await self._write_rows(connection, resource, rows, now, run_id)
+                await self._write_bookkeeping(connection, batch, run_id, now)
+        except DRIVER_ERRORS as exc:
+            if not refused_data(exc):
+                raise database_error(exc, self.engine.url) from exc
+            return await self._commit_refusing(batch, run_id, now)
+        return []
+
+    async def _commit_refusing(self, batch: LoadBatch, run_id: int, now: datetime) -> list[tuple[str, Reject]]:
+        """The batch again, the rows the database refuses alone moved to the rejects; the rest commits as usual."""
         async with self._transaction() as connection:
-            for resource, rows in batch.rows.items():
-                if rows:
-                    await self._write_rows(connection, resource, rows, now, run_id)
-            if batch.rejects:
-                await connection.execute(
-                    insert(rejects),
-                    [
-                        {"run_id": run_id, "resource": resource, "record_key": (reject.key or "")[:255] or None,
-                         "raw": reject.raw, "error": reject.error[:4000], "rejected_at": now}
-                        for resource, reject in batch.rejects
-                    ],
+            await begin_before_savepoints(connection)
+            refused = {
+                resource: await self._refused_rows(connection, resource, rows, now, run_id)
+                for resource, rows in batch.rows.items()
+            }
+            await self._write_bookkeeping(connection, batch.refusing(refused), run_id, now)
+        for resource, found in refused.items():
+            if found:
+                first = next(iter(found.values()))
+                log.warning(
+                    "%s: the database refused %d record(s), now in etl_rejects; the first (key %s): %s",
+                    resource, len(found), first.key, first.error.removeprefix(f"{REFUSED}: "),
                 )
-            for window_id, progress in batch.windows.items():
-                await self._advance_window(connection, window_id, progress, run_id, now)
-            for mark in batch.watermarks:
-                await self._save_watermark(connection, mark, run_id, now)
-            await self._count_in_run(connection, batch, run_id)
+        return [(resource, reject) for resource, found in refused.items() for reject in found.values()]
+
+    async def _refused_rows(
+        self, connection: AsyncConnection, resource: str, rows: list[Row], now: datetime, run_id: int
+    ) -> dict[int, Reject]:
+        """Write the rows in savepoints, halving every set the database refuses; returns the rows it refuses alone.
+
+        One version per key first, so that no key is in two halves. An error that is not about the data
+        (a lost connection, a deadlock) ends the search: it is raised as it is, and nothing commits.
+        """
+        writer = self._writers[resource]
+        index_of = {id(row): index for index, row in enumerate(rows)}
+        refused: dict[int, Reject] = {}
+        pending = [writer.latest(rows)]
+        while pending:
+            part = pending.pop()
+            if not part:
+                continue
+            try:
+                async with connection.begin_nested():
+                    await writer.write(connection, part, now, run_id, again=True)
+            except DRIVER_ERRORS as exc:
+                if not refused_data(exc):
+                    raise
+                if len(part) == 1:
+                    refused[index_of[id(part[0])]] = writer.reject(part[0], exc)
+                else:
+                    pending += [part[len(part) // 2:], part[: len(part) // 2]]
+        return dict(sorted(refused.items()))
+
+    async def _write_bookkeeping(self, connection: AsyncConnection, batch: LoadBatch, run_id: int, now: datetime) -> None:
+        """Everything of the batch but its rows: rejects, window progress, watermarks and the run's counters."""
+        if batch.rejects:
+            await connection.execute(
+                insert(rejects),
+                [
+                    {"run_id": run_id, "resource": resource, "record_key": _storable(reject.key or "", 255) or None,
+                     "raw": reject.raw, "error": _storable(reject.error, 4000), "rejected_at": now}
+                    for resource, reject in batch.rejects
+                ],
+            )
+        for window_id, progress in batch.windows.items():
+            await self._advance_window(connection, window_id, progress, run_id, now)
+        for mark in batch.watermarks:
+            await self._save_watermark(connection, mark, run_id, now)
+        await self._count_in_run(connection, batch, run_id)
 
     @staticmethod
     async def _count_in_run(connection: AsyncConnection, batch: LoadBatch, run_id: int) -> None:
@@ -434,6 +545,7 @@ class RowWriter(ABC):
 
     def __init__(self, dialect: Dialect, resource: ResourceConfig, names: list[str]) -> None:
         self.names = names  # the order in which the statement takes its values
+        self._primary_key = resource.primary_key
         self._key = operator.itemgetter(*resource.primary_key)
         self._cursor = _cursor_column(resource)
         self._stamp = driver_value("datetime", dialect.name) or to_utc
@@ -447,12 +559,21 @@ class RowWriter(ABC):
         }
 
     @abstractmethod
-    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int) -> None:
-        """Upsert the rows inside the caller's transaction."""
+    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
+        """Upsert the rows inside the caller's transaction; `again` when it has written rows before."""
+
+    def latest(self, rows: list[Row]) -> list[Row]:
+        """One row per key, the version an upsert of them all would keep."""
+        return latest_versions(rows, self._key, self._cursor)
+
+    def reject(self, row: Row, refusal: BaseException) -> Reject:
+        """A row the database refused, as a reject: its key as records.Reject gives it, the row as JSON."""
+        key = "|".join(str(row.get(name)) for name in self._primary_key)
+        return Reject(key=key, raw=jsonnumbers.dumps(row).decode(), error=f"{REFUSED}: {driver_message(refusal)}")
 
     def parameters(self, rows: list[Row], now: datetime, run_id: int) -> list[tuple[Any, ...]]:
         """One tuple per key (its latest version) in `names` order, etl's columns included."""
-        rows = latest_versions(rows, self._key, self._cursor)
+        rows = self.latest(rows)
         constants = {LOADED_AT: self._stamp(now), RUN_ID: run_id}
         columns = [
             repeat(constants[name], len(rows)) if name in constants else self._column(rows, name) for name in self.names
@@ -474,7 +595,7 @@ class ExecutemanyWriter(RowWriter):
         super().__init__(dialect, resource, list(compiled.positiontup or []))
         self._sql = str(compiled)
 
-    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int) -> None:
+    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
         await connection.exec_driver_sql(self._sql, self.parameters(rows, now, run_id))
 
 
@@ -488,6 +609,8 @@ class CopyWriter(RowWriter):
     and empties at every commit; its name carries a digest of the columns and
     their types, so a changed table gets a new stage. The first statement goes
     through SQLAlchemy, which opens the transaction the raw COPY then joins.
+    A write `again` in the same transaction (only when rows are isolated after
+    a refusal) empties the stage first: the rows of the last write are still there.
     """
 
     def __init__(self, dialect: Dialect, resource: ResourceConfig, table: Table) -> None:
@@ -502,6 +625,7 @@ class CopyWriter(RowWriter):
             prefixes=["TEMPORARY"], postgresql_on_commit="DELETE ROWS",
         )
         self._create = str(CreateTable(stage, if_not_exists=True).compile(dialect=dialect))
+        self._empty = f"DELETE FROM {dialect.identifier_preparer.quote(self._stage)}"
         source = select(
             *(cast(stage.c[column.name], column.type) if column.name in self._converters else stage.c[column.name]
               for column in declared),
@@ -513,9 +637,11 @@ class CopyWriter(RowWriter):
         self._merge = str(merge)
         self._merge_parameters = list(merge.positiontup or [])
 
-    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int) -> None:
+    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
         records = self.parameters(rows, now, run_id)
         await connection.exec_driver_sql(self._create)
+        if again:
+            await connection.exec_driver_sql(self._empty)
         driver = cast_to(asyncpg.Connection, (await connection.get_raw_connection()).driver_connection)
         await driver.copy_records_to_table(self._stage, records=records, columns=self.names)
         constants = {LOADED_AT: to_utc(now), RUN_ID: run_id}
@@ -530,6 +656,11 @@ def row_writer(dialect: Dialect, resource: ResourceConfig, table: Table) -> RowW
     """
     writer = CopyWriter if dialect.name == "postgresql" else ExecutemanyWriter
     return writer(dialect, resource, table)
+
+
+def _storable(text: str, limit: int) -> str:
+    """Text PostgreSQL can store, within the column's length: a NUL written as the six characters \\u0000."""
+    return text.replace("\x00", "\\u0000")[:limit]
 
 
 def _new_id(result: CursorResult[Any]) -> int:

@@ -9,13 +9,17 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
+from loopback import Handler, serving
 from sqlalchemy import make_url
 
 from etl.demo import demo_document
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
 import tomlwriter
+from dbquery import rows, scalar
 from etlproc import Finished, etl_env, run_etl, write_config
+from refusals import CASES
 
 
 def _free_port() -> int:
@@ -203,3 +207,50 @@ async def test_check_on_an_ascii_terminal_reports_instead_of_crashing(tmp_path: 
     result = await run_etl("--config", str(config), "check", env=etl_env(PYTHONIOENCODING="ascii"))
     assert result.returncode == 5, result.stderr
     assert "UnicodeEncodeError" not in result.stderr and "\\u2718" in result.stdout
+
+
+def _api_with_a_refused_record(dialect: str, records: int, refused_at: int) -> dict[tuple[str, str], Handler]:
+    """Ten records a page; record `refused_at` is one the database refuses though it passes validation."""
+    case = CASES[dialect]
+    served = [case["refused" if n == refused_at else "good"](n) for n in range(1, records + 1)]
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "refusal-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        page = int(request.query["page"])
+        return web.json_response({"data": served[(page - 1) * 10: page * 10]})
+
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/v1/items"): items}
+
+
+@pytest.mark.parametrize("max_rejects", [0, 1])
+@pytest.mark.parametrize("dialect", ["mysql", "postgresql"])
+async def test_a_record_the_database_refuses_is_a_reject_counted_against_max_rejects(
+    dialect: str, max_rejects: int, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A record MariaDB or PostgreSQL refuses (json too deep, a key too large to index) failed every run on it
+    with exit 1 and loaded nothing of its batch. Now it is a reject with the database's reason, the other records
+    load, and it counts against max_rejects like any other reject."""
+    url = await fresh_database(dialect)
+    async with serving(_api_with_a_refused_record(dialect, records=25, refused_at=13)) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["sync"] = {"max_rejects": max_rejects}
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": CASES[dialect]["primary_key"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": CASES[dialect]["columns"],
+        }]
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        result = await run_etl("sync", "--config", str(config))
+
+    assert result.returncode == (1 if max_rejects == 0 else 0), result.stderr
+    assert "items: 24 loaded, 1 rejected" in result.stdout
+    assert "items: the database refused 1 record(s)" in result.stderr
+    assert await scalar(url, "SELECT COUNT(*) FROM items") == 24
+    ((key, error),) = await rows(url, "SELECT record_key, error FROM etl_rejects")
+    assert error.startswith("the database refused this record: ")
+    refused = CASES[dialect]["refused"](13)
+    assert key == "|".join(str(refused[name]) for name in CASES[dialect]["primary_key"])[:255]
+    assert ("CONSTRAINT `items.doc` failed" if dialect == "mysql" else "index row size") in error
+    ((fetched, loaded, rejected),) = await rows(url, "SELECT records_fetched, records_loaded, records_rejected FROM etl_runs")
+    assert (fetched, loaded, rejected) == (25, 24, 1)

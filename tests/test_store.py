@@ -24,6 +24,8 @@ from etl.schema import rejects, resource_table, runs, watermarks, windows
 from etl.store import LoadBatch, Store, Watermark, WindowProgress
 from etl.windows import Window
 
+from refusals import cjk, nested
+
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 TYPES = {
     "id": "integer",
@@ -503,3 +505,171 @@ def test_a_statement_too_large_for_mysql_names_max_allowed_packet(words: str) ->
     error = database_error(OperationalError("INSERT", {}, Exception(words)), "mysql://root@127.0.0.1/test")
     assert "max_allowed_packet" in (error.hint or "") and "credentials" not in str(error) + (error.hint or "")
 
+
+
+# -- rows the database refuses -----------------------------------------------------------------------
+
+DOCS = _resource("docs", {"id": "integer", "doc": "json"})
+CJK_KEYS = _resource("names", {name: "string" for name in ("a", "b", "c", "d")}, primary_key=["a", "b", "c", "d"])
+
+
+def _page_batch(window_id: int, resource: ResourceConfig, records: list[Any]) -> LoadBatch:
+    """One page of `records` validated as the pipeline does, finishing its window."""
+    page = RecordValidator(resource).validate(records)
+    batch = LoadBatch(rejects=[(resource.name, reject) for reject in page.rejects])
+    batch.add_rows(resource.name, window_id, page.rows)
+    batch.windows[window_id] = WindowProgress(pages=1, records=len(page.rows), rejects=len(page.rejects), done=True)
+    return batch
+
+
+async def _refused_case(store: Store, resource: ResourceConfig, records: list[Any]) -> tuple[int, list[Any], Row[Any], Row[Any]]:
+    """Commit the records as one page of a window; returns how many the database refused, the rejects, the window and the run."""
+    run = await _run(store)
+    (window,) = await store.open_windows("sync", resource.name, [Window(T0, T0 + timedelta(days=1))], run, reuse=False)
+    refused = await store.commit(_page_batch(window.id, resource, records), run)
+    async with store.engine.connect() as connection:
+        stored = list(await connection.execute(select(rejects).order_by(rejects.c.id)))
+        progress = (await connection.execute(select(windows).where(windows.c.id == window.id))).one()
+        counters = (await connection.execute(select(runs).where(runs.c.id == run))).one()
+    return len(refused), stored, progress, counters
+
+
+async def test_a_json_value_mariadb_refuses_is_a_reject_and_the_rest_of_the_batch_loads(database_url: str) -> None:
+    """A json value 40 levels deep failed MariaDB's CONSTRAINT check (4025) and with it every batch for ever, exit 1.
+
+    Now it alone is a reject with MariaDB's reason; SQLite and PostgreSQL store it.
+    """
+    records = [{"id": n, "doc": {"n": n}} for n in range(1, 21)] + [{"id": 21, "doc": nested(40)}, {"id": "x"}]
+    async with _store(database_url, DOCS) as store:
+        refused, stored, window, run = await _refused_case(store, DOCS, records)
+        loaded = await _rows(store, DOCS)
+    by_mariadb = database_url.startswith("mysql")
+    assert refused == (1 if by_mariadb else 0)
+    assert len(loaded) == (20 if by_mariadb else 21)
+    assert (window.state, window.records, window.rejects) == ("done", len(loaded), 22 - len(loaded))
+    assert (run.records_fetched, run.records_loaded, run.records_rejected) == (22, len(loaded), 22 - len(loaded))
+    if by_mariadb:
+        refusal = stored[-1]
+        assert (refusal.resource, refusal.record_key, refusal.run_id) == ("docs", "21", run.id)
+        assert refusal.error.startswith("the database refused this record: (4025, 'CONSTRAINT `docs.doc` failed")
+        assert orjson.loads(refusal.raw) == {"id": 21, "doc": nested(40)}
+
+
+async def test_a_composite_key_too_large_for_a_postgresql_index_is_a_reject(fresh_database: Callable[[str], Any]) -> None:
+    """Four 255-character CJK key columns make a 3096-byte index row, over btree's 2704 (SQLSTATE 54000):
+    the record is a reject naming that, the other records of the batch load."""
+    records = [{"a": f"a{n}", "b": "b", "c": "c", "d": "d"} for n in range(7)] + [{k: cjk(i) for i, k in enumerate("abcd")}]
+    async with _store(await fresh_database("postgresql"), CJK_KEYS) as store:
+        refused, stored, window, run = await _refused_case(store, CJK_KEYS, records)
+        loaded = await _rows(store, CJK_KEYS)
+    assert refused == 1 and len(loaded) == 7
+    (refusal,) = stored
+    assert refusal.record_key == "|".join(cjk(i) for i in range(4))[:255]
+    assert refusal.error.startswith("the database refused this record: index row size 3096 exceeds btree version 4 maximum 2704")
+    assert "\n" not in refusal.error
+    assert (window.records, window.rejects, run.records_loaded, run.records_rejected) == (7, 1, 7, 1)
+
+
+async def _forbid(store: Store, table: str, column: str, value: str) -> None:
+    """A rule of the database's own that refuses one value: a CHECK constraint, a trigger on SQLite."""
+    async with store.engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            await connection.exec_driver_sql(
+                f"CREATE TRIGGER no_{table} BEFORE INSERT ON {table} WHEN NEW.{column} = '{value}' "
+                f"BEGIN SELECT RAISE(ABORT, 'the value {value} is forbidden'); END"
+            )
+        else:
+            await connection.exec_driver_sql(f"ALTER TABLE {table} ADD CONSTRAINT no_{table} CHECK ({column} <> '{value}')")
+
+
+async def test_every_refused_row_is_found_across_resources_and_the_rest_commits(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three refused rows among 200 of one resource and one among another's, with a key twice in the batch:
+    each refused row is a reject, every other row, the window progress and the watermark are committed."""
+    plain = _resource("plain", {"id": "integer", "name": "string"})
+    async with _store(database_url, ORDERS, plain) as store:
+        await _forbid(store, "orders", "total", "6.66")
+        await _forbid(store, "plain", "name", "bad")
+        run = await _run(store)
+        window_id = await _window(store, run)
+        orders = [_order(n, "6.66" if n in (3, 150, 151) else "1.00", n) for n in range(1, 201)] + [_order(1, "1.50", 500)]
+        batch = _page_batch(window_id, ORDERS, orders)
+        batch.add_rows("plain", window_id, [{"id": 1, "name": "good"}, {"id": 2, "name": "bad"}])
+        batch.windows[window_id].records += 2
+        batch.watermarks = [Watermark("orders", T0 + timedelta(minutes=500), T0 + timedelta(days=1))]
+        refused = await store.commit(batch, run)
+        loaded = await _rows(store, ORDERS)
+        async with store.engine.connect() as connection:
+            plain_names = [row.name for row in await connection.execute(select(resource_table(plain).c.name))]
+        count, window, mark = await _bookkeeping(store, window_id)
+    assert sorted((name, reject.key) for name, reject in refused) == [("orders", "150"), ("orders", "151"), ("orders", "3"), ("plain", "2")]
+    assert len(loaded) == 197 and loaded[0].total == Decimal("1.50") and plain_names == ["good"]
+    assert (window.state, window.records, window.rejects) == ("done", 199, 4)
+    assert mark is not None and mark.synced_until is not None and count == 197
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [message.split(";")[0] for message in warned] == [
+        "orders: the database refused 3 record(s), now in etl_rejects", "plain: the database refused 1 record(s), now in etl_rejects",
+    ]
+
+
+async def test_a_table_gone_mid_run_fails_the_batch_without_looking_for_a_row(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renamed table is no record's fault: the batch fails (exit 1) as before, and nothing of it is committed."""
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        window_id = await _window(store, run)
+        async with store.engine.begin() as connection:
+            await connection.exec_driver_sql("ALTER TABLE orders RENAME TO orders_old")
+
+        async def no_isolation(*_args: Any) -> None:
+            raise AssertionError("rows were isolated for an error that is not about them")
+
+        monkeypatch.setattr(Store, "_refused_rows", no_isolation, raising=False)
+        with pytest.raises(LoadError, match="refused a statement") as failed:
+            await store.commit(_finishing_batch(window_id), run)
+        async with store.engine.connect() as connection:
+            window = (await connection.execute(select(windows).where(windows.c.id == window_id))).one()
+            stored = (await connection.execute(select(func.count()).select_from(rejects))).scalar_one()
+    assert failed.value.exit_code == 1
+    assert (window.state, window.records, stored) == ("pending", 0, 0)
+
+
+async def test_a_nul_in_a_rejects_key_is_stored_as_text(database_url: str) -> None:
+    """PostgreSQL cannot store U+0000: a key holding one is written with the six characters \\u0000."""
+    async with _store(database_url, ORDERS) as store:
+        await _load(store, ORDERS, [{"id": "7\x00", "total": "1", "updated_at": "2024-05-01"}], await _run(store))
+        async with store.engine.connect() as connection:
+            (reject,) = list(await connection.execute(select(rejects)))
+    assert reject.record_key == "7\\u0000"
+
+
+async def test_a_failure_after_the_refused_rows_were_found_commits_nothing(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The savepoints live inside one transaction: rows written in them are gone if the batch fails after them.
+
+    On SQLite a first SAVEPOINT outside a transaction begins one of its own, which its RELEASE commits:
+    the rows of `plain`, written first and refused nothing, were committed without the rest of the batch.
+    """
+    plain = _resource("plain", {"id": "integer", "name": "string"})
+    async with _store(database_url, plain, ORDERS) as store:
+        await _forbid(store, "orders", "total", "6.66")
+        run = await _run(store)
+        window_id = await _window(store, run)
+        batch = LoadBatch()
+        batch.add_rows("plain", window_id, [{"id": 1, "name": "good"}])
+        batch.add_rows("orders", window_id, RecordValidator(ORDERS).validate([_order(1, "1.00", 1), _order(2, "6.66", 2)]).rows)
+        batch.windows[window_id] = WindowProgress(pages=1, records=3, done=True)
+
+        async def fail(*_args: Any) -> None:
+            raise LoadError("injected failure after the rows")
+
+        monkeypatch.setattr(Store, "_count_in_run", fail)
+        with pytest.raises(LoadError, match="injected"):
+            await store.commit(batch, run)
+        count, window, _mark = await _bookkeeping(store, window_id)
+        async with store.engine.connect() as connection:
+            plain_rows = (await connection.execute(select(func.count()).select_from(resource_table(plain)))).scalar_one()
+    assert (plain_rows, count, window.state) == (0, 0, "pending")
