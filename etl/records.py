@@ -205,7 +205,7 @@ class RecordValidator:
             raise
 
     def _reject(self, record: Any, messages: list[str]) -> Reject:
-        return Reject(key=self._key_of(record), raw=raw_json(record), error=storable_text("; ".join(messages)))
+        return Reject(key=self._key_of(record), raw=raw_json(record), error="; ".join(messages))
 
     def _key_of(self, record: Any) -> str | None:
         """The primary key as text (`1|2` for composite keys), when the record has all of it."""
@@ -214,7 +214,7 @@ class RecordValidator:
         parts = [dig(record, self.resource.columns[name].source or name) for name in self.resource.primary_key]
         if any(part is None for part in parts):
             return None
-        return storable_text("|".join(str(part) for part in parts))
+        return "|".join(str(part) for part in parts)
 
     def _max_cursor(self, rows: list[dict[str, Any]], records: list[Any]) -> Any:
         """The highest cursor value of the page: the column's typed value, or the raw field parsed as a datetime."""
@@ -323,12 +323,6 @@ def _holds_null(body: Any, dotted: str) -> bool:
     parent_path, _, key = dotted.rpartition(".")
     parent = dig(body, parent_path) if parent_path else body
     return isinstance(parent, dict) and key in parent
-
-
-def storable_text(text: str) -> str:
-    """The text with U+0000 and lone surrogates as their escapes: PostgreSQL stores neither, and a
-    reject's key or error that the database refuses would fail the batch of every run."""
-    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")
 
 
 def raw_json(record: Any) -> str:

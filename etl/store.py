@@ -659,8 +659,9 @@ def row_writer(dialect: Dialect, resource: ResourceConfig, table: Table) -> RowW
 
 
 def _storable(text: str, limit: int) -> str:
-    """Text PostgreSQL can store, within the column's length: a NUL written as the six characters \\u0000."""
-    return text.replace("\x00", "\\u0000")[:limit]
+    """Text every database stores, within the column's length: U+0000 and a lone surrogate as their
+    escapes (\\u0000, \\ud800). A reject's key or error the database refused failed the batch of every run."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")[:limit]
 
 
 def _new_id(result: CursorResult[Any]) -> int:
