@@ -37,7 +37,15 @@ class ResourcePlan:
 
 
 async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: datetime, lag: timedelta) -> ResourcePlan:
+    """From the watermark less lookback (or `start`) to now less lag, taking up where a stopped sync left off.
+
+    The windows of a sync that stopped early are planned again as they were, from its first unfinished
+    one: a window it was in the middle of resumes at its next page, and one it finished is not read
+    again unless it finished within lag + lookback of its end (records stamped in it may have arrived
+    since). A sync longer than its slot still gets further each night.
+    """
     base = await store.watermark(resource.name)
+    resumed: list[tuple[datetime, datetime]] = []
     if resource.filter is None:
         planned = [FULL_REFRESH]
     else:
@@ -45,10 +53,29 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
         assert resource.start is not None  # the config requires it with a filter
         start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
         end = floor_to(now - lag, step)
-        planned = _cut(start, end, resource.window, step, f"resources.{resource.name}.window") if start < end else []
+        resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
+        planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
+    if resumed:
+        log.info("%s: taking up the %d windows from %s on that an earlier sync left unfinished",
+                 resource.name, len(resumed), isoformat_utc(resumed[0][0]))
+    windows = await store.open_windows(
+        "sync", resource.name, planned, run_id, reuse=bool(resumed), only={Window(*bounds) for bounds in resumed},
+        settled_after=lag + resource.lookback,
+    )
     await store.supersede_windows("sync", resource.name, run_id)
-    windows = await store.open_windows("sync", resource.name, planned, run_id, reuse=False)
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
+
+
+def _around(
+    resumed: list[tuple[datetime, datetime]], start: datetime, end: datetime, size: timedelta, step: timedelta, key: str
+) -> list[Window]:
+    """`[start, end)` cut into windows, keeping the resumed ones as they are (they follow on from each other)."""
+    if not resumed:
+        return _cut(start, end, size, step, key) if start < end else []
+    (first, _), (_, last) = resumed[0], resumed[-1]
+    before = _cut(start, first, size, step, key) if start < first else []
+    after = _cut(last, end, size, step, key) if last < end else []
+    return before + [Window(*bounds) for bounds in resumed] + after
 
 
 async def plan_backfill(

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from typing import Any
 from typing import cast as cast_to
@@ -263,8 +263,39 @@ class Store:
             return None
         return Watermark(resource, cursor_from_text(row.watermark), row.synced_until)
 
-    async def open_windows(self, kind: str, resource: str, planned: list[Window], run_id: int, reuse: bool) -> list[WindowRecord]:
-        """etl_windows rows for the planned windows; with `reuse`, rows of an earlier run of the same plan are taken up."""
+    async def unfinished_sync(self, resource: str) -> list[tuple[datetime, datetime]]:
+        """The windows of the last sync plan from its first unfinished one on, when that sync stopped early.
+
+        They follow on from each other: a window is followed by the newest one starting where it ends,
+        so older plans that left windows on the same dates do not interleave with it.
+        """
+        async with self.engine.connect() as connection:
+            stored = list(await connection.execute(
+                select(windows.c.id, windows.c.window_start, windows.c.window_end, windows.c.state)
+                .where(windows.c.kind == "sync", windows.c.resource == resource, windows.c.state != "superseded",
+                       windows.c.window_start.is_not(None), windows.c.window_end.is_not(None))
+                .order_by(windows.c.id)
+            ))
+        unfinished = [row.window_start for row in stored if row.state != "done"]
+        if not unfinished:
+            return []
+        following = {row.window_start: row.window_end for row in stored}  # by id: the newest wins
+        chain, start = [], min(unfinished)
+        while start in following and following[start] > start:
+            chain.append((start, following[start]))
+            start = following[start]
+        return chain
+
+    async def open_windows(
+        self, kind: str, resource: str, planned: list[Window], run_id: int, reuse: bool, only: set[Window] | None = None,
+        settled_after: timedelta = timedelta(0),
+    ) -> list[WindowRecord]:
+        """etl_windows rows for the planned windows; with `reuse`, rows of an earlier run of the same plan are taken up.
+
+        `only` limits what is taken up to those windows, and a finished one is taken up (not read again)
+        only when it finished at least `settled_after` after its end: a sync's window finished too close to
+        its end may since have received records stamped within it, which a sync's lookback is there for.
+        """
         existing: dict[Window, Any] = {}
         async with self._transaction() as connection:
             if reuse and planned:
@@ -274,7 +305,10 @@ class Store:
                 else:  # a full refresh: an unfinished one resumes; a finished one is not this load, which reads everything again
                     query = query.where(windows.c.window_start.is_(None), windows.c.state.not_in(("done", "superseded")))
                 for stored in await connection.execute(query.order_by(windows.c.id)):
-                    existing[Window(stored.window_start, stored.window_end)] = stored
+                    window = Window(stored.window_start, stored.window_end)
+                    existing.pop(window, None)  # the newest row of a window decides
+                    if only is None or window in only and _resumable(stored, settled_after):
+                        existing[window] = stored
             records = []
             now = utc_now()
             for window in planned:
@@ -459,6 +493,13 @@ class Store:
                 yield connection
         except DRIVER_ERRORS as exc:
             raise database_error(exc, self.engine.url) from exc
+
+
+def _resumable(row: Any, settled_after: timedelta) -> bool:
+    """An unfinished window, or one finished at least `settled_after` past its end."""
+    if row.state == "superseded":
+        return False
+    return row.state != "done" or row.window_end is None or row.updated_at >= row.window_end + settled_after
 
 
 def _older(candidate: Any, current: Any) -> bool:

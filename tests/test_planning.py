@@ -9,7 +9,7 @@ from sqlalchemy import select
 from etl.config import config_from_document
 from etl.db import create_engine
 from etl.demo import demo_document
-from etl.planning import WatermarkTracker, plan_backfill
+from etl.planning import WatermarkTracker, plan_backfill, plan_sync
 from etl.schema import windows
 from etl.store import LoadBatch, Store, Watermark, WindowProgress, WindowRecord
 from etl.windows import Window
@@ -98,3 +98,54 @@ async def test_a_full_refresh_backfill_resumes_an_unfinished_one_and_leaves_no_o
         await engine.dispose()
     assert states == {killed.id: "superseded", restarted.id: "done", fresh.id: "pending"}
 
+
+
+async def test_a_sync_stopped_early_is_taken_up_where_it_stopped(database_url: str) -> None:
+    """A sync stopped in the middle of a window was planned afresh: every window read again from its first page,
+    so a sync longer than its slot never got further. Now the next sync keeps the stopped one's windows: a
+    finished one is not read again, the one it was in resumes at its next page, and the rest follow."""
+    orders = _orders().model_copy(update={"start": T0, "window": DAY, "lookback": timedelta(hours=1)})
+    now, lag = T0 + 5 * DAY + timedelta(hours=6), timedelta(minutes=5)
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([orders], auto_migrate=True)
+        stopped = await store.start_run("sync", {}, ["orders"])
+        first = await plan_sync(store, orders, stopped, now, lag)
+        day1, day2, day3 = (window.id for window in first.windows[:3])
+        await store.commit(LoadBatch(
+            windows={day1: WindowProgress(pages=3, records=300, done=True), day3: WindowProgress(pages=2, records=150, done=True),
+                     day2: WindowProgress(pages=5, records=500, position={"page": 6, "page_size": 100})},
+            watermarks=[Watermark("orders", T0 + timedelta(hours=23), T0 + DAY)],
+        ), stopped)
+        await store.finish_run(stopped, "interrupted", {}, None)
+
+        again = await plan_sync(store, orders, await store.start_run("sync", {}, ["orders"]), now + timedelta(hours=1), lag)
+    finally:
+        await engine.dispose()
+    lookback = Window(T0 + DAY - timedelta(hours=1), T0 + DAY)
+    assert [window.window for window in again.windows][:6] == [lookback] + [window.window for window in first.windows][1:6]
+    assert [(window.id, window.state) for window in again.windows[1:3]] == [(day2, "running"), (day3, "done")]
+    assert again.windows[1].position == {"page": 6, "page_size": 100}
+    assert [window.state for window in again.pending] == ["pending", "running", "pending", "pending", "pending", "pending"]
+    assert again.windows[-1].window.end == T0 + 5 * DAY + timedelta(hours=7) - timedelta(minutes=5)
+
+
+async def test_a_window_finished_within_lookback_of_its_end_is_read_again(database_url: str) -> None:
+    """A window finished minutes after its end may since have received records stamped within it: the sync that
+    takes up the stopped one reads it again, as a sync's lookback would have."""
+    orders = _orders().model_copy(update={"start": T0, "window": timedelta(hours=1)})
+    now = datetime.now(UTC).replace(microsecond=0)
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([orders], auto_migrate=True)
+        stopped = await store.start_run("sync", {}, ["orders"])
+        orders = orders.model_copy(update={"start": now - timedelta(hours=3)})
+        first = await plan_sync(store, orders, stopped, now, timedelta(minutes=5))
+        last = first.windows[-1]
+        await store.commit(LoadBatch(windows={last.id: WindowProgress(pages=1, done=True)}), stopped)
+        again = await plan_sync(store, orders, await store.start_run("sync", {}, ["orders"]), now, timedelta(minutes=5))
+    finally:
+        await engine.dispose()
+    assert again.windows[-1].window == last.window and again.windows[-1].state == "pending" and again.windows[-1].id != last.id

@@ -344,6 +344,29 @@ async def test_sync_windows_left_by_an_interrupted_sync_are_superseded_by_the_ne
     assert "unfinished windows:\n  none" in status.stdout
 
 
+async def test_a_sync_stopped_mid_way_is_continued_not_started_again(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A sync stopped a third of the way, then another: together they fetch hardly more pages than one whole sync
+    into an empty database. The second fetched every page again (it planned afresh), so a sync longer than its
+    slot never ended."""
+    url, whole_url = await fresh_database("sqlite"), await fresh_database("sqlite")
+    (tmp_path / "whole").mkdir()
+    async with Simulator(_settings(orders=6000, delay_ms=40)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2}, sync={"max_rejects": 1000})
+        process = await start_etl("sync", "--config", str(config))
+        while sim.counters.pages_served.get("orders", 0) < 30:
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process)
+        again = await run_etl("sync", "--config", str(config))
+        both = sim.counters.pages_served["orders"]
+        whole = await run_etl("sync", "--config", str(write_config(tmp_path / "whole", sim, whole_url, resources=["orders"],
+                                                                    sync={"max_rejects": 1000})))
+        one_sync = sim.counters.pages_served["orders"] - both
+    assert stopped.returncode == 1 and again.returncode == 0 and whole.returncode == 0, again.stderr
+    assert both <= one_sync + 8, f"stopped and continued: {both} pages; one whole sync: {one_sync}"
+    assert {row[0] for row in sqlite_rows(url, "SELECT id FROM orders")} == _valid_keys(sim)
+
+
 async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """An API answering 429 with Retry-After: 30 held a stopped run in its waits for minutes; the stop must end them."""
     url = await fresh_database("sqlite")
