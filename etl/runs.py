@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from etl.config import Config, ResourceConfig
 from etl.db import create_engine
-from etl.durations import isoformat_utc
+from etl.durations import format_duration, isoformat_utc
 from etl.errors import EtlError
 from etl.locks import ResourceLocks
 from etl.logs import redact, run_id_var
@@ -74,7 +74,8 @@ async def backfill(
     def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
         return plan_backfill(store, resource, run_id, start, end, window, restart, settled)
 
-    arguments = {"from": start.isoformat(), "to": end.isoformat(), "resources": names or [], "window": str(window or ""), "restart": restart}
+    arguments = {"from": isoformat_utc(start), "to": isoformat_utc(end), "resources": names or [],
+                 "window": format_duration(window) if window else "", "restart": restart}
     return await execute(config, "backfill", arguments, select_resources(config, names), plan, stop, progress)
 
 

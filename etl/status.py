@@ -5,12 +5,13 @@ It reads etl's tables only: it never contacts the API or the token endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -39,14 +40,17 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
         async with engine.connect() as connection:
             recent = await connection.execute(select(runs).order_by(runs.c.id.desc()).limit(RECENT_RUNS))
             marks = await connection.execute(select(watermarks).order_by(watermarks.c.resource))
+            # a window "running" in the table whose run has ended was stopped mid-way: it resumes at its next page
+            state = case((and_(windows.c.state == "running", runs.c.status != "running"), "stopped"), else_=windows.c.state)
             open_windows = await connection.execute(
                 select(
-                    windows.c.resource, windows.c.kind, windows.c.state, func.count().label("count"),
+                    windows.c.resource, windows.c.kind, state.label("state"), func.count().label("count"),
                     func.min(windows.c.window_start).label("first_start"), func.max(windows.c.window_end).label("last_end"),
                 )
+                .select_from(windows.outerjoin(runs, runs.c.id == windows.c.run_id))
                 .where(windows.c.state.not_in(["done", "superseded"]))
-                .group_by(windows.c.resource, windows.c.kind, windows.c.state)
-                .order_by(windows.c.resource, windows.c.kind, windows.c.state)
+                .group_by(windows.c.resource, windows.c.kind, state)
+                .order_by(windows.c.resource, windows.c.kind, state)
             )
             reject_counts = await connection.execute(
                 select(rejects.c.resource, func.count().label("count"), func.max(rejects.c.run_id).label("last_run"))
@@ -95,7 +99,21 @@ def _run_line(run: dict[str, Any]) -> str:
         f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"
         f"  rejected {run['records_rejected']}  token requests {run['token_requests']}"
     )
+    if run["command"] == "backfill":
+        line += f"\n         {_backfill_flags(run['arguments'])}"
     return line + (f"\n         error: {run['error'].splitlines()[0]}" if run["error"] else "")
+
+
+def _backfill_flags(arguments: str) -> str:
+    """A backfill's interval as its flags: the same flags resume it (another --window plans other windows)."""
+    try:
+        given = json.loads(arguments)
+        flags = [f"--from {given['from']}", f"--to {given['to']}"]
+    except (ValueError, TypeError, KeyError):
+        return f"arguments: {arguments}"
+    flags += [f"--window {given['window']}"] if given.get("window") else []
+    flags += [f"--resource {name}" for name in given.get("resources") or []]
+    return " ".join(flags)
 
 
 def format_status(report: StatusReport) -> str:

@@ -7,6 +7,7 @@ terminal versus pipe output, JSON logs and status.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pty
 import signal
@@ -365,6 +366,25 @@ async def test_a_sync_stopped_mid_way_is_continued_not_started_again(tmp_path: P
     assert stopped.returncode == 1 and again.returncode == 0 and whole.returncode == 0, again.stderr
     assert both <= one_sync + 8, f"stopped and continued: {both} pages; one whole sync: {one_sync}"
     assert {row[0] for row in sqlite_rows(url, "SELECT id FROM orders")} == _valid_keys(sim)
+
+
+async def test_status_after_a_stopped_backfill_says_stopped_and_how_to_resume(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """The windows of a backfill stopped mid-way were listed as "running" long after its run ended, and nothing
+    said which --from/--to/--window would resume it (another --window plans other windows and reads all again)."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(orders=6000, delay_ms=40)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2}, sync={"max_rejects": 1000})
+        process = await start_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "2d")
+        while sim.counters.pages_served.get("orders", 0) < 10:
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process)
+        status = await run_etl("status", "--config", str(config))
+    assert stopped.returncode == 1
+    unfinished = status.stdout.split("unfinished windows:")[1].split("rejected records")[0]
+    assert "backfill stopped" in unfinished and "running" not in unfinished, status.stdout
+    assert "--from 2024-01-01T00:00:00Z --to 2024-01-11T00:00:00Z --window 2d\n" in status.stdout
+    assert json.loads(sqlite_rows(url, "SELECT arguments FROM etl_runs")[0][0])["window"] == "2d"
 
 
 async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
