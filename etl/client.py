@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,7 @@ class ApiClient:
         """One request on the wire; the caller holds its concurrency slot and took its rate-limit share."""
         self._counters.requests += 1
         headers = {**self._static_headers, "Authorization": token.authorization()}
+        sent = time.monotonic()
         try:
             async with self._session.get(
                 request.url, params=request.params, headers=headers, proxy=proxy_for(request.url)
@@ -158,6 +160,8 @@ class ApiClient:
                 body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise translate(exc, request.page_url()) from exc
+        if log.isEnabledFor(logging.DEBUG):  # -v: every request, for an API that behaves oddly
+            log.debug("GET %s -> %d, %d bytes in %.0f ms", display_url(resp.url), resp.status, len(body), (time.monotonic() - sent) * 1000)
         return verdict(resp, body)
 
     def _log_retry(self, state: RetryCallState) -> None:

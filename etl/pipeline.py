@@ -464,7 +464,10 @@ class Pipeline:
         if batch.is_empty():
             return
         batch.token_requests = self.token_requests
+        started = time.monotonic()
         refused = await asyncio.shield(self.store.commit(batch, self.run_id))
+        log.debug("committed %d rows, %d rejects and the progress of %d windows in %.0f ms",
+                  batch.row_count, len(batch.rejects) + len(refused), len(batch.windows), (time.monotonic() - started) * 1000)
         moved = Counter(name for name, _reject in refused)
         for name, rows in batch.rows.items():
             self.stats[name].loaded += len(rows) - moved[name]

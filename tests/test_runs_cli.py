@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import pty
+import re
 import signal
 import sqlite3
 import sys
@@ -263,6 +264,10 @@ async def test_json_logs_are_one_object_per_line_with_run_resource_and_window(
     # -v is for etl's own detail: aiosqlite logged every statement at DEBUG, ~200 lines per run
     foreign = [event for event in events if not event["logger"].startswith("etl") and event["level"] == "debug"]
     assert not foreign, foreign[:3]
+    # and it shows etl's detail: each request and each commit (it printed nothing more than without -v)
+    debug = [event["message"] for event in events if event["level"] == "debug"]
+    assert any(re.fullmatch(r"GET http://127\.0\.0\.1:\d+/api/v1/orders\?.* -> 200, \d+ bytes in \d+ ms", line) for line in debug), debug[:5]
+    assert any(line.startswith("committed ") for line in debug), debug[:5]
 
 
 async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_api(
