@@ -53,7 +53,8 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
                 .order_by(windows.c.resource, windows.c.kind, state)
             )
             reject_counts = await connection.execute(
-                select(rejects.c.resource, func.count().label("count"), func.max(rejects.c.run_id).label("last_run"))
+                select(rejects.c.resource, func.count().label("count"), func.count(rejects.c.record_key.distinct()).label("keys"),
+                       func.max(rejects.c.run_id).label("last_run"))
                 .group_by(rejects.c.resource)
                 .order_by(rejects.c.resource)
             )
@@ -131,6 +132,7 @@ def format_status(report: StatusReport) -> str:
         for group in report.unfinished_windows
     ])
     lines += _section("rejected records (etl_rejects):", [
-        f"  {group['resource']:<20} {group['count']:>7}  (latest in run #{group['last_run']})" for group in report.rejects
+        f"  {group['resource']:<20} {group['count']:>7}  ({group['keys']} distinct keys; latest in run #{group['last_run']})"
+        for group in report.rejects
     ])
     return "\n".join(lines)

@@ -275,8 +275,9 @@ async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_a
 ) -> None:
     url = await fresh_database("sqlite")
     async with Simulator() as sim:
-        config = write_config(tmp_path, sim, url, resources=["orders"])
+        config = write_config(tmp_path, sim, url, resources=["orders"], sync={"max_rejects": 1000})
         await run_etl("sync", "--config", str(config))
+        await run_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11")
         requests_before = sim.counters.api_requests + sim.counters.token_requests
         result = await run_etl("status", "--config", str(config))
         requests_after = sim.counters.api_requests + sim.counters.token_requests
@@ -284,7 +285,10 @@ async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_a
     assert requests_after == requests_before
     assert "#1" in result.stdout and "succeeded" in result.stdout
     assert "orders" in result.stdout and "highest cursor 2024-01-1" in result.stdout
-    assert "rejected records" in result.stdout
+    # each run that reads a bad record rejects it again: status tells the rows from the records
+    rejected, keys = sqlite_rows(url, "SELECT COUNT(*), COUNT(DISTINCT record_key) FROM etl_rejects")[0]
+    assert 0 < keys < rejected
+    assert f"{rejected}  ({keys} distinct keys; latest in run #2)" in result.stdout.split("rejected records")[1]
 
 
 @pytest.mark.parametrize("flags", [("--from", "2024-01-05", "--to", "2024-01-01"), ("--from", "yesterday", "--to", "2024-01-01")])
