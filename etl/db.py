@@ -7,10 +7,13 @@ its password hidden.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiosqlite
 import asyncpg
 from sqlalchemy import URL, Connection, event, make_url, text
 from sqlalchemy import inspect as inspect_schema
@@ -103,15 +106,34 @@ def create_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite gets WAL and a busy timeout so a reader never blocks a run."""
     target = async_url(url)
     options: dict[str, Any] = {"json_serializer": json_text, "pool_pre_ping": target.get_backend_name() != "sqlite"}
-    if target.get_backend_name() == "sqlite":
-        options["connect_args"] = {"timeout": 60}
     try:
+        if target.get_backend_name() == "sqlite":
+            connect_args = target.get_dialect()().create_connect_args(target)
+            options["async_creator"] = lambda: _open_sqlite(*connect_args)
         engine = create_async_engine(target, **options)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"{database_url_key()}: {safe_url(target)}: {exc}") from None
     if target.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+async def _open_sqlite(args: Sequence[Any], kwargs: Mapping[str, Any]) -> aiosqlite.Connection:
+    """An aiosqlite connection that, when it cannot be opened, lets its thread end before the error goes on.
+
+    aiosqlite (0.22) answers a failed open by queueing its thread's stop without awaiting it: when
+    the error ended the run, the loop closed first and the thread died on "Event loop is closed",
+    its traceback printed straight to stderr, between the JSON lines of `--log-format json`.
+    """
+    connection = aiosqlite.connect(*args, **{**kwargs, "timeout": 60})
+    worker = connection._thread
+    worker.daemon = True  # as SQLAlchemy's own aiosqlite connect does: a stuck file never holds up the exit
+    try:
+        return await connection
+    except BaseException:
+        if worker.is_alive():
+            await asyncio.shield(asyncio.to_thread(worker.join, 5))
+        raise
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -189,6 +190,20 @@ async def test_exit_1_with_a_hint_when_the_postgresql_database_does_not_exist(
     url = make_url(await fresh_database("postgresql")).set(database="etl_no_such_database")
     result = await _run_against_database(tmp_path, url.render_as_string(hide_password=False), *command)
     _assert_one_clean_database_error(result, 'database "etl_no_such_database" does not exist')
+
+
+async def test_a_missing_sqlite_directory_leaves_every_stderr_line_json_run_after_run(tmp_path: Path) -> None:
+    """aiosqlite's worker thread sometimes outlived the event loop after the failed open (4 runs in 15) and
+    printed its traceback straight to stderr, between the JSON lines."""
+    document = demo_document({"url": "sqlite:///no-such-directory/etl.db"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    commands = [("status",), ("migrate",), ("sync",)] * 4
+    results = await asyncio.gather(*(run_etl("--log-format", "json", *command, "--config", str(config), timeout=60) for command in commands))
+    for result in results:
+        assert result.returncode == 1, result.stderr
+        events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a traceback line is not JSON
+        assert [event["level"] for event in events] == ["error"], result.stderr
+        assert "cannot use the database" in events[0]["message"]
 
 
 async def test_exit_2_for_an_unknown_resource_before_the_interval_is_announced(tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -327,3 +329,17 @@ async def test_adding_a_column_cut_short_leaves_the_table_as_it_was(fresh_databa
 
 def _die(*_args: Any) -> None:
     raise RuntimeError("killed before commit")
+
+
+async def test_a_sqlite_file_that_cannot_be_opened_leaves_no_aiosqlite_thread_behind(tmp_path: Path) -> None:
+    """aiosqlite queued its thread's stop after a failed open without awaiting it: when the error ended the
+    run, the loop closed first and the thread printed "Exception in thread …" to stderr. The error now
+    reaches the caller only once that thread has ended."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'no-such-directory' / 'etl.db'}")
+    try:
+        with pytest.raises(LoadError, match="unable to open database file"):
+            await current_revision(engine)
+        alive = [thread.name for thread in threading.enumerate() if "_connection_worker_thread" in thread.name]
+    finally:
+        await engine.dispose()
+    assert alive == []
