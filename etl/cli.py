@@ -23,7 +23,7 @@ from etl.config import Config, config_path, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
 from etl.logs import setup_logging
-from etl.pipeline import RunOutcome
+from etl.pipeline import GRACE_SECONDS, RunOutcome
 from etl.progress import progress_for_terminal
 
 log = logging.getLogger("etl")
@@ -145,8 +145,13 @@ def stop_on_signals() -> asyncio.Event:
     loop = asyncio.get_running_loop()
 
     def request_stop(signame: str) -> None:
-        if not stop.is_set():
-            log.warning("%s received: finishing the pages in flight, committing, then stopping", signame)
+        if stop.is_set():
+            log.warning(
+                "%s received: already stopping; requests still in flight are cancelled at the latest %.0fs after the stop, "
+                "then what was fetched is committed", signame, GRACE_SECONDS,
+            )
+            return
+        log.warning("%s received: finishing the requests in flight (up to %.0fs), committing, then stopping", signame, GRACE_SECONDS)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

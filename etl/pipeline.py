@@ -203,6 +203,7 @@ class Pipeline:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
         self._tokens: TokenManager | None = None
         self._window_owner: dict[int, str] = {}
+        self._fetching: dict[int, WindowRecord] = {}  # by id, the windows workers are on: named if a stop cuts them short
 
     @property
     def token_requests(self) -> int:
@@ -257,13 +258,8 @@ class Pipeline:
             for n in range(min(self.config.api.concurrency, len(jobs)))
         ]
         workers_done = asyncio.gather(*workers)
-        await asyncio.wait([loader, workers_done], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
-        if loader.done():  # the loader only ends early when the database failed
-            workers_done.cancel()
-            await asyncio.gather(workers_done, return_exceptions=True)
-            return
         try:
-            await self._wait_for_workers(workers_done)
+            await self._wait_for_workers(workers_done, loader)
         finally:  # even when a worker failed unexpectedly, what is queued is committed
             await self._close_loader(loader)
 
@@ -275,22 +271,34 @@ class Pipeline:
             closing.cancel()
         await loader
 
-    async def _wait_for_workers(self, workers_done: asyncio.Future[Any]) -> None:
-        """Workers finish their current page after a stop; past the grace period they are cancelled."""
-        while not workers_done.done():
-            if self.stop.is_set():
-                try:
-                    await asyncio.wait_for(asyncio.shield(workers_done), GRACE_SECONDS)
-                except TimeoutError:
-                    log.warning("in-flight requests did not finish within %.0fs; abandoning them", GRACE_SECONDS)
-                    workers_done.cancel()
-                    await asyncio.gather(workers_done, return_exceptions=True)
-                break
-            stop_wait = asyncio.create_task(self.stop.wait())
-            await asyncio.wait([workers_done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-        if workers_done.done() and not workers_done.cancelled() and workers_done.exception():
+    async def _wait_for_workers(self, workers_done: asyncio.Future[Any], loader: asyncio.Task[None]) -> None:
+        """Workers run until their windows end or a stop; after a stop, requests in flight get GRACE_SECONDS, then are cancelled.
+
+        A loader that ended early (the database failed) ends them at once: nothing more can be committed.
+        """
+        stopping = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait([workers_done, loader, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not workers_done.done() and not loader.done():
+                await asyncio.wait([workers_done, loader], timeout=GRACE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                if not workers_done.done() and not loader.done():
+                    self._warn_cut_short()
+        finally:
+            stopping.cancel()
+        if not workers_done.done():
+            workers_done.cancel()
+            await asyncio.gather(workers_done, return_exceptions=True)
+        elif not workers_done.cancelled() and workers_done.exception():
             raise workers_done.exception()  # type: ignore[misc]
+
+    def _warn_cut_short(self) -> None:
+        windows = [f"{window.resource} {window.window}" for window in self._fetching.values()]
+        shown = ", ".join(windows[:5]) + (f" and {len(windows) - 5} more" if len(windows) > 5 else "")
+        log.warning(
+            "requests in flight did not finish within the %.0fs grace period after the stop; cancelling them. "
+            "Unfinished, from their last committed page, for the next run: %s",
+            GRACE_SECONDS, shown or "none",
+        )
 
     # -- fetching ----------------------------------------------------------------------------------
 
@@ -305,6 +313,7 @@ class Pipeline:
                 continue
             resource_var.set(resource.name)
             window_var.set(str(window.window))
+            self._fetching[window.id] = window
             try:
                 await self._fetch_window(client, resource, window)
             except Interrupted:
@@ -312,6 +321,8 @@ class Pipeline:
             except EtlError as exc:
                 self._fail(resource, exc)
                 await self._queue.put(_WindowFailed(window, exc))
+            finally:
+                del self._fetching[window.id]
 
     async def _fetch_window(self, client: ApiClient, resource: ResourceConfig, window: WindowRecord) -> None:
         paginator = window_paginator(resource, self.config.api.base_url, window.window)

@@ -25,6 +25,7 @@ import pytest
 
 from etl.config import config_from_document
 from etl.demo import demo_document
+from etl.pipeline import GRACE_SECONDS
 from etl.progress import LiveProgress, NoProgress, progress_for_terminal
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
@@ -169,6 +170,42 @@ async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_comple
     assert status_after_stop[0] == "interrupted"
     assert again.returncode == 0, again.stderr
     assert {row[0] for row in sqlite_rows(url, "SELECT id FROM orders")} == expected
+
+
+async def test_sigterm_cancels_requests_still_in_flight_after_the_grace_period(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A request that takes a minute (timeout_s = 120) held a SIGTERMed run until it came back: the grace never
+    applied. It is now cancelled when the grace is over, with a warning naming the window cut short; what was
+    committed stays, the run is `interrupted`, exit 1; a second signal is acknowledged, not silently ignored."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(orders=20000, delay_ms=100)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"timeout_s": 120, "concurrency": 2})
+        process = await start_etl("sync", "--config", str(config))
+        try:
+            await _wait_for_done_windows(url, process, at_least=1)
+            sim.faults.delay_ms = 60_000
+            await asyncio.sleep(1.5)  # the quick requests are answered and committed; only slow ones are in flight
+            committed = sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0]
+            signalled = asyncio.get_running_loop().time()
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1)
+            process.send_signal(signal.SIGINT)
+            stopped = await finish(process, timeout=GRACE_SECONDS + 10)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        seconds = asyncio.get_running_loop().time() - signalled
+
+    assert stopped.returncode == 1, stopped.stderr
+    assert GRACE_SECONDS - 1 < seconds < GRACE_SECONDS + 5, f"exit {seconds:.1f}s after SIGTERM"
+    assert "SIGTERM received" in stopped.stderr
+    assert "SIGINT received: already stopping" in stopped.stderr
+    assert f"did not finish within the {GRACE_SECONDS:.0f}s grace period" in stopped.stderr
+    assert "orders [20" in stopped.stderr, stopped.stderr  # the window cut short, by its bounds
+    assert sqlite_rows(url, "SELECT status FROM etl_runs") == [("interrupted",)]
+    assert 0 < committed <= sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0]
 
 
 async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
