@@ -379,8 +379,18 @@ def config_path(explicit: str | None) -> Path:
     return Path(explicit or EnvSettings().config or "config.toml")
 
 
+def config_named(explicit: str | None) -> bool:
+    """Whether --config or $ETL_CONFIG names a file, rather than ./config.toml being taken by default."""
+    return bool(explicit or EnvSettings().config)
+
+
 def load_config(path: Path) -> Config:
     """Read, validate and normalise a config file; every failure is a ConfigError."""
+    return config_from_document(read_document(path), path)
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """A config file's TOML document, not yet validated; every failure is a ConfigError."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -388,10 +398,9 @@ def load_config(path: Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_document(document, path)
 
 
 def config_from_document(document: dict[str, Any], path: Path | None = None) -> Config:

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from etl.config import config_from_document, config_path
+from etl.config import config_from_document, config_named, config_path, read_document
 from etl.db import create_engine, safe_url
 from etl.errors import ConfigError
 from etl.pipeline import RunOutcome
@@ -43,10 +43,14 @@ def demo_document(database: dict[str, Any] | None, base_url: str, token_url: str
 
 
 def _user_config(explicit: str | None) -> tuple[dict[str, Any], Path]:
-    """The user's config document, if there is one, and the path its relative file names are beside."""
+    """The user's config document and the path its relative file names are beside.
+
+    With no config named and no ./config.toml, the demo's defaults (./etl.db). A file named by
+    --config or $ETL_CONFIG must exist: a typo would otherwise load the demo into another database.
+    """
     path = config_path(explicit)
-    if path.is_file():
-        return tomllib.loads(path.read_text(encoding="utf-8")), path
+    if config_named(explicit) or path.is_file():
+        return read_document(path), path
     return {}, Path("demo_config.toml")
 
 
@@ -83,9 +87,9 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
     from etl import runs
 
     settings = demo_settings()
+    user, user_path = _user_config(explicit_config)
     async with Simulator(settings) as simulator:
         log.info("simulator serving %s (token endpoint %s)", simulator.base_url, simulator.token_url)
-        user, user_path = _user_config(explicit_config)
         database = user.get("database")
         document = demo_document(database if isinstance(database, dict) else None, simulator.base_url, simulator.token_url)
         config = config_from_document(document, user_path)

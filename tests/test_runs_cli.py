@@ -500,3 +500,24 @@ async def test_demo_refuses_a_database_that_a_real_api_fills(tmp_path: Path, fre
     assert result.returncode == 2, result.stderr
     assert "database.url" in result.stderr and "ETL_DATABASE_URL=sqlite:///demo.db" in result.stderr
     assert [tuple(row) for row in await rows(url, "SELECT command FROM etl_runs")] == [("sync",)]
+
+
+@pytest.mark.parametrize("named_by", ["--config", "$ETL_CONFIG"])
+async def test_demo_with_a_named_config_that_does_not_exist_is_exit_2(tmp_path: Path, named_by: str) -> None:
+    """A typo in --config or $ETL_CONFIG sent the demo, exit 0, into ./etl.db instead of the database the user meant."""
+    missing = tmp_path / "nowhere" / "prod.toml"
+    flags = ("--config", str(missing)) if named_by == "--config" else ()
+    env = etl_env(ETL_CONFIG=str(missing)) if named_by == "$ETL_CONFIG" else etl_env()
+    result = await finish(await start_etl("demo", *flags, env=env, cwd=tmp_path), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"config file {missing} not found" in result.stderr
+    assert "demo: simulator on" not in result.stdout
+    assert not (tmp_path / "etl.db").exists()
+
+
+async def test_demo_without_any_config_loads_into_etl_db_in_the_working_directory(tmp_path: Path) -> None:
+    """README's first command, in a directory with no config.toml and no $ETL_CONFIG: the demo's own defaults."""
+    result = await finish(await start_etl("demo", env=etl_env(), cwd=tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"loading into sqlite:///{tmp_path / 'etl.db'}" in result.stdout
+    assert sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT COUNT(*) FROM orders")[0][0] > 0
