@@ -247,7 +247,11 @@ def report(outcome: RunOutcome) -> int:
             f"{stats.name}: {stats.loaded} loaded, {stats.rejected} rejected, {stats.pages} pages, "
             f"{stats.windows_done}/{stats.windows} windows, {stats.seconds:.1f}s ({rate:,.0f} records/s)"
         )
-        lines.append(line + (f" — FAILED: {stats.error}" if stats.error else ""))
+        if stats.error:
+            line += f" — FAILED: {stats.error}"
+        elif stats.windows_done < stats.windows and outcome.error is not None:
+            line += " — NOT FINISHED: the next run continues it"
+        lines.append(line)
     lines.append(
         f"run {outcome.run_id} {outcome.status} in {outcome.seconds:.1f}s: {outcome.requests} requests, "
         f"{outcome.retries} retried, {outcome.token_requests} token request(s)"

@@ -235,6 +235,7 @@ class Pipeline:
         for stats in self.stats.values():
             stats.finished = stats.finished or time.monotonic()
             self._warn_if_no_cursor(self._plans[stats.name].resource, stats)
+        self._blame_run_wide_cause()
         return self._outcome(time.monotonic() - started)
 
     @staticmethod
@@ -516,6 +517,14 @@ class Pipeline:
             seconds=seconds,
             error_logged=bool(self._errors),  # the run's error is then the first met, logged at ERROR when it happened
         )
+
+    def _blame_run_wide_cause(self) -> None:
+        """A cause that stopped every resource (API or token host down, the database) is the failure of each one it
+        left unfinished, not only of the first to meet it: the others looked merely empty in the summary."""
+        cause = next((error for error in self._errors if isinstance(error, RUN_WIDE_ERRORS)), None)
+        for stats in self.stats.values():
+            if cause is not None and stats.error is None and stats.windows_done < stats.windows:
+                stats.error = cause.message
 
 
 def _stopped_midway(exc: ConnectionFailed) -> EtlError:

@@ -99,6 +99,22 @@ async def test_exit_5_when_nothing_listens(tmp_path: Path, fresh_database: Calla
     assert "cannot connect to" in result.stderr and str(port) in result.stderr
 
 
+async def test_with_the_api_host_down_every_resource_is_marked_failed_in_the_summary(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """One resource said "FAILED: cannot connect"; the others, stopped by the same cause, printed a plain
+    "0 loaded" line that a reader of cron's mail took for an empty but successful load."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, api={"max_retries": 1, "retry_backoff_s": 0.01})
+        config.write_text(config.read_text().replace(sim.base_url, f"http://127.0.0.1:{_free_port()}/api/v1"))
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 5, result.stderr
+    summary = [line for line in result.stdout.splitlines() if not line.startswith("run ")]
+    assert len(summary) == len(sim.settings.all_counts()) > 1, result.stdout
+    assert all("— FAILED: cannot connect to 127.0.0.1" in line for line in summary), result.stdout
+
+
 async def test_an_unreachable_token_endpoint_is_named_as_such_and_reported_once(
     tmp_path: Path, fresh_database: Callable[[str], Any]
 ) -> None:

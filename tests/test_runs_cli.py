@@ -206,6 +206,7 @@ async def test_sigterm_cancels_requests_still_in_flight_after_the_grace_period(
     assert "orders [20" in stopped.stderr, stopped.stderr  # the window cut short, by its bounds
     assert sqlite_rows(url, "SELECT status FROM etl_runs") == [("interrupted",)]
     assert 0 < committed <= sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0]
+    assert "— NOT FINISHED: the next run continues it" in stopped.stdout
 
 
 async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
