@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
-from etl.config import Config, config_path, load_config
+from etl.config import Config, config_path, database_url_key, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
 from etl.logs import setup_logging
@@ -223,12 +223,27 @@ async def _status(args: argparse.Namespace) -> int:
     from etl.status import format_status, read_status
 
     config = _load(args)
+    _require_sqlite_file(config.database.url)
     engine = create_engine(config.database.url)
     try:
         print(format_status(await read_status(engine)))
     finally:
         await engine.dispose()
     return 0
+
+
+def _require_sqlite_file(url: str) -> None:
+    """status only reads: opening a SQLite file that is not there would create it, empty, and report on that."""
+    from etl.db import sqlite_file
+
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        key = database_url_key()
+        where = key if key.startswith("$") else "[database].url (a relative path is beside the config file) or $ETL_DATABASE_URL"
+        raise EtlError(
+            f"there is no database file at {path}",
+            hint=f"check {where}; if it is right, no run has happened yet: a sync or `python -m etl migrate` creates it",
+        )
 
 
 async def _demo(args: argparse.Namespace) -> int:

@@ -223,6 +223,18 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The absolute path of a SQLite URL's file; None for another database, an in-memory one or a `file:` URI."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().absolute()
+
+
 def _is_sqlite(url: str | URL) -> bool:
     """SQLite has no server and no credentials: its hint is about the file."""
     try:

@@ -452,10 +452,26 @@ async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_da
     assert sqlite_rows(url, "SELECT status FROM etl_runs") == [("interrupted",)]
 
 
+@pytest.mark.parametrize("from_env", [False, True], ids=["config", "env"])
+async def test_status_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path, from_env: bool) -> None:
+    """status on a mistyped SQLite path created an empty file and said "etl's tables are not in this database yet", exit 0."""
+    document = demo_document({"url": "sqlite:///typo.db"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    missing = tmp_path / ("env.db" if from_env else "typo.db")
+    env = etl_env(ETL_DATABASE_URL=f"sqlite:///{missing}") if from_env else etl_env()
+    result = await run_etl("status", "--config", str(config), env=env)
+    assert result.returncode == 1, result.stderr
+    assert f"there is no database file at {missing}" in result.stderr
+    assert ("check $ETL_DATABASE_URL" if from_env else "check [database].url") in result.stderr
+    assert "no run has happened yet" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.toml"]
+
+
 async def test_status_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:
     """`etl status | head -1`: the reader leaves before etl writes; stderr must not fill with a BrokenPipeError traceback."""
     document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
     config = tomlwriter.write(tmp_path / "config.toml", document)
+    assert (await run_etl("migrate", "--config", str(config))).returncode == 0  # a database for status to report on
     reader, writer = os.pipe()
     os.close(reader)
     try:
