@@ -13,6 +13,7 @@ import gc
 import io
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +28,9 @@ from etl.pipeline import GRACE_SECONDS, RunOutcome
 from etl.progress import progress_for_terminal
 
 log = logging.getLogger("etl")
+
+VALUE_FLAGS = ("--window", "--from", "--to")
+NEGATIVE_VALUE = re.compile(r"-[0-9P]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tolerate_narrow_encodings()
     setup_logging("json" if _wants_json(argv) else "text", 0)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_attach_negative_values(argv))
     except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code
@@ -99,6 +103,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `etl status | head -1`: the reader has gone; no traceback, now or when Python flushes at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--window -1d` as `--window=-1d`: argparse took `-1d` for an option ("expected one argument"), so the
+    value never reached the check that says what is wrong with it. Only values that start with a digit or an
+    ISO-8601 P after the minus: no option of etl looks like that."""
+    attached: list[str] = []
+    for token in argv:
+        if attached and attached[-1] in VALUE_FLAGS and NEGATIVE_VALUE.match(token):
+            attached[-1] = f"{attached[-1]}={token}"
+        else:
+            attached.append(token)
+    return attached
 
 
 def _tolerate_narrow_encodings() -> None:

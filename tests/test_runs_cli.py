@@ -343,6 +343,16 @@ async def test_backfill_with_an_empty_window_is_exit_2(tmp_path: Path, window: s
     assert result.returncode == 2 and "--window" in result.stderr
 
 
+@pytest.mark.parametrize("window", ["-1d", "-PT1H"])
+async def test_a_negative_window_reaches_the_check_that_names_it(tmp_path: Path, window: str) -> None:
+    """`--window -1d` was argparse's "expected one argument" (it read -1d as an option); `--window=-1d` was not."""
+    flags = ("--from", "2024-01-01", "--to", "2024-01-02", "--window", window)
+    result = await run_etl("backfill", "--config", str(tmp_path / "absent.toml"), *flags, env=etl_env())
+    assert result.returncode == 2, result.stderr
+    assert f"--window: '{window}' is not a duration" in result.stderr
+    assert "expected one argument" not in result.stderr
+
+
 async def test_a_window_that_would_cut_the_interval_into_millions_is_exit_2(tmp_path: Path) -> None:
     """`--window 1s` over a year would plan 31 million windows (and rows of etl_windows) before the first request."""
     document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
