@@ -282,7 +282,7 @@ class TokenManager:
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.info(
+        log.warning(  # as the API's retries: -q, cron's setting, must still show a token endpoint that struggles
             "token request %d to %s failed: %s; retrying in %.2fs",
             state.attempt_number,
             self._host,

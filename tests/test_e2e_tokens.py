@@ -92,3 +92,15 @@ def _env_with_secret(secret: str) -> dict[str, str]:
 
     return etl_env(ETL_CLIENT_SECRET=secret)
 
+
+
+async def test_token_endpoint_retries_are_warnings_that_quiet_mode_shows(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """Token-endpoint retries were logged at INFO, so `-q` (cron) hid them while it showed the API's retries."""
+    url = await fresh_database("sqlite")
+    settings = SimulatorSettings(counts={"orders": 100}, faults=Faults(token_503_count=2))
+    async with Simulator(settings) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"retry_backoff_s": 0.01})
+        result = await run_etl("-q", "sync", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "WARNING token request 1 to 127.0.0.1 failed" in result.stderr
+    assert "WARNING token request 2 to 127.0.0.1 failed" in result.stderr
