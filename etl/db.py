@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 import asyncpg
@@ -223,16 +224,23 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The absolute path of a SQLite URL's file; None for another database, an in-memory one or a `file:` URI."""
+def sqlite_file(url: str | URL) -> Path | None:
+    """The absolute path of a SQLite database's file; None for another database or an in-memory one.
+
+    A URI filename (`sqlite:///file:/srv/etl.db?uri=true`) names its file after `file:`.
+    """
     try:
-        parsed = make_url(url)
+        parsed = url if isinstance(url, URL) else make_url(url)
     except ArgumentError:
         return None
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite":
         return None
-    return Path(database).expanduser().absolute()
+    if database.startswith("file:"):
+        database = unquote(urlsplit(database).path)
+    if not database or database == ":memory:" or parsed.query.get("mode") == "memory":
+        return None
+    return Path(database).absolute()
 
 
 def _is_sqlite(url: str | URL) -> bool:

@@ -14,12 +14,11 @@ import os
 from pathlib import Path
 from types import TracebackType
 from typing import IO
-from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from etl.db import DRIVER_ERRORS, database_error
+from etl.db import DRIVER_ERRORS, database_error, sqlite_file
 from etl.durations import isoformat_utc
 from etl.errors import LockHeld
 from etl.schema import runs
@@ -29,12 +28,6 @@ def _advisory_key(resource: str) -> int:
     """A stable signed 64-bit key for pg_try_advisory_lock."""
     digest = hashlib.blake2b(f"etl:{resource}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-def sqlite_file(database: str) -> str:
-    """The file a SQLite database names: an URI filename (`sqlite:///file:/srv/etl.db?uri=true`) is
-    `file:` and a path, which as a path of its own put the lock under ./file:/srv/."""
-    return unquote(urlsplit(database).path) if database.startswith("file:") else database
 
 
 def _mysql_name(database: str, resource: str) -> str:
@@ -88,8 +81,8 @@ class ResourceLocks:
         return self._connection
 
     def _flock(self, resource: str) -> bool:
-        database = sqlite_file(self._engine.url.database or "")
-        if not database or database == ":memory:":
+        database = sqlite_file(self._engine.url)
+        if database is None:
             return True
         directory = Path(os.path.realpath(database) + ".locks")  # one lock per file, however a symlink names it
         directory.mkdir(exist_ok=True)
