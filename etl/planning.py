@@ -45,16 +45,18 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
     since). A sync longer than its slot still gets further each night.
     """
     base = await store.watermark(resource.name)
-    resumed: list[tuple[datetime, datetime]] = []
-    if resource.filter is None:
-        planned = [FULL_REFRESH]
-    else:
-        step = granularity(resource.filter.format)
-        assert resource.start is not None  # the config requires it with a filter
-        start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
-        end = floor_to(now - lag, step)
-        resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
-        planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
+    if resource.filter is None:  # one window: an unfinished one is taken up at its next page
+        windows = await store.open_windows("sync", resource.name, [FULL_REFRESH], run_id, reuse=True)
+        await store.supersede_windows("sync", resource.name, run_id)
+        return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
+    step = granularity(resource.filter.format)
+    assert resource.start is not None  # the config requires it with a filter
+    start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
+    end = floor_to(now - lag, step)
+    resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
+    if any(floor_to(bound, step) != bound for bounds in resumed for bound in bounds):
+        resumed = []  # cut for another filter format: the API could not be asked for them as they are
+    planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
     if resumed:
         log.info("%s: taking up the %d windows from %s on that an earlier sync left unfinished",
                  resource.name, len(resumed), isoformat_utc(resumed[0][0]))

@@ -149,3 +149,46 @@ async def test_a_window_finished_within_lookback_of_its_end_is_read_again(databa
     finally:
         await engine.dispose()
     assert again.windows[-1].window == last.window and again.windows[-1].state == "pending" and again.windows[-1].id != last.id
+
+
+async def test_a_full_refresh_sync_stopped_early_resumes_at_its_next_page(database_url: str) -> None:
+    """A resource without date filters is one window per sync: a stopped one is taken up where it stopped,
+    as a backfill's is, and a finished one is never taken up (each sync reads everything again)."""
+    products = config_from_document(demo_document(None, "http://127.0.0.1:1", "http://127.0.0.1:1")).resource("products")
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([products], auto_migrate=True)
+
+        async def sync(position: dict[str, int] | None = None, done: bool = False) -> WindowRecord:
+            run = await store.start_run("sync", {}, ["products"])
+            plan = await plan_sync(store, products, run, SETTLED, timedelta(minutes=5))
+            if position is not None:
+                await store.commit(LoadBatch(windows={plan.windows[0].id: WindowProgress(position=position, pages=1, done=done)}), run)
+            return plan.windows[0]
+
+        stopped = await sync(position={"page": 4})
+        resumed = await sync(position={"page": 7}, done=True)
+        fresh = await sync()
+    finally:
+        await engine.dispose()
+    assert (resumed.id, resumed.position) == (stopped.id, {"page": 4})
+    assert fresh.id != stopped.id and fresh.position is None
+
+
+async def test_windows_cut_for_another_filter_format_are_not_taken_up(database_url: str) -> None:
+    """Hour windows of a stopped sync, then the filter's format becomes "date": the API can only be asked for
+    whole days, and [10:00, 11:00) as dates is [day, day), an empty range. The day is planned afresh instead."""
+    hourly = _orders().model_copy(update={"start": T0, "window": timedelta(hours=1), "lookback": timedelta(0)})
+    assert hourly.filter is not None
+    daily = hourly.model_copy(update={"filter": hourly.filter.model_copy(update={"format": "date"}), "window": DAY})
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([hourly], auto_migrate=True)
+        stopped = await store.start_run("sync", {}, ["orders"])
+        await plan_sync(store, hourly, stopped, T0 + timedelta(hours=30), timedelta(0))
+        again = await plan_sync(store, daily, await store.start_run("sync", {}, ["orders"]), T0 + timedelta(hours=30), timedelta(0))
+    finally:
+        await engine.dispose()
+    assert [window.window for window in again.windows] == [Window(T0, T0 + DAY)]
