@@ -142,6 +142,10 @@ class Paginator(ABC):
         understated = {"total_understated": True} if self.total_understated else {}
         return {"seen": self.records_seen, "finished": self.finished, **understated, **self._position()}
 
+    def resume(self, position: dict[str, Any]) -> None:
+        """Take up a window an earlier run left at `position`; a cursor or link walk goes on from there."""
+        self.restore(position)
+
     def restore(self, position: dict[str, Any]) -> None:
         """Continue from a position saved with a committed page."""
         self.records_seen = int(position.get("seen", 0))
@@ -251,6 +255,23 @@ class _NumberedPaginator(Paginator):
     def request(self) -> PageRequest | None:
         return None if self.finished else self.request_ahead(0)
 
+    def resume(self, position: dict[str, Any]) -> None:
+        """A window an earlier run left unfinished is read again from its first page.
+
+        A page number or an offset counts places in a list that moves: a record updated out of the
+        window while the run was stopped shifts every later one back a place, and the one that moved
+        onto a page already read would be lost for good. The upsert stores what is read twice once.
+        """
+        if position.get("finished"):
+            self.restore(position)
+            return
+        log.info("%s: reading this unfinished window again from its first page (an earlier run stopped at %s)",
+                 display_url(self.url), ", ".join(f"{key} {value}" for key, value in self._position_of(position).items()))
+
+    def _position_of(self, position: dict[str, Any]) -> dict[str, Any]:
+        """The style's own keys of a saved position, for a message."""
+        return {key: value for key, value in position.items() if key in self._position()}
+
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
         self._last_count = len(records)
         if not records or (len(records) < self.config.page_size and self._total(response) is None):
@@ -332,18 +353,6 @@ class PagePaginator(_NumberedPaginator):
         return {"page": self.page, "page_size": self.config.page_size}
 
     def _restore(self, position: dict[str, Any]) -> None:
-        """A page number counts pages of the size it was saved with: after a change of page_size it
-        points elsewhere (page 3 of 100 skipped records 101-200 of a window saved at page 3 of 50),
-        so such a window is read again from its first page; the upsert stores each record once."""
-        saved_size = int(position.get("page_size", self.config.page_size))
-        if saved_size != self.config.page_size and not self.finished:
-            log.warning(
-                "%s: page_size changed from %d to %d since this window was last committed: reading it again from its first page",
-                display_url(self.url), saved_size, self.config.page_size,
-            )
-            self.records_seen = 0
-            self.page = self.config.first_page
-            return
         self.page = int(position["page"])
 
 

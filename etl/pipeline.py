@@ -328,8 +328,8 @@ class Pipeline:
     async def _fetch_window(self, client: ApiClient, resource: ResourceConfig, window: WindowRecord) -> None:
         paginator = window_paginator(resource, self.config.api.base_url, window.window)
         if window.position:
-            paginator.restore(window.position)
-        first = not window.position
+            paginator.resume(window.position)
+        first = paginator.records_seen == 0
         while not self.stop.is_set() and resource.name not in self._failed:
             request = paginator.request()
             if request is None:

@@ -81,7 +81,8 @@ def expected_keys(sim: Simulator, name: str) -> set[Any]:
 async def assert_each_record_once(sim: Simulator, database_url: str, name: str) -> None:
     """The table holds every valid key exactly once and nothing else; every invalid record is a reject."""
     keys = [row[0] for row in await rows(database_url, f"SELECT {KEYS[name]} FROM {name}")]
-    rejects = await scalar(database_url, f"SELECT COUNT(*) FROM etl_rejects WHERE resource = '{name}'")
+    # a page/offset window taken up after a failure is read again from its first page: its bad records are rejected again
+    rejects = await scalar(database_url, f"SELECT COUNT(DISTINCT raw) FROM etl_rejects WHERE resource = '{name}'")
     assert len(keys) == len(set(keys)), name
     assert set(keys) == expected_keys(sim, name), name
     assert rejects == len(sim.truth(name)) - len(keys), name
@@ -128,13 +129,15 @@ async def test_retries_running_out_end_with_exit_1_and_the_next_run_completes(
         assert "503 from" in str(outcome.error)
         committed = await scalar(url, "SELECT COUNT(*) FROM orders")
         assert committed == outcome.resources["orders"].loaded > 0
+        # what the unfinished windows hold is read again: from their first page (a list that moved may have shifted)
+        read_again = await scalar(url, "SELECT COALESCE(SUM(records + rejects), 0) FROM etl_windows WHERE state <> 'done'")
 
         sim.faults.outage = False
         second = await backfill(config)
 
         assert second.exit_code == 0, second.error
         await assert_each_record_once(sim, url, "orders")
-        assert sim.counters.records_served["orders"] == len(sim.truth("orders"))
+        assert sim.counters.records_served["orders"] == len(sim.truth("orders")) + read_again
 
 
 def _capped_total_api(records: int, cap: int) -> dict[tuple[str, str], Handler]:

@@ -450,13 +450,14 @@ def test_remaining_requests_only_where_pages_are_addressable() -> None:
     assert capped.remaining_requests(250) is None
 
 
-def test_position_and_restore_resume_a_cursor_walk() -> None:
-    """A restored cursor paginator asks for the page after the last committed one."""
+def test_position_and_resume_continue_a_cursor_walk() -> None:
+    """A cursor names its place in the data, not a place in a moving list: a window taken up asks for the
+    page after the last committed one."""
     config = CursorPagination(style="cursor", next_cursor_path="next")
     walked = paginator_for(config, BASE, {})
     walked.advance(_response({"next": "abc"}), [{"id": 1}])
     resumed = paginator_for(config, BASE, {})
-    resumed.restore(walked.position())
+    resumed.resume(walked.position())
     assert resumed.request() == PageRequest(BASE, {"cursor": "abc"})
     assert resumed.records_seen == 1
 
@@ -477,15 +478,19 @@ def _response(body: Any) -> PageResponse:
     )
 
 
-async def test_a_window_saved_with_another_page_size_is_read_again_from_its_first_page(
-    http_mock: aioresponses, client: ApiClient
+@pytest.mark.parametrize("saved_size", [50, 100])
+async def test_an_unfinished_page_window_is_resumed_from_its_first_page(
+    http_mock: aioresponses, client: ApiClient, saved_size: int
 ) -> None:
-    """Saved at page 3 of 50 (100 records committed), resumed with page_size 100: page 3 of 100 would skip
-    records 101-200 for good; the window is read again from page 1 instead."""
+    """Saved at page 3: a record updated out of the window while the run was stopped shifts the rest back a
+    place, and the one that moved onto page 2 was lost for good (so was page 3 of 100 after a change from 50).
+    A window taken up is read from page 1; one saved finished stays finished."""
     serve(http_mock, pages())
-    saved = page_paginator(page_size=50)
-    saved.restore({"seen": 100, "finished": False, "page": 3})
-    assert saved.position()["page_size"] == 50
     resumed = page_paginator(page_size=100)
-    resumed.restore(saved.position())
+    resumed.resume({"seen": 2 * saved_size, "finished": False, "page": 3, "page_size": saved_size})
     assert await walk(resumed, client, "data") == RECORDS
+    finished = page_paginator(page_size=100)
+    finished.resume({"seen": 250, "finished": True, "page": 4, "page_size": 100})
+    assert finished.request() is None
+
+
