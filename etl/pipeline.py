@@ -330,6 +330,7 @@ class Pipeline:
         if window.position:
             paginator.resume(window.position)
         first = paginator.records_seen == 0
+        saved_place = not first and not paginator.finished  # a cursor or link from an earlier run, not yet asked
         while not self.stop.is_set() and resource.name not in self._failed:
             request = paginator.request()
             if request is None:
@@ -339,10 +340,16 @@ class Pipeline:
             try:
                 response = await client.get(request)
             except RefusedRequest as refused:
+                if saved_place:  # cursors expire: the window would fail on it every night
+                    log.warning("%s: the API refused the cursor this window was left at (%s); reading the window again from its start",
+                                resource.name, refused.message)
+                    paginator, first, saved_place = window_paginator(resource, self.config.api.base_url, window.window), True, False
+                    continue
                 if not paginator.ends_at(refused.status):
                     raise
                 await self._close_window(window, paginator.position())
                 return
+            saved_place = False
             records = records_at(response.body, resource.records_path, response.url)
             paginator.advance(response, records)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None

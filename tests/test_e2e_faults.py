@@ -255,3 +255,50 @@ async def test_a_200_that_explains_why_it_has_no_records_leaves_its_window_for_t
     assert loaded_first == {1, 3, 4, 5}
     assert again.exit_code == 0, again.error
     assert {row[0] for row in await rows(url, "SELECT id FROM orders")} == {1, 2, 3, 4, 5}
+
+
+async def test_a_window_left_at_a_cursor_the_api_has_expired_is_read_again_from_its_start(
+    fresh_database: Callable[[str], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run fails on page 3 of a cursor window; by the next run the API has expired its cursors (400). The window
+    was taken up at its saved cursor and failed on it every night, nothing after it loading; it is read again
+    from its start now, with a warning."""
+    url = await fresh_database("sqlite")
+    records = [{"id": n, "updated_at": "2024-01-02T12:00:00Z"} for n in range(1, 31)]
+    api = {"generation": 1, "failing": True}
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "cursor-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def events(request: web.Request) -> web.Response:
+        cursor = request.query.get("cursor")
+        offset = 0
+        if cursor:
+            generation, _, place = cursor.partition(":")
+            if int(generation) != api["generation"]:
+                return web.json_response({"error": "cursor expired"}, status=400)
+            offset = int(place)
+        if api["failing"] and offset >= 20:
+            return web.json_response({"error": "boom"}, status=500)
+        following = f"{api['generation']}:{offset + 10}" if offset + 10 < len(records) else None
+        return web.json_response({"data": records[offset:offset + 10], "next": following})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/v1/events"): events}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["api"] |= {"max_retries": 0}
+        document["resources"] = [{
+            "name": "events", "path": "/events", "records_path": "data", "primary_key": ["id"], "cursor_field": "updated_at",
+            "start": "2024-01-01", "window": "30d", "pagination": {"style": "cursor", "next_cursor_path": "next"},
+            "filter": {"from_param": "updated_since", "to_param": "updated_until"},
+            "columns": {"id": "integer", "updated_at": "datetime"},
+        }]
+        config = config_from_document(document)
+        first = await runs.backfill(config, START, END, None, None, False, asyncio.Event(), NoProgress())
+        loaded_first = await scalar(url, "SELECT COUNT(*) FROM events")
+        api.update(generation=2, failing=False)
+        again = await runs.backfill(config, START, END, None, None, False, asyncio.Event(), NoProgress())
+
+    assert first.exit_code == 1 and loaded_first == 20
+    assert again.exit_code == 0, again.error
+    assert await scalar(url, "SELECT COUNT(*) FROM events") == 30
+    assert any("refused the cursor this window was left at" in record.getMessage() for record in caplog.records)
