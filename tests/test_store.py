@@ -323,6 +323,19 @@ async def test_rows_window_progress_and_watermark_are_committed_together(databas
     assert mark is not None and mark.run_id == run
 
 
+async def test_a_string_cursor_longer_than_64_characters_is_kept_whole(database_url: str) -> None:
+    """etl_watermarks.watermark and etl_windows.max_cursor were VARCHAR(64): PostgreSQL and MariaDB refused a
+    longer string cursor in the bookkeeping of every batch, and every run failed though each record was valid."""
+    stamp = "2024-01-01T00:00:00Z/" + "b" * 150
+    async with _store(database_url, ORDERS) as store:
+        run = await _run(store)
+        window_id = await _window(store, run)
+        await store.commit(LoadBatch(windows={window_id: WindowProgress(pages=1, max_cursor=stamp, done=True)},
+                                     watermarks=[Watermark("orders", stamp, T0 + timedelta(days=1))]), run)
+        _, window, mark = await _bookkeeping(store, window_id)
+    assert window.max_cursor == stamp and mark is not None and mark.watermark == stamp
+
+
 async def test_each_commit_adds_to_its_runs_counters(database_url: str) -> None:
     """A run killed after some commits must still show, in etl_runs, the pages and records it committed."""
     async with _store(database_url, ORDERS) as store:
