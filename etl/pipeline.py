@@ -505,7 +505,7 @@ class Pipeline:
         unfinished = [stats.name for stats in self.stats.values() if stats.windows_done < stats.windows]
         if error is None and not self.stop.is_set() and unfinished:  # a bug, never a silent success
             error = EtlError(f"windows of {', '.join(unfinished)} ended unfinished; the next run continues them")
-        if error is None and self.stop.is_set():
+        if error is None and self.stop.is_set() and unfinished:  # a stop after the last window is a finished run
             error = Interrupted("the run was interrupted; what was in flight is committed and the next run continues from there")
         if error is None and rejected > self.config.sync.max_rejects:
             error = EtlError(

@@ -395,7 +395,7 @@ class Store:
                 first = next(iter(found.values()))
                 log.warning(
                     "%s: the database refused %d record(s), now in etl_rejects; the first (key %s): %s",
-                    resource, len(found), first.key, first.error.removeprefix(f"{REFUSED}: "),
+                    resource, len(found), _shortened(first.key or ""), first.error.removeprefix(f"{REFUSED}: "),
                 )
         return [(resource, reject) for resource, found in refused.items() for reject in found.values()]
 
@@ -697,6 +697,11 @@ def row_writer(dialect: Dialect, resource: ResourceConfig, table: Table) -> RowW
     """
     writer = CopyWriter if dialect.name == "postgresql" else ExecutemanyWriter
     return writer(dialect, resource, table)
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    """A value for a log line: a key of four 255-character strings filled a kilobyte of it."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _storable(text: str, limit: int) -> str:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import orjson
@@ -25,10 +25,11 @@ import pytest
 
 from etl.config import config_from_document
 from etl.demo import demo_document
-from etl.pipeline import GRACE_SECONDS
+from etl.pipeline import GRACE_SECONDS, Pipeline, ResourceStats
 from etl.progress import LiveProgress, NoProgress, progress_for_terminal
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
+from etl.store import Store
 
 import tomlwriter
 from dbquery import rows, sqlite_rows
@@ -550,3 +551,14 @@ async def test_demo_without_any_config_loads_into_etl_db_in_the_working_director
     assert result.returncode == 0, result.stderr
     assert f"loading into sqlite:///{tmp_path / 'etl.db'}" in result.stdout
     assert sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT COUNT(*) FROM orders")[0][0] > 0
+
+
+@pytest.mark.parametrize(("windows_done", "status"), [(3, "succeeded"), (2, "interrupted")])
+def test_a_stop_after_the_last_window_finished_is_a_finished_run(windows_done: int, status: str) -> None:
+    """A SIGTERM that arrived as the last window finished was recorded 'interrupted' with exit 1, everything loaded."""
+    document = demo_document({"url": "sqlite:///unused.db"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    stop = asyncio.Event()
+    stop.set()
+    pipeline = Pipeline(config_from_document(document), cast(Store, None), 1, stop, NoProgress())
+    pipeline.stats = {"orders": ResourceStats("orders", windows=3, windows_done=windows_done)}
+    assert pipeline._outcome(1.0).status == status
