@@ -110,9 +110,10 @@ async def twenty_window_backfill(
     tmp_path: Path, fresh_database: Callable[[str], Any]
 ) -> AsyncIterator[tuple[Simulator, str, tuple[str, ...]]]:
     """A slow simulator, a fresh SQLite database, and the CLI arguments of a backfill of orders in
-    20 windows of 12 h, slow enough to interrupt."""
+    20 windows of 12 h, slow enough to interrupt: some 60 pages at 120 ms, two at a time, so that work is
+    left when the first commits show windows done (a stop after the last window is a finished run, exit 0)."""
     url = await fresh_database("sqlite")
-    async with Simulator(_settings(delay_ms=120)) as sim:
+    async with Simulator(_settings(orders=6000, delay_ms=120)) as sim:
         config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
         yield sim, url, ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "12h")
 
