@@ -330,7 +330,7 @@ class Pipeline:
         if window.position:
             paginator.resume(window.position)
         first = paginator.records_seen == 0
-        saved_place = not first and not paginator.finished  # a cursor or link from an earlier run, not yet asked
+        saved_place = bool(window.position) and not paginator.finished  # where an earlier run left it, not yet asked
         while not self.stop.is_set() and resource.name not in self._failed:
             request = paginator.request()
             if request is None:
