@@ -251,26 +251,18 @@ def _is_sqlite(url: str | URL) -> bool:
         return False
 
 
-async def begin_schema_change(connection: AsyncConnection) -> None:
-    """Open SQLite's transaction before the first CREATE or ALTER, so a schema change is all or nothing.
+async def begin_explicitly(connection: AsyncConnection) -> None:
+    """Open SQLite's transaction before the first CREATE, ALTER or SAVEPOINT, so that all of it is one transaction.
 
-    Python's sqlite3 opens a transaction only before INSERT, UPDATE and DELETE: DDL run first was
-    committed on its own, and a run killed mid-migration left tables without their version row, so
-    every later run failed on "table etl_runs already exists". IMMEDIATE takes the write lock up
-    front, so two runs migrating at once take turns. PostgreSQL's DDL is transactional already;
-    MySQL's commits implicitly and cannot be made so.
+    Python's sqlite3 opens a transaction only before INSERT, UPDATE and DELETE. DDL run first was
+    committed on its own: a run killed mid-migration left tables without their version row, so every
+    later run failed on "table etl_runs already exists". A SAVEPOINT sent first started a transaction
+    of its own, which its RELEASE committed, whatever the rest of the batch did. IMMEDIATE takes the
+    write lock up front, so two runs migrating at once take turns. PostgreSQL's DDL is transactional
+    already; MySQL's commits implicitly and cannot be made so.
     """
     if connection.dialect.name == "sqlite":
         await connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-async def begin_before_savepoints(connection: AsyncConnection) -> None:
-    """Open SQLite's transaction before the first SAVEPOINT.
-
-    Python's sqlite3 opens a transaction only before INSERT, UPDATE and DELETE: a SAVEPOINT sent first
-    would start one of its own, which its RELEASE would commit, whatever the rest of the batch did.
-    """
-    await begin_schema_change(connection)
 
 
 def _alembic_config(connection: Connection) -> AlembicConfig:
@@ -320,7 +312,7 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
     """Bring etl's tables to the newest revision; harmless when they are there. Returns (before, after)."""
     try:
         async with engine.begin() as connection:
-            await begin_schema_change(connection)
+            await begin_explicitly(connection)
             before = await connection.run_sync(_current_revision)
             if before == HEAD_REVISION:
                 return before, before

@@ -265,12 +265,9 @@ class _NumberedPaginator(Paginator):
         if position.get("finished"):
             self.restore(position)
             return
+        stopped_at = ", ".join(f"{key} {position.get(key)}" for key in self._position())
         log.info("%s: reading this unfinished window again from its first page (an earlier run stopped at %s)",
-                 display_url(self.url), ", ".join(f"{key} {value}" for key, value in self._position_of(position).items()))
-
-    def _position_of(self, position: dict[str, Any]) -> dict[str, Any]:
-        """The style's own keys of a saved position, for a message."""
-        return {key: value for key, value in position.items() if key in self._position()}
+                 display_url(self.url), stopped_at)
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
         self._last_count = len(records)

@@ -40,32 +40,39 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
     """From the watermark less lookback (or `start`) to now less lag, taking up where a stopped sync left off.
 
     The windows of a sync that stopped early are planned again as they were, from its first unfinished
-    one: a window it was in the middle of resumes at its next page, and one it finished is not read
-    again unless it finished within lag + lookback of its end (records stamped in it may have arrived
-    since). A sync longer than its slot still gets further each night.
+    one: a window it was in the middle of is taken up (a cursor or link at its next page, a page or
+    offset window from its first), and one it finished is not read again unless it finished within
+    lag + lookback of its end (records stamped in it may have arrived since). A sync longer than its
+    slot still gets further each night.
     """
     base = await store.watermark(resource.name)
     if resource.filter is None:  # one window: an unfinished one is taken up at its next page
         windows = await store.open_windows("sync", resource.name, [FULL_REFRESH], run_id, reuse=True)
-        await store.supersede_windows("sync", resource.name, run_id)
-        return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
+    else:
+        planned, resumed = await _dated_sync(store, resource, base, now, lag)
+        windows = await store.open_windows(
+            "sync", resource.name, planned, run_id, reuse=bool(resumed), only=resumed, settled_after=lag + resource.lookback
+        )
+    await store.supersede_windows("sync", resource.name, run_id)
+    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
+
+
+async def _dated_sync(
+    store: Store, resource: ResourceConfig, base: Watermark | None, now: datetime, lag: timedelta
+) -> tuple[list[Window], set[Window]]:
+    """The windows of a sync with date filters, and which of them an earlier, stopped sync left to take up."""
+    assert resource.filter is not None and resource.start is not None  # the config requires start with a filter
     step = granularity(resource.filter.format)
-    assert resource.start is not None  # the config requires it with a filter
     start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
     end = floor_to(now - lag, step)
     resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
     if any(floor_to(bound, step) != bound for bounds in resumed for bound in bounds):
         resumed = []  # cut for another filter format: the API could not be asked for them as they are
-    planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
     if resumed:
         log.info("%s: taking up the %d windows from %s on that an earlier sync left unfinished",
                  resource.name, len(resumed), isoformat_utc(resumed[0][0]))
-    windows = await store.open_windows(
-        "sync", resource.name, planned, run_id, reuse=bool(resumed), only={Window(*bounds) for bounds in resumed},
-        settled_after=lag + resource.lookback,
-    )
-    await store.supersede_windows("sync", resource.name, run_id)
-    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
+    planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
+    return planned, {Window(*bounds) for bounds in resumed}
 
 
 def _around(

@@ -10,7 +10,7 @@ with its raw payload and the rest of the page is loaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -21,6 +21,7 @@ from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 from etl import jsonnumbers
+from etl.client import snippet
 from etl.config import ColumnSpec, ResourceConfig
 from etl.errors import SourceError
 from etl.paginators import dig
@@ -214,7 +215,7 @@ class RecordValidator:
         parts = [dig(record, self.resource.columns[name].source or name) for name in self.resource.primary_key]
         if any(part is None for part in parts):
             return None
-        return "|".join(str(part) for part in parts)
+        return key_text(parts)
 
     def _max_cursor(self, rows: list[dict[str, Any]], records: list[Any]) -> Any:
         """The highest cursor value of the page: the column's typed value, or the raw field parsed as a datetime."""
@@ -278,10 +279,10 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
         return []
     if records is None and not _holds_a_list(body):
         if not isinstance(body, dict):
-            raise SourceError(f"{url}: the body is a JSON {type(body).__name__}, not records: {_snippet(body)}")
+            raise SourceError(f"{url}: the body is a JSON {type(body).__name__}, not records: {snippet(raw_json(body).encode())}")
         if explanation := [key for key in body if str(key).lower() in _EXPLANATION_KEYS]:
             raise SourceError(
-                f"{url}: answered with {explanation[0]!r} and no records: {_snippet(body)}",
+                f"{url}: answered with {explanation[0]!r} and no records: {snippet(raw_json(body).encode())}",
                 hint="the API says why it sent no records; the window is left unfinished and the next run reads it again",
             )
         return []
@@ -298,12 +299,6 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
 
 # keys with which an API explains a body without records: an error passed off with a 200
 _EXPLANATION_KEYS = frozenset({"error", "errors", "error_description", "errormessage", "fault", "message", "detail", "msg"})
-
-
-def _snippet(body: Any) -> str:
-    """The start of a parsed body, as JSON, for a message."""
-    text = raw_json(body)
-    return text if len(text) <= 300 else text[:300] + "…"
 
 
 def _holds_a_list(body: Any) -> bool:
@@ -323,6 +318,11 @@ def _holds_null(body: Any, dotted: str) -> bool:
     parent_path, _, key = dotted.rpartition(".")
     parent = dig(body, parent_path) if parent_path else body
     return isinstance(parent, dict) and key in parent
+
+
+def key_text(parts: Iterable[Any]) -> str:
+    """A primary key as etl_rejects shows it: `1|2` for a composite key."""
+    return "|".join(str(part) for part in parts)
 
 
 def raw_json(record: Any) -> str:

@@ -65,8 +65,7 @@ from etl import jsonnumbers
 from etl.config import ResourceConfig
 from etl.db import (
     DRIVER_ERRORS,
-    begin_before_savepoints,
-    begin_schema_change,
+    begin_explicitly,
     database_error,
     driver_message,
     migrate,
@@ -74,7 +73,7 @@ from etl.db import (
 )
 from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
-from etl.records import Reject
+from etl.records import Reject, key_text
 from etl.schema import LOADED_AT, RUN_ID, ensure_resource_table, rejects, runs, watermarks, windows
 from etl.sqltypes import ExactDecimal, driver_column, driver_value, key_column, to_utc
 from etl.windows import Window
@@ -203,7 +202,7 @@ class Store:
             await migrate(self.engine)
         try:
             async with self.engine.begin() as connection:
-                await begin_schema_change(connection)
+                await begin_explicitly(connection)
                 for resource in resources:
                     table = await connection.run_sync(ensure_resource_table, resource)
                     self._register(resource, table)
@@ -384,7 +383,7 @@ class Store:
     async def _commit_refusing(self, batch: LoadBatch, run_id: int, now: datetime) -> list[tuple[str, Reject]]:
         """The batch again, the rows the database refuses alone moved to the rejects; the rest commits as usual."""
         async with self._transaction() as connection:
-            await begin_before_savepoints(connection)
+            await begin_explicitly(connection)
             refused = {
                 resource: await self._refused_rows(connection, resource, rows, now, run_id)
                 for resource, rows in batch.rows.items()
@@ -609,7 +608,7 @@ class RowWriter(ABC):
 
     def reject(self, row: Row, refusal: BaseException) -> Reject:
         """A row the database refused, as a reject: its key as records.Reject gives it, the row as JSON."""
-        key = "|".join(str(row.get(name)) for name in self._primary_key)
+        key = key_text(row.get(name) for name in self._primary_key)
         return Reject(key=key, raw=jsonnumbers.dumps(row).decode(), error=f"{REFUSED}: {driver_message(refusal)}")
 
     def parameters(self, rows: list[Row], now: datetime, run_id: int) -> list[tuple[Any, ...]]:
