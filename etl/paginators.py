@@ -45,7 +45,7 @@ from etl.windows import Window, filter_params
 log = logging.getLogger(__name__)
 
 SEEN_LIMIT = 4096  # pages, cursors or links a window remembers to recognise a loop
-EMPTY_CURSOR_PAGES = 100  # empty pages in a row, each with a new cursor, that end a cursor window
+EMPTY_PAGES_IN_A_ROW = 100  # empty pages in a row, each naming a new next page, that end a cursor or link window
 
 
 def dig(body: Any, dotted: str) -> Any:
@@ -393,6 +393,21 @@ class _FollowingPaginator(Paginator):
     def __init__(self, config: CursorPagination | LinkHeaderPagination, url: str, params: dict[str, str]) -> None:
         super().__init__(config, url, params)
         self._largest_page = 0
+        self._empty_in_a_row = 0
+
+    def _too_many_empty(self, response: PageResponse, records: list[Any]) -> bool:
+        """Whether EMPTY_PAGES_IN_A_ROW empty pages, each naming a new next page, end the window.
+
+        An empty page that names a next one is followed (a filtered scan may serve many before the
+        next records), but an API that names a next page on every page, polling or page + 1 for ever,
+        would be walked without end.
+        """
+        self._empty_in_a_row = 0 if records else self._empty_in_a_row + 1
+        if self._empty_in_a_row < EMPTY_PAGES_IN_A_ROW:
+            return False
+        log.warning("%s: %d empty pages in a row, each naming a new next page: taking the window as complete",
+                    display_url(response.url), self._empty_in_a_row)
+        return True
 
     def _ends_here(self, response: PageResponse, records: list[Any], points_at_itself: bool) -> bool:
         """Whether a page pointing at itself is the last one: empty, or shorter than a full page."""
@@ -411,7 +426,7 @@ class CursorPaginator(_FollowingPaginator):
 
     An empty page with a new cursor is followed: the cursor, not the page, says whether more
     follow (a filtered scan may serve many empty pages). An empty or short page that hands back
-    the cursor it was sent is the last page, not a loop, and so are EMPTY_CURSOR_PAGES empty pages
+    the cursor it was sent is the last page, not a loop, and so are EMPTY_PAGES_IN_A_ROW empty pages
     in a row (a polling API always has a next cursor).
     """
 
@@ -421,7 +436,6 @@ class CursorPaginator(_FollowingPaginator):
         super().__init__(config, url, params)
         self.cursor: str | None = None
         self._sent = Seen()
-        self._empty_in_a_row = 0
 
     def request(self) -> PageRequest | None:
         if self.finished:
@@ -437,13 +451,11 @@ class CursorPaginator(_FollowingPaginator):
         if self.cursor is not None:
             self._sent.add(self.cursor)
         cursor = dig(response.body, self.config.next_cursor_path)
-        self._empty_in_a_row = 0 if records else self._empty_in_a_row + 1
-        if cursor in (None, "") or self._ends_here(response, records, str(cursor) == self.cursor):
-            self.finished = True
-            return
-        if self._empty_in_a_row >= EMPTY_CURSOR_PAGES:
-            log.warning("%s: %d empty pages in a row, each with a new cursor: taking the window as complete",
-                        display_url(response.url), self._empty_in_a_row)
+        if (
+            cursor in (None, "")
+            or self._ends_here(response, records, str(cursor) == self.cursor)
+            or self._too_many_empty(response, records)
+        ):
             self.finished = True
             return
         cursor = str(cursor)
@@ -465,7 +477,8 @@ class LinkHeaderPaginator(_FollowingPaginator):
     """Follows the RFC 8288 `Link: <...>; rel="next"` URL, which carries every parameter itself.
 
     The link is followed only on the origin of the first request: the bearer
-    token is never sent to a host the configuration did not name.
+    token is never sent to a host the configuration did not name. As for cursors,
+    EMPTY_PAGES_IN_A_ROW empty pages in a row end the window.
     """
 
     config: LinkHeaderPagination
@@ -489,7 +502,11 @@ class LinkHeaderPaginator(_FollowingPaginator):
         here = canonical_url(response.url)
         self._visited.add(here)
         link = response.next_link
-        if link is None or self._ends_here(response, records, canonical_url(link) == here):
+        if (
+            link is None
+            or self._ends_here(response, records, canonical_url(link) == here)
+            or self._too_many_empty(response, records)
+        ):
             self.finished = True
             return
         if origin(link) != origin(self.url):

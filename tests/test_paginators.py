@@ -31,7 +31,7 @@ from etl.config import (
     Pagination,
 )
 from etl.errors import SourceError
-from etl.paginators import EMPTY_CURSOR_PAGES, Paginator, Seen, paginator_for
+from etl.paginators import EMPTY_PAGES_IN_A_ROW, Paginator, Seen, paginator_for
 from etl.records import records_at
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, open_session
@@ -279,13 +279,13 @@ async def test_an_empty_page_handing_back_its_own_cursor_ends_the_window(
 async def test_empty_pages_that_never_stop_handing_out_new_cursors_end_the_window(
     http_mock: aioresponses, client: ApiClient
 ) -> None:
-    """A polling API always has a next cursor; EMPTY_CURSOR_PAGES empty pages in a row end the window instead of walking forever."""
+    """A polling API always has a next cursor; EMPTY_PAGES_IN_A_ROW empty pages in a row end the window instead of walking forever."""
     script: dict[str | None, tuple[list[Any], str | None]] = {None: (RECORDS[:100], "c0")}
-    script |= {f"c{n}": ([], f"c{n + 1}") for n in range(EMPTY_CURSOR_PAGES + 20)}
+    script |= {f"c{n}": ([], f"c{n + 1}") for n in range(EMPTY_PAGES_IN_A_ROW + 20)}
     queries = serve(http_mock, scripted_cursor_pages(script))
     paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="meta.next_cursor"), BASE + "/items", {})
     assert await walk(paginator, client, "items") == RECORDS[:100]
-    assert [q.get("cursor") for q in queries] == [None, *(f"c{n}" for n in range(EMPTY_CURSOR_PAGES))]
+    assert [q.get("cursor") for q in queries] == [None, *(f"c{n}" for n in range(EMPTY_PAGES_IN_A_ROW))]
 
 
 async def test_records_after_a_run_of_empty_cursor_pages_are_loaded(http_mock: aioresponses, client: ApiClient) -> None:
@@ -370,6 +370,22 @@ async def test_a_short_last_page_linking_to_itself_ends_the_window(http_mock: ai
     paginator = paginator_for(LinkHeaderPagination(style="link_header", size_param="per_page"), BASE + "/items", {})
     assert await walk(paginator, client, "") == RECORDS
     assert [q.get("from_index") for q in queries] == [None, "100", "200"]
+
+
+async def test_empty_pages_that_never_stop_linking_to_a_next_one_end_the_window(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """An API that puts rel="next" (page + 1) on every page, empty ones too, was walked without end at thousands of requests a second."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = int(query.get("from_index", "0"))
+        headers = {"Link": f'<?from_index={start + 100}>; rel="next"'}
+        return CallbackResult(body=orjson.dumps(RECORDS[start : start + 100]), content_type="application/json", headers=headers)
+
+    queries = serve(http_mock, answer)
+    paginator = paginator_for(LinkHeaderPagination(style="link_header"), BASE + "/items", {})
+    assert await walk(paginator, client, "") == RECORDS
+    assert len(queries) == 3 + EMPTY_PAGES_IN_A_ROW
 
 
 async def test_a_link_to_another_origin_is_not_followed(http_mock: aioresponses, client: ApiClient) -> None:
