@@ -263,18 +263,24 @@ def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ..
 def records_at(body: Any, records_path: str, url: str) -> list[Any]:
     """The record list of a page body; anything else is an error naming what the body holds.
 
-    No body (a 204), a record list that is null (Go encodes an empty slice so) and an object
+    No body (a 204), a record list that is null (Go encodes an empty slice so), an object
     that holds no list at all (`{"total": 0}`: the key left out of an empty page, Go's omitempty)
-    are a page without records. A records_path that is not in a body that does hold a list stays
+    and a bare `[]` where records are wrapped in an object (an empty window answered so) are a
+    page without records: a records_path that was wrong would meet the first page with records. A records_path that is not in a body that does hold a list stays
     an error: the records would be there, under another key. So is a body that is no object at
     all, or one that carries an error or a message instead of records (`{"message": "search backend
     warming up"}` with a 200): taken as empty, its window would end and its records be lost.
     """
-    if body is None:
+    if body is None or body == []:
         return []
     records = dig(body, records_path) if records_path else body
     if isinstance(records, list):
         return records
+    if isinstance(body, list):
+        raise SourceError(
+            f"{url}: the body is a list of records, not an object holding {records_path!r}; "
+            'set records_path = "" to read the body as the record list'
+        )
     if records is None and _holds_null(body, records_path):
         return []
     if records is None and not _holds_a_list(body):

@@ -241,6 +241,17 @@ def test_a_records_path_missing_from_a_body_that_holds_a_list_is_still_an_error(
         records_at({"data": data, "total": len(data)}, "items", "https://api.example.test/orders")
 
 
+def test_an_empty_list_body_is_a_page_without_records_whatever_the_records_path() -> None:
+    """An API that wraps its records ({"data": [...]}) but answers an empty window with a bare [] failed that window every run."""
+    assert records_at([], "data", "https://api.example.test/orders") == []
+
+
+def test_a_list_body_where_records_path_expects_an_object_says_to_empty_records_path() -> None:
+    """The records are there, as the body itself: the error says which setting reads them."""
+    with pytest.raises(SourceError, match='the body is a list of records, not an object holding \'data\'; set records_path = ""'):
+        records_at([{"id": 1}], "data", "https://api.example.test/orders")
+
+
 def test_an_object_body_with_an_empty_records_path_names_the_keys_to_choose_from() -> None:
     """records_path = "" says the body is the list; an object body gets the hint to name its key, not "holds a dict"."""
     with pytest.raises(SourceError, match="the body is an object, not a list of records; set records_path to one of its keys: data, total"):
