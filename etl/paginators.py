@@ -243,6 +243,9 @@ class _NumberedPaginator(Paginator):
 
     With a total, a short page does not end the window: the server may cap the
     page size below page_size, and stopping there would lose records silently.
+    The page before, served again once two different pages have shown that the
+    server honours the page parameter, is the end too (a page past the end
+    answered with the last one, as Django's `get_page` does).
     """
 
     config: PagePagination | OffsetPagination
@@ -251,6 +254,8 @@ class _NumberedPaginator(Paginator):
         super().__init__(config, url, params)
         self._pages = Seen()
         self._last_count: int | None = None
+        self._previous: bytes | None = None  # the content of the page before, as refuse_repeat compares it
+        self._stepped = 0  # pages walked one by one in this run
 
     def request(self) -> PageRequest | None:
         return None if self.finished else self.request_ahead(0)
@@ -274,15 +279,20 @@ class _NumberedPaginator(Paginator):
         if not records or (len(records) < self.config.page_size and self._total(response) is None):
             self.finished = True
             return
+        previous, self._previous = self._previous, _page_content(records)
+        if self._previous == previous and self._stepped >= 2:
+            log.info("%s served the page before it again: taken as the end of the window", display_url(response.url))
+            self.finished = True
+            return
         self.refuse_repeat(response, records)
         self._step(len(records))
+        self._stepped += 1
 
     def refuse_repeat(self, response: PageResponse, records: list[Any]) -> None:
         """SourceError when these records are those of a page already received in this window."""
         if not records:
             return
-        # first and last record stand for the page: serialising every record of every page costs too much
-        content = jsonnumbers.dumps([len(records), records[0], records[-1]])
+        content = _page_content(records)
         if content in self._pages:
             raise SourceError(
                 f"{display_url(response.url)} returned the same records as an earlier page: the API seems to "
@@ -321,6 +331,11 @@ class _NumberedPaginator(Paginator):
 
     @abstractmethod
     def _step_name(self) -> str: ...
+
+
+def _page_content(records: list[Any]) -> bytes:
+    """What tells pages apart: first and last record stand for the page, as serialising every record costs too much."""
+    return jsonnumbers.dumps([len(records), records[0], records[-1]])
 
 
 class PagePaginator(_NumberedPaginator):

@@ -116,6 +116,26 @@ async def test_page_style_stops_on_an_empty_page(http_mock: aioresponses, client
     assert [q["page"] for q in queries] == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize("style", ["page", "offset"])
+async def test_a_page_past_the_end_answered_with_the_last_page_again_ends_the_window(
+    http_mock: aioresponses, client: ApiClient, style: str
+) -> None:
+    """Django's get_page answers a page past the end with the last one: after two different full pages, that is the end.
+
+    A window holding an exact multiple of page_size failed every run as "the API seems to ignore the page parameter".
+    """
+
+    def clamped(query: MultiDictProxy[str]) -> CallbackResult:
+        start = (int(query["page"]) - 1) * 100 if style == "page" else int(query["offset"])
+        return CallbackResult(payload={"data": RECORDS[min(start, 100) : min(start, 100) + 100]})
+
+    queries = serve(http_mock, clamped)
+    config = PagePagination(style="page") if style == "page" else OffsetPagination(style="offset")
+    received = await walk(paginator_for(config, BASE + "/items", {}), client, "data")
+    assert {record["id"] for record in received} == {record["id"] for record in RECORDS[:200]}
+    assert len(queries) == 3
+
+
 async def test_page_style_stops_at_total_path_without_an_extra_request(
     http_mock: aioresponses, client: ApiClient
 ) -> None:
