@@ -729,7 +729,7 @@ def _proxy_address(proxy: str) -> tuple[str, int]:
 
 
 def _request_text(request: PageRequest) -> str:
-    query = urlencode(request.params)
+    query = urlencode(request.params, doseq=True)
     return display_url(request.url + (f"?{query}" if query else ""))
 
 

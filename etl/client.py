@@ -45,12 +45,15 @@ _LINK_VALUE = re.compile(rf"\s*<([^>]*)>((?:{_QUOTED}|[^,])*)|(?:{_QUOTED}|[^,])
 _LINK_PARAM = re.compile(rf'{_QUOTED}|;\s*([^\s=;,"]+)\s*(?:=\s*({_QUOTED}|[^\s;,"]*))?')
 
 
+QueryValue = str | list[str]  # a list is sent as the parameter repeated, once per value
+
+
 @dataclass(frozen=True)
 class PageRequest:
     """An absolute URL and its query parameters (static, filter and pagination merged)."""
 
     url: str
-    params: dict[str, str] = field(default_factory=dict)
+    params: dict[str, QueryValue] = field(default_factory=dict)
 
     def page_url(self) -> str:
         """The URL with the parameters in its query, as aiohttp sends it: what a message names (through display_url)."""

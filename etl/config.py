@@ -237,6 +237,17 @@ Pagination = Annotated[
 ]
 
 
+ParamScalar = str | int | float | bool
+
+
+def _param_value(value: Any) -> Any:
+    """A value or a list of values, else one message: pydantic's was four lines, one per scalar type."""
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(item, str | int | float | bool) for item in values):
+        return value
+    raise ValueError("must be a string, a number, a boolean or a list of them (a list sends the parameter once per value)")
+
+
 class ResourceConfig(_Section):
     name: str
     table: str | None = None
@@ -247,7 +258,7 @@ class ResourceConfig(_Section):
     start: Instant | None = None
     lookback: NonNegativeDuration = timedelta(0)
     window: Duration = timedelta(days=1)
-    params: dict[str, str | int | float | bool] = {}
+    params: dict[str, Annotated[ParamScalar | list[ParamScalar], BeforeValidator(_param_value)]] = {}
     filter: FilterConfig | None = None
     pagination: Pagination = NoPagination(style="none")
     columns: dict[str, Annotated[ColumnSpec, BeforeValidator(_column_spec)]] = Field(min_length=1)

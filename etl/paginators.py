@@ -28,7 +28,7 @@ from typing import Any
 from yarl import URL
 
 from etl import jsonnumbers
-from etl.client import PageRequest, PageResponse
+from etl.client import PageRequest, PageResponse, QueryValue
 from etl.config import (
     CursorPagination,
     LinkHeaderPagination,
@@ -36,6 +36,7 @@ from etl.config import (
     OffsetPagination,
     PagePagination,
     Pagination,
+    ParamScalar,
     ResourceConfig,
 )
 from etl.errors import SourceError
@@ -100,7 +101,7 @@ class PlannedPage:
 class Paginator(ABC):
     """The pages of one window: `request()` until it returns None, `advance()` after each page."""
 
-    def __init__(self, config: Pagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: Pagination, url: str, params: dict[str, QueryValue]) -> None:
         self.config = config
         self.url = url
         self.params = params
@@ -250,7 +251,7 @@ class _NumberedPaginator(Paginator):
 
     config: PagePagination | OffsetPagination
 
-    def __init__(self, config: PagePagination | OffsetPagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: PagePagination | OffsetPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
         self._pages = Seen()
         self._last_count: int | None = None
@@ -341,7 +342,7 @@ def _page_content(records: list[Any]) -> bytes:
 class PagePaginator(_NumberedPaginator):
     config: PagePagination
 
-    def __init__(self, config: PagePagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: PagePagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
         self.page = config.first_page
 
@@ -371,7 +372,7 @@ class PagePaginator(_NumberedPaginator):
 class OffsetPaginator(_NumberedPaginator):
     config: OffsetPagination
 
-    def __init__(self, config: OffsetPagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: OffsetPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
         self.offset = 0
 
@@ -405,7 +406,7 @@ class _FollowingPaginator(Paginator):
 
     config: CursorPagination | LinkHeaderPagination
 
-    def __init__(self, config: CursorPagination | LinkHeaderPagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: CursorPagination | LinkHeaderPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
         self._largest_page = 0
         self._empty_in_a_row = 0
@@ -447,7 +448,7 @@ class CursorPaginator(_FollowingPaginator):
 
     config: CursorPagination
 
-    def __init__(self, config: CursorPagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: CursorPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
         self.cursor: str | None = None
         self._sent = Seen()
@@ -498,7 +499,7 @@ class LinkHeaderPaginator(_FollowingPaginator):
 
     config: LinkHeaderPagination
 
-    def __init__(self, config: LinkHeaderPagination, url: str, params: dict[str, str]) -> None:
+    def __init__(self, config: LinkHeaderPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
         self.next_url: str | None = None
         self._visited = Seen()
@@ -582,7 +583,7 @@ PAGINATORS: dict[str, type[Paginator]] = {
 }
 
 
-def paginator_for(config: Pagination, url: str, params: dict[str, str]) -> Paginator:
+def paginator_for(config: Pagination, url: str, params: dict[str, QueryValue]) -> Paginator:
     """The paginator class the config's `style` discriminator names."""
     return PAGINATORS[config.style](config, url, params)  # type: ignore[arg-type]
 
@@ -595,5 +596,11 @@ def window_paginator(resource: ResourceConfig, base_url: str, window: Window) ->
     return paginator_for(resource.pagination, base_url + resource.path, params)
 
 
-def _query_value(value: str | int | float | bool) -> str:
+def _query_value(value: ParamScalar | list[ParamScalar]) -> QueryValue:
+    if isinstance(value, list):
+        return [_query_text(item) for item in value]
+    return _query_text(value)
+
+
+def _query_text(value: ParamScalar) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)

@@ -175,6 +175,15 @@ def test_a_path_without_its_leading_slash_is_still_under_base_url() -> None:
     assert config_from_document(document).resources[0].path == "/orders"
 
 
+def test_a_param_that_is_no_value_or_list_of_values_is_one_message_naming_it() -> None:
+    """A table as a param value was four lines of pydantic (params.status.str, .int, .float, .bool)."""
+    document = _document()
+    document["resources"][0]["params"] = {"status": {"in": "open"}}
+    message = _error(document)
+    assert "resources[0].params.status: must be a string, a number, a boolean or a list of them" in message
+    assert ".str:" not in message
+
+
 def test_a_base_url_with_a_query_string_is_refused() -> None:
     """base_url + path would put the path inside the query (…/api?tenant=7/orders), a 404 far from its cause."""
     document = _document()

@@ -29,12 +29,14 @@ from etl.config import (
     OffsetPagination,
     PagePagination,
     Pagination,
+    ResourceConfig,
 )
 from etl.errors import SourceError
-from etl.paginators import EMPTY_PAGES_IN_A_ROW, Paginator, Seen, paginator_for
+from etl.paginators import EMPTY_PAGES_IN_A_ROW, Paginator, Seen, paginator_for, window_paginator
 from etl.records import records_at
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, open_session
+from etl.windows import FULL_REFRESH
 
 BASE = "https://api.example.test/api/v1"
 TOKEN_URL = "https://auth.example.test/oauth2/token"
@@ -415,6 +417,27 @@ async def test_a_link_to_another_origin_is_not_followed(http_mock: aioresponses,
     with pytest.raises(SourceError, match="another origin"):
         await walk(paginator, client, "")
     assert len(queries) == 1
+
+
+async def test_a_param_with_a_list_value_is_sent_once_per_value(http_mock: aioresponses, client: ApiClient) -> None:
+    """`params = { status = ["open", "closed"] }` asks for status=open&status=closed on every page; it was a config error."""
+    seen: list[list[str]] = []
+
+    def answer(url: Any, **kwargs: Any) -> CallbackResult:
+        seen.append(sorted(url.query.getall("status")))  # aioresponses sorts the query
+        page = int(url.query["page"])
+        result = CallbackResult(payload={"data": RECORDS[(page - 1) * 100 : page * 100]})
+        result.response_class = MockedResponse
+        return result
+
+    http_mock.get(re.compile(re.escape(BASE + "/items") + r"(\?.*)?$"), callback=answer, repeat=True)
+    resource = ResourceConfig.model_validate({
+        "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"], "columns": {"id": "integer"},
+        "params": {"status": ["open", "closed"]}, "pagination": {"style": "page"},
+    })
+    paginator = window_paginator(resource, BASE, FULL_REFRESH)
+    assert await walk(paginator, client, "data") == RECORDS
+    assert seen == [["closed", "open"]] * 3
 
 
 async def test_style_none_makes_one_request(http_mock: aioresponses, client: ApiClient) -> None:
