@@ -206,6 +206,7 @@ class PagePlan:
         self._paginator = paginator
         self._total = total
         self._count = math.ceil(max(0, total - paginator.records_seen) / paginator.config.page_size)
+        self._received = paginator.records_seen  # records of the pages checked, and of those before the plan
 
     def __len__(self) -> int:
         return self._count
@@ -220,9 +221,13 @@ class PagePlan:
             position = {"seen": seen, "finished": finished, **paginator.position_after(ahead, expected)}
             yield PlannedPage(paginator.request_ahead(ahead), expected, position, finished)
 
-    def check(self, response: PageResponse, records: list[Any]) -> None:
-        """Refuse a page that repeats another page of the window (the server ignores the page parameter)."""
+    def check(self, planned: PlannedPage, response: PageResponse, records: list[Any]) -> None:
+        """Refuse a page that repeats another page of the window (the server ignores the page parameter);
+        on the last page, warn if the window came out a page or more short of its total."""
         self._paginator.refuse_repeat(response, records)
+        self._received += len(records)
+        if planned.finished:
+            warn_if_short(response, self._total, self._received, self._paginator.config)
 
     def beyond(self, planned: PlannedPage, records: list[Any]) -> dict[str, Any] | None:
         """Where to page on from when the last page holds more records than the total left for it, else None.
@@ -257,6 +262,7 @@ class _NumberedPaginator(Paginator):
         self._last_count: int | None = None
         self._previous: bytes | None = None  # the content of the page before, as refuse_repeat compares it
         self._stepped = 0  # pages walked one by one in this run
+        self._said_total: int | None = None  # the total the API gave last, for a window that ends short of it
 
     def request(self) -> PageRequest | None:
         return None if self.finished else self.request_ahead(0)
@@ -277,8 +283,12 @@ class _NumberedPaginator(Paginator):
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
         self._last_count = len(records)
-        if not records or (len(records) < self.config.page_size and self._total(response) is None):
+        total = self._total(response)
+        self._said_total = self._said_total if total is None else total
+        if not records or (len(records) < self.config.page_size and total is None):
             self.finished = True
+            if self._said_total is not None and not self.total_understated:
+                warn_if_short(response, self._said_total, self.records_seen, self.config)
             return
         previous, self._previous = self._previous, _page_content(records)
         if self._previous == previous and self._stepped >= 2:
@@ -332,6 +342,22 @@ class _NumberedPaginator(Paginator):
 
     @abstractmethod
     def _step_name(self) -> str: ...
+
+
+def warn_if_short(response: PageResponse, total: int, received: int, config: PagePagination | OffsetPagination) -> None:
+    """A warning when a window ended a whole page or more short of its total (all of it, for a total below a page).
+
+    That is a first page the walk never asked for (first_page = 1 where the API counts from 0: every
+    window lost its first page, with exit 0), or records deleted meanwhile. A few records short is
+    the usual drift of records updated out of the window while it was read: the next lookback has them.
+    """
+    if total - received < min(config.page_size, total) or total == 0:
+        return
+    check = "check first_page (does the API number its pages from 0?), or " if isinstance(config, PagePagination) else ""
+    log.warning(
+        "%s: the API's total for this window is %d, but its pages ended after %d records: %srecords were "
+        "deleted while the window was read", display_url(response.url), total, received, check,
+    )
 
 
 def _page_content(records: list[Any]) -> bytes:

@@ -383,7 +383,7 @@ class Pipeline:
             while (head := await lanes.next_page()) is not None:
                 planned, response = head
                 records = records_at(response.body, resource.records_path, response.url)
-                plan.check(response, records)
+                plan.check(planned, response, records)
                 beyond = plan.beyond(planned, records)
                 if beyond is not None:
                     log.warning(

@@ -459,6 +459,56 @@ async def test_a_server_ignoring_the_page_parameter_ends_the_window_with_an_erro
         await walk(paginator_for(config, BASE + "/items", {}), client, "data")
 
 
+def zero_based_pages(records: list[Any]) -> Answer:
+    """An API whose first page is page 0, with its total: asked from page 1, it serves every page but the first."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = int(query["page"]) * 100
+        return CallbackResult(payload={"data": records[start : start + 100], "total": len(records)})
+
+    return answer
+
+
+async def test_a_window_ending_a_page_or_more_short_of_its_total_is_a_warning(
+    http_mock: aioresponses, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """first_page = 1 against an API that counts from 0 loaded nothing of a 60-record window, with exit 0 and not a word."""
+    serve(http_mock, zero_based_pages(RECORDS[:60]))
+    assert await walk(page_paginator(page_size=100, total_path="total"), client, "data") == []
+    assert "the API's total for this window is 60, but its pages ended after 0 records" in caplog.text
+    assert "first_page" in caplog.text
+
+
+async def test_a_planned_window_ending_a_page_or_more_short_of_its_total_is_a_warning(
+    http_mock: aioresponses, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fetched in parallel, the same wrong first_page lost the window's first page of 250 records without a word."""
+    serve(http_mock, zero_based_pages(RECORDS))
+    paginator = page_paginator(page_size=100, total_path="total")
+    first = await client.get(paginator.request())  # type: ignore[arg-type]
+    paginator.advance(first, records_at(first.body, "data", first.url))
+    plan = paginator.remaining_requests(250)
+    assert plan is not None
+    for planned in plan:
+        response = await client.get(planned.request)
+        plan.check(planned, response, records_at(response.body, "data", response.url))
+    assert "the API's total for this window is 250, but its pages ended after 150 records" in caplog.text
+
+
+async def test_a_window_a_few_records_short_of_its_total_is_no_warning(
+    http_mock: aioresponses, client: ApiClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records updated out of a window while it is read make it a little short: the next run's lookback reads them."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = (int(query["page"]) - 1) * 100
+        return CallbackResult(payload={"data": RECORDS[start : min(start + 100, 245)], "total": 250})
+
+    serve(http_mock, answer)
+    assert len(await walk(page_paginator(page_size=100, total_path="total"), client, "data")) == 245
+    assert "total for this window" not in caplog.text
+
+
 async def test_remaining_requests_plan_every_page_with_resumable_positions(
     http_mock: aioresponses, client: ApiClient
 ) -> None:
@@ -493,9 +543,10 @@ async def test_remaining_requests_for_offsets_and_repeated_content(
     plan = paginator.remaining_requests(250)
 
     assert plan is not None
-    assert [(p.request.params["offset"], p.position["offset"]) for p in plan] == [("100", 200), ("200", 250)]
+    planned = list(plan)
+    assert [(p.request.params["offset"], p.position["offset"]) for p in planned] == [("100", 200), ("200", 250)]
     with pytest.raises(SourceError, match="same records as an earlier page"):
-        plan.check(response, RECORDS[:100])
+        plan.check(planned[0], response, RECORDS[:100])
 
 
 def test_remaining_requests_only_where_pages_are_addressable() -> None:
