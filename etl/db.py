@@ -57,17 +57,30 @@ def async_url(url: str) -> URL:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"{database_url_key()}: {url!r} is not a database URL like sqlite:///etl.db") from None
-    if "+" not in parsed.drivername:
-        driver = ASYNC_DRIVERS.get(parsed.drivername)
+    if "+" not in parsed.drivername or not _async_driver(parsed):
+        driver = ASYNC_DRIVERS.get(parsed.get_backend_name())
         if driver is None:
             known = ", ".join(sorted(ASYNC_DRIVERS))
-            raise ConfigError(f"{database_url_key()}: unsupported database {parsed.drivername!r} (supported: {known})")
+            raise ConfigError(f"{database_url_key()}: unsupported database {parsed.get_backend_name()!r} (supported: {known})")
         parsed = parsed.set(drivername=driver)
     if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     if parsed.drivername == "postgresql+asyncpg":
         parsed = _asyncpg_query(parsed)
     return parsed
+
+
+def _async_driver(url: URL) -> bool:
+    """Whether the driver the URL names is an asyncio one.
+
+    A URL copied from another tool names a blocking driver (`postgresql+psycopg2://`, `mysql+pymysql://`):
+    SQLAlchemy's asyncio engine refused it with a traceback, or the driver was not even installed. The
+    database is the same whichever driver talks to it, so such a URL gets the project's async driver.
+    """
+    try:
+        return bool(url.get_dialect().is_async)
+    except NoSuchModuleError:
+        raise ConfigError(f"{database_url_key()}: {safe_url(url)}: SQLAlchemy knows no driver {url.drivername!r}") from None
 
 
 def _asyncpg_query(url: URL) -> URL:
@@ -114,6 +127,11 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(target, **options)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"{database_url_key()}: {safe_url(target)}: {exc}") from None
+    except ImportError as exc:  # an async driver named in the URL that is not installed: a traceback, exit 1
+        raise ConfigError(
+            f"{database_url_key()}: {safe_url(target)}: its driver is not installed ({exc.name or exc})",
+            hint="install it, or leave the driver out of the URL (postgresql://, mysql://, sqlite://) to use etl's own",
+        ) from None
     if target.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine

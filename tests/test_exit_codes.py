@@ -208,6 +208,27 @@ async def test_exit_1_with_a_hint_when_the_postgresql_database_does_not_exist(
     _assert_one_clean_database_error(result, 'database "etl_no_such_database" does not exist')
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mysql"])
+async def test_a_url_naming_a_blocking_driver_loads_through_the_projects_async_driver(
+    tmp_path: Path, fresh_database: Callable[[str], Any], dialect: str
+) -> None:
+    """`postgresql+psycopg2://` copied from another tool was a traceback (not async, or not installed), exit 1."""
+    blocking = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg2", "mysql": "mysql+pymysql"}[dialect]
+    url = make_url(await fresh_database(dialect)).set(drivername=blocking).render_as_string(hide_password=False)
+    async with Simulator() as sim:
+        result = await run_etl("--log-format", "json", "sync", "--config", str(write_config(tmp_path, sim, url, resources=["products"])))
+    assert result.returncode == 0, result.stderr
+    assert "products: 20 loaded" in result.stdout
+
+
+async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
+    result = await _run_against_database(tmp_path, "postgresql+psycopg_async://root@127.0.0.1:1/test", "status")
+    assert result.returncode == 2, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a traceback line is not JSON
+    assert [event["level"] for event in events] == ["error"], result.stderr
+    assert "database.url" in events[0]["message"] and "not installed (psycopg)" in events[0]["message"]
+
+
 async def test_a_missing_sqlite_directory_leaves_every_stderr_line_json_run_after_run(tmp_path: Path) -> None:
     """aiosqlite's worker thread sometimes outlived the event loop after the failed open (4 runs in 15) and
     printed its traceback straight to stderr, between the JSON lines."""
