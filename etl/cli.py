@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from etl.config import Config, config_path, database_url_key, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
-from etl.logs import setup_logging
+from etl.logs import setup_logging, wants_json
 from etl.pipeline import GRACE_SECONDS, RunOutcome
 from etl.progress import progress_for_terminal
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _tolerate_narrow_encodings()
-    setup_logging("json" if _wants_json(argv) else "text", 0)
+    setup_logging("json" if wants_json(argv) else "text", 0)
     try:
         args = build_parser().parse_args(_attach_negative_values(argv))
     except ConfigError as exc:
@@ -134,10 +134,6 @@ def _tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(20_000, 20, 100)
-
-
-def _wants_json(argv: list[str]) -> bool:
-    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:], strict=False))
 
 
 async def _dispatch(args: argparse.Namespace) -> int:

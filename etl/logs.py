@@ -87,3 +87,16 @@ def setup_logging(log_format: str, verbosity: int) -> None:
     logging.getLogger("etl").setLevel(logging.DEBUG if verbosity > 0 else logging.NOTSET)
     for noisy in ("aiohttp.access", "asyncio", "alembic", "sqlalchemy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def wants_json(argv: list[str]) -> bool:
+    """Whether the command line asks for JSON logs, read before (or without) argparse."""
+    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:], strict=False))
+
+
+def interrupted_while_starting(argv: list[str]) -> int:
+    """Ctrl-C in the half second etl's modules take to load was a KeyboardInterrupt traceback (exit 130),
+    its lines no JSON: it is one line in the format asked for, and exit 1 as for any stopped run."""
+    setup_logging("json" if wants_json(argv) else "text", 0)
+    logging.getLogger("etl").error("interrupted while starting; nothing was done")
+    return 1

@@ -211,6 +211,34 @@ async def test_sigterm_cancels_requests_still_in_flight_after_the_grace_period(
     assert "— NOT FINISHED: the next run continues it" in stopped.stdout
 
 
+CTRL_C_WHILE_LOADING = """
+import sys
+
+class _CtrlC:
+    \"\"\"Ctrl-C lands while etl's modules load: the first import of etl.pipeline is interrupted.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "etl.pipeline":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, _CtrlC())
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_ctrl_c_while_starting_is_one_log_line_and_exit_1(tmp_path: Path, log_format: str) -> None:
+    """A Ctrl-C in the half second the imports take was a KeyboardInterrupt traceback and exit 130."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_WHILE_LOADING)
+    environment = etl_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    result = await run_etl("--log-format", log_format, "status", env=environment)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "interrupted while starting" in result.stderr
+    if log_format == "json":
+        assert orjson.loads(result.stderr)["level"] == "error"
+
+
 async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """Through a pipe (cron): no progress bars, one line per resource and one verdict line on stdout."""
     url = await fresh_database("sqlite")
