@@ -8,13 +8,14 @@ a `ConfigError` whose message starts with the dotted key, e.g.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import stat
 import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -469,9 +470,44 @@ def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
         key = _dotted(error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown key (check its spelling against SPEC.md)"
+            message = _unknown_key(error["loc"])
         lines.append(f"{where}{key}: {message}" if key else f"{where}{message}")
     return "\n".join(lines)
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """The nearest key its table takes, else all of them: "check against SPEC.md" named a file no clone has."""
+    try:
+        known = [name for name in _model_at(loc[:-1]).model_fields if name != "source_path"]
+    except (KeyError, IndexError, StopIteration):  # a location this walk does not know: the key is still named
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key (this table takes {', '.join(known)})"
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel]:
+    """The model of the table at a validation error's location, e.g. PagePagination at resources.0.pagination.page."""
+    parts = [part for part in loc if isinstance(part, str)]
+    model: type[BaseModel] = Config
+    while parts:
+        annotation = model.model_fields[parts.pop(0)].annotation
+        models = _models_in(annotation)
+        if len(models) > 1:  # pagination: pydantic names the member by its style
+            style = parts.pop(0)
+            model = next(m for m in models if style in get_args(m.model_fields["style"].annotation))
+        else:
+            model = models[0]
+            if get_origin(annotation) is dict:  # columns: the next part is a column's name
+                parts.pop(0)
+    return model
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for argument in get_args(annotation) for model in _models_in(argument)]
 
 
 _UNION_TAGS = {"page", "offset", "cursor", "link_header", "none"}

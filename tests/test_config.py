@@ -54,6 +54,28 @@ def test_a_bad_key_is_named_with_its_path(key: str, value: object, message: str)
     assert message in _error(document)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "message"),
+    [
+        ((), "synk", "synk: unknown key; did you mean 'sync'?"),
+        (("api",), "concurency", "api.concurency: unknown key; did you mean 'concurrency'?"),
+        (("resources", 0), "record_path", "resources[0].record_path: unknown key; did you mean 'records_path'?"),
+        (("resources", 0, "pagination"), "page_parm", "resources[0].pagination.page_parm: unknown key; did you mean 'page_param'?"),
+        (("resources", 2, "pagination"), "cursor_parm", "resources[2].pagination.cursor_parm: unknown key; did you mean 'cursor_param'?"),
+        (("resources", 0, "columns", "customer_name"), "sorce", "resources[0].columns.customer_name.sorce: unknown key; did you mean 'source'?"),
+        ((), "extra", "extra: unknown key (this table takes api, auth, database, sync, resources)"),
+    ],
+)
+def test_an_unknown_key_is_answered_with_the_key_it_is_nearest(section: tuple[str | int, ...], key: str, message: str) -> None:
+    """The message sent the user to SPEC.md, a file no clone of the repository has, to find the spelling."""
+    document = _document()
+    table: Any = document
+    for part in section:
+        table = table[part]
+    table[key] = 1
+    assert message in _error(document)
+
+
 def test_unknown_pagination_style_lists_the_known_ones() -> None:
     document = _document()
     document["resources"][1]["pagination"]["style"] = "pages"
