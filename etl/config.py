@@ -177,7 +177,12 @@ class ColumnSpec(_Section):
 
 
 def _column_spec(value: Any) -> Any:
-    return {"type": value} if isinstance(value, str) else value
+    """`id = "integer"` or a table; anything else was refused as "not a valid dictionary or instance of ColumnSpec"."""
+    if isinstance(value, str):
+        return {"type": value}
+    if not isinstance(value, dict):
+        raise ValueError('must be a type such as "decimal", or a table such as { type = "string", source = "a.b" }')
+    return value
 
 
 class FilterConfig(_Section):

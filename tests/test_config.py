@@ -76,6 +76,15 @@ def test_an_unknown_key_is_answered_with_the_key_it_is_nearest(section: tuple[st
     assert message in _error(document)
 
 
+@pytest.mark.parametrize("value", [5, ["decimal"], True])
+def test_a_column_that_is_neither_a_type_nor_a_table_says_what_it_should_be(value: object) -> None:
+    document = _document()
+    document["resources"][0]["columns"]["total"] = value
+    message = _error(document)
+    assert 'resources[0].columns.total: must be a type such as "decimal", or a table' in message
+    assert "ColumnSpec" not in message
+
+
 def test_unknown_pagination_style_lists_the_known_ones() -> None:
     document = _document()
     document["resources"][1]["pagination"]["style"] = "pages"
