@@ -71,12 +71,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(document).decode()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to sys.stderr as it is at each line, not as it was at start-up.
+
+    While progress bars are drawn, sys.stderr is rich's proxy, which prints a line above the bars.
+    A handler holding the real stderr wrote into the bars instead: the next redraw erased the warning
+    and left a torn bar behind.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(log_format: str, verbosity: int) -> None:
     """`verbosity`: -1 quiet (warnings and errors), 0 normal, 1 debug for etl's own loggers.
 
     Other libraries stay at INFO under -v: aiosqlite alone logs every statement at DEBUG.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_ContextFilter())
     root = logging.getLogger()

@@ -281,6 +281,25 @@ async def test_on_a_terminal_progress_bars_are_drawn(tmp_path: Path, fresh_datab
     assert "orders" in screen and "customers" in screen
 
 
+async def test_on_a_terminal_a_warning_is_printed_above_the_bars_not_into_them(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The log handler wrote to the real stderr under the live bars: the next redraw erased the warning
+    and left a torn bar. Each line now comes after rich has cleared the bars (ESC[2K), then they are redrawn."""
+    url = await fresh_database("sqlite")
+    async with Simulator(SimulatorSettings(counts={"orders": 2000}, faults=Faults(delay_ms=20, rate_503=0.2))) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"retry_backoff_s": 0.01})
+        controller, terminal = pty.openpty()
+        process = await start_etl("sync", "--config", str(config), stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        screen = await _read_all(controller, process)
+    assert process.returncode == 0, screen
+    during_bars = screen[screen.index("━"):screen.index("orders: ")]
+    warnings = [match.start() for match in re.finditer(r"\d{4}-\d\d-\d\dT[\d:]+Z WARNING +retrying", during_bars)]
+    assert warnings, screen
+    assert all(during_bars[:start].endswith("\x1b[2K") for start in warnings), screen
+
+
 async def test_with_json_logs_a_terminal_gets_json_lines_and_no_bars(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """SPEC: with --log-format json every stderr line is one JSON object, on a terminal too, so no bars."""
     url = await fresh_database("sqlite")
