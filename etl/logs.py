@@ -96,6 +96,7 @@ def setup_logging(log_format: str, verbosity: int) -> None:
     for existing in list(root.handlers):
         root.removeHandler(existing)
     root.addHandler(handler)
+    logging.captureWarnings(True)  # a library's warnings.warn went to stderr as two bare lines, JSON or not
     root.setLevel(logging.WARNING if verbosity < 0 else logging.INFO)
     logging.getLogger("etl").setLevel(logging.DEBUG if verbosity > 0 else logging.NOTSET)
     for noisy in ("aiohttp.access", "asyncio", "alembic", "sqlalchemy"):

@@ -357,6 +357,34 @@ async def test_json_logs_are_one_object_per_line_with_run_resource_and_window(
     assert any(line.startswith("committed ") for line in debug), debug[:5]
 
 
+LIBRARY_WARNS_DURING_THE_RUN = """
+import sys
+import warnings
+
+class _Warns:
+    \"\"\"A library that warns while the run works: here, when etl.runs is first imported.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "etl.runs":
+            warnings.warn("this library call is deprecated", UserWarning)
+        return None
+
+sys.meta_path.insert(0, _Warns())
+"""
+
+
+async def test_json_logs_carry_a_librarys_python_warning_as_one_object(tmp_path: Path) -> None:
+    """warnings.warn wrote its two lines (place, then source line) straight to stderr, between the JSON objects."""
+    (tmp_path / "sitecustomize.py").write_text(LIBRARY_WARNS_DURING_THE_RUN)
+    environment = etl_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    result = await run_etl("--log-format", "json", "sync", "--resource", "nope", "--config", str(config), env=environment)
+    assert result.returncode == 2, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a bare warning line is not JSON
+    assert any(event["level"] == "warning" and "this library call is deprecated" in event["message"] for event in events)
+
+
 async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_api(
     tmp_path: Path, fresh_database: Callable[[str], Any]
 ) -> None:
