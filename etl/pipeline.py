@@ -490,9 +490,12 @@ class Pipeline:
         moved = Counter(name for name, _reject in refused)
         for name, rows in batch.rows.items():
             self.stats[name].loaded += len(rows) - moved[name]
-            self.progress.advance(name, len(rows) - moved[name])
         for name, _reject in batch.rejects + refused:
             self.stats[name].rejected += 1
+        # the bar counts every record handled, rejects too: the API's total does, and a bar short of it looks unfinished
+        handled = Counter({name: len(rows) for name, rows in batch.rows.items()}) + Counter(name for name, _ in batch.rejects)
+        for name, records in handled.items():
+            self.progress.advance(name, records)
         for window_id, progress in batch.windows.items():
             if progress.done:
                 self.stats[self._window_owner[window_id]].windows_done += 1

@@ -47,6 +47,30 @@ async def test_first_sync_loads_every_valid_record_of_every_resource(
     assert outcome.token_requests == 1
 
 
+class _CountingProgress(NoProgress):
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def add_total(self, resource: str, records: int) -> None:
+        self.totals[resource] = self.totals.get(resource, 0) + records
+
+    def advance(self, resource: str, records: int) -> None:
+        self.done[resource] = self.done.get(resource, 0) + records
+
+
+async def test_the_progress_bar_counts_rejected_records_too(
+    simulator: Simulator, database_url: str, make_config: Callable[..., Config]
+) -> None:
+    """The API's total counts every record; a bar that advanced by loaded rows only ended short of it (995/1000)."""
+    progress = _CountingProgress()
+    outcome = await runs.sync(make_config(simulator, database_url, resources=["orders"]), None, asyncio.Event(), progress)
+
+    assert outcome.exit_code == 0, outcome.error
+    assert outcome.resources["orders"].rejected > 0
+    assert progress.done["orders"] == progress.totals["orders"] == len(simulator.truth("orders"))
+
+
 async def test_decimals_and_datetimes_are_stored_exactly(
     simulator: Simulator, database_url: str, make_config: Callable[..., Config]
 ) -> None:
