@@ -411,7 +411,8 @@ def read_document(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found: pass --config PATH or set $ETL_CONFIG") from None
+        shown = str(path) if path.is_absolute() else f"{path} ({path.absolute()})"  # cron's working directory is not yours
+        raise ConfigError(f"config file {shown} not found: pass --config PATH or set $ETL_CONFIG") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     try:

@@ -407,3 +407,11 @@ def test_a_relative_ca_bundle_is_beside_the_config_file(tmp_path: Path, monkeypa
     assert load_config(path).api.ca_bundle == str(tmp_path / "chain.pem")
     document["api"]["ca_bundle"] = "/etc/ssl/extra.pem"
     assert load_config(tomlwriter.write(tmp_path / "abs.toml", document)).api.ca_bundle == "/etc/ssl/extra.pem"
+
+
+def test_a_missing_relative_config_file_is_named_with_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under cron the working directory is not what the user thinks: 'config.toml not found' alone said not where."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        load_config(Path("config.toml"))
+    assert f"config file config.toml ({tmp_path / 'config.toml'}) not found" in raised.value.message
