@@ -310,7 +310,7 @@ class Checker:
         self.secret = self.config.client_secret()
         register_secret(self.secret.get_secret_value())
         env_secret = EnvSettings().client_secret
-        if env_secret is not None and env_secret.get_secret_value():
+        if env_secret is not None and env_secret.get_secret_value().strip():
             self.secret_source = "$ETL_CLIENT_SECRET"
         elif self.config.auth.client_secret_file:
             self.secret_source = f"client_secret_file {self.config.auth.client_secret_file}"

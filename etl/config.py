@@ -539,9 +539,7 @@ def _unwritten(loc: tuple[int | str, ...], index: int) -> bool:
 
 
 def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretStr:
-    env_secret = EnvSettings().client_secret
-    env_secret = env_secret if env_secret is not None and env_secret.get_secret_value() else None
-    file_secret = auth.client_secret if auth.client_secret is not None and auth.client_secret.get_secret_value() else None
+    env_secret, file_secret = _trimmed(EnvSettings().client_secret), _trimmed(auth.client_secret)
     if file_secret is not None:  # a secret in the config file is worth a warning whether or not it is the one used
         log.warning(
             "auth.client_secret is set in the config file; prefer $ETL_CLIENT_SECRET or auth.client_secret_file"
@@ -552,7 +550,7 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
     if auth.client_secret_file:
         secret_path = _beside(config_file, auth.client_secret_file) if config_file else Path(auth.client_secret_file).expanduser()
         try:
-            secret = secret_path.read_text(encoding="utf-8").strip()
+            secret = secret_path.read_text(encoding="utf-8-sig").strip()  # -sig: a Windows editor's BOM is no part of it
         except OSError as exc:
             raise ConfigError(f"auth.client_secret_file: cannot read {secret_path}: {exc.strerror}") from None
         if not secret:
@@ -563,6 +561,16 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
     raise ConfigError(
         "auth.client_secret_file: no client secret found: set $ETL_CLIENT_SECRET or auth.client_secret_file"
     )
+
+
+def _trimmed(secret: SecretStr | None) -> SecretStr | None:
+    """The secret without surrounding whitespace, None when nothing is left.
+
+    An EnvironmentFile or a Kubernetes secret made from a file carries a trailing newline;
+    sent as it was, the token endpoint answered invalid_client for the right secret.
+    """
+    value = secret.get_secret_value().strip() if secret is not None else ""
+    return SecretStr(value) if value else None
 
 
 def _warn_secret_in_file(path: Path) -> None:

@@ -319,6 +319,18 @@ def test_secret_from_environment_then_file_then_config(tmp_path: Path, monkeypat
     assert config_from_document(document).client_secret().get_secret_value() == "from-config"
 
 
+def test_a_secret_is_sent_without_the_newline_or_bom_around_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EnvironmentFile's trailing newline, a CRLF or a Windows BOM in the file: invalid_client for the right secret."""
+    document = _document()
+    monkeypatch.setenv("ETL_CLIENT_SECRET", "from-env\r\n")
+    assert config_from_document(document).client_secret().get_secret_value() == "from-env"
+    monkeypatch.delenv("ETL_CLIENT_SECRET")
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"\xef\xbb\xbffrom-file\r\n")
+    document["auth"]["client_secret_file"] = str(secret_file)
+    assert config_from_document(document).client_secret().get_secret_value() == "from-file"
+
+
 def test_a_secret_in_the_config_file_is_warned_about_even_when_the_environment_wins(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
