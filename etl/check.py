@@ -59,7 +59,6 @@ from etl.logs import redact, register_secret
 from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
 from etl.token import (
-    DEFAULT_LIFETIME_S,
     METHOD_HINT,
     REDIRECT_HINT,
     Token,
@@ -480,7 +479,7 @@ class Checker:
 
     def _issued(self, status: int, fields: Mapping[str, Any], value: str) -> Verdict:
         register_secret(value)
-        expires_in = fields.get("expires_in", DEFAULT_LIFETIME_S)
+        expires_in = fields.get("expires_in")
         lifetime = lifetime_of(expires_in)
         if lifetime is None:
             hint = "this is not a standard OAuth2 token answer: check that auth.token_url is the token endpoint"
@@ -488,7 +487,7 @@ class Checker:
         now = time.monotonic()
         self.token = Token(value, now + lifetime, now + lifetime)
         granted = fields.get("scope")
-        said = f"lifetime {lifetime:g}s" if "expires_in" in fields else f"no expires_in, taken as {lifetime:g}s"
+        said = f"lifetime {lifetime:g}s" if expires_in is not None else f"no expires_in, taken as {lifetime:g}s"
         verdict = Verdict(f"{status}, {said}" + (f", scope {granted}" if granted else ""))
         missing = set(self.config.auth.scopes) - set(str(granted).split()) if granted else set()
         if missing:

@@ -229,8 +229,6 @@ class TokenManager:
         return Token(value, issued + lifetime, issued + refresh_after(lifetime, self._auth.refresh_margin_s), self._clock)
 
     def _lifetime(self, expires_in: Any) -> float:
-        if expires_in is None:
-            return DEFAULT_LIFETIME_S
         lifetime = lifetime_of(expires_in)
         if lifetime is None:
             raise AuthError(
@@ -292,7 +290,12 @@ class TokenManager:
 
 
 def lifetime_of(expires_in: Any) -> float | None:
-    """expires_in in seconds, or None when it is no lifetime: true is not 1 second, and "inf" would never be renewed."""
+    """expires_in in seconds, or None when it is no lifetime: true is not 1 second, and "inf" would never be renewed.
+
+    Absent or null, it is Cognito's default hour: in sync and check alike (check failed a token null that sync used).
+    """
+    if expires_in is None:
+        return DEFAULT_LIFETIME_S
     try:
         lifetime = float(expires_in) if not isinstance(expires_in, bool) else 0.0
     except (TypeError, ValueError):

@@ -640,13 +640,15 @@ async def test_a_database_migrated_by_a_newer_etl_fails_the_schema_step(
     assert "a newer etl migrated them" in line_of(out, "✘ database schema")
 
 
+@pytest.mark.parametrize("lifetime", [{}, {"expires_in": None}], ids=["absent", "null"])
 async def test_a_token_without_expires_in_says_the_lifetime_is_assumed(
-    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], lifetime: dict[str, None]
 ) -> None:
-    """"lifetime 3600s" read as if the endpoint had said so; it said nothing, and etl assumes an hour."""
+    """"lifetime 3600s" read as if the endpoint had said so; it said nothing, and etl assumes an hour.
+    A null expires_in is no lifetime either: check failed it (exit 3) while sync used the token."""
 
     async def token(_request: web.Request) -> web.Response:
-        return web.json_response({"access_token": "no-lifetime-token", "token_type": "Bearer"})
+        return web.json_response({"access_token": "no-lifetime-token", "token_type": "Bearer", **lifetime})
 
     app = web.Application()
     app.router.add_post("/oauth2/token", token)
