@@ -217,6 +217,8 @@ class TokenManager:
                 hint=METHOD_HINT,
             )
         value = fields.get("access_token")
+        if (not isinstance(value, str) or not value) and isinstance(fields.get("error"), str):
+            raise self._error_answer(status, fields)  # a gateway's 200 that carries the endpoint's refusal
         if not isinstance(value, str) or not value:
             # the field names only: the body may hold a token under another name
             raise AuthError(
@@ -241,16 +243,19 @@ class TokenManager:
         if 300 <= status < 400:
             return AuthError(f"the token endpoint {self._url} answered {status}, {redirect_text(location)}", hint=REDIRECT_HINT)
         fields = json_object(answer) or {}
-        error, description = fields.get("error"), fields.get("error_description")
-        if isinstance(error, str) and (status in (400, 401) or error == "invalid_request"):
-            hint = self._refusal_hint(error)
-            if hint is not None:
-                quoted = f'error "{error}"' + (f', error_description "{description}"' if description else "")
-                return AuthError(
-                    f"the token endpoint {self._url} refused the request ({status}): {quoted}", hint=hint
-                )
+        error = fields.get("error")
+        if isinstance(error, str) and (status in (400, 401) or error == "invalid_request") and self._refusal_hint(error):
+            return self._error_answer(status, fields)
         hint = METHOD_HINT if status in (404, 405) else self._refusal_hint("invalid_client") if status == 401 else None
         return AuthError(f"the token endpoint {self._url} answered {status}: {_excerpt(answer)!r}", hint=hint)
+
+    def _error_answer(self, status: int, fields: Mapping[str, Any]) -> AuthError:
+        """An RFC 6749 §5.2 error answer: its error and error_description verbatim, and what to check for that error."""
+        error, description = fields["error"], fields.get("error_description")
+        quoted = f'error "{error}"' + (f', error_description "{description}"' if description else "")
+        return AuthError(
+            f"the token endpoint {self._url} refused the request ({status}): {quoted}", hint=self._refusal_hint(error)
+        )
 
     def _refusal_hint(self, error: str) -> str | None:
         other_auth = "body" if self._auth.client_auth == "basic" else "basic"

@@ -547,6 +547,19 @@ async def test_200_without_access_token_is_auth_error(
     assert "eyJ-not-for-us" not in message
 
 
+async def test_200_with_an_oauth_error_quotes_the_error_and_its_description(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """Some gateways answer 200 with the endpoint's refusal: it showed only 'fields: error, error_description'."""
+    http_mock.post(TOKEN_URL, payload={"error": "invalid_client", "error_description": "Client secret expired"})
+
+    with pytest.raises(AuthError) as excinfo:
+        await make_manager(session).token()
+
+    assert 'refused the request (200): error "invalid_client", error_description "Client secret expired"' in str(excinfo.value)
+    assert excinfo.value.hint is not None and "auth.client_id" in excinfo.value.hint
+
+
 async def test_other_4xx_is_auth_error_with_status_and_body(
     session: aiohttp.ClientSession, http_mock: aioresponses
 ) -> None:
