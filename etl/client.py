@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -239,7 +240,20 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
             f"{status} from {url}: {snippet(body)}",
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
         )
-    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status)
+    hint = forbidden_hint(resp.headers.get("WWW-Authenticate")) if status == HTTPStatus.FORBIDDEN else None
+    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=hint)
+
+
+def forbidden_hint(challenge: str | None) -> str:
+    """A 403 to a token the API accepted is, most often, a scope the token lacks (RFC 6750 §3.1 insufficient_scope).
+
+    The API's WWW-Authenticate is quoted: it may name the error and the scope it wants.
+    """
+    said = f"the API answered WWW-Authenticate: {challenge}; " if challenge else ""
+    return (
+        f"{said}the token's scopes may not cover this endpoint: add the scope it requires to auth.scopes "
+        "(and allow it on the app client); otherwise the API's own access rules refuse this client"
+    )
 
 
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:

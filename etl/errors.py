@@ -79,8 +79,8 @@ class SourceError(EtlError):
 class RefusedRequest(SourceError):
     """The API refused a request with a 4xx other than 401 and 429: final, and the status says why."""
 
-    def __init__(self, message: str, *, status: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.status = status
 
 

@@ -216,11 +216,22 @@ async def test_a_client_error_fails_fast_with_the_url_and_the_first_bytes(
     http_mock.get(BASE + "/orders?api_key=K3y-v4lue-123&page=1", status=status, body=body, repeat=True)
     with pytest.raises(SourceError) as raised:
         await client.get(PageRequest(BASE + "/orders", {"page": "1", "api_key": "K3y-v4lue-123"}))
-    message = str(raised.value)
+    message = raised.value.message
     assert f"{status} from https://api.example.test/api/v1/orders?api_key=***&page=1" in message
     assert "unknown field 'updated_since'" in message and message.endswith("x…")
     assert "K3y-v4lue-123" not in message and len(message) < 400
     assert counters.requests == 1
+
+
+async def test_a_403_points_at_the_scopes_with_the_apis_challenge(http_mock: aioresponses, make_client: MakeClient) -> None:
+    """A sync that met a 403 said only '403 from URL: {"message": "Forbidden"}': nothing about auth.scopes."""
+    client, _ = make_client()
+    challenge = 'Bearer error="insufficient_scope", scope="legacy-api/orders.read"'
+    http_mock.get(PAGE, status=403, payload={"message": "Forbidden"}, headers={"WWW-Authenticate": challenge})
+    with pytest.raises(SourceError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert raised.value.hint is not None and "auth.scopes" in raised.value.hint
+    assert f"WWW-Authenticate: {challenge}" in raised.value.hint
 
 
 def test_display_url_drops_user_info_and_masks_credential_parameters() -> None:
