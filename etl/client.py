@@ -233,8 +233,9 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
         parsed = None if status == 204 else parse_json(status, resp, body)
         return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp))
     url = display_url(resp.url)
-    if status == 401:
-        raise TokenRejected(f"401 from {url}: the API refused the token")
+    if status == 401:  # the API's challenge may say why (RFC 6750 §3: invalid_token, its error_description)
+        challenge = resp.headers.get("WWW-Authenticate")
+        raise TokenRejected(f"401 from {url}: the API refused the token" + (f" (WWW-Authenticate: {challenge})" if challenge else ""))
     if status in RETRYABLE_STATUS:
         raise RetryableError(
             f"{status} from {url}: {snippet(body)}",

@@ -30,7 +30,7 @@ from yarl import URL
 
 from etl.client import ApiClient, PageRequest, RequestCounters, rate_limiter
 from etl.config import ApiConfig, AuthConfig
-from etl.errors import ConnectionFailed, RetryableError, SourceError, UnreachableError
+from etl.errors import AuthError, ConnectionFailed, RetryableError, SourceError, UnreachableError
 from etl.simulator import Faults, Simulator, SimulatorSettings
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, display_url, open_session, retry_after_seconds, translate
@@ -232,6 +232,16 @@ async def test_a_403_points_at_the_scopes_with_the_apis_challenge(http_mock: aio
         await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert raised.value.hint is not None and "auth.scopes" in raised.value.hint
     assert f"WWW-Authenticate: {challenge}" in raised.value.hint
+
+
+async def test_a_fresh_token_refused_twice_quotes_the_apis_challenge(http_mock: aioresponses, make_client: MakeClient) -> None:
+    """The API's WWW-Authenticate says why it refuses a token (a wrong audience, an expired key); it was dropped."""
+    client, _ = make_client()
+    challenge = 'Bearer error="invalid_token", error_description="Invalid audience"'
+    http_mock.get(PAGE, status=401, payload={"message": "Unauthorized"}, headers={"WWW-Authenticate": challenge}, repeat=True)
+    with pytest.raises(AuthError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert f"the API refused the token (WWW-Authenticate: {challenge})" in raised.value.message
 
 
 def test_display_url_drops_user_info_and_masks_credential_parameters() -> None:
