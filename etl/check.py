@@ -66,6 +66,7 @@ from etl.token import (
     json_object,
     lifetime_of,
     redirect_text,
+    refuse_unsendable,
     token_request,
 )
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
@@ -479,6 +480,7 @@ class Checker:
 
     def _issued(self, status: int, fields: Mapping[str, Any], value: str) -> Verdict:
         register_secret(value)
+        refuse_unsendable(value, display_url(self.config.auth.token_url), status)
         expires_in = fields.get("expires_in")
         lifetime = lifetime_of(expires_in)
         if lifetime is None:

@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 DEFAULT_LIFETIME_S = 3600.0  # Cognito's default, for an answer without expires_in (RFC 6749 §5.1)
 MIN_RENEWAL_PAUSE_S = 1.0  # after a failed renewal, at least this long before the next try
 EXCERPT_CHARS = 200
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
 
 METHOD_HINT = (
@@ -226,6 +228,7 @@ class TokenManager:
                 f"(fields: {', '.join(sorted(fields)) or 'none'})"
             )
         register_secret(value)
+        refuse_unsendable(value, self._url, status)
         lifetime = self._lifetime(fields.get("expires_in"))
         log.info("token obtained from %s, lifetime %.0fs", self._host, lifetime)
         return Token(value, issued + lifetime, issued + refresh_after(lifetime, self._auth.refresh_margin_s), self._clock)
@@ -306,6 +309,17 @@ def lifetime_of(expires_in: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return lifetime if 0 < lifetime < math.inf else None
+
+
+def refuse_unsendable(value: str, url: str, status: int) -> None:
+    """A token with CR, LF or another control character is AuthError: aiohttp refuses it in a header
+    (injection), which ended the first API request in a traceback."""
+    if CONTROL_CHARACTER.search(value):
+        raise AuthError(
+            f"the token endpoint {url} answered {status} with an access_token that holds a control character "
+            "(CR, LF, NUL, ...), which cannot be sent in an Authorization header",
+            hint="check that auth.token_url is the token endpoint itself, not a proxy or page that rewrites its answer",
+        )
 
 
 def redirect_text(location: str | None) -> str:

@@ -661,6 +661,21 @@ async def test_a_token_without_expires_in_says_the_lifetime_is_assumed(
     assert "200, no expires_in, taken as 3600s" in line_of(out, "✔ token")
 
 
+async def test_a_token_with_a_line_break_fails_the_token_step_not_with_a_traceback(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """aiohttp refuses CR/LF in a header: check passed the token step, then the resource step raised a ValueError."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "abc\r\nX-Injected: 1", "expires_in": 600})
+
+    async with serving({("POST", "/oauth2/token"): token}) as origin:
+        code, out = await check(capsys, write_config(simulator.base_url, f"{origin}/oauth2/token", resources=["products"]))
+
+    assert code == 3
+    assert "access_token that holds a control character" in line_of(out, "✘ token")
+
+
 def test_schema_errors_cut_short_say_so() -> None:
     from etl.check import _excerpt
 

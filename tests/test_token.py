@@ -560,6 +560,19 @@ async def test_200_with_an_oauth_error_quotes_the_error_and_its_description(
     assert excinfo.value.hint is not None and "auth.client_id" in excinfo.value.hint
 
 
+async def test_a_token_with_a_control_character_is_auth_error_not_a_traceback(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """aiohttp refuses CR or LF in a header: the first API request ended in a ValueError traceback."""
+    http_mock.post(TOKEN_URL, payload={"access_token": "abc\r\nX-Injected: 1", "expires_in": 3600})
+
+    with pytest.raises(AuthError) as excinfo:
+        await make_manager(session).token()
+
+    assert "access_token that holds a control character" in str(excinfo.value)
+    assert "X-Injected" not in str(excinfo.value)
+
+
 async def test_other_4xx_is_auth_error_with_status_and_body(
     session: aiohttp.ClientSession, http_mock: aioresponses
 ) -> None:
