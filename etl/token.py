@@ -123,6 +123,7 @@ class TokenManager:
             return current
         if self._renewal is None or self._renewal.done():
             self._renewal = asyncio.create_task(self._renew())
+            self._renewal.add_done_callback(_seen)
         # shielded: a worker cancelled while waiting must not cancel the request the others wait on
         return await asyncio.shield(self._renewal)
 
@@ -388,6 +389,13 @@ def json_object(answer: bytes) -> Mapping[str, Any] | None:
 
 def _excerpt(answer: bytes) -> str:
     return answer.decode("utf-8", "replace")[:EXCERPT_CHARS]
+
+
+def _seen(renewal: asyncio.Task[Token]) -> None:
+    """Mark a renewal's failure as seen: when a stop cancelled every worker waiting on it, asyncio
+    printed "Task exception was never retrieved" and a traceback. A waiter still gets the error."""
+    if not renewal.cancelled():
+        renewal.exception()
 
 
 def _log_rejected(state: RetryCallState) -> None:

@@ -8,6 +8,7 @@ clock, so no test sleeps through a token's life.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import time
@@ -20,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
+from loopback import serving
 from pydantic import SecretStr
 from yarl import URL
 
@@ -230,6 +232,28 @@ async def test_renewal_failure_with_an_expired_token_raises(
         await manager.token()
 
     assert excinfo.value.exit_code == 3
+
+
+async def test_a_failed_renewal_no_worker_waits_for_leaves_no_unretrieved_exception(session: aiohttp.ClientSession) -> None:
+    """SIGTERM cancels the workers waiting on a renewal: its failure then printed 'Task exception was never retrieved'."""
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
+
+    async def slow_refusal(_request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        return web.json_response({"error": "invalid_client"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): slow_refusal}) as origin:
+        manager = make_manager(session, url=f"{origin}/oauth2/token")
+        waiter = asyncio.create_task(manager.token())
+        await asyncio.sleep(0.01)  # the waiter started the renewal and waits on it
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        await asyncio.sleep(0.2)  # the renewal runs on alone, and fails
+    del waiter
+    gc.collect()
+    assert manager.token_requests == 1
+    assert not reported
 
 
 async def test_invalidate_of_an_older_token_keeps_the_newer_one(
