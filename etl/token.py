@@ -247,18 +247,19 @@ class TokenManager:
         if 300 <= status < 400:
             return AuthError(f"the token endpoint {self._url} answered {status}, {redirect_text(location)}", hint=REDIRECT_HINT)
         fields = json_object(answer) or {}
-        error = fields.get("error")
-        if isinstance(error, str) and (status in (400, 401) or error == "invalid_request") and self._refusal_hint(error):
-            return self._error_answer(status, fields)
         hint = METHOD_HINT if status in (404, 405) else self._refusal_hint("invalid_client") if status == 401 else None
+        if isinstance(fields.get("error"), str):  # any 4xx: an unknown error (access_denied) was cut at 200 characters
+            return self._error_answer(status, fields, hint)
         return AuthError(f"the token endpoint {self._url} answered {status}: {_excerpt(answer)!r}", hint=hint)
 
-    def _error_answer(self, status: int, fields: Mapping[str, Any]) -> AuthError:
-        """An RFC 6749 §5.2 error answer: its error and error_description verbatim, and what to check for that error."""
+    def _error_answer(self, status: int, fields: Mapping[str, Any], hint: str | None = None) -> AuthError:
+        """An RFC 6749 §5.2 error answer: its error and error_description verbatim, and what to check for that error
+        (`hint` for an error etl has no advice of its own for)."""
         error, description = fields["error"], fields.get("error_description")
         quoted = f'error "{error}"' + (f', error_description "{description}"' if description else "")
         return AuthError(
-            f"the token endpoint {self._url} refused the request ({status}): {quoted}", hint=self._refusal_hint(error)
+            f"the token endpoint {self._url} refused the request ({status}): {quoted}",
+            hint=self._refusal_hint(error) or hint,
         )
 
     def _refusal_hint(self, error: str) -> str | None:

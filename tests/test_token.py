@@ -597,6 +597,17 @@ async def test_a_token_with_a_control_character_is_auth_error_not_a_traceback(
     assert "X-Injected" not in str(excinfo.value)
 
 
+async def test_an_error_etl_has_no_hint_for_is_quoted_whole(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
+    """A 403 access_denied showed the raw body, cut at 200 characters: the end of error_description was lost."""
+    description = "Client is disabled by policy " + "x" * 250 + " contact the pool administrator"
+    http_mock.post(TOKEN_URL, status=403, payload={"error": "access_denied", "error_description": description})
+
+    with pytest.raises(AuthError) as excinfo:
+        await make_manager(session).token()
+
+    assert f'refused the request (403): error "access_denied", error_description "{description}"' in str(excinfo.value)
+
+
 async def test_other_4xx_is_auth_error_with_status_and_body(
     session: aiohttp.ClientSession, http_mock: aioresponses
 ) -> None:
