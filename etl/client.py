@@ -129,7 +129,7 @@ class ApiClient:
                     await self._token_at_hand()
                     async with self._in_flight:
                         response = await self._tokens.authorized(
-                            lambda token: self._attempt(request, token), before=self._rate_limit
+                            lambda token: self._attempt(request, token), before=self._before_token
                         )
         except _TokenUnavailable as unavailable:
             raise unavailable.error from None
@@ -146,6 +146,12 @@ class ApiClient:
             await self._tokens.token()
         except (RetryableError, ConnectionFailed) as exc:
             raise _TokenUnavailable(exc) from exc
+
+    async def _before_token(self) -> None:
+        """Before each token `authorized` takes: the rate-limit share, then the token at hand, so that the
+        renewal after a 401 is final when it fails too (it was retried again per request: twice the attempts)."""
+        await self._rate_limit()
+        await self._token_at_hand()
 
     async def _rate_limit(self) -> None:
         """A share of `requests_per_second`, taken before the token so that the token sent is never one that aged in a queue."""

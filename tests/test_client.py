@@ -244,6 +244,20 @@ async def test_a_fresh_token_refused_twice_quotes_the_apis_challenge(http_mock: 
     assert f"the API refused the token (WWW-Authenticate: {challenge})" in raised.value.message
 
 
+async def test_a_renewal_after_a_401_that_fails_is_not_retried_again_per_request(http_mock: aioresponses) -> None:
+    """The token endpoint down after the API refused a token: its retries ran twice, and counted as API retries."""
+    http_mock.post(TOKEN_URL, payload={"access_token": "token-abcdef", "expires_in": 3600})
+    http_mock.post(TOKEN_URL, status=503, repeat=True)
+    http_mock.get(PAGE, status=401, repeat=True)
+    config = ApiConfig(base_url=BASE, retry_backoff_s=0.001, max_retries=2)
+    async with open_session(config) as session:
+        client, counters = _client(config, session, TOKEN_URL)
+        with pytest.raises(RetryableError, match="answered 503"):
+            await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert len(http_mock.requests[("POST", URL(TOKEN_URL))]) == 1 + 3  # the first token, then one renewal of 3 attempts
+    assert counters.retries == 0
+
+
 def test_display_url_drops_user_info_and_masks_credential_parameters() -> None:
     """Secrets in a URL never reach a message; pagination tokens stay readable for debugging."""
     url = (
