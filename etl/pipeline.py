@@ -418,8 +418,11 @@ class Pipeline:
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
             exc = _stopped_midway(exc)
-        # A run-wide cause is met by every worker in flight, each with its own URL: logged once.
-        repeated = any(error.message == exc.message or isinstance(error, RUN_WIDE_ERRORS) for error in self._errors)
+        # A run-wide cause is met by every worker in flight, each with its own URL: logged once. So is a refusal its
+        # resource's other windows in flight meet too (a 403 for a scope the token lacks: one ERROR and hint per window).
+        repeated = any(error.message == exc.message or isinstance(error, RUN_WIDE_ERRORS) for error in self._errors) or (
+            resource.name in self._failed and isinstance(exc, RefusedRequest)
+        )
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
         self._failed.add(resource.name)

@@ -302,3 +302,31 @@ async def test_a_window_left_at_a_cursor_the_api_has_expired_is_read_again_from_
     assert again.exit_code == 0, again.error
     assert await scalar(url, "SELECT COUNT(*) FROM events") == 30
     assert any("refused the cursor this window was left at" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_403_for_a_missing_scope_is_one_error_that_points_at_the_scopes(
+    fresh_database: Callable[[str], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API refuses the token's scope on every window: each window in flight logged its own ERROR, hint and all."""
+    url = await fresh_database("sqlite")
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "narrow-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def orders(_request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # every worker has a window in flight when the first 403 arrives
+        challenge = 'Bearer error="insufficient_scope", scope="legacy-api/orders"'
+        return web.json_response({"message": "Forbidden"}, status=403, headers={"WWW-Authenticate": challenge})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/v1/orders"): orders}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["resources"] = [r for r in document["resources"] if r["name"] == "orders"]
+        document["resources"][0]["window"] = "1d"
+        outcome = await runs.backfill(
+            config_from_document(document), START, END, None, None, False, asyncio.Event(), NoProgress()
+        )
+
+    assert outcome.exit_code == 1
+    errors = [record for record in caplog.records if record.levelname == "ERROR" and "403 from" in record.getMessage()]
+    assert len(errors) == 1
+    assert 'scope="legacy-api/orders"' in errors[0].getMessage() and "auth.scopes" in errors[0].getMessage()
