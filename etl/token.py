@@ -204,7 +204,7 @@ class TokenManager:
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 location = response.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _at_token_endpoint(translate(exc, self._url), self._url) from exc
+            raise _at_token_endpoint(exc, self._url) from exc
         if 200 <= status < 300:
             return self._issued_token(status, answer, issued)
         if status == 429 or status >= 500:
@@ -341,8 +341,11 @@ def refresh_after(lifetime: float, margin: float) -> float:
     return lifetime * (1 - SHORT_TOKEN_MARGIN)
 
 
-def _at_token_endpoint(error: EtlError, url: str) -> EtlError:
+def _at_token_endpoint(exc: BaseException, url: str) -> EtlError:
     """The transport's error, saying it was the token endpoint: "cannot connect to host:port" alone reads as the API."""
+    error = translate(exc, url)
+    if type(error) is RetryableError and isinstance(exc, TimeoutError):  # translate's words are about pages
+        return RetryableError(f"the token endpoint {url} did not answer within [api].timeout_s")
     error.message = f"the token endpoint {url}: {error.message}"
     error.args = (error.message,)
     if error.hint == CONNECT_HINT:
