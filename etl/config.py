@@ -432,7 +432,7 @@ def config_from_document(document: dict[str, Any], path: Path | None = None) -> 
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from None
     if config.auth.client_secret is not None and path is not None:
-        _warn_secret_in_file(path)
+        _warn_secret_in_file(path, "auth.client_secret", ", or move the secret to $ETL_CLIENT_SECRET")
     if path is None:
         return config
     config = _bundle_beside(config, path)
@@ -555,6 +555,7 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
             raise ConfigError(f"auth.client_secret_file: cannot read {secret_path}: {exc.strerror}") from None
         if not secret:
             raise ConfigError(f"auth.client_secret_file: {secret_path} is empty")
+        _warn_secret_in_file(secret_path, "the client secret (auth.client_secret_file)")
         return SecretStr(secret)
     if file_secret is not None:
         return file_secret
@@ -573,15 +574,11 @@ def _trimmed(secret: SecretStr | None) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
-def _warn_secret_in_file(path: Path) -> None:
+def _warn_secret_in_file(path: Path, key: str, alternative: str = "") -> None:
+    """A secret other users of the machine can read is warned about, in config.toml or in client_secret_file."""
     try:
         mode = path.stat().st_mode
     except OSError:
         return
     if mode & (stat.S_IRGRP | stat.S_IROTH):
-        log.warning(
-            "%s holds auth.client_secret and is readable by other users: chmod 600 %s, "
-            "or move the secret to $ETL_CLIENT_SECRET",
-            path,
-            path,
-        )
+        log.warning("%s holds %s and is readable by other users: chmod 600 %s%s", path, key, path, alternative)

@@ -367,6 +367,24 @@ def test_world_readable_config_with_a_secret_is_warned_about(tmp_path: Path, cap
     assert "readable by other users" in caplog.text and "s3cr3t-value" not in caplog.text
 
 
+def test_world_readable_secret_file_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a secret in config.toml was; a client_secret_file any local user could read passed without a word."""
+    monkeypatch.delenv("ETL_CLIENT_SECRET", raising=False)
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s3cr3t-value\n")
+    secret_file.chmod(0o644)
+    document = _document()
+    document["auth"]["client_secret_file"] = str(secret_file)
+    config_from_document(document).client_secret()
+    assert f"{secret_file} holds the client secret (auth.client_secret_file) and is readable by other users" in caplog.text
+    caplog.clear()
+    secret_file.chmod(0o600)
+    config_from_document(document).client_secret()
+    assert "readable by other users" not in caplog.text
+
+
 def _cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ETL_")} | (env or {})
     return subprocess.run(
