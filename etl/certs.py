@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
-from etl.transport import SAVE_CERTS_HINT
+from etl.transport import SAVE_CERTS_HINT, trust_bundle
 
 MAX_PROXY_HEAD_BYTES = 16384
 
@@ -83,7 +83,7 @@ def inspect_tls(host: str, port: int, proxy: str | None, timeout: float, context
     fixes = False
     if error is not None and chain:
         trial = ssl.create_default_context()
-        trial.load_verify_locations(cadata=chain_pem(chain))
+        trust_bundle(trial, cadata=chain_pem(chain))
         fixes = verification_error(host, port, proxy, timeout, trial) is None
     return TlsReport(host, port, chain, complete, error, fixes)
 

@@ -70,10 +70,20 @@ def build_ssl_context(api: ApiConfig) -> ssl.SSLContext | bool:
     context = ssl.create_default_context()
     if api.ca_bundle:
         try:
-            context.load_verify_locations(cafile=api.ca_bundle)
+            trust_bundle(context, cafile=api.ca_bundle)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"api.ca_bundle: cannot load {api.ca_bundle}: {exc}") from None
     return context
+
+
+def trust_bundle(context: ssl.SSLContext, cafile: str | None = None, cadata: str | None = None) -> None:
+    """Add a bundle's certificates as trust anchors, an intermediate among them too (Python 3.13's default).
+
+    Without it, before 3.13, a bundle of what a private CA's server presents (leaf and intermediate,
+    rarely the root) trusted nothing: `check --save-certs` then `ca_bundle` failed as before.
+    """
+    context.load_verify_locations(cafile=cafile, cadata=cadata)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
 
 
 def _session_trust(api: ApiConfig) -> ssl.SSLContext | bool:

@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,6 @@ from etl.simulator import Simulator, SimulatorSettings
 import tomlwriter
 
 SECRET = "demo-secret"
-PARTIAL_CHAINS = bool(ssl.create_default_context().verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN)
 WriteConfig = Callable[..., Path]
 
 
@@ -579,6 +578,23 @@ def ca_chain(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture
+async def private_ca_server(ca_chain: dict[str, Path]) -> AsyncIterator[Callable[[str], Awaitable[str]]]:
+    """`serve("leaf+mid")`: the token URL of a TLS server that presents that chain (and closes every connection)."""
+    servers: list[asyncio.Server] = []
+
+    async def serve(presented: str) -> str:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(ca_chain[presented], ca_chain["key"])
+        server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0, ssl=context)
+        servers.append(server)
+        return f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/oauth2/token"
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("presented", "missing"),
     [
@@ -589,36 +605,44 @@ def ca_chain(tmp_path: Path) -> dict[str, Path]:
 async def test_an_incomplete_chain_says_which_certificate_is_missing(
     simulator: Simulator,
     ca_chain: dict[str, Path],
+    private_ca_server: Callable[[str], Awaitable[str]],
     write_config: WriteConfig,
     capsys: pytest.CaptureFixture[str],
     presented: str,
     missing: str,
 ) -> None:
-    """Trusting what the server sends cannot help here (before Python 3.13): the missing one must come from the CA."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(ca_chain[presented], ca_chain["key"])
-    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    path = write_config(simulator.base_url, f"https://127.0.0.1:{port}/oauth2/token", resources=["products"])
-    try:
-        code, out = await check(capsys, path)
-        assert code == 5
-        assert "OpenSSL: unable to get local issuer certificate" in out
-        assert missing in out
-        if PARTIAL_CHAINS:  # Python 3.13+ trusts a bundle that holds any certificate of the chain
-            assert "trusting the presented chain makes this step pass" in out
-        else:
-            assert "ca_bundle with the presented chain would not fix this" in out
-        assert out.count("sha256   ") == presented.count("+") + 1
+    token_url = await private_ca_server(presented)
+    path = write_config(simulator.base_url, token_url, resources=["products"])
+    code, out = await check(capsys, path)
+    assert code == 5
+    assert "OpenSSL: unable to get local issuer certificate" in out
+    assert missing in out
+    assert "trusting the presented chain makes this step pass" in out
+    assert out.count("sha256   ") == presented.count("+") + 1
 
-        # what the hint asks for: the missing certificate (and here its root, which no system store holds)
-        bundle = ca_chain["root"] if presented == "leaf+mid" else ca_chain["root+mid"]
-        token_url = f"https://127.0.0.1:{port}/oauth2/token"
-        path = write_config(simulator.base_url, token_url, resources=["products"], api={"ca_bundle": str(bundle)})
-        code, out = await check(capsys, path)
-        assert "trusted: CN=api.test, issued by CN=Test Intermediate CA" in line_of(out, "✔ tls token")
-    finally:
-        server.close()
+    # what the CA would hand out: the missing certificate (and here its root, which no system store holds)
+    bundle = ca_chain["root"] if presented == "leaf+mid" else ca_chain["root+mid"]
+    path = write_config(simulator.base_url, token_url, resources=["products"], api={"ca_bundle": str(bundle)})
+    code, out = await check(capsys, path)
+    assert "trusted: CN=api.test, issued by CN=Test Intermediate CA" in line_of(out, "✔ tls token")
+
+
+async def test_the_saved_chain_of_a_private_ca_without_its_root_makes_check_pass(
+    simulator: Simulator,
+    private_ca_server: Callable[[str], Awaitable[str]],
+    write_config: WriteConfig,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A private CA's server sends leaf and intermediate, rarely the root: the saved chain as ca_bundle
+    trusted nothing before Python 3.13 (check said so, and sync's hint sent users to --save-certs anyway)."""
+    token_url, saved = await private_ca_server("leaf+mid"), tmp_path / "chain.pem"
+    await check(capsys, write_config(simulator.base_url, token_url, resources=["products"]), save_certs=str(saved))
+
+    path = write_config(simulator.base_url, token_url, resources=["products"], api={"ca_bundle": str(saved)})
+    _, out = await check(capsys, path)
+
+    assert "trusted: CN=api.test, issued by CN=Test Intermediate CA" in line_of(out, "✔ tls token")
 
 
 async def test_a_database_migrated_by_a_newer_etl_fails_the_schema_step(
