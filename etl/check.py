@@ -54,7 +54,15 @@ from etl.db import (
     newer_schema_error,
     safe_url,
 )
-from etl.errors import ConfigError, EtlError, LoadError, SourceError, UnreachableError
+from etl.errors import (
+    ConfigError,
+    ConnectionFailed,
+    EtlError,
+    LoadError,
+    RetryableError,
+    SourceError,
+    UnreachableError,
+)
 from etl.logs import redact, register_secret
 from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
@@ -76,6 +84,7 @@ Status = Literal["ok", "warning", "failed", "skipped"]
 MARKS: dict[Status, str] = {"ok": "✔", "warning": "!", "failed": "✘", "skipped": "–"}
 CHECK_MAX_RETRIES = 1  # a check reports what happens; it does not wait out a bad minute
 DATABASE_TIMEOUT_S = 15.0
+TLS_PROBE_TIMEOUT_S = 5.0
 EXPIRY_WARNING_DAYS = 14
 SHOWN_REJECTS = 3
 EXCERPT_CHARS = 200
@@ -469,7 +478,10 @@ class Checker:
             raise translate(exc, auth.token_url) from None
 
     async def _request_token(self) -> Verdict:
-        status, body, location = await self._post_token(self.config.auth.client_auth)
+        try:
+            status, body, location = await self._post_token(self.config.auth.client_auth)
+        except (RetryableError, ConnectionFailed) as exc:
+            raise await self._tls_on_plain_url(self.config.auth.token_url, "auth.token_url") or exc from None
         fields = json_object(body)
         value = fields.get("access_token") if fields else None
         if 200 <= status < 300 and fields and isinstance(value, str) and value:
@@ -477,6 +489,20 @@ class Checker:
         if 300 <= status < 400:
             return Verdict(f"{status}, {redirect_text(location)}", "failed", [], REDIRECT_HINT, 3)
         return await self._refused(status, fields, body)
+
+    async def _tls_on_plain_url(self, url: str, key: str) -> UnreachableError | None:
+        """An http:// URL aimed at a TLS port fails as a dropped connection: a handshake there tells it apart."""
+        parts = urlsplit(url)
+        if parts.scheme != "http" or proxy_for(url):
+            return None
+        host, port, timeout = parts.hostname or "", parts.port or 80, min(self.config.api.timeout_s, TLS_PROBE_TIMEOUT_S)
+        try:
+            await asyncio.to_thread(certs.presented_chain, host, port, None, timeout)
+        except OSError:  # ssl.SSLError included: the port does not speak TLS, the failure was something else
+            return None
+        return UnreachableError(
+            f"{host}:{port} speaks TLS (https), but {key} says http://", host=host, hint=f"write https:// in {key}"
+        )
 
     def _issued(self, status: int, fields: Mapping[str, Any], value: str) -> Verdict:
         register_secret(value)
@@ -558,6 +584,8 @@ class Checker:
                     break
                 tried[-1] += "  → 0 records"
         except EtlError as exc:
+            if isinstance(exc, RetryableError | ConnectionFailed):
+                exc = await self._tls_on_plain_url(self.config.api.base_url, "api.base_url") or exc
             return Verdict(_failure(exc).summary, "failed", tried, exc.hint or REQUEST_HINT, exc.exit_code)
         verdict = self._judge_page(resource, page, tried)
         if verdict.status != "failed" and (capped := await self._page_size_cap(client, resource, page)) is not None:

@@ -394,6 +394,27 @@ async def test_the_database_steps_leave_nothing_behind(
     assert not [table for table in tables if table.startswith("etl_check_probe")]
 
 
+@pytest.mark.parametrize("key", ["auth.token_url", "api.base_url"])
+async def test_http_aimed_at_a_tls_port_says_to_write_https(
+    tls_simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    """It read "the connection to 127.0.0.1 was dropped: ServerDisconnectedError", with the timeout hint, exit 1."""
+    assert tls_simulator.ca_pem_path is not None
+    base_url, token_url = tls_simulator.base_url, tls_simulator.token_url
+    if key == "auth.token_url":
+        token_url = token_url.replace("https://", "http://")
+    else:
+        base_url = base_url.replace("https://", "http://")
+    path = write_config(base_url, token_url, resources=["products"], api={"ca_bundle": tls_simulator.ca_pem_path})
+
+    code, out = await check(capsys, path)
+
+    assert code == 5
+    step = "✘ token" if key == "auth.token_url" else "✘ resource products"
+    assert f"speaks TLS (https), but {key} says http://" in line_of(out, step)
+    assert f"hint: write https:// in {key}" in out
+
+
 async def test_an_unknown_host_fails_at_dns(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
