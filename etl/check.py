@@ -85,6 +85,7 @@ MARKS: dict[Status, str] = {"ok": "✔", "warning": "!", "failed": "✘", "skipp
 CHECK_MAX_RETRIES = 1  # a check reports what happens; it does not wait out a bad minute
 DATABASE_TIMEOUT_S = 15.0
 TLS_PROBE_TIMEOUT_S = 5.0
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST")
 EXPIRY_WARNING_DAYS = 14
 SHOWN_REJECTS = 3
 EXCERPT_CHARS = 200
@@ -419,7 +420,10 @@ class Checker:
             )
         except ssl.SSLError as exc:
             hint = f"check that {endpoint.keys} says https:// only where the server speaks TLS on that port"
-            raise UnreachableError(f"TLS handshake failed: {exc.reason or exc}", host=endpoint.host, hint=hint) from None
+            summary = f"TLS handshake failed: {exc.reason or exc}"
+            if exc.reason in NOT_TLS_REASONS:
+                summary += " (the server answered in plain text, not TLS: is it http:// on this port?)"
+            raise UnreachableError(summary, host=endpoint.host, hint=hint) from None
         except OSError as exc:
             raise UnreachableError(f"the connection failed during TLS: {exc}", host=endpoint.host) from None
         self.tls_reports.append(report)

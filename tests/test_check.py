@@ -415,6 +415,17 @@ async def test_http_aimed_at_a_tls_port_says_to_write_https(
     assert f"hint: write https:// in {key}" in out
 
 
+async def test_https_aimed_at_a_plain_http_port_says_the_answer_was_not_tls(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It read only "TLS handshake failed: WRONG_VERSION_NUMBER"."""
+    https = simulator.base_url.replace("http://", "https://"), simulator.token_url.replace("http://", "https://")
+    code, out = await check(capsys, write_config(*https, resources=["products"]))
+
+    assert code == 5
+    assert "the server answered in plain text, not TLS: is it http:// on this port?" in line_of(out, "✘ tls token+api")
+
+
 async def test_an_unknown_host_fails_at_dns(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
