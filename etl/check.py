@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit
@@ -59,6 +60,7 @@ from etl.errors import (
     ConnectionFailed,
     EtlError,
     LoadError,
+    RefusedRequest,
     RetryableError,
     SourceError,
     UnreachableError,
@@ -590,11 +592,20 @@ class Checker:
         except EtlError as exc:
             if isinstance(exc, RetryableError | ConnectionFailed):
                 exc = await self._tls_on_plain_url(self.config.api.base_url, "api.base_url") or exc
-            return Verdict(_failure(exc).summary, "failed", tried, exc.hint or REQUEST_HINT, exc.exit_code)
+            return Verdict(_failure(exc).summary, "failed", tried, exc.hint or self._page_hint(exc, resource), exc.exit_code)
         verdict = self._judge_page(resource, page, tried)
         if verdict.status != "failed" and (capped := await self._page_size_cap(client, resource, page)) is not None:
             return capped
         return verdict
+
+    def _page_hint(self, exc: EtlError, resource: ResourceConfig) -> str:
+        """A 404 names the two keys its URL is made of; other refusals are compared with the API's documentation."""
+        if isinstance(exc, RefusedRequest) and exc.status == HTTPStatus.NOT_FOUND:
+            return (
+                f"no such endpoint: the URL is [api].base_url ({display_url(self.config.api.base_url)}) + the path of "
+                f"{resource.name!r} ({resource.path!r}); compare both with the API's documentation"
+            )
+        return REQUEST_HINT
 
     async def _page_size_cap(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:
         """A failure when the API serves fewer records a page than page_size asks for, and more after them.

@@ -426,6 +426,18 @@ async def test_https_aimed_at_a_plain_http_port_says_the_answer_was_not_tls(
     assert "the server answered in plain text, not TLS: is it http:// on this port?" in line_of(out, "✘ tls token+api")
 
 
+async def test_a_404_names_base_url_and_path(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hint was the generic one, ending in "a 403 means the token's scopes do not cover this endpoint"."""
+    base_url = simulator.base_url.replace("/api/v1", "/api/v9")
+    code, out = await check(capsys, write_config(base_url, simulator.token_url, resources=["products"]))
+
+    assert code == 1
+    assert summary_of(line_of(out, "✘ resource products")).startswith("404 from")
+    assert f"hint: no such endpoint: the URL is [api].base_url ({base_url}) + the path of 'products' ('/products')" in out
+
+
 async def test_an_unknown_host_fails_at_dns(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
