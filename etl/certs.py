@@ -209,7 +209,10 @@ def diagnosis(report: TlsReport) -> str:
         return f"the root {subject(top)} that the server sends is not in the trust store"
     if is_ca(top):
         return f"the root CA {issuer(top)} is missing from the trust store (the presented chain stops at the intermediate {subject(top)})"
-    return f"the intermediate certificate {issuer(top)} is missing: the server sends only its own certificate, and the trust store does not hold its issuer"
+    return (
+        f"the certificate of its issuer {issuer(top)} (an intermediate, or a private root CA) is missing: "
+        "the server sends only its own certificate, and the trust store does not hold its issuer"
+    )
 
 
 def explain(report: TlsReport) -> list[str]:

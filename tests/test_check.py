@@ -642,7 +642,7 @@ async def private_ca_server(ca_chain: dict[str, Path]) -> AsyncIterator[Callable
 @pytest.mark.parametrize(
     ("presented", "missing"),
     [
-        ("leaf", "the intermediate certificate CN=Test Intermediate CA is missing"),
+        ("leaf", "the certificate of its issuer CN=Test Intermediate CA (an intermediate, or a private root CA) is missing"),
         ("leaf+mid", "the root CA CN=Test Root CA is missing from the trust store"),
     ],
 )
