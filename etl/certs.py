@@ -233,13 +233,14 @@ def fix_hint(report: TlsReport, config_keys: str, save_certs: str | None) -> str
         return f"use a host name the certificate names ({names}) in {config_keys}; ca_bundle cannot fix this"
     if "expired" in error or "not yet valid" in error:
         return "the API's owners must renew the certificate (or this machine's clock is wrong); ca_bundle cannot fix this"
+    untrusted = f"{issuer(report.chain[-1])} is not a CA this machine trusts: " if report.chain else ""
     if report.ca_bundle_fixes and save_certs:
         return (
-            f'this run saves the presented chain to {save_certs}: review it and set [api].ca_bundle = "{save_certs}"; '
+            f'{untrusted}this run saves the presented chain to {save_certs}: review it and set [api].ca_bundle = "{save_certs}"; '
             "trusting it makes this step pass"
         )
     if report.ca_bundle_fixes:
-        return f"{SAVE_CERTS_HINT}; trusting the presented chain makes this step pass"
+        return f"{untrusted}{SAVE_CERTS_HINT}; trusting the presented chain makes this step pass"
     missing = issuer(report.chain[-1]) if report.chain else "the issuing CA"
     return (
         f"ca_bundle with the presented chain would not fix this: get the certificate of {missing} from the CA or the "

@@ -662,6 +662,8 @@ async def test_an_incomplete_chain_says_which_certificate_is_missing(
     assert "OpenSSL: unable to get local issuer certificate" in out
     assert missing in out
     assert "trusting the presented chain makes this step pass" in out
+    issuer = "CN=Test Root CA" if presented == "leaf+mid" else "CN=Test Intermediate CA"
+    assert f"hint: {issuer} is not a CA this machine trusts: run `python -m etl check --save-certs" in out
     assert out.count("sha256   ") == presented.count("+") + 1
 
     # what the CA would hand out: the missing certificate (and here its root, which no system store holds)
