@@ -427,7 +427,11 @@ class Checker:
                 summary += " (the server answered in plain text, not TLS: is it http:// on this port?)"
             raise UnreachableError(summary, host=endpoint.host, hint=hint) from None
         except OSError as exc:
-            raise UnreachableError(f"the connection failed during TLS: {exc}", host=endpoint.host) from None
+            closed = None if isinstance(exc, TimeoutError) else (  # a timeout gets the step's TIMEOUT_HINT
+                f"the server, or a firewall or proxy in between, closed the connection before TLS was set up: check "
+                f"that {endpoint.keys} names the https port, and whether this network intercepts TLS"
+            )
+            raise UnreachableError(f"the connection failed during TLS: {exc}", host=endpoint.host, hint=closed) from None
         self.tls_reports.append(report)
         if report.trusted:
             return _trusted(report.chain[0])

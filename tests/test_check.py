@@ -438,6 +438,21 @@ async def test_a_404_names_base_url_and_path(
     assert f"hint: no such endpoint: the URL is [api].base_url ({base_url}) + the path of 'products' ('/products')" in out
 
 
+async def test_a_reset_during_the_tls_handshake_is_not_given_the_timeout_hint(
+    tls_simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was told "check again; if the host is slow rather than down, raise [api].timeout_s"."""
+    def reset(*args: object) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr("etl.certs.inspect_tls", reset)
+    code, out = await check(capsys, write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"]))
+
+    assert code == 5
+    assert "the connection failed during TLS: [Errno 104] Connection reset by peer" in line_of(out, "✘ tls token+api")
+    assert "closed the connection before TLS was set up" in out and "timeout_s" not in out
+
+
 async def test_an_unknown_host_fails_at_dns(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
