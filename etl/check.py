@@ -484,14 +484,13 @@ class Checker:
                 auth.token_url, data=body, headers=headers, allow_redirects=False, proxy=proxy_for(auth.token_url)
             ) as response:
                 return response.status, await response.read(), response.headers.get("Location")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise translate(exc, auth.token_url) from None
+        except TimeoutError:  # translate's words are about pages ("raise it if pages are large")
+            raise RetryableError(f"no answer within {self.config.api.timeout_s:g}s ([api].timeout_s)") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise await self._tls_on_plain_url(auth.token_url, "auth.token_url") or translate(exc, auth.token_url) from None
 
     async def _request_token(self) -> Verdict:
-        try:
-            status, body, location = await self._post_token(self.config.auth.client_auth)
-        except (RetryableError, ConnectionFailed) as exc:
-            raise await self._tls_on_plain_url(self.config.auth.token_url, "auth.token_url") or exc from None
+        status, body, location = await self._post_token(self.config.auth.client_auth)
         fields = json_object(body)
         value = fields.get("access_token") if fields else None
         if 200 <= status < 300 and fields and isinstance(value, str) and value:

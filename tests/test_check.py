@@ -453,6 +453,26 @@ async def test_a_reset_during_the_tls_handshake_is_not_given_the_timeout_hint(
     assert "closed the connection before TLS was set up" in out and "timeout_s" not in out
 
 
+async def test_a_token_endpoint_that_never_answers_is_not_said_to_send_large_pages(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It read "timed out waiting for URL: [api].timeout_s is the limit for the whole response; raise it if pages are large"."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    token_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/oauth2/token"
+    path = write_config(simulator.base_url, token_url, resources=["products"], api={"timeout_s": 1})
+    try:
+        code, out = await check(capsys, path)
+    finally:
+        server.close()
+
+    assert code == 1
+    assert summary_of(line_of(out, "✘ token")) == "no answer within 1s ([api].timeout_s)"
+    assert "pages" not in line_of(out, "✘ token")
+
+
 async def test_an_unknown_host_fails_at_dns(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
