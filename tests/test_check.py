@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -471,6 +472,19 @@ async def test_a_token_endpoint_that_never_answers_is_not_said_to_send_large_pag
     assert code == 1
     assert summary_of(line_of(out, "✘ token")) == "no answer within 1s ([api].timeout_s)"
     assert "pages" not in line_of(out, "✘ token")
+
+
+async def test_verify_tls_false_is_a_warning_said_once(
+    tls_simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """check passes with warnings; stderr carried the "TLS verification is OFF" warning twice."""
+    path = write_config(tls_simulator.base_url, tls_simulator.token_url, resources=["products"], api={"verify_tls": False})
+    with caplog.at_level(logging.WARNING, logger="etl.transport"):
+        code, out = await check(capsys, path)
+
+    assert code == 0
+    assert "TLS verification is OFF" in line_of(out, "! trust")
+    assert len([r for r in caplog.records if "TLS verification is OFF" in r.getMessage()]) == 1
 
 
 async def test_an_unknown_host_fails_at_dns(
