@@ -28,7 +28,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from itertools import repeat
 from typing import Any
 from typing import cast as cast_to
@@ -90,10 +91,16 @@ def cursor_text(value: Any) -> str | None:
 
 
 def cursor_from_text(text: str | None) -> Any:
+    """A stored cursor as a value: a date column's '2024-03-12' stays a date, and is written back as it was."""
     if text is None:
         return None
     if text.lstrip("-").isdigit():
         return int(text)
+    if len(text) == len("2024-03-12"):
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass
     try:
         return parse_instant(text)
     except ValueError:
@@ -511,6 +518,7 @@ def _older(candidate: Any, current: Any) -> bool:
 
 
 def newest_cursor(a: Any, b: Any) -> Any:
+    """The higher of two cursors, one of which may have come back from its text in etl_watermarks/etl_windows."""
     if a is None:
         return b
     if b is None:
@@ -518,7 +526,28 @@ def newest_cursor(a: Any, b: Any) -> Any:
     try:
         return max(a, b)
     except TypeError:
+        pass
+    try:
+        return a if _comparable(a) > _comparable(b) else b
+    except (TypeError, InvalidOperation):  # still apart (a NaN): the newer one, as before
         return b
+
+
+def _comparable(cursor: Any) -> Any:
+    """A cursor in a form its stored text compares with: a date column's '2024-03-12' comes back as a datetime,
+    a decimal or float column's '10.5' as text; compared as they were, the watermark took the lower one."""
+    if isinstance(cursor, datetime):
+        return cursor
+    if isinstance(cursor, date):
+        return datetime(cursor.year, cursor.month, cursor.day, tzinfo=UTC)
+    if isinstance(cursor, (int, float)) and not isinstance(cursor, bool):
+        return Decimal(str(cursor))
+    if isinstance(cursor, str):
+        try:
+            return Decimal(cursor)
+        except InvalidOperation:
+            return cursor
+    return cursor
 
 
 def upsert_statement(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 from sqlalchemy import select
 
@@ -11,7 +12,7 @@ from etl.db import create_engine
 from etl.demo import demo_document
 from etl.planning import WatermarkTracker, plan_backfill, plan_sync
 from etl.schema import windows
-from etl.store import LoadBatch, Store, Watermark, WindowProgress, WindowRecord
+from etl.store import LoadBatch, Store, Watermark, WindowProgress, WindowRecord, cursor_from_text, cursor_text
 from etl.windows import Window
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -192,3 +193,18 @@ async def test_windows_cut_for_another_filter_format_are_not_taken_up(database_u
     finally:
         await engine.dispose()
     assert [window.window for window in again.windows] == [Window(T0, T0 + DAY)]
+
+
+def test_the_watermark_never_goes_back_when_its_stored_text_reads_back_as_another_type() -> None:
+    """A date or decimal cursor is stored as text ('2024-01-12', '10.5') and reads back as a datetime or text:
+    a run whose records were all older (a full refresh after the newest was deleted) used to lower the watermark."""
+    cases = [
+        (cursor_from_text(cursor_text(date(2024, 1, 12))), date(2024, 1, 10)),
+        (cursor_from_text(cursor_text(Decimal("10.5"))), Decimal("9.75")),
+        (cursor_from_text(cursor_text(1710201600.0)), 1710028800.0),
+    ]
+    for stored, older in cases:
+        tracker = WatermarkTracker(_orders(), _windows(1), Watermark("orders", stored, T0), SETTLED)
+        tracker.saw_cursor(1, older)
+        mark = tracker.window_finished(1)
+        assert mark is not None and mark.watermark == stored, (stored, older)
