@@ -65,6 +65,8 @@ async def _dated_sync(
     step = granularity(resource.filter.format)
     start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
     end = floor_to(now - lag, step)
+    if base is None and start >= end:
+        _nothing_yet(resource, start, end, now)
     resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
     if any(floor_to(bound, step) != bound for bounds in resumed for bound in bounds):
         resumed = []  # cut for another filter format: the API could not be asked for them as they are
@@ -73,6 +75,16 @@ async def _dated_sync(
                  resource.name, len(resumed), isoformat_utc(resumed[0][0]))
     planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
     return planned, {Window(*bounds) for bounds in resumed}
+
+
+def _nothing_yet(resource: ResourceConfig, start: datetime, end: datetime, now: datetime) -> None:
+    """A first sync with nothing to load said so only as "0/0 windows": a start in the future is likely a typo."""
+    if start > now:
+        log.warning("%s: nothing to load: its start, %s, is in the future; check resources.%s.start",
+                    resource.name, isoformat_utc(start), resource.name)
+    else:
+        log.info("%s: nothing to load yet: its start, %s, is not before now less [sync].lag (%s on the API filter's grid)",
+                 resource.name, isoformat_utc(start), isoformat_utc(end))
 
 
 def _around(

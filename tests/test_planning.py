@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
+import pytest
 from sqlalchemy import select
 
 from etl.config import config_from_document
@@ -208,3 +210,24 @@ def test_the_watermark_never_goes_back_when_its_stored_text_reads_back_as_anothe
         tracker.saw_cursor(1, older)
         mark = tracker.window_finished(1)
         assert mark is not None and mark.watermark == stored, (stored, older)
+
+
+async def test_a_first_sync_with_nothing_to_load_says_why(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A start in the future (a typo) or within [sync].lag of now planned no window, and the run said only "0/0 windows"."""
+    orders = _orders().model_copy(update={"start": T0 + 400 * DAY})
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([orders], auto_migrate=True)
+        run_id = await store.start_run("sync", {}, ["orders"])
+        with caplog.at_level(logging.INFO, logger="etl.planning"):
+            future = await plan_sync(store, orders, run_id, T0, timedelta(minutes=5))
+            within_lag = await plan_sync(store, orders, run_id, T0 + 400 * DAY + timedelta(minutes=1), timedelta(minutes=5))
+    finally:
+        await engine.dispose()
+    assert future.windows == within_lag.windows == []
+    said = [record for record in caplog.records if record.name == "etl.planning"]
+    assert [record.levelno for record in said] == [logging.WARNING, logging.INFO]
+    future_said, within_lag_said = (record.getMessage() for record in said)
+    assert "start, 2025-02-04T00:00:00Z, is in the future; check resources.orders.start" in future_said
+    assert "is not before now less [sync].lag" in within_lag_said
