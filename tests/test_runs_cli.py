@@ -239,6 +239,31 @@ async def test_ctrl_c_while_starting_is_one_log_line_and_exit_1(tmp_path: Path, 
         assert orjson.loads(result.stderr)["level"] == "error"
 
 
+SIGTERM_WHILE_LOADING = """
+import os, signal, sys
+
+class _Sigterm:
+    \"\"\"systemd or cron's timeout stops etl while its modules load: SIGTERM arrives during the import of etl.pipeline.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "etl.pipeline":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, _Sigterm())
+"""
+
+
+async def test_sigterm_while_starting_is_exit_1_not_death_by_signal(tmp_path: Path) -> None:
+    """SIGTERM before the run installs its handler killed the process outright: exit -15 and not a word."""
+    (tmp_path / "sitecustomize.py").write_text(SIGTERM_WHILE_LOADING)
+    environment = etl_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    result = await run_etl("sync", "--config", str(tmp_path / "missing.toml"), env=environment)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "interrupted while starting" in result.stderr
+
+
 async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """Through a pipe (cron): no progress bars, one line per resource and one verdict line on stdout."""
     url = await fresh_database("sqlite")
