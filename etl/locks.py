@@ -8,12 +8,15 @@ written and held until the run has recorded its end.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import os
+import socket
+import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -33,6 +36,22 @@ def _advisory_key(resource: str) -> int:
 def _mysql_name(database: str, resource: str) -> str:
     """GET_LOCK names are server-wide: the database is part of the name (at most 64 characters)."""
     return "etl:" + hashlib.blake2b(f"{database}/{resource}".encode(), digest_size=16).hexdigest()
+
+
+HOLDER_WAIT_SECONDS = 5.0
+
+
+def _may_be_alive(host: str, pid: int) -> bool:
+    """False for a run recorded on this host whose process is gone: it was killed, it holds nothing."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 class ResourceLocks:
@@ -99,20 +118,8 @@ class ResourceLocks:
         return True
 
     async def _holder_message(self, resource: str) -> str:
-        """Who holds the lock, from etl_runs: the newest run still marked running on that resource."""
-        holder = None
-        try:
-            async with self._engine.connect() as connection:
-                for row in await connection.execute(
-                    select(runs.c.id, runs.c.pid, runs.c.host, runs.c.started_at, runs.c.command, runs.c.resources)
-                    .where(runs.c.status == "running")
-                    .order_by(runs.c.id.desc())
-                ):
-                    if resource in row.resources.split(","):
-                        holder = row
-                        break
-        except Exception:  # noqa: BLE001 - the table may not exist yet; the message does without it
-            holder = None
+        """Who holds the lock, from etl_runs: the newest live run still marked running on that resource."""
+        holder = await self._holder(resource)
         message = f"another run holds the lock for resource {resource!r} on this database"
         if holder is not None:
             message += (
@@ -120,6 +127,28 @@ class ResourceLocks:
                 f"since {isoformat_utc(holder.started_at)}"
             )
         return message + "; this run exits without doing anything (it is safe to run again later)"
+
+    async def _holder(self, resource: str) -> Any:
+        """The holder takes its lock before it records its run (on a new database, before etl_runs exists):
+        a run started at the same moment waits a little for that row, rather than name nobody or a dead run."""
+        deadline = time.monotonic() + HOLDER_WAIT_SECONDS
+        while (holder := await self._running_holder(resource)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return holder
+
+    async def _running_holder(self, resource: str) -> Any:
+        try:
+            async with self._engine.connect() as connection:
+                for row in await connection.execute(
+                    select(runs.c.id, runs.c.pid, runs.c.host, runs.c.started_at, runs.c.command, runs.c.resources)
+                    .where(runs.c.status == "running")
+                    .order_by(runs.c.id.desc())
+                ):
+                    if resource in row.resources.split(",") and _may_be_alive(row.host, row.pid):
+                        return row
+        except Exception:  # noqa: BLE001 - the table may not exist yet; the message does without it
+            return None
+        return None
 
     async def release(self) -> None:
         for handle in self._files:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -686,3 +690,30 @@ async def test_a_failure_after_the_refused_rows_were_found_commits_nothing(
         async with store.engine.connect() as connection:
             plain_rows = (await connection.execute(select(func.count()).select_from(resource_table(plain)))).scalar_one()
     assert (plain_rows, count, window.state) == (0, 0, "pending")
+
+
+async def test_exit_4_names_the_live_holder_not_a_killed_run_nor_nobody(database_url: str) -> None:
+    """A run takes its lock before it records itself in etl_runs. A second run started at that moment named
+    nobody, or the newest 'running' row: one left by a run killed earlier, whose process is gone. It now
+    passes over dead runs of this host and waits a little for the holder's row."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    async with _store(database_url, ORDERS) as store:
+        killed = await store.start_run("sync", {}, ["orders"])
+        async with store.engine.begin() as connection:
+            await connection.execute(runs.update().where(runs.c.id == killed).values(pid=int(gone.stdout)))
+        second = create_engine(database_url)
+        try:
+            async with ResourceLocks(store.engine, ["orders"]):
+                recording = asyncio.create_task(_start_run_after(store, 0.5))
+                with pytest.raises(LockHeld) as held:
+                    async with ResourceLocks(second, ["orders"]):
+                        pass
+                holder = await recording
+        finally:
+            await second.dispose()
+    assert f"run {holder} (sync, pid {os.getpid()} on" in str(held.value)
+
+
+async def _start_run_after(store: Store, seconds: float) -> int:
+    await asyncio.sleep(seconds)
+    return await store.start_run("sync", {}, ["orders"])
