@@ -2,9 +2,10 @@
 
 A paginator belongs to one window and is never shared. It says which request
 comes next (`request`), learns from each page (`advance`), and can be saved
-and restored (`position`, `restore`) so a resumed backfill starts at the first
-page that was not committed. A server that answers the same cursor, link or
-page again ends the window with an error instead of looping forever (except
+and restored (`position`, `restore`); a window a later run takes up is read
+again from its first page (`resume`): an offset, and many a cursor, names a
+place in a list that may have moved meanwhile. A server that answers the same
+cursor, link or page again ends the window with an error instead of looping forever (except
 an empty or short page that points at itself: that is the last page);
 what a window remembers for that is bounded, so memory stays flat however
 long it is.
@@ -144,8 +145,18 @@ class Paginator(ABC):
         return {"seen": self.records_seen, "finished": self.finished, **understated, **self._position()}
 
     def resume(self, position: dict[str, Any]) -> None:
-        """Take up a window an earlier run left at `position`; a cursor or link walk goes on from there."""
-        self.restore(position)
+        """A window an earlier run left unfinished is read again from its first page.
+
+        A page number or an offset counts places in a list that moves, and so do many cursors and Links
+        (an offset in disguise): a record updated out of its place while the run was stopped shifts every
+        later one back a place, and the one that moved onto a page already read would be lost for good.
+        The upsert stores what is read twice once.
+        """
+        if position.get("finished"):
+            self.restore(position)
+            return
+        log.info("%s: reading this unfinished window again from its first page (an earlier run stopped after %s records)",
+                 display_url(self.url), position.get("seen", 0))
 
     def restore(self, position: dict[str, Any]) -> None:
         """Continue from a position saved with a committed page."""
@@ -266,20 +277,6 @@ class _NumberedPaginator(Paginator):
 
     def request(self) -> PageRequest | None:
         return None if self.finished else self.request_ahead(0)
-
-    def resume(self, position: dict[str, Any]) -> None:
-        """A window an earlier run left unfinished is read again from its first page.
-
-        A page number or an offset counts places in a list that moves: a record updated out of the
-        window while the run was stopped shifts every later one back a place, and the one that moved
-        onto a page already read would be lost for good. The upsert stores what is read twice once.
-        """
-        if position.get("finished"):
-            self.restore(position)
-            return
-        stopped_at = ", ".join(f"{key} {position.get(key)}" for key in self._position())
-        log.info("%s: reading this unfinished window again from its first page (an earlier run stopped at %s)",
-                 display_url(self.url), stopped_at)
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
         self._last_count = len(records)

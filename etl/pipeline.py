@@ -297,7 +297,7 @@ class Pipeline:
         shown = ", ".join(windows[:5]) + (f" and {len(windows) - 5} more" if len(windows) > 5 else "")
         log.warning(
             "requests in flight did not finish within the %.0fs grace period after the stop; cancelling them. "
-            "Unfinished, from their last committed page, for the next run: %s",
+            "Unfinished, what they committed kept, for the next run: %s",
             GRACE_SECONDS, shown or "none",
         )
 
@@ -330,7 +330,6 @@ class Pipeline:
         if window.position:
             paginator.resume(window.position)
         first = paginator.records_seen == 0
-        saved_place = bool(window.position) and not paginator.finished  # where an earlier run left it, not yet asked
         while not self.stop.is_set() and resource.name not in self._failed:
             request = paginator.request()
             if request is None:
@@ -340,16 +339,10 @@ class Pipeline:
             try:
                 response = await client.get(request)
             except RefusedRequest as refused:
-                if saved_place:  # cursors expire: the window would fail on it every night
-                    log.warning("%s: the API refused the cursor this window was left at (%s); reading the window again from its start",
-                                resource.name, refused.message)
-                    paginator, first, saved_place = window_paginator(resource, self.config.api.base_url, window.window), True, False
-                    continue
                 if not paginator.ends_at(refused.status):
                     raise
                 await self._close_window(window, paginator.position())
                 return
-            saved_place = False
             records = records_at(response.body, resource.records_path, response.url)
             paginator.advance(response, records)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None

@@ -40,7 +40,7 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
         async with engine.connect() as connection:
             recent = await connection.execute(select(runs).order_by(runs.c.id.desc()).limit(RECENT_RUNS))
             marks = await connection.execute(select(watermarks).order_by(watermarks.c.resource))
-            # a window "running" in the table whose run has ended was stopped mid-way: it resumes at its next page
+            # a window "running" in the table whose run has ended was stopped mid-way: the next run takes it up
             state = case((and_(windows.c.state == "running", runs.c.status != "running"), "stopped"), else_=windows.c.state)
             open_windows = await connection.execute(
                 select(

@@ -106,7 +106,7 @@ async def test_a_full_refresh_backfill_resumes_an_unfinished_one_and_leaves_no_o
 async def test_a_sync_stopped_early_is_taken_up_where_it_stopped(database_url: str) -> None:
     """A sync stopped in the middle of a window was planned afresh: every window read again from its first page,
     so a sync longer than its slot never got further. Now the next sync keeps the stopped one's windows: a
-    finished one is not read again, the one it was in resumes at its next page, and the rest follow."""
+    finished one is not read again, the one it was in is taken up again, and the rest follow."""
     orders = _orders().model_copy(update={"start": T0, "window": DAY, "lookback": timedelta(hours=1)})
     now, lag = T0 + 5 * DAY + timedelta(hours=6), timedelta(minutes=5)
     engine = create_engine(database_url)

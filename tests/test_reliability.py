@@ -18,12 +18,15 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
+from aiohttp import web
+from loopback import serving
 
 from etl.config import config_from_document
 from etl.demo import demo_document
 from etl.records import RecordValidator
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
+import tomlwriter
 from dbquery import sqlite_rows
 from etlproc import finish, run_etl, start_etl, write_config
 
@@ -198,3 +201,67 @@ def test_zz_totals_for_the_closing_note() -> None:
     """Printed with pytest -s: what this suite did, and that nothing was lost or doubled."""
     print(f"reliability totals: {TOTALS}")
     assert TOTALS["lost"] == 0 and TOTALS["doubled"] == 0
+
+
+@pytest.mark.parametrize("style", ["cursor", "link_header"])
+async def test_a_record_updated_while_a_cursor_window_was_stopped_is_not_skipped(
+    tmp_path: Path, fresh_database: Callable[[str], Any], style: str
+) -> None:
+    """Many APIs' cursors and Links are an offset in disguise. A backfill killed with 150 of a window's 300 records
+    committed resumed at its saved cursor; meanwhile the window's first record was updated (newer updated_at,
+    still in the window), every later one moved back a place, and the record that moved onto the pages
+    already read was never loaded: exit 0, one record lost. The window is read again from its start now."""
+    url = await fresh_database("sqlite")
+    records = [{"id": n, "updated_at": f"2024-01-01T{n // 60:02}:{n % 60:02}:00Z", "version": 1} for n in range(300)]
+    stalled = asyncio.Event()
+    release = asyncio.Event()
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "offset-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        offset = int(request.query.get("after") or request.query.get("offset") or 0)
+        if offset >= 150 and not release.is_set():
+            stalled.set()
+            await release.wait()
+        listed = sorted(records, key=lambda record: record["updated_at"])
+        following = offset + 50 if offset + 50 < len(listed) else None
+        body: dict[str, Any] = {"data": listed[offset:offset + 50]}
+        if style == "cursor":
+            return web.json_response(body | {"next": None if following is None else str(following)})
+        link = {"Link": f'<{request.url.with_query(offset=following)}>; rel="next"'} if following else {}
+        return web.json_response(body, headers=link)
+
+    pagination = {"style": "cursor", "cursor_param": "after", "next_cursor_path": "next"} if style == "cursor" else {"style": "link_header"}
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/v1/items"): items}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"], "cursor_field": "updated_at",
+            "start": "2024-01-01", "window": "1d", "pagination": pagination,
+            "filter": {"from_param": "updated_since", "to_param": "updated_until"},
+            "columns": {"id": "integer", "updated_at": "datetime", "version": "integer"},
+        }]
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        args = ("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-02")
+        process = await start_etl(*args)
+        await asyncio.wait_for(stalled.wait(), 60)
+        await _wait_for_committed(url, 150)
+        process.send_signal(signal.SIGKILL)
+        await finish(process)
+        records[0] |= {"updated_at": "2024-01-01T23:00:00Z", "version": 2}
+        release.set()
+        again = await run_etl(*args)
+
+    assert again.returncode == 0, again.stderr
+    assert sqlite_rows(url, "SELECT COUNT(*), SUM(version) FROM items") == [(300, 301)]
+
+
+async def _wait_for_committed(url: str, records: int) -> None:
+    for _ in range(600):
+        try:
+            if (sqlite_rows(url, "SELECT SUM(records) FROM etl_windows")[0][0] or 0) >= records:
+                return
+        except sqlite3.OperationalError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{records} records not committed in 30 s")
