@@ -119,36 +119,43 @@ class ResourceLocks:
 
     async def _holder_message(self, resource: str) -> str:
         """Who holds the lock, from etl_runs: the newest live run still marked running on that resource."""
-        holder = await self._holder(resource)
+        holder, alive = await self._holder(resource)
         message = f"another run holds the lock for resource {resource!r} on this database"
         if holder is not None:
             message += (
                 f": run {holder.id} ({holder.command}, pid {holder.pid} on {holder.host}) "
                 f"since {isoformat_utc(holder.started_at)}"
             )
+            if not alive:
+                message += " (its process has ended, but the database server has not yet dropped its session)"
         return message + "; this run exits without doing anything (it is safe to run again later)"
 
-    async def _holder(self, resource: str) -> Any:
+    async def _holder(self, resource: str) -> tuple[Any, bool]:
         """The holder takes its lock before it records its run (on a new database, before etl_runs exists):
-        a run started at the same moment waits a little for that row, rather than name nobody or a dead run."""
+        a run started at the same moment waits a little for that row, rather than name nobody or a dead run.
+        Only when no live one appears is a dead one named: its session may outlive it (a host that vanished)."""
         deadline = time.monotonic() + HOLDER_WAIT_SECONDS
-        while (holder := await self._running_holder(resource)) is None and time.monotonic() < deadline:
+        while True:
+            candidates = await self._running(resource)
+            live = [row for row in candidates if _may_be_alive(row.host, row.pid)]
+            if live:
+                return live[0], True
+            if time.monotonic() >= deadline:
+                return (candidates[0] if candidates else None), False
             await asyncio.sleep(0.1)
-        return holder
 
-    async def _running_holder(self, resource: str) -> Any:
+    async def _running(self, resource: str) -> list[Any]:
+        """The runs marked running on the resource, newest first."""
         try:
             async with self._engine.connect() as connection:
-                for row in await connection.execute(
+                rows = await connection.execute(
                     select(runs.c.id, runs.c.pid, runs.c.host, runs.c.started_at, runs.c.command, runs.c.resources)
                     .where(runs.c.status == "running")
                     .order_by(runs.c.id.desc())
-                ):
-                    if resource in row.resources.split(",") and _may_be_alive(row.host, row.pid):
-                        return row
+                )
+                return [row for row in rows if resource in row.resources.split(",")]
         except Exception:  # noqa: BLE001 - the table may not exist yet; the message does without it
-            return None
-        return None
+            return []
 
     async def release(self) -> None:
         for handle in self._files:

@@ -714,6 +714,27 @@ async def test_exit_4_names_the_live_holder_not_a_killed_run_nor_nobody(database
     assert f"run {holder} (sync, pid {os.getpid()} on" in str(held.value)
 
 
+async def test_a_lock_whose_only_running_run_is_dead_names_it_as_such(tmp_path: Path) -> None:
+    """A server may keep a vanished host's session, and its lock, for a while: with no live run to name, the
+    dead one is named and said to be dead, rather than nobody (or it, as if it were still working)."""
+    url = f"sqlite:///{tmp_path / 'dead.db'}"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    async with _store(url, ORDERS) as store:
+        killed = await store.start_run("sync", {}, ["orders"])
+        async with store.engine.begin() as connection:
+            await connection.execute(runs.update().where(runs.c.id == killed).values(pid=int(gone.stdout)))
+        second = create_engine(url)
+        try:
+            async with ResourceLocks(store.engine, ["orders"]):
+                with pytest.raises(LockHeld) as held:
+                    async with ResourceLocks(second, ["orders"]):
+                        pass
+        finally:
+            await second.dispose()
+    assert f"run {killed} (sync, pid {int(gone.stdout)} on" in str(held.value)
+    assert "its process has ended" in str(held.value)
+
+
 async def _start_run_after(store: Store, seconds: float) -> int:
     await asyncio.sleep(seconds)
     return await store.start_run("sync", {}, ["orders"])
