@@ -264,6 +264,32 @@ async def test_sigterm_while_starting_is_exit_1_not_death_by_signal(tmp_path: Pa
     assert "interrupted while starting" in result.stderr
 
 
+CTRL_C_THROUGH_AN_EXTENSION = """
+import ctypes, sys
+
+class _CtrlC:
+    \"\"\"Ctrl-C lands while a C extension runs Python code in its import (PyRun_String): CPython marks itself to die by SIGINT.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "etl.pipeline":
+            ctypes.pythonapi.PyRun_SimpleString(b"raise KeyboardInterrupt")
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, _CtrlC())
+"""
+
+
+async def test_ctrl_c_while_an_extension_loads_is_exit_1_not_death_by_sigint(tmp_path: Path) -> None:
+    """An outside probe saw 2 of 60 runs interrupted while starting log "interrupted while starting" and then
+    die by SIGINT (exit -2): the interrupt had passed through an extension's import, and SystemExit(1) was ignored."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_THROUGH_AN_EXTENSION)
+    environment = etl_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    result = await run_etl("status", env=environment)
+    assert result.returncode == 1, result.stderr
+    assert "interrupted while starting" in result.stderr
+
+
 async def test_not_on_a_terminal_one_summary_line_per_resource(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """Through a pipe (cron): no progress bars, one line per resource and one verdict line on stdout."""
     url = await fresh_database("sqlite")
