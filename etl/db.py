@@ -8,8 +8,10 @@ its password hidden.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "etl_alembic_version"
+SCHEMA_LOCK_KEY = int.from_bytes(hashlib.blake2b(b"etl-schema", digest_size=8).digest(), "big", signed=True)
+SCHEMA_LOCK_WAIT_S = 300
 # The newest revision in migrations/versions (test_migrations holds it to Alembic's own answer).
 # Known here so that a run on an up-to-date database never imports Alembic: a tenth of a second
 # of every start, which a nightly job pays for nothing.
@@ -328,19 +332,50 @@ def _current_revision(connection: Connection) -> str | None:
 
 async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
     """Bring etl's tables to the newest revision; harmless when they are there. Returns (before, after)."""
+    before = await current_revision(engine)
+    if before == HEAD_REVISION:
+        return before, before
     try:
         async with engine.begin() as connection:
             await begin_explicitly(connection)
-            before = await connection.run_sync(_current_revision)
-            if before == HEAD_REVISION:
-                return before, before
-            if (newer := newer_schema_error(before, engine.url)) is not None:
-                raise newer
-            await connection.run_sync(_upgrade)
-            after = await connection.run_sync(_current_revision)
+            async with schema_lock(connection):
+                before = await connection.run_sync(_current_revision)  # another run may have migrated meanwhile
+                if before == HEAD_REVISION:
+                    return before, before
+                if (newer := newer_schema_error(before, engine.url)) is not None:
+                    raise newer
+                await connection.run_sync(_upgrade)
+                after = await connection.run_sync(_current_revision)
     except DRIVER_ERRORS as exc:
         raise database_error(exc, engine.url) from exc
     return before, after
+
+
+@asynccontextmanager
+async def schema_lock(connection: AsyncConnection) -> AsyncIterator[None]:
+    """One run at a time changes the schema, whatever its resources; taken first in its transaction.
+
+    Runs of different resources started together on a new database (or on the first day of a newer
+    etl) migrated at once: PostgreSQL refused one's CREATE TABLE, MySQL's implicitly committed DDL
+    interleaved, and that run exited 1. SQLite's BEGIN IMMEDIATE (begin_explicitly) takes turns already.
+    """
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    if dialect != "mysql":
+        yield
+        return
+    name = "etl-schema:" + hashlib.blake2b((connection.engine.url.database or "").encode(), digest_size=16).hexdigest()
+    if await connection.scalar(text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": SCHEMA_LOCK_WAIT_S}) != 1:
+        raise LoadError(
+            f"another run has been changing etl's tables in {safe_url(connection.engine.url)} for {SCHEMA_LOCK_WAIT_S}s",
+            hint="see what holds the MySQL lock (SELECT * FROM information_schema.processlist) and run again later",
+        )
+    try:
+        yield
+    finally:
+        with suppress(*DRIVER_ERRORS):  # a session that is gone has released it
+            await connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -343,3 +344,19 @@ async def test_a_sqlite_file_that_cannot_be_opened_leaves_no_aiosqlite_thread_be
     finally:
         await engine.dispose()
     assert alive == []
+
+
+async def test_runs_migrating_a_new_database_at_once_take_turns(database_url: str) -> None:
+    """Cron starts `sync --resource a` and `sync --resource b` together on a new database (or the first night of
+    a newer etl): their locks differ, so both migrated at once and one exited 1 (PostgreSQL: duplicate key in
+    pg_type; MariaDB: 'Duplicate entry 0001', 'skipped since its definition is being modified by concurrent DDL')."""
+    engines = [create_engine(database_url) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(engine) for engine in engines), return_exceptions=True)
+        revision = await current_revision(engines[0])
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert [result for result in results if isinstance(result, BaseException)] == []
+    assert revision == HEAD_REVISION
+    assert {result[1] for result in results} == {HEAD_REVISION}  # each saw it migrated, by itself or another
