@@ -692,15 +692,21 @@ async def test_a_failure_after_the_refused_rows_were_found_commits_nothing(
     assert (plain_rows, count, window.state) == (0, 0, "pending")
 
 
+async def _record_dead_run(store: Store) -> tuple[int, int]:
+    """A run of orders marked running whose process has exited, as a SIGKILL leaves it: (run id, pid)."""
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    killed, gone = await store.start_run("sync", {}, ["orders"]), int(exited.stdout)
+    async with store.engine.begin() as connection:
+        await connection.execute(runs.update().where(runs.c.id == killed).values(pid=gone))
+    return killed, gone
+
+
 async def test_exit_4_names_the_live_holder_not_a_killed_run_nor_nobody(database_url: str) -> None:
     """A run takes its lock before it records itself in etl_runs. A second run started at that moment named
     nobody, or the newest 'running' row: one left by a run killed earlier, whose process is gone. It now
     passes over dead runs of this host and waits a little for the holder's row."""
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
     async with _store(database_url, ORDERS) as store:
-        killed = await store.start_run("sync", {}, ["orders"])
-        async with store.engine.begin() as connection:
-            await connection.execute(runs.update().where(runs.c.id == killed).values(pid=int(gone.stdout)))
+        await _record_dead_run(store)
         second = create_engine(database_url)
         try:
             async with ResourceLocks(store.engine, ["orders"]):
@@ -718,11 +724,8 @@ async def test_a_lock_whose_only_running_run_is_dead_names_it_as_such(tmp_path: 
     """A server may keep a vanished host's session, and its lock, for a while: with no live run to name, the
     dead one is named and said to be dead, rather than nobody (or it, as if it were still working)."""
     url = f"sqlite:///{tmp_path / 'dead.db'}"
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
     async with _store(url, ORDERS) as store:
-        killed = await store.start_run("sync", {}, ["orders"])
-        async with store.engine.begin() as connection:
-            await connection.execute(runs.update().where(runs.c.id == killed).values(pid=int(gone.stdout)))
+        killed, gone = await _record_dead_run(store)
         second = create_engine(url)
         try:
             async with ResourceLocks(store.engine, ["orders"]):
@@ -731,7 +734,7 @@ async def test_a_lock_whose_only_running_run_is_dead_names_it_as_such(tmp_path: 
                         pass
         finally:
             await second.dispose()
-    assert f"run {killed} (sync, pid {int(gone.stdout)} on" in str(held.value)
+    assert f"run {killed} (sync, pid {gone} on" in str(held.value)
     assert "its process has ended" in str(held.value)
 
 
