@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("json" if wants_json(argv) else "text", 0)
     try:
         args = build_parser().parse_args(_attach_negative_values(argv))
+        if args.quiet and args.verbose:  # one may come before the command and one after: argparse cannot tell
+            raise ConfigError("python -m etl: -v and -q together: choose one (-v for more detail, -q for warnings and errors only)")
     except ConfigError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -428,6 +428,12 @@ def test_cli_unknown_flag_exits_2() -> None:
     assert result.returncode == 2 and "--frm" in result.stderr
 
 
+def test_cli_verbose_and_quiet_together_exit_2_naming_both() -> None:
+    """SPEC writes [-v|-q]: given both (one before the command, one after), -q won without a word."""
+    result = _cli("-v", "status", "-q")
+    assert result.returncode == 2 and "-v" in result.stderr and "-q" in result.stderr
+
+
 def test_a_relative_ca_bundle_is_beside_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under cron the working directory is anywhere: ca_bundle = "chain.pem" means the file next to config.toml."""
     document = _document()
