@@ -338,16 +338,14 @@ class Checker:
 
     async def _load_trust(self) -> Verdict:
         api = self.config.api
-        if not api.verify_tls:  # not build_ssl_context: it warns, and the session's warns again
+        if not api.verify_tls:  # the session warns, once
             self.verify_context = ssl.create_default_context()  # still tells the user what verification would say
             hint = (
                 "anyone on the network path can read the secret and the data: set verify_tls = true and trust the "
                 "server with [api].ca_bundle (check --save-certs saves what it presents)"
             )
             return Verdict("TLS verification is OFF ([api].verify_tls = false)", "warning", hint=hint)
-        context = build_ssl_context(api)
-        assert isinstance(context, ssl.SSLContext)  # verify_tls is on
-        self.verify_context = context
+        self.verify_context = build_ssl_context(api)
         if not api.ca_bundle:
             return Verdict("the system trust store")
         try:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "etl_alembic_version"
-SCHEMA_LOCK_KEY = int.from_bytes(hashlib.blake2b(b"etl-schema", digest_size=8).digest(), "big", signed=True)
+SCHEMA_LOCK = "-schema-"  # the lock of etl's own tables: not an identifier, so no resource's lock
 SCHEMA_LOCK_WAIT_S = 300
 # The newest revision in migrations/versions (test_migrations holds it to Alembic's own answer).
 # Known here so that a run on an up-to-date database never imports Alembic: a tenth of a second
@@ -351,6 +351,17 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
     return before, after
 
 
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL's advisory locks, of a resource or of SCHEMA_LOCK."""
+    digest = hashlib.blake2b(f"etl:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def mysql_lock_name(database: str, name: str) -> str:
+    """GET_LOCK names are server-wide: the database is part of the name (at most 64 characters)."""
+    return "etl:" + hashlib.blake2b(f"{database}/{name}".encode(), digest_size=16).hexdigest()
+
+
 @asynccontextmanager
 async def schema_lock(connection: AsyncConnection) -> AsyncIterator[None]:
     """One run at a time changes the schema, whatever its resources; taken first in its transaction.
@@ -361,11 +372,11 @@ async def schema_lock(connection: AsyncConnection) -> AsyncIterator[None]:
     """
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(SCHEMA_LOCK)})
     if dialect != "mysql":
         yield
         return
-    name = "etl-schema:" + hashlib.blake2b((connection.engine.url.database or "").encode(), digest_size=16).hexdigest()
+    name = mysql_lock_name(connection.engine.url.database or "", SCHEMA_LOCK)
     if await connection.scalar(text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": SCHEMA_LOCK_WAIT_S}) != 1:
         raise LoadError(
             f"another run has been changing etl's tables in {safe_url(connection.engine.url)} for {SCHEMA_LOCK_WAIT_S}s",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hashlib
 import os
 import socket
 import time
@@ -21,22 +20,10 @@ from typing import IO, Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from etl.db import DRIVER_ERRORS, database_error, sqlite_file
+from etl.db import DRIVER_ERRORS, advisory_key, database_error, mysql_lock_name, sqlite_file
 from etl.durations import isoformat_utc
 from etl.errors import LockHeld
 from etl.schema import runs
-
-
-def _advisory_key(resource: str) -> int:
-    """A stable signed 64-bit key for pg_try_advisory_lock."""
-    digest = hashlib.blake2b(f"etl:{resource}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def _mysql_name(database: str, resource: str) -> str:
-    """GET_LOCK names are server-wide: the database is part of the name (at most 64 characters)."""
-    return "etl:" + hashlib.blake2b(f"{database}/{resource}".encode(), digest_size=16).hexdigest()
-
 
 HOLDER_WAIT_SECONDS = 5.0
 
@@ -83,10 +70,10 @@ class ResourceLocks:
         try:
             if dialect == "postgresql":
                 connection = await self._lock_connection()
-                return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": _advisory_key(resource)}))
+                return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": advisory_key(resource)}))
             if dialect == "mysql":
                 connection = await self._lock_connection()
-                name = _mysql_name(self._engine.url.database or "", resource)
+                name = mysql_lock_name(self._engine.url.database or "", resource)
                 return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": name}) == 1
             return self._flock(resource)
         except DRIVER_ERRORS as exc:

@@ -287,20 +287,22 @@ class _NumberedPaginator(Paginator):
             if self._said_total is not None and not self.total_understated:
                 warn_if_short(response, self._said_total, self.records_seen, self.config)
             return
-        previous, self._previous = self._previous, _page_content(records)
-        if self._previous == previous and self._stepped >= 2:
+        content = _page_content(records)
+        if content == self._previous and self._stepped >= 2:
             log.info("%s served the page before it again: taken as the end of the window", display_url(response.url))
             self.finished = True
             return
-        self.refuse_repeat(response, records)
+        self._previous = content
+        self._refuse_content(response, content)
         self._step(len(records))
         self._stepped += 1
 
     def refuse_repeat(self, response: PageResponse, records: list[Any]) -> None:
         """SourceError when these records are those of a page already received in this window."""
-        if not records:
-            return
-        content = _page_content(records)
+        if records:
+            self._refuse_content(response, _page_content(records))
+
+    def _refuse_content(self, response: PageResponse, content: bytes) -> None:
         if content in self._pages:
             raise SourceError(
                 f"{display_url(response.url)} returned the same records as an earlier page: the API seems to "

@@ -40,9 +40,9 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
     """From the watermark less lookback (or `start`) to now less lag, taking up where a stopped sync left off.
 
     The windows of a sync that stopped early are planned again as they were, from its first unfinished
-    one: a window it was in the middle of is taken up (read again from its first page), and one it finished is not read again unless it finished within
-    lag + lookback of its end (records stamped in it may have arrived since). A sync longer than its
-    slot still gets further each night.
+    one: a window it was in the middle of is read again from its first page, and one it finished is not
+    read again unless it finished within lag + lookback of its end (records stamped in it may have
+    arrived since). A sync longer than its slot gets further each night by the windows it finishes.
     """
     base = await store.watermark(resource.name)
     if resource.filter is None:  # one window: an unfinished one is taken up

@@ -266,10 +266,11 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
     No body (a 204), a record list that is null (Go encodes an empty slice so), an object
     that holds no list at all (`{"total": 0}`: the key left out of an empty page, Go's omitempty)
     and a bare `[]` where records are wrapped in an object (an empty window answered so) are a
-    page without records: a records_path that was wrong would meet the first page with records. A records_path that is not in a body that does hold a list stays
-    an error: the records would be there, under another key. So is a body that is no object at
-    all, or one that carries an error or a message instead of records (`{"message": "search backend
-    warming up"}` with a 200): taken as empty, its window would end and its records be lost.
+    page without records: a records_path that was wrong would meet the first page with records.
+    A records_path that is not in a body that does hold a list stays an error: the records would
+    be there, under another key. So is a body that is no object at all, or one that carries an
+    error or a message instead of records (`{"message": "search backend warming up"}` with a 200):
+    taken as empty, its window would end and its records be lost.
     """
     if body is None or body == []:
         return []

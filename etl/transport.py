@@ -56,17 +56,8 @@ X509_CERT_NOT_YET_VALID, X509_CERT_HAS_EXPIRED, X509_HOSTNAME_MISMATCH, X509_IP_
 CONNECT_HINT = "check that the host is up, the port is right, and any firewall or HTTPS_PROXY in between"
 
 
-def build_ssl_context(api: ApiConfig) -> ssl.SSLContext | bool:
-    """The system trust store plus `ca_bundle` (added, never replacing it), for token and API host alike.
-
-    `verify_tls = false` is warned about here, so on every run that opens a session.
-    """
-    if not api.verify_tls:
-        log.warning(
-            "TLS verification is OFF ([api].verify_tls = false): anyone on the network path can read the "
-            "client secret and the data. Use [api].ca_bundle instead."
-        )
-        return False
+def build_ssl_context(api: ApiConfig) -> ssl.SSLContext:
+    """The system trust store plus `ca_bundle` (added, never replacing it), for token and API host alike."""
     context = ssl.create_default_context()
     if api.ca_bundle:
         try:
@@ -87,9 +78,16 @@ def trust_bundle(context: ssl.SSLContext, cafile: str | None = None, cadata: str
 
 
 def _session_trust(api: ApiConfig) -> ssl.SSLContext | bool:
-    """True (aiohttp's own context of the system store, made at its import) when nothing is added to that store:
-    building a second one cost ~20 ms on every run."""
-    return True if api.verify_tls and not api.ca_bundle else build_ssl_context(api)
+    """What the session verifies servers with. `verify_tls = false` is warned about here, so on every run that
+    opens a session. True is aiohttp's own context of the system store, made at its import, for a run that adds
+    nothing to that store: building a second one cost ~20 ms on every run."""
+    if not api.verify_tls:
+        log.warning(
+            "TLS verification is OFF ([api].verify_tls = false): anyone on the network path can read the "
+            "client secret and the data. Use [api].ca_bundle instead."
+        )
+        return False
+    return build_ssl_context(api) if api.ca_bundle else True
 
 
 def open_session(api: ApiConfig) -> aiohttp.ClientSession:

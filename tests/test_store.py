@@ -506,10 +506,10 @@ async def test_a_sqlite_uri_filename_is_locked_and_loaded_like_its_path(tmp_path
 
 def test_mysql_lock_names_differ_per_database_and_fit_in_64_characters() -> None:
     """GET_LOCK is server-wide: the same resource in two databases must not block each other."""
-    from etl.locks import _mysql_name
+    from etl.db import mysql_lock_name
 
-    assert _mysql_name("a", "orders") != _mysql_name("b", "orders")
-    assert len(_mysql_name("x" * 64, "y" * 63)) <= 64
+    assert mysql_lock_name("a", "orders") != mysql_lock_name("b", "orders")
+    assert len(mysql_lock_name("x" * 64, "y" * 63)) <= 64
 
 
 @pytest.mark.parametrize("words", ["(2013, 'Lost connection to MySQL server during query')", "(1153, \"Got a packet bigger than 'max_allowed_packet' bytes\")"])
