@@ -25,15 +25,16 @@ import socket
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from itertools import repeat
-from typing import Any
+from typing import Any, TypeVar
 from typing import cast as cast_to
 
+import aiomysql
 import asyncpg
 import orjson
 from sqlalchemy import (
@@ -81,6 +82,7 @@ from etl.windows import Window
 
 log = logging.getLogger(__name__)
 REFUSED = "the database refused this record"
+STATEMENT_HEADROOM = 1024  # bytes of a MySQL statement kept for what a row estimate leaves out
 
 
 def cursor_text(value: Any) -> str | None:
@@ -202,6 +204,7 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._writers: dict[str, RowWriter] = {}
+        self._max_statement: int | None = None  # bytes a MySQL statement may carry, when the driver's own cut is too large
 
     async def prepare(self, resources: Iterable[ResourceConfig], auto_migrate: bool) -> None:
         """Migrate etl's tables (unless told not to) and create or extend the resource tables."""
@@ -210,6 +213,7 @@ class Store:
         try:
             async with self.engine.begin() as connection:
                 await begin_explicitly(connection)
+                self._max_statement = await _max_statement(connection)
                 for resource in resources:
                     table = await connection.run_sync(ensure_resource_table, resource)
                     self._register(resource, table)
@@ -224,7 +228,7 @@ class Store:
             raise database_error(exc, self.engine.url) from exc
 
     def _register(self, resource: ResourceConfig, table: Table) -> None:
-        self._writers[resource.name] = row_writer(self.engine.dialect, resource, table)
+        self._writers[resource.name] = row_writer(self.engine.dialect, resource, table, self._max_statement)
 
     # -- runs --------------------------------------------------------------------------------------
 
@@ -435,15 +439,14 @@ class Store:
 
     async def _write_bookkeeping(self, connection: AsyncConnection, batch: LoadBatch, run_id: int, now: datetime) -> None:
         """Everything of the batch but its rows: rejects, window progress, watermarks and the run's counters."""
-        if batch.rejects:
-            await connection.execute(
-                insert(rejects),
-                [
-                    {"run_id": run_id, "resource": resource, "record_key": _storable(reject.key or "", 255) or None,
-                     "raw": reject.raw, "error": _storable(reject.error, 4000), "rejected_at": now}
-                    for resource, reject in batch.rejects
-                ],
-            )
+        stored = [
+            {"run_id": run_id, "resource": resource, "record_key": _storable(reject.key or "", 255) or None,
+             "raw": reject.raw, "error": _storable(reject.error, 4000), "rejected_at": now}
+            for resource, reject in batch.rejects
+        ]
+        limit = None if self._max_statement is None else self._max_statement - STATEMENT_HEADROOM
+        for part in bounded(stored, lambda reject: statement_bytes(reject.values()), limit):
+            await connection.execute(insert(rejects), part)
         for window_id, progress in batch.windows.items():
             await self._advance_window(connection, window_id, progress, run_id, now)
         for mark in batch.watermarks:
@@ -589,6 +592,46 @@ def upsert_statement(
 
 
 Row = dict[str, Any]
+Item = TypeVar("Item")
+
+
+async def _max_statement(connection: AsyncConnection) -> int | None:
+    """On MySQL/MariaDB, the server's max_allowed_packet when it is below the driver's own cut of a multi-row INSERT.
+
+    aiomysql sends an executemany as INSERTs of up to 1,024,000 bytes (`Cursor.max_stmt_length`): that fits
+    any server's packet of 1 MB or more. Below that (a hosted server set to 512 KB), every batch of more than
+    the packet's worth of rows was cut off with error 2013, though no record came near the limit.
+    """
+    if connection.dialect.name != "mysql":
+        return None
+    packet = int((await connection.exec_driver_sql("SELECT @@max_allowed_packet")).scalar_one())
+    return packet if packet <= aiomysql.Cursor.max_stmt_length else None
+
+
+def statement_bytes(values: Iterable[Any]) -> int:
+    """At least the bytes that values take in a MySQL statement: a character is at most 4 bytes in UTF-8,
+    or 2 escaped; any other value (a number, a date, NULL) fewer than 48."""
+    return sum(4 * len(value) + 3 if isinstance(value, str) else 48 for value in values)
+
+
+def bounded(items: list[Item], size: Callable[[Item], int], limit: int | None) -> Iterator[list[Item]]:
+    """The items in consecutive parts of at most `limit` in all (an item larger than that alone); all in one without
+    a limit, and no part for no items (an executemany of none would be an execute)."""
+    if limit is None:
+        if items:
+            yield items
+        return
+    part: list[Item] = []
+    total = 0
+    for item in items:
+        item_size = size(item)
+        if part and total + item_size > limit:
+            yield part
+            part, total = [], 0
+        part.append(item)
+        total += item_size
+    if part:
+        yield part
 
 
 def latest_versions(rows: list[Row], key: Callable[[Row], Any], cursor: str | None) -> list[Row]:
@@ -656,16 +699,22 @@ class RowWriter(ABC):
 
 
 class ExecutemanyWriter(RowWriter):
-    """SQLite and MySQL: the upsert compiled once, run with executemany (aiomysql sends multi-row INSERTs)."""
+    """SQLite and MySQL: the upsert compiled once, run with executemany (aiomysql sends multi-row INSERTs).
 
-    def __init__(self, dialect: Dialect, resource: ResourceConfig, table: Table) -> None:
+    With `max_statement` (a MySQL server whose max_allowed_packet is below aiomysql's own cut), the rows go
+    in as many executemany calls as keep each statement within it, by an upper bound of their bytes.
+    """
+
+    def __init__(self, dialect: Dialect, resource: ResourceConfig, table: Table, max_statement: int | None = None) -> None:
         upsert = upsert_statement(dialect.name, table, resource.primary_key, _cursor_column(resource))
         compiled = upsert.compile(dialect=dialect)
         super().__init__(dialect, resource, list(compiled.positiontup or []))
         self._sql = str(compiled)
+        self._row_limit = None if max_statement is None else max_statement - len(self._sql.encode()) - STATEMENT_HEADROOM
 
     async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
-        await connection.exec_driver_sql(self._sql, self.parameters(rows, now, run_id))
+        for part in bounded(self.parameters(rows, now, run_id), statement_bytes, self._row_limit):
+            await connection.exec_driver_sql(self._sql, part)
 
 
 class CopyWriter(RowWriter):
@@ -717,14 +766,15 @@ class CopyWriter(RowWriter):
         await connection.exec_driver_sql(self._merge, tuple(constants[name] for name in self._merge_parameters))
 
 
-def row_writer(dialect: Dialect, resource: ResourceConfig, table: Table) -> RowWriter:
-    """The fastest way each database takes a batch.
+def row_writer(dialect: Dialect, resource: ResourceConfig, table: Table, max_statement: int | None = None) -> RowWriter:
+    """The fastest way each database takes a batch; `max_statement` bounds a MySQL statement's bytes.
 
     On PostgreSQL, COPY + INSERT … SELECT loads 1M rows in 5,000-row batches at
     ~120,000 rows/s, where executemany of the upsert managed ~71,000 (bench/bench_load.py).
     """
-    writer = CopyWriter if dialect.name == "postgresql" else ExecutemanyWriter
-    return writer(dialect, resource, table)
+    if dialect.name == "postgresql":
+        return CopyWriter(dialect, resource, table)
+    return ExecutemanyWriter(dialect, resource, table, max_statement)
 
 
 def _shortened(text: str, limit: int = 80) -> str:
