@@ -16,7 +16,15 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, NotRequired
 
-from pydantic import AfterValidator, AliasPath, BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AliasPath,
+    BeforeValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
@@ -115,13 +123,22 @@ def _field(name: str, spec: ColumnSpec, required: bool, key: bool) -> Any:
     Only a numeric key refuses booleans: the check costs a Python call per record, and
     elsewhere a boolean read as 0 or 1 overwrites nothing.
     """
-    alias = AliasPath(*spec.source.split(".")) if spec.source else None
+    alias = _source_alias(spec.source) if spec.source else None
     python_type = _python_type(spec.type)
     if key and spec.type in NUMBER_TYPES:
         python_type = Annotated[python_type, BeforeValidator(_not_a_boolean)]
     if required:
         return Annotated[python_type, Field(validation_alias=alias)]
     return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]
+
+
+def _source_alias(source: str) -> AliasPath | AliasChoices:
+    """A dotted source path as pydantic follows it: a number steps into a list (`lines.0.sku`), as `dig` does
+    for records_path, else it is an object's key (`totals.2024`). pydantic reads a step "0" as a key only."""
+    first, *rest = source.split(".")  # the first step is a key: a record is an object
+    if not any(step.isdigit() for step in rest):
+        return AliasPath(first, *rest)
+    return AliasChoices(AliasPath(first, *(int(step) if step.isdigit() else step for step in rest)), AliasPath(first, *rest))
 
 
 class _Invalid:

@@ -85,6 +85,20 @@ def test_nested_source_paths_are_followed() -> None:
     assert _one(columns, {"id": 2, "customer": {}})["city"] is None
 
 
+
+def test_a_number_in_a_source_path_indexes_a_list_as_well_as_a_key() -> None:
+    """`source = "lines.0.sku"` reads the first line's sku, as records_path and next_cursor_path read such a path.
+
+    It was NULL in every row, with exit 0: the step was looked up as the key "0" only. An object keyed by
+    numbers (`totals.2024`) is still read by its key, and an index past the end is NULL.
+    """
+    columns = {"sku": {"type": "string", "source": "lines.0.sku"}, "total": {"type": "integer", "source": "totals.2024"}}
+    assert _one(columns, {"id": 1, "lines": [{"sku": "A1"}, {"sku": "B2"}], "totals": {"2024": 7}}) == {"id": 1, "sku": "A1", "total": 7}
+    assert _one(columns, {"id": 2, "lines": {"0": {"sku": "C3"}}})["sku"] == "C3"
+    assert _one(columns, {"id": 3, "lines": []})["sku"] is None
+    reject = _reject({"qty": {"type": "integer", "source": "lines.1.qty"}}, {"id": 4, "lines": [{}, {"qty": "many"}]})
+    assert reject.error.startswith("qty (lines.1.qty): ")
+
 def test_a_bad_value_is_rejected_with_the_raw_record_and_the_field() -> None:
     """The reject keeps the record exactly as received, its key, and an error naming the field and the value."""
     record = {"id": 7, "total": "12,50", "note": "Ünïcødé 😀"}
