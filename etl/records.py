@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Annotated, Any, NotRequired
+from typing import Annotated, Any, NotRequired, cast
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,8 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
 )
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
@@ -50,6 +52,26 @@ def _to_utc(moment: datetime) -> datetime:
         return to_utc(moment)
     except OverflowError:
         raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
+
+
+def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
+    """pydantic's datetime, and the ISO-8601 forms it refuses, read by the standard library: an offset of
+    hours alone (`+00`, PostgreSQL's text output) and the basic format (`20240301T100000Z`).
+    Anything else keeps pydantic's reason."""
+    try:
+        return cast(datetime, handler(value))
+    except ValidationError:
+        moment = _fromisoformat(value) if isinstance(value, str) else None
+        if moment is None:
+            raise
+        return _to_utc(moment)
+
+
+def _fromisoformat(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def _storable_json(value: Any) -> Any:
@@ -112,7 +134,7 @@ def _python_type(column_type: str) -> Any:
         "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=DECIMAL_DIGITS, decimal_places=DECIMAL_PLACES)],
         "boolean": bool,
         "date": date,
-        "datetime": Annotated[datetime, AfterValidator(_to_utc)],
+        "datetime": Annotated[datetime, AfterValidator(_to_utc), WrapValidator(_iso_8601)],
         "json": Annotated[Any, AfterValidator(_storable_json)],
     }[column_type]
 
