@@ -57,7 +57,10 @@ def _to_utc(moment: datetime) -> datetime:
 def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
     """pydantic's datetime, and the ISO-8601 forms it refuses, read by the standard library: an offset of
     hours alone (`+00`, PostgreSQL's text output) and the basic format (`20240301T100000Z`).
-    Anything else keeps pydantic's reason."""
+    Anything else keeps pydantic's reason. Eight digits are the basic format's date, which pydantic
+    reads as epoch seconds: a moment of 1970 that no API means."""
+    if isinstance(value, str) and len(value) == len("20240301") and value.isdigit():
+        value = f"{value[:4]}-{value[4:6]}-{value[6:]}"
     try:
         return cast(datetime, handler(value))
     except ValidationError:

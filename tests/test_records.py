@@ -79,6 +79,13 @@ def test_iso_8601_forms_pydantic_refuses_are_datetimes(raw: str, expected: datet
     assert _one({"at": "datetime"}, {"id": 1, "at": raw})["at"] == expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("20240301", datetime(2024, 3, 1, tzinfo=UTC)), ("1700000000", datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC))])
+def test_eight_digits_are_an_iso_8601_date_not_a_day_of_1970(raw: str, expected: datetime) -> None:
+    """"20240301" (ISO-8601's basic date, common in legacy systems) was read as epoch seconds and stored as
+    1970-08-23T06:18:21Z, exit 0. An epoch of eight digits is a moment of 1970-1973: no API's timestamp."""
+    assert _one({"at": "datetime"}, {"id": 1, "at": raw})["at"] == expected
+
+
 def test_a_datetime_that_is_not_iso_8601_keeps_pydantics_reason() -> None:
     reject = _reject({"at": "datetime"}, {"id": 1, "at": "2024-02-30T10:00:00+00"})
     assert reject.error.startswith("at: Input should be a valid datetime")
