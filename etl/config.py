@@ -175,6 +175,14 @@ class ColumnSpec(_Section):
     source: str | None = None
     nullable: bool | None = None
 
+    @field_validator("source")
+    @classmethod
+    def _dotted_path(cls, source: str | None) -> str | None:
+        """`customer..name` (a typo) matches no record's field: the column would be NULL in every row (`""` is no source)."""
+        if source and "" in source.split("."):
+            raise ValueError(f"{source!r} has an empty step: write a dotted path such as customer.address.city")
+        return source
+
 
 def _column_spec(value: Any) -> Any:
     """`id = "integer"` or a table; anything else was refused as "not a valid dictionary or instance of ColumnSpec"."""

@@ -85,6 +85,14 @@ def test_a_column_that_is_neither_a_type_nor_a_table_says_what_it_should_be(valu
     assert "ColumnSpec" not in message
 
 
+
+@pytest.mark.parametrize("source", ["customer..name", ".name", "customer."])
+def test_a_source_path_with_an_empty_step_is_refused(source: str) -> None:
+    """`source = "customer..name"` (a typo) matched no record's field: the column was NULL in every row, exit 0."""
+    document = _document()
+    document["resources"][0]["columns"]["customer_name"] = {"type": "string", "source": source}
+    assert "resources[0].columns.customer_name.source: " in _error(document)
+
 def test_unknown_pagination_style_lists_the_known_ones() -> None:
     document = _document()
     document["resources"][1]["pagination"]["style"] = "pages"
