@@ -419,7 +419,7 @@ class Pipeline:
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
         self._failed.add(resource.name)
-        self.stats[resource.name].error = exc.message
+        self.stats[resource.name].error = self.stats[resource.name].error or exc.message  # the first, the one logged
         if isinstance(exc, RUN_WIDE_ERRORS):
             self.stop.set()
 

@@ -125,9 +125,26 @@ async def _run_recorded(
         message = str(exc) if isinstance(exc, EtlError) else redact(f"internal error: {type(exc).__name__}: {exc}")
         await asyncio.shield(store.finish_run(run_id, status, _counts(pipeline), message))
         raise
-    error_text = str(outcome.error) if outcome.error else None
-    await asyncio.shield(store.finish_run(run_id, outcome.status, _counts(pipeline), error_text))
+    await asyncio.shield(store.finish_run(run_id, outcome.status, _counts(pipeline), run_error(outcome)))
     return outcome
+
+
+def run_error(outcome: RunOutcome) -> str | None:
+    """etl_runs' error: each failed resource and why, on the first line (the one `status` shows), then the hint.
+
+    The run's error alone is the first one met: a second resource failing for its own reason went unrecorded, and an
+    API path unlike the resource's name did not say which resource it was.
+    """
+    if outcome.error is None:
+        return None
+    failed: dict[str, list[str]] = {}
+    for stats in outcome.resources.values():
+        if stats.error:
+            failed.setdefault(stats.error, []).append(stats.name)
+    if outcome.error.message not in failed:  # an interruption, too many rejects: the run's, not a resource's
+        return str(outcome.error)
+    causes = "; ".join(f"{', '.join(names)}: {message}" for message, names in failed.items())
+    return causes + (f"\n  hint: {outcome.error.hint}" if outcome.error.hint else "")
 
 
 def _counts(pipeline: Pipeline) -> dict[str, int]:

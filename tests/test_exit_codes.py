@@ -306,3 +306,24 @@ async def test_a_record_the_database_refuses_is_a_reject_counted_against_max_rej
     assert ("CONSTRAINT `items.doc` failed" if dialect == "mysql" else "index row size") in error
     ((fetched, loaded, rejected),) = await rows(url, "SELECT records_fetched, records_loaded, records_rejected FROM etl_runs")
     assert (fetched, loaded, rejected) == (25, 24, 1)
+
+
+async def test_etl_runs_names_every_resource_that_failed_and_why(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """Two resources failed, each for its own reason: etl_runs' error held only the first met, without its resource's
+    name, so whoever read `status` the next morning fixed one and met the other the night after. The other
+    resources are loaded whole."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders", "customers", "products"])
+        text = config.read_text().replace('"path" = "/customers"', '"path" = "/v2/clients"')
+        config.write_text(text.replace('"path" = "/products"', '"path" = "/catalogue"'))
+        result = await run_etl("sync", "--config", str(config))
+        expected_orders = sim.settings.all_counts()["orders"]
+    assert result.returncode == 1, result.stderr
+    error = await scalar(url, "SELECT error FROM etl_runs")
+    first_line = error.splitlines()[0]  # what `status` shows
+    assert "customers: 404 from" in first_line and "/v2/clients" in first_line, error
+    assert "products: 404 from" in first_line and "/catalogue" in first_line, error
+    assert await scalar(url, "SELECT COUNT(*) FROM orders") + await scalar(url, "SELECT COUNT(*) FROM etl_rejects") == expected_orders
+    assert "orders" not in first_line
+
