@@ -507,8 +507,9 @@ class Pipeline:
         if error is None and self.stop.is_set() and unfinished:  # a stop after the last window is a finished run
             error = Interrupted("the run was interrupted; what was in flight is committed and the next run continues from there")
         if error is None and rejected > self.config.sync.max_rejects:
+            where = ", ".join(f"{stats.name}: {stats.rejected}" for stats in self.stats.values() if stats.rejected)
             error = EtlError(
-                f"{rejected} records were rejected, more than [sync].max_rejects = {self.config.sync.max_rejects}; "
+                f"{rejected} records were rejected ({where}), more than [sync].max_rejects = {self.config.sync.max_rejects}; "
                 "they are in etl_rejects with their raw payload and the reason"
             )
         status = "succeeded" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"

@@ -327,3 +327,18 @@ async def test_etl_runs_names_every_resource_that_failed_and_why(tmp_path: Path,
     assert await scalar(url, "SELECT COUNT(*) FROM orders") + await scalar(url, "SELECT COUNT(*) FROM etl_rejects") == expected_orders
     assert "orders" not in first_line
 
+
+async def test_etl_runs_names_the_resource_whose_rejects_went_over_max_rejects(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """"31 records were rejected" said neither where they came from nor that the other resources were fine."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders", "products"], sync={"max_rejects": 0})
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    rejected = await scalar(url, "SELECT COUNT(*) FROM etl_rejects WHERE resource = 'orders'")
+    assert rejected > 0 and await scalar(url, "SELECT COUNT(*) FROM etl_rejects WHERE resource = 'products'") == 0
+    error = await scalar(url, "SELECT error FROM etl_runs")
+    assert f"(orders: {rejected})" in error, error
+    assert f"(orders: {rejected})" in result.stderr
