@@ -190,8 +190,12 @@ async def _backfill(args: argparse.Namespace) -> int:
         raise ConfigError(f"--from {isoformat_utc(start)} must be before --to {isoformat_utc(end)}")
     window = None if args.window is None else _window(args.window)
     config = _load(args)
-    runs.select_resources(config, args.resources)  # an unknown --resource is exit 2 before the interval is announced
+    resources = runs.select_resources(config, args.resources)  # an unknown --resource is exit 2 before the interval is announced
     print(f"backfill from {isoformat_utc(start)} to {isoformat_utc(end)} (UTC, end excluded)", flush=True)
+    whole = [resource.name for resource in resources if resource.filter is None]
+    if whole:  # the interval above is not what they load: say so before a large one is read
+        print(f"{', '.join(whole)}: no [resources.filter], so the API cannot be asked for an interval: "
+              "loading all of it (a full refresh)", flush=True)
     outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal(args.log_format))
     return report(outcome)
 

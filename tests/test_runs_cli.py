@@ -81,6 +81,22 @@ async def test_backfill_of_a_sub_range_holds_exactly_that_range(tmp_path: Path, 
     assert bounds[0] >= "2024-01-03" and bounds[1] < "2024-01-05"
 
 
+async def test_backfill_says_a_resource_without_date_filters_is_loaded_whole(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """It printed "backfill from 2024-01-03 to 2024-01-05" and read every product: an API without date filters
+    cannot be asked for an interval, and a user backfilling two days of a large full-refresh resource was not told."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings()) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders", "products"])
+        result = await run_etl("backfill", "--config", str(config), "--from", "2024-01-03", "--to", "2024-01-05")
+        products = sim.settings.all_counts()["products"]
+
+    assert result.returncode == 0, result.stderr
+    announced = result.stdout.splitlines()[:2]
+    assert "2024-01-03T00:00:00Z" in announced[0], result.stdout
+    assert "products: no [resources.filter]" in announced[1] and "all of it" in announced[1], result.stdout
+    assert "orders" not in announced[1]
+    assert sqlite_rows(url, "SELECT COUNT(*) FROM products")[0][0] == products
+
 async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_finished_window(
     twenty_window_backfill: tuple[Simulator, str, tuple[str, ...]],
 ) -> None:
