@@ -27,7 +27,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Inspector
 from sqlalchemy.exc import OperationalError
 
 from etl.config import ResourceConfig
@@ -169,6 +169,8 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
         declared = _declared_columns(connection, table.name)
         existing = {column["name"] for column in inspector.get_columns(table.name)}
         _check_compatible(resource, declared, existing)
+        if not any(row.key_position is not None for row in declared.values()):
+            _check_key_usable(inspector, resource)
         for column in table.columns:
             if column.name not in existing:
                 _add_column(connection, table, column)
@@ -232,6 +234,23 @@ def _check_compatible(resource: ResourceConfig, declared: dict[str, Row[Any]], e
             f"{where}: the table {resource.table_name!r} does not match the config: " + "; ".join(differences),
             hint="etl only adds columns; to change a type or key, migrate or rename the table yourself "
             "(or point `table` at a new one) and run a backfill",
+        )
+
+
+def _check_key_usable(inspector: Inspector, resource: ResourceConfig) -> None:
+    """A table etl did not create must have a primary key or unique index on exactly primary_key: the upsert stands
+    on it. Without one MySQL's ON DUPLICATE KEY inserted every record again on every run, and PostgreSQL and SQLite
+    failed every batch, with the rows of every other resource in it."""
+    table_name, wanted = resource.table_name, set[str | None](resource.primary_key)
+    keys: list[set[str | None]] = [set(inspector.get_pk_constraint(table_name).get("constrained_columns") or [])]
+    keys += [set(constraint["column_names"]) for constraint in inspector.get_unique_constraints(table_name)]
+    keys += [set(index["column_names"]) for index in inspector.get_indexes(table_name) if index.get("unique")]
+    if wanted not in keys:
+        raise ConfigError(
+            f"resources.{resource.name}.primary_key: the existing table {table_name!r} has no primary key or unique index "
+            f"on {resource.primary_key}, which etl's upsert needs to store a record seen twice once",
+            hint=f"add one (CREATE UNIQUE INDEX ... ON {table_name} ({', '.join(resource.primary_key)})), "
+            "or point `table` at a new table for etl to create",
         )
 
 

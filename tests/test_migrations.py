@@ -260,6 +260,32 @@ async def test_a_changed_primary_key_stops_with_exit_2(database_url: str) -> Non
     assert "primary_key was ['id'], is now ['id', 'line']" in caught.value.message
 
 
+@pytest.mark.parametrize("made", ["(id integer, line integer, total decimal(38, 10))",
+                                  "(id integer, line integer, total decimal(38, 10), PRIMARY KEY (id, line))"])
+async def test_a_table_made_elsewhere_without_the_declared_key_stops_with_exit_2(database_url: str, made: str) -> None:
+    """A table etl did not create, with no primary key or unique index on exactly primary_key: MySQL's upsert
+    then inserted every record again on every run (246 rows for 123), and PostgreSQL and SQLite failed every
+    batch, of every resource in it, with "no unique constraint matching the ON CONFLICT". Refused up front."""
+    async with _engine(database_url) as engine:
+        async with engine.begin() as connection:
+            await connection.execute(text(f"CREATE TABLE orders {made}"))
+        with pytest.raises(ConfigError) as caught:
+            await _prepare(engine, _orders())
+    assert caught.value.exit_code == 2
+    assert "resources.orders.primary_key" in caught.value.message and "'orders'" in caught.value.message
+
+
+async def test_a_table_made_elsewhere_with_the_declared_key_is_loaded(database_url: str) -> None:
+    """A key made as a unique index (a DBA's own table) is one etl's upsert can use: records are stored once."""
+    async with _engine(database_url) as engine:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE TABLE orders (id integer NOT NULL, line integer, total decimal(38, 10))"))
+            await connection.execute(text("CREATE UNIQUE INDEX orders_by_id ON orders (id)"))
+        await _prepare(engine, _orders(), [{"id": 1, "line": 1, "total": "1.10"}])
+        await _prepare(engine, _orders(), [{"id": 1, "line": 1, "total": "1.20"}])
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT COUNT(*) FROM orders"))).scalar_one() == 1
+
 async def test_a_table_dropped_by_its_owner_is_created_again_from_the_new_declaration(fresh_database: Callable[[str], Any]) -> None:
     """After `DROP TABLE orders`, a changed type is no conflict: the table is new, and so is what is recorded of it."""
     async with _engine(await fresh_database("sqlite")) as engine:
