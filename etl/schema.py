@@ -9,6 +9,7 @@ type or key stops the run with a message instead of rewriting data.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import (
@@ -33,6 +34,8 @@ from sqlalchemy.exc import OperationalError
 from etl.config import ResourceConfig
 from etl.errors import ConfigError
 from etl.sqltypes import UtcDateTime, column_type
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql")
@@ -176,10 +179,23 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
                 _add_column(connection, table, column)
     else:  # new, or dropped by its owner: what was declared for an earlier table of that name no longer holds
         connection.execute(delete(resource_columns).where(resource_columns.c.table_name == table.name))
+        _forget_loads(connection, resource)  # before the CREATE, which MySQL commits with it
         _create(connection, table, resource)
         declared = {}
     _record_declaration(connection, resource, declared)
     return table
+
+
+def _forget_loads(connection: Connection, resource: ResourceConfig) -> None:
+    """A new table holds nothing, whatever was loaded into the one before it (dropped to reload it, or `table`
+    changed): the resource's watermark and windows go with that table, so the next sync starts at `start` and a
+    backfill reads every window. Kept, a sync went on from the watermark and left the table empty, exit 0."""
+    forgotten = connection.execute(delete(watermarks).where(watermarks.c.resource == resource.name)).rowcount
+    forgotten += connection.execute(delete(windows).where(windows.c.resource == resource.name)).rowcount
+    if forgotten:
+        log.warning("%s: its table %r is new (dropped, or `table` changed) though the resource was loaded before: "
+                    "its watermark and windows are forgotten and it is loaded again from its start",
+                    resource.name, resource.table_name)
 
 
 def _create(connection: Connection, table: Table, resource: ResourceConfig) -> None:

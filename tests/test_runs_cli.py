@@ -97,6 +97,23 @@ async def test_backfill_says_a_resource_without_date_filters_is_loaded_whole(tmp
     assert "orders" not in announced[1]
     assert sqlite_rows(url, "SELECT COUNT(*) FROM products")[0][0] == products
 
+async def test_a_dropped_table_is_loaded_again_from_start(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """`DROP TABLE orders` to reload it: etl created it again, empty, and the next sync went on from the watermark,
+    exit 0 with 0 rows; a backfill of the range skipped every window as finished. A new table holds nothing, so
+    the resource's watermark and windows are forgotten with it, and the next run loads from `start`."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings()) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        first = await run_etl("sync", "--config", str(config))
+        loaded = sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0]
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+            connection.execute("DROP TABLE orders")
+        again = await run_etl("sync", "--config", str(config))
+
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    assert loaded > 0 and sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0] == loaded
+    assert "orders: its table 'orders' is new" in again.stderr
+
 async def test_kill_9_mid_backfill_then_rerun_loses_nothing_and_refetches_no_finished_window(
     twenty_window_backfill: tuple[Simulator, str, tuple[str, ...]],
 ) -> None:
