@@ -46,6 +46,7 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
     """
     base = await store.watermark(resource.name)
     if resource.filter is None:  # one window: an unfinished one is taken up
+        _warn_unfiltered(resource)
         windows = await store.open_windows("sync", resource.name, [FULL_REFRESH], run_id, reuse=True)
     else:
         planned, resumed = await _dated_sync(store, resource, base, now, lag)
@@ -54,6 +55,16 @@ async def plan_sync(store: Store, resource: ResourceConfig, run_id: int, now: da
         )
     await store.supersede_windows("sync", resource.name, run_id)
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
+
+
+def _warn_unfiltered(resource: ResourceConfig) -> None:
+    """`start` or `lookback` without [resources.filter] (forgotten, or its table name misspelt) did nothing without
+    a word: every sync read the resource whole while its user believed it incremental."""
+    ignored = [key for key in ("start", "lookback") if key in resource.model_fields_set]
+    if ignored:
+        log.warning("%s: resources.%s.%s %s no effect without [resources.filter]: the API cannot be asked for a date "
+                    "range, so every sync reads all of it", resource.name, resource.name, " and ".join(ignored),
+                    "have" if len(ignored) > 1 else "has")
 
 
 async def _dated_sync(

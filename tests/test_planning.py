@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -231,3 +233,24 @@ async def test_a_first_sync_with_nothing_to_load_says_why(database_url: str, cap
     future_said, within_lag_said = (record.getMessage() for record in said)
     assert "start, 2025-02-04T00:00:00Z, is in the future; check resources.orders.start" in future_said
     assert "is not before now less [sync].lag" in within_lag_said
+
+
+async def test_a_sync_without_date_filters_warns_that_start_and_lookback_do_nothing(
+    fresh_database: Callable[[str], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`start` and `lookback` on a resource without [resources.filter] (the table forgotten, or misspelt) were
+    ignored without a word: every sync read it whole while its user believed it incremental."""
+    document = demo_document(None, "http://127.0.0.1:1", "http://127.0.0.1:1")
+    for resource in document["resources"]:
+        if resource["name"] == "products":
+            resource.update(start="2024-01-01", lookback="1h")
+    products = config_from_document(document).resource("products")
+    engine = create_engine(await fresh_database("sqlite"))
+    try:
+        store = Store(engine)
+        await store.prepare([products], auto_migrate=True)
+        with caplog.at_level(logging.WARNING):
+            await plan_sync(store, products, await store.start_run("sync", {}, ["products"]), datetime.now(UTC), timedelta(0))
+    finally:
+        await engine.dispose()
+    assert "products: resources.products.start and lookback have no effect without [resources.filter]" in caplog.text
