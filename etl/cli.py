@@ -105,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `etl status | head -1`: the reader has gone; no traceback, now or when Python flushes at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:  # a bug: its traceback goes through logging, so JSON logs stay one object per line
+        log.exception("internal error: %s: %s", type(exc).__name__, exc)
+        return 1
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:

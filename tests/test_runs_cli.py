@@ -469,6 +469,38 @@ async def test_json_logs_carry_a_librarys_python_warning_as_one_object(tmp_path:
     assert any(event["level"] == "warning" and "this library call is deprecated" in event["message"] for event in events)
 
 
+A_BUG_IN_PLANNING = """
+import etl.planning
+
+async def _bug(*args, **kwargs):
+    raise RuntimeError("a bug in planning")
+
+etl.planning.plan_sync = _bug  # etl.runs imports it from here
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_an_internal_error_is_logged_once_with_its_traceback_and_the_run_closed(
+    tmp_path: Path, fresh_database: Callable[[str], Any], log_format: str
+) -> None:
+    """A bug escaped as Python's bare traceback: two dozen lines of plain text under --log-format json."""
+    (tmp_path / "sitecustomize.py").write_text(A_BUG_IN_PLANNING)
+    environment = etl_env(PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        result = await run_etl("--log-format", log_format, "sync", "--config", str(config), env=environment)
+    assert result.returncode == 1, result.stderr
+    if log_format == "json":
+        events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a traceback line is not JSON
+        errors = [event["message"] for event in events if event["level"] == "error"]
+        assert len(errors) == 1 and errors[0].startswith("internal error: RuntimeError: a bug in planning"), errors
+        assert "Traceback" in errors[0]
+    else:
+        assert "ERROR   internal error: RuntimeError: a bug in planning" in result.stderr
+    assert sqlite_rows(url, "SELECT status, error FROM etl_runs") == [("failed", "internal error: RuntimeError: a bug in planning")]
+
+
 async def test_status_shows_runs_watermarks_and_rejects_without_contacting_the_api(
     tmp_path: Path, fresh_database: Callable[[str], Any]
 ) -> None:
