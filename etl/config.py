@@ -417,7 +417,7 @@ def load_config(path: Path) -> Config:
 def read_document(path: Path) -> dict[str, Any]:
     """A config file's TOML document, not yet validated; every failure is a ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is no TOML statement
     except FileNotFoundError:
         shown = str(path) if path.is_absolute() else f"{path} ({path.absolute()})"  # cron's working directory is not yours
         raise ConfigError(f"config file {shown} not found: pass --config PATH or set $ETL_CONFIG") from None

@@ -417,6 +417,13 @@ def test_cli_broken_toml_exits_2_with_the_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and "line 2" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Notepad and PowerShell 5 write UTF-8 with a BOM: it was 'not valid TOML: Invalid statement (at line 1, column 1)'."""
+    path = tomlwriter.write(tmp_path / "config.toml", _document())
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_config(path).api.base_url == "http://127.0.0.1:1/api/v1"
+
+
 def test_cli_missing_secret_exits_2_before_any_request(tmp_path: Path) -> None:
     path = tomlwriter.write(tmp_path / "config.toml", _document())
     result = _cli("sync", "--config", str(path))
