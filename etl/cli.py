@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from etl import __version__
 from etl.config import Config, config_path, database_url_key, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
@@ -53,6 +54,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m etl", description="Load a legacy REST API behind OAuth2 into a SQL database.")
     _global_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import etl
 from etl.config import config_from_document, load_config
 from etl.demo import demo_document
 from etl.errors import ConfigError
@@ -441,6 +442,13 @@ def test_cli_global_options_after_the_command_and_config_from_environment(tmp_pa
 def test_cli_unknown_flag_exits_2() -> None:
     result = _cli("sync", "--frm", "2024-01-01")
     assert result.returncode == 2 and "--frm" in result.stderr
+
+
+def test_cli_version_prints_the_version_and_exits_0() -> None:
+    """`--version` was refused as "the following arguments are required: COMMAND", exit 2."""
+    result = _cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"python -m etl {etl.__version__}"
 
 
 def test_cli_verbose_and_quiet_together_exit_2_naming_both() -> None:
