@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from etl import __version__
-from etl.config import Config, config_path, database_url_key, load_config
+from etl.config import Config, EnvSettings, config_named, config_path, database_url_key, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
 from etl.logs import setup_logging, wants_json
@@ -159,6 +159,24 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(config_path(args.config))
 
 
+def _database_url(args: argparse.Namespace) -> str:
+    """The database of `status` and `migrate`, which need nothing else of the config.
+
+    With no config file named and none in the working directory, $ETL_DATABASE_URL alone will do, as it
+    does for `demo`: a new user who ran the demo without a config file could not look at what it loaded.
+    """
+    if config_named(args.config) or config_path(None).is_file():
+        return _load(args).database.url
+    env_url = EnvSettings().database_url
+    if env_url:
+        return env_url
+    try:
+        return _load(args).database.url  # fails: no file; its message says where it looked
+    except ConfigError as exc:
+        hint = f"`{args.command}` needs only the database: $ETL_DATABASE_URL will do (`demo` without a config file loads sqlite:///etl.db)"
+        raise ConfigError(exc.message, hint=hint) from None
+
+
 def stop_on_signals() -> asyncio.Event:
     """SIGTERM or SIGINT sets the event: in-flight pages finish and are committed, nothing new starts."""
     stop = asyncio.Event()
@@ -232,8 +250,7 @@ async def _check(args: argparse.Namespace) -> int:
 async def _migrate(args: argparse.Namespace) -> int:
     from etl.db import create_engine, migrate
 
-    config = _load(args)
-    engine = create_engine(config.database.url)
+    engine = create_engine(_database_url(args))
     try:
         before, after = await migrate(engine)
     finally:
@@ -246,9 +263,9 @@ async def _status(args: argparse.Namespace) -> int:
     from etl.db import create_engine
     from etl.status import format_status, read_status
 
-    config = _load(args)
-    _require_sqlite_file(config.database.url)
-    engine = create_engine(config.database.url)
+    url = _database_url(args)
+    _require_sqlite_file(url)
+    engine = create_engine(url)
     try:
         print(format_status(await read_status(engine)))
     finally:

@@ -746,6 +746,24 @@ async def test_demo_without_any_config_loads_into_etl_db_in_the_working_director
     assert sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT COUNT(*) FROM orders")[0][0] > 0
 
 
+async def test_status_after_a_demo_without_a_config_file_needs_only_the_database(tmp_path: Path) -> None:
+    """The demo needs no config file, but `status` then had none to read and said only 'config.toml not found'."""
+    assert (await finish(await start_etl("demo", env=etl_env(), cwd=tmp_path), timeout=120)).returncode == 0
+    refused = await finish(await start_etl("status", env=etl_env(), cwd=tmp_path), timeout=60)
+    assert refused.returncode == 2
+    assert "config.toml" in refused.stderr and "$ETL_DATABASE_URL will do" in refused.stderr
+    result = await finish(await start_etl("status", env=etl_env(ETL_DATABASE_URL="sqlite:///etl.db"), cwd=tmp_path), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "demo     succeeded" in result.stdout
+
+
+async def test_a_named_config_that_does_not_exist_stays_exit_2_for_status_with_a_database_url(tmp_path: Path) -> None:
+    """$ETL_DATABASE_URL stands in only for a config no one named: a mistyped --config is still an error."""
+    env = etl_env(ETL_DATABASE_URL=f"sqlite:///{tmp_path / 'etl.db'}")
+    result = await run_etl("status", "--config", str(tmp_path / "typo.toml"), env=env)
+    assert result.returncode == 2 and "typo.toml" in result.stderr
+
+
 @pytest.mark.parametrize(("windows_done", "status"), [(3, "succeeded"), (2, "interrupted")])
 def test_a_stop_after_the_last_window_finished_is_a_finished_run(windows_done: int, status: str) -> None:
     """A SIGTERM that arrived as the last window finished was recorded 'interrupted' with exit 1, everything loaded."""
