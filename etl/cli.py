@@ -248,9 +248,11 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from etl.db import create_engine, migrate
+    from etl.db import create_engine, migrate, require_lasting
 
-    engine = create_engine(_database_url(args))
+    url = _database_url(args)
+    require_lasting(url)
+    engine = create_engine(url)
     try:
         before, after = await migrate(engine)
     finally:
@@ -260,10 +262,11 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from etl.db import create_engine
+    from etl.db import create_engine, require_lasting
     from etl.status import format_status, read_status
 
     url = _database_url(args)
+    require_lasting(url)
     _require_sqlite_file(url)
     engine = create_engine(url)
     try:

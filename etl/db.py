@@ -265,6 +265,19 @@ def sqlite_file(url: str | URL) -> Path | None:
     return Path(database).absolute()
 
 
+def require_lasting(url: str) -> None:
+    """Refuse an in-memory SQLite database: it is gone when etl exits.
+
+    A sync into one "succeeded", exit 0, and kept nothing; the next began again at `start`. `sqlite:///`
+    is one, which is what a crontab's `sqlite:///$DB_FILE` becomes when the variable is not set.
+    """
+    if _is_sqlite(url) and sqlite_file(url) is None:
+        raise ConfigError(
+            f"{database_url_key()}: {safe_url(url)} is an in-memory SQLite database: what etl loads into it is gone when etl exits",
+            hint="name a file, e.g. sqlite:///etl.db (in config.toml: beside it) or sqlite:////var/lib/etl/etl.db",
+        )
+
+
 def _is_sqlite(url: str | URL) -> bool:
     """SQLite has no server and no credentials: its hint is about the file."""
     try:

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from etl.config import Config, ResourceConfig
-from etl.db import create_engine
+from etl.db import create_engine, require_lasting
 from etl.durations import format_duration, isoformat_utc
 from etl.errors import EtlError
 from etl.locks import ResourceLocks
@@ -91,6 +91,7 @@ async def execute(
 ) -> RunOutcome:
     secret = secret or config.client_secret()
     names = [resource.name for resource in resources]
+    require_lasting(config.database.url)
     engine = create_engine(config.database.url)
     try:
         async with ResourceLocks(engine, names):
