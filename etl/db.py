@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -33,6 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from etl.config import database_url_key
 from etl.errors import ConfigError, LoadError
 from etl.sqltypes import json_text
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -266,16 +269,23 @@ def sqlite_file(url: str | URL) -> Path | None:
 
 
 def require_lasting(url: str) -> None:
-    """Refuse an in-memory SQLite database: it is gone when etl exits.
+    """Refuse a SQLite URL that names no file; warn about one that asks for memory by name.
 
-    A sync into one "succeeded", exit 0, and kept nothing; the next began again at `start`. `sqlite:///`
-    is one, which is what a crontab's `sqlite:///$DB_FILE` becomes when the variable is not set.
+    `sqlite:///` is what a crontab's `sqlite:///$DB_FILE` becomes when the variable is not set: a sync
+    into it "succeeded", exit 0, and kept nothing, so every night began again at `start`. `:memory:`
+    is asked for on purpose (a trial run): it runs, with a word that nothing it loads is kept.
     """
-    if _is_sqlite(url) and sqlite_file(url) is None:
-        raise ConfigError(
-            f"{database_url_key()}: {safe_url(url)} is an in-memory SQLite database: what etl loads into it is gone when etl exits",
-            hint="name a file, e.g. sqlite:///etl.db (in config.toml: beside it) or sqlite:////var/lib/etl/etl.db",
-        )
+    if not _is_sqlite(url) or sqlite_file(url) is not None:
+        return
+    if make_url(url).database:
+        log.warning("%s: %s is an in-memory SQLite database: what etl loads into it is gone when etl exits",
+                    database_url_key(), safe_url(url))
+        return
+    raise ConfigError(
+        f"{database_url_key()}: {safe_url(url)} names no database file, so it would be an in-memory SQLite database: "
+        "what etl loads into it would be gone when etl exits",
+        hint="name a file, e.g. sqlite:///etl.db (in config.toml: beside it) or sqlite:////var/lib/etl/etl.db",
+    )
 
 
 def _is_sqlite(url: str | URL) -> bool:

@@ -673,17 +673,26 @@ async def test_status_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_n
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.toml"]
 
 
-@pytest.mark.parametrize("url", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite://"])
 @pytest.mark.parametrize("command", ["sync", "migrate", "status"])
-async def test_an_in_memory_sqlite_database_is_exit_2(tmp_path: Path, url: str, command: str) -> None:
+async def test_a_sqlite_url_without_a_file_is_exit_2(tmp_path: Path, url: str, command: str) -> None:
     """`sqlite:///$DB_FILE` with the variable unset is `sqlite:///`, in memory: a sync "succeeded" and kept nothing."""
     async with Simulator() as sim:
         config = write_config(tmp_path, sim, "sqlite:///etl.db", resources=["orders"])
         result = await run_etl(command, "--config", str(config), env=etl_env(ETL_DATABASE_URL=url))
         requests = sim.counters.api_requests + sim.counters.token_requests
     assert result.returncode == 2, result.stderr
-    assert "$ETL_DATABASE_URL" in result.stderr and "in-memory SQLite database" in result.stderr
+    assert "$ETL_DATABASE_URL" in result.stderr and "names no database file" in result.stderr
     assert requests == 0
+
+
+async def test_sqlite_memory_asked_for_by_name_runs_with_a_warning(tmp_path: Path) -> None:
+    """`:memory:` is a deliberate trial run: it loads, and says that nothing is kept."""
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, "sqlite:///etl.db", resources=["orders"])
+        result = await run_etl("sync", "--config", str(config), env=etl_env(ETL_DATABASE_URL="sqlite:///:memory:"))
+    assert result.returncode == 0, result.stderr
+    assert "gone when etl exits" in result.stderr
 
 
 async def test_status_into_a_closed_pipe_ends_without_a_traceback(tmp_path: Path) -> None:
