@@ -540,7 +540,7 @@ class Checker:
         elif fields is not None and 200 <= status < 300:  # field names only: a token may hide under another name
             details, summary = [f"fields: {', '.join(sorted(fields)) or 'none'}"], f"{status}, but no access_token"
         else:
-            details, summary = [f"body: {body[:EXCERPT_CHARS].decode('utf-8', 'replace')!r}"], f"{status}, not a token"
+            details, summary = [f"body: {redact(body.decode('utf-8', 'replace'))[:EXCERPT_CHARS]!r}"], f"{status}, not a token"
         if status == 429 or status >= 500:
             return Verdict(summary, "failed", details, "the token endpoint is overloaded or down: check again later", 1)
         return Verdict(summary, "failed", details, await self._token_hint(error, status), 3)

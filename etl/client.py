@@ -31,6 +31,7 @@ from yarl import URL
 from etl import jsonnumbers
 from etl.config import ApiConfig
 from etl.errors import ConnectionFailed, EtlError, RefusedRequest, RetryableError, SourceError, TokenRejected
+from etl.logs import redact
 from etl.token import Token, TokenManager
 from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 SNIPPET_BYTES = 200
+MASKED_BYTES = 16_384  # masked before the cut: a token that starts within the snippet ends within this
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # read as they are: ASCII is UTF-8
 # RFC 8288 Link: a comma or semicolon inside <target> or a quoted string does not end a link-value or a parameter.
 # A link-value is <target> and its parameters, or (the second branch) a malformed one, skipped up to its comma.
@@ -81,9 +83,13 @@ class RequestCounters:
 
 
 def snippet(body: bytes) -> str:
-    """The first bytes of a body, printable, for error messages."""
-    text = body[:SNIPPET_BYTES].decode("utf-8", errors="replace").replace("\n", " ").strip()
-    return text + ("…" if len(body) > SNIPPET_BYTES else "")
+    """The first characters of a body, printable, for error messages.
+
+    Secrets are masked before the cut: a token echoed across it (a JWT is ~1,000 characters)
+    left its first part in the message, which EtlError's masking no longer recognised.
+    """
+    text = redact(body[:MASKED_BYTES].decode("utf-8", errors="replace")).replace("\n", " ").strip()
+    return text[:SNIPPET_BYTES] + ("…" if len(text) > SNIPPET_BYTES or len(body) > MASKED_BYTES else "")
 
 
 class _TokenUnavailable(Exception):

@@ -31,7 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from etl.config import AuthConfig
 from etl.errors import AuthError, EtlError, RetryableError, TokenRejected
-from etl.logs import register_secret
+from etl.logs import redact, register_secret
 from etl.transport import CONNECT_HINT, RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
 log = logging.getLogger(__name__)
@@ -392,7 +392,8 @@ def json_object(answer: bytes) -> Mapping[str, Any] | None:
 
 
 def _excerpt(answer: bytes) -> str:
-    return answer.decode("utf-8", "replace")[:EXCERPT_CHARS]
+    """The answer's start, secrets masked before the cut (a secret cut in two is no longer recognised)."""
+    return redact(answer.decode("utf-8", "replace"))[:EXCERPT_CHARS]
 
 
 def _seen(renewal: asyncio.Task[Token]) -> None:

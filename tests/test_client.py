@@ -520,3 +520,18 @@ async def test_a_body_that_does_not_decode_as_its_content_encoding_says_is_not_r
         f"the body from {origin}/api/v1/orders?page=1 could not be decoded as its Content-Encoding said: "
         "Can not decode content-encoding: gzip"
     )
+
+
+async def test_a_long_token_echoed_in_an_error_body_is_masked_whole(http_mock: aioresponses) -> None:
+    """A Cognito access token is a JWT of ~1,000 characters: an API that echoed it in a 400 had the first
+    160 or so on stderr and in etl_runs, since the body was cut to 200 bytes before the token was masked."""
+    token = "eyJraWQiOiJ" + "a" * 1000
+    http_mock.post(TOKEN_URL, payload={"access_token": token, "expires_in": 3600})
+    http_mock.get(PAGE, status=400, payload={"message": "bad request", "token": f"Bearer {token}"})
+    config = ApiConfig(base_url=BASE, retry_backoff_s=0.001)
+    async with open_session(config) as session:
+        client, _ = _client(config, session, TOKEN_URL)
+        with pytest.raises(SourceError) as raised:
+            await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert '"token": "Bearer ***"' in raised.value.message
+    assert "eyJraWQiOiJ" not in raised.value.message

@@ -762,3 +762,14 @@ def test_refresh_point_honours_margin_and_never_precedes_half_life(lifetime: flo
     """The margin is honoured when it fits in half the lifetime; otherwise renewal is at 95%, never before half."""
     assert refresh_after(lifetime, margin) == pytest.approx(expected)
     assert refresh_after(lifetime, margin) >= lifetime / 2
+
+
+async def test_a_secret_echoed_across_the_excerpts_cut_is_masked_whole(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """The answer was cut to 200 characters before the secret was masked: one echoed across the cut kept its start."""
+    http_mock.post(TOKEN_URL, status=400, body="x" * 180 + f" secret {SECRET} is not valid")
+    manager = make_manager(session, client_auth="body")
+    with pytest.raises(AuthError) as refused:
+        await manager.token()
+    assert SECRET[:8] not in refused.value.message and "***" in refused.value.message
