@@ -38,6 +38,12 @@ from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_secon
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10  # aiohttp's own limit
+FOREIGN_REDIRECT_HINT = (
+    "the API redirected to another host, where etl sends neither the token nor [api].headers; "
+    "if that host is the API now, set [api].base_url to it"
+)
 SNIPPET_BYTES = 200
 MASKED_BYTES = 16_384  # masked before the cut: a token that starts within the snippet ends within this
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # read as they are: ASCII is UTF-8
@@ -120,6 +126,7 @@ class ApiClient:
     ) -> None:
         self._session = session
         self._static_headers = _with_accept(api.headers)
+        self._foreign_headers = {name: value for name, value in self._static_headers.items() if name.lower() == "accept"}
         self._tokens = tokens
         self._counters = counters
         self._retry = retry or RetryPolicy.from_api(api)
@@ -165,20 +172,36 @@ class ApiClient:
             await self._limiter.acquire()
 
     async def _attempt(self, request: PageRequest, token: Token) -> PageResponse:
-        """One request on the wire; the caller holds its concurrency slot and took its rate-limit share."""
+        """One request on the wire, its redirects followed; the caller holds its concurrency slot and took its rate-limit share.
+
+        Redirects are followed here, not by aiohttp: it drops only Authorization on the way to another
+        host, and sent the [api].headers (an X-Api-Key) on. There only Accept goes, and a 401 from there
+        is no refused token (it was not sent): renewing it and exiting 3 pointed at the wrong thing.
+        """
         self._counters.requests += 1
-        headers = {**self._static_headers, "Authorization": token.authorization()}
-        sent = time.monotonic()
-        try:
-            async with self._session.get(
-                request.url, params=request.params, headers=headers, proxy=proxy_for(request.url)
-            ) as resp:
-                body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise translate(exc, request.page_url()) from exc
-        if log.isEnabledFor(logging.DEBUG):  # -v: every request, for an API that behaves oddly
-            log.debug("GET %s -> %d, %d bytes in %.0f ms", display_url(resp.url), resp.status, len(body), (time.monotonic() - sent) * 1000)
-        return verdict(resp, body)
+        trusted = {**self._static_headers, "Authorization": token.authorization()}
+        url, params, headers, came_from = URL(request.url), request.params, trusted, None
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = time.monotonic()
+            try:
+                async with self._session.get(
+                    url, params=params, headers=headers, proxy=proxy_for(str(url)), allow_redirects=False
+                ) as resp:
+                    body = await resp.read()
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise translate(exc, request.page_url() if came_from is None else str(url)) from exc
+            if log.isEnabledFor(logging.DEBUG):  # -v: every request, for an API that behaves oddly
+                log.debug("GET %s -> %d, %d bytes in %.0f ms", display_url(resp.url), resp.status, len(body), (time.monotonic() - sent) * 1000)
+            location = resp.headers.get("Location") if resp.status in REDIRECT_STATUS else None
+            if location is None:
+                return verdict(resp, body, came_from if headers is not trusted else None)
+            came_from = came_from or resp.url
+            try:
+                url, params = resp.url.join(URL(location)), {}
+            except ValueError:
+                raise SourceError(f"{resp.status} from {display_url(resp.url)} redirects to an invalid URL") from None
+            headers = trusted if same_site(URL(request.url), url) else self._foreign_headers
+        raise SourceError(f"{display_url(request.page_url())} redirected more than {MAX_REDIRECTS} times")
 
     def _log_retry(self, state: RetryCallState) -> None:
         self._counters.retries += 1
@@ -238,13 +261,30 @@ def _unquoted(value: str) -> str:
     return value
 
 
-def verdict(resp: aiohttp.ClientResponse, body: bytes) -> PageResponse:
-    """A usable page, or the error that says why not; only what may heal is a RetryableError."""
+def same_site(configured: URL, target: URL) -> bool:
+    """Whether a redirect target may have the token: the configured origin, or its host upgraded from http to https."""
+    if (target.host or "").lower() != (configured.host or "").lower():
+        return False
+    upgrade = (configured.scheme, configured.port, target.scheme, target.port) == ("http", 80, "https", 443)
+    return upgrade or (configured.scheme, configured.port) == (target.scheme, target.port)
+
+
+def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | None = None) -> PageResponse:
+    """A usable page, or the error that says why not; only what may heal is a RetryableError.
+
+    `redirected_from` is the configured URL when a redirect led to another host, which got no token.
+    """
     status = resp.status
     if 200 <= status < 300:
         parsed = None if status == 204 else parse_json(status, resp, body)
         return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp))
     url = display_url(resp.url)
+    if redirected_from is not None and status in (401, 403):
+        raise RefusedRequest(
+            f"{status} from {url} (redirected from {display_url(redirected_from)}): {snippet(body)}",
+            status=status,
+            hint=FOREIGN_REDIRECT_HINT,
+        )
     if status == 401:  # the API's challenge may say why (RFC 6750 §3: invalid_token, its error_description)
         challenge = resp.headers.get("WWW-Authenticate")
         raise TokenRejected(f"401 from {url}: the API refused the token" + (f" (WWW-Authenticate: {challenge})" if challenge else ""))

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from tenacity import RetryCallState
 from yarl import URL
 
-from etl.client import ApiClient, PageRequest, RequestCounters, rate_limiter
+from etl.client import ApiClient, PageRequest, RequestCounters, rate_limiter, same_site
 from etl.config import ApiConfig, AuthConfig
 from etl.errors import AuthError, ConnectionFailed, RetryableError, SourceError, UnreachableError
 from etl.simulator import Faults, Simulator, SimulatorSettings
@@ -535,3 +535,74 @@ async def test_a_long_token_echoed_in_an_error_body_is_masked_whole(http_mock: a
             await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert '"token": "Bearer ***"' in raised.value.message
     assert "eyJraWQiOiJ" not in raised.value.message
+
+
+def _redirecting(seen: list[tuple[str, str, str | None, str | None]], other_status: int = 200) -> dict[tuple[str, str], Any]:
+    """An API whose /old/orders redirects to the URL in ?to= ({port} filled in), and its /orders,
+    which records (host, path, Authorization, X-Api-Key) and answers `other_status` on any host but 127.0.0.1."""
+
+    async def token(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "token-abcdef", "expires_in": 3600})
+
+    async def old(request: web.Request) -> web.Response:
+        target = request.query["to"].replace("{port}", str(request.url.port))
+        raise web.HTTPTemporaryRedirect(target)
+
+    async def orders(request: web.Request) -> web.Response:
+        seen.append((request.host.split(":")[0], request.path, request.headers.get("Authorization"), request.headers.get("X-Api-Key")))
+        if request.host.startswith("127.0.0.1") or other_status == 200:
+            return web.json_response(OK)
+        return web.json_response({"message": "Unauthorized"}, status=other_status)
+
+    return {("POST", "/oauth2/token"): token, ("GET", "/old/orders"): old, ("GET", "/orders"): orders}
+
+
+async def _get_redirected(to: str, other_status: int = 200) -> tuple[Any, list[tuple[str, str, str | None, str | None]], int]:
+    """GET /old/orders?to=<to> with an X-Api-Key in [api].headers: the page or error, what /orders saw, token requests."""
+    seen: list[tuple[str, str, str | None, str | None]] = []
+    async with serving(_redirecting(seen, other_status)) as origin:
+        api = ApiConfig(base_url=origin, retry_backoff_s=0.001, max_retries=1, headers={"X-Api-Key": "key-123456"})
+        async with open_session(api) as session:
+            client, _ = _client(api, session, origin + "/oauth2/token")
+            try:
+                outcome: Any = await client.get(PageRequest(origin + "/old/orders", {"to": to}))
+            except SourceError as exc:
+                outcome = exc
+            return outcome, seen, client._tokens.token_requests
+
+
+async def test_a_redirect_on_the_same_host_is_followed_with_the_token() -> None:
+    outcome, seen, _ = await _get_redirected("/orders?page=1")
+    assert outcome.body == OK
+    assert seen == [("127.0.0.1", "/orders", "Bearer token-abcdef", "key-123456")]
+
+
+async def test_a_redirect_to_another_host_carries_neither_the_token_nor_the_configured_headers() -> None:
+    """aiohttp drops Authorization on another origin, but the [api].headers (an X-Api-Key) went on to that host."""
+    outcome, seen, _ = await _get_redirected("http://localhost:{port}/orders?page=1")
+    assert outcome.body == OK  # a pre-signed download URL on another host needs no credentials
+    assert seen == [("localhost", "/orders", None, None)]
+
+
+async def test_a_401_from_another_host_after_a_redirect_is_no_refused_token() -> None:
+    """It was 'the API rejected a freshly issued token' (exit 3) after a second token request: the token was never sent there."""
+    outcome, seen, token_requests = await _get_redirected("http://localhost:{port}/orders?page=1", other_status=401)
+    assert isinstance(outcome, SourceError) and outcome.exit_code == 1
+    assert "401 from http://localhost:" in outcome.message and "redirected from http://127.0.0.1:" in outcome.message
+    assert outcome.hint is not None and "base_url" in outcome.hint
+    assert (len(seen), token_requests) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("target", "trusted"),
+    [
+        ("http://api.example.test/v2/orders", True),
+        ("https://API.example.test/v1/orders", True),  # the same host upgraded to https, as requests allows
+        ("http://api.example.test:8080/v1/orders", False),
+        ("https://api.example.test:8443/v1/orders", False),
+        ("http://cdn.example.test/v1/orders", False),
+    ],
+)
+def test_a_redirect_keeps_the_token_on_the_configured_origin_or_its_https_upgrade(target: str, trusted: bool) -> None:
+    assert same_site(URL("http://api.example.test/v1/orders"), URL(target)) is trusted
+    assert same_site(URL("https://api.example.test/v1/orders"), URL(target.replace("https:", "http:"))) is False
