@@ -146,6 +146,12 @@ class ApiClient:
                         )
         except _TokenUnavailable as unavailable:
             raise unavailable.error from None
+        except (RetryableError, ConnectionFailed) as exc:  # only the last attempt's error escapes the retries
+            if self._retry.max_retries:
+                tries = self._retry.max_retries
+                exc.message = f"{exc.message} (gave up after {tries + 1} attempts, [api].max_retries = {tries})"
+                exc.args = (exc.message,)
+            raise
         assert response is not None  # tenacity ends with a result or re-raises the last error
         return response
 

@@ -126,6 +126,8 @@ async def test_after_max_retries_the_last_error_is_raised(
         await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert counters.requests == 4
     assert raised.value.exit_code == 1
+    # the final error alone (etl_runs.error, the summary) read as if the request had been tried once
+    assert raised.value.message.endswith("(gave up after 4 attempts, [api].max_retries = 3)")
 
 
 @pytest.mark.parametrize(
