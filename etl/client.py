@@ -31,7 +31,7 @@ from yarl import URL
 from etl import jsonnumbers
 from etl.config import ApiConfig
 from etl.errors import ConnectionFailed, EtlError, RefusedRequest, RetryableError, SourceError, TokenRejected
-from etl.logs import redact
+from etl.logs import redact, register_secret
 from etl.token import Token, TokenManager
 from etl.transport import RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+# [api].headers whose values are credentials (X-Api-Key, Ocp-Apim-Subscription-Key, X-Auth-Token, Cookie): masked
+CREDENTIAL_HEADER = re.compile(r"key|secret|token|auth|passw|signature|credential|cookie|session", re.IGNORECASE)
 MAX_REDIRECTS = 10  # aiohttp's own limit
 FOREIGN_REDIRECT_HINT = (
     "the API redirected to another host, where etl sends neither the token nor [api].headers; "
@@ -126,6 +128,9 @@ class ApiClient:
     ) -> None:
         self._session = session
         self._static_headers = _with_accept(api.headers)
+        for name, value in api.headers.items():
+            if CREDENTIAL_HEADER.search(name):  # an API that echoes what it was sent must not print an API key
+                register_secret(value)
         self._foreign_headers = {name: value for name, value in self._static_headers.items() if name.lower() == "accept"}
         self._tokens = tokens
         self._counters = counters

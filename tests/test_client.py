@@ -608,3 +608,15 @@ async def test_a_401_from_another_host_after_a_redirect_is_no_refused_token() ->
 def test_a_redirect_keeps_the_token_on_the_configured_origin_or_its_https_upgrade(target: str, trusted: bool) -> None:
     assert same_site(URL("http://api.example.test/v1/orders"), URL(target)) is trusted
     assert same_site(URL("https://api.example.test/v1/orders"), URL(target.replace("https:", "http:"))) is False
+
+
+@pytest.mark.parametrize("name", ["X-Api-Key", "Ocp-Apim-Subscription-Key", "X-Auth-Token", "Cookie"])
+async def test_a_credential_in_the_configured_headers_echoed_by_the_api_is_masked(
+    http_mock: aioresponses, make_client: MakeClient, name: str
+) -> None:
+    """Only the token and the client secret were masked: an API key in [api].headers that a 403 echoed was printed."""
+    client, _ = make_client(headers={name: "k3y-VALUE-0042", "X-Tenant": "tenant-0042"})
+    http_mock.get(PAGE, status=403, payload={"message": "key k3y-VALUE-0042 is not allowed for tenant-0042"})
+    with pytest.raises(SourceError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert "key *** is not allowed for tenant-0042" in raised.value.message
