@@ -115,6 +115,47 @@ def rate_limiter(requests_per_second: float) -> AsyncLimiter | None:
     return AsyncLimiter(1, 1 / requests_per_second)
 
 
+class RetryAfterGate:
+    """A server's Retry-After, kept by every request of the client rather than only the one it answered.
+
+    Each request used to wait out its own 429's Retry-After while the other workers went on sending and
+    used up the API's budget again: against an API that takes 5 requests a second, the default 8 workers
+    ran requests out of their retries within seconds (exit 1). Now no request is sent before the latest
+    Retry-After has passed, and a first attempt also waits while any request is owed a retry, so that
+    those go first. Requests with a 429 or 503 but no Retry-After keep their own backoff.
+    """
+
+    def __init__(self, retry: RetryPolicy) -> None:
+        self._retry = retry
+        self._until = 0.0  # on time.monotonic()
+        self._owed = 0  # requests that met a Retry-After and have not been answered since
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def hold(self, seconds: float) -> None:
+        self._until = max(self._until, time.monotonic() + min(seconds, self._retry.retry_after_max_s))
+
+    def is_open(self, first_attempt: bool) -> bool:
+        return time.monotonic() >= self._until and (not first_attempt or self._settled.is_set())
+
+    async def passage(self, first_attempt: bool) -> None:
+        """Wait until a request may be sent: after the Retry-After, and for a first attempt, after the retries owed."""
+        while not self.is_open(first_attempt):
+            if (wait := self._until - time.monotonic()) > 0:
+                await self._retry.sleep(wait)
+            else:
+                await self._settled.wait()
+
+    def owe(self) -> None:
+        self._owed += 1
+        self._settled.clear()
+
+    def repaid(self) -> None:
+        self._owed -= 1
+        if self._owed == 0:
+            self._settled.set()
+
+
 class ApiClient:
     """Sends GETs with the shared token; retries what is transient, fails fast on what is not."""
 
@@ -137,18 +178,24 @@ class ApiClient:
         self._retry = retry or RetryPolicy.from_api(api)
         self._in_flight = asyncio.Semaphore(api.concurrency)
         self._limiter = rate_limiter(api.requests_per_second)
+        self._gate = RetryAfterGate(self._retry)
 
     async def get(self, request: PageRequest) -> PageResponse:
         """One page, retried on 429, 5xx, timeouts, resets and cut bodies; a 401 renews the token once."""
         response: PageResponse | None = None
+        owed = False
         try:
             async for attempt in self._retry.retrying(on_retry=self._log_retry):
                 with attempt:
-                    await self._token_at_hand()
-                    async with self._in_flight:
-                        response = await self._tokens.authorized(
-                            lambda token: self._attempt(request, token), before=self._before_token
-                        )
+                    try:
+                        response = await self._send(request, first_attempt=not owed)
+                    except RetryableError as exc:
+                        if exc.retry_after is not None:
+                            self._gate.hold(exc.retry_after)
+                            if not owed:
+                                owed = True
+                                self._gate.owe()
+                        raise
         except _TokenUnavailable as unavailable:
             raise unavailable.error from None
         except (RetryableError, ConnectionFailed) as exc:  # only the last attempt's error escapes the retries
@@ -157,8 +204,24 @@ class ApiClient:
                 exc.message = f"{exc.message} (gave up after {tries + 1} attempts, [api].max_retries = {tries})"
                 exc.args = (exc.message,)
             raise
+        finally:
+            if owed:
+                self._gate.repaid()
         assert response is not None  # tenacity ends with a result or re-raises the last error
         return response
+
+    async def _send(self, request: PageRequest, first_attempt: bool) -> PageResponse:
+        """One attempt: past the Retry-After gate, the token at hand, then a concurrency slot, the rate-limit share
+        and the request. The gate is asked again once the slot is held, as a Retry-After may have come meanwhile;
+        the slot is not held while waiting at the gate, or the retries it waits for could not be sent."""
+        while True:
+            await self._gate.passage(first_attempt)
+            await self._token_at_hand()
+            async with self._in_flight:
+                if self._gate.is_open(first_attempt):
+                    return await self._tokens.authorized(
+                        lambda token: self._attempt(request, token), before=self._before_token
+                    )
 
     async def _token_at_hand(self) -> None:
         """Make sure a token is at hand; a token endpoint failure is final here.

@@ -266,12 +266,13 @@ class RetryPolicy:
             retry=retry_if_exception(_is_retryable),
             stop=stop_after_attempt(self.max_retries + 1),
             wait=wait,
-            sleep=self._sleep,
+            sleep=self.sleep,
             reraise=True,
             before_sleep=on_retry,
         )
 
-    async def _sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, or end at once with Interrupted when the run is stopped meanwhile."""
         if self.stop is None:
             await asyncio.sleep(seconds)
             return
