@@ -34,7 +34,6 @@ from itertools import repeat
 from typing import Any, TypeVar
 from typing import cast as cast_to
 
-import aiomysql
 import asyncpg
 import orjson
 from sqlalchemy import (
@@ -604,6 +603,8 @@ async def _max_statement(connection: AsyncConnection) -> int | None:
     """
     if connection.dialect.name != "mysql":
         return None
+    import aiomysql  # here: the driver of MySQL alone, ~10 MB that a SQLite or PostgreSQL run does not need
+
     packet = int((await connection.exec_driver_sql("SELECT @@max_allowed_packet")).scalar_one())
     return packet if packet <= aiomysql.Cursor.max_stmt_length else None
 
