@@ -62,12 +62,13 @@ def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
     if isinstance(value, str) and len(value) == len("20240301") and value.isdigit():
         value = f"{value[:4]}-{value[4:6]}-{value[6:]}"
     try:
-        return cast(datetime, handler(value))
+        moment = cast(datetime, handler(value))
     except ValidationError:
-        moment = _fromisoformat(value) if isinstance(value, str) else None
-        if moment is None:
+        fallback = _fromisoformat(value) if isinstance(value, str) else None
+        if fallback is None:
             raise
-        return _to_utc(moment)
+        moment = fallback
+    return _to_utc(moment)
 
 
 def _fromisoformat(text: str) -> datetime | None:
@@ -137,7 +138,7 @@ def _python_type(column_type: str) -> Any:
         "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=DECIMAL_DIGITS, decimal_places=DECIMAL_PLACES)],
         "boolean": bool,
         "date": date,
-        "datetime": Annotated[datetime, AfterValidator(_to_utc), WrapValidator(_iso_8601)],
+        "datetime": Annotated[datetime, WrapValidator(_iso_8601)],
         "json": Annotated[Any, AfterValidator(_storable_json)],
     }[column_type]
 
