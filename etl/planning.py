@@ -117,9 +117,11 @@ async def plan_backfill(
     end: datetime,
     window: timedelta | None,
     restart: bool,
-    settled: datetime,
+    now: datetime,
+    lag: timedelta,
 ) -> ResourcePlan:
-    """`settled` is now less `[sync].lag`: what lies after it may still change, so the watermark stops there."""
+    """What lies after now less `[sync].lag` may still change: the watermark stops there, and a window an
+    earlier backfill finished before its end was that far behind it is read again, not taken as finished."""
     base = await store.watermark(resource.name)
     if resource.filter is None:
         windows = await store.open_windows("backfill", resource.name, [FULL_REFRESH], run_id, reuse=not restart)
@@ -133,12 +135,12 @@ async def plan_backfill(
                      resource.name, resource.filter.format, format_duration(step), isoformat_utc(loads[0]), isoformat_utc(loads[1]))
         if restart:
             await store.forget_windows("backfill", resource.name, floor_to(start, step), ceil_to(end, step))
-        windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True)
+        windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True, settled_after=lag)
         finished = sum(window.state == "done" for window in windows)
         if finished:
             log.info("%s: %d of %d windows were finished by an earlier backfill and are not fetched again; "
                      "--restart reloads them", resource.name, finished, len(windows))
-    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, settled))
+    return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
 
 
 def _cut(start: datetime, end: datetime, size: timedelta, step: timedelta, key: str) -> list[Window]:

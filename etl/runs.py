@@ -66,13 +66,14 @@ async def backfill(
     stop: asyncio.Event,
     progress: ProgressDisplay,
 ) -> RunOutcome:
-    settled = datetime.now(UTC) - config.sync.lag
+    now = datetime.now(UTC)
+    settled = now - config.sync.lag
     if end > settled:
         log.info("the interval ends after now less [sync].lag (%s): the watermark moves no further than that, "
                  "so the next sync reads the rest again", isoformat_utc(settled))
 
     def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
-        return plan_backfill(store, resource, run_id, start, end, window, restart, settled)
+        return plan_backfill(store, resource, run_id, start, end, window, restart, now, config.sync.lag)
 
     arguments = {"from": isoformat_utc(start), "to": isoformat_utc(end), "resources": names or [],
                  "window": format_duration(window) if window else "", "restart": restart}

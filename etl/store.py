@@ -302,8 +302,8 @@ class Store:
         """etl_windows rows for the planned windows; with `reuse`, rows of an earlier run of the same plan are taken up.
 
         `only` limits what is taken up to those windows, and a finished one is taken up (not read again)
-        only when it finished at least `settled_after` after its end: a sync's window finished too close to
-        its end may since have received records stamped within it, which a sync's lookback is there for.
+        only when it finished at least `settled_after` after its end: a window finished too close to its
+        end (or before it, by a backfill into the future) may since have received records stamped within it.
         """
         existing: dict[Window, Any] = {}
         async with self._transaction() as connection:
@@ -316,7 +316,7 @@ class Store:
                 for stored in await connection.execute(query.order_by(windows.c.id)):
                     window = Window(stored.window_start, stored.window_end)
                     existing.pop(window, None)  # the newest row of a window decides
-                    if only is None or window in only and _resumable(stored, settled_after):
+                    if (only is None or window in only) and _resumable(stored, settled_after):
                         existing[window] = stored
             records = []
             now = utc_now()

@@ -136,6 +136,28 @@ async def test_a_backfill_into_the_future_does_not_make_the_next_sync_skip_what_
     assert await scalar(url, "SELECT version FROM orders WHERE id = 7") == 2
 
 
+async def test_a_backfill_run_again_reads_again_the_windows_that_were_not_over_when_it_finished(
+    simulator: Simulator, fresh_database: Callable[[str], Any], make_config: Callable[..., Config]
+) -> None:
+    """A backfill to the end of the month, run mid-month and again after it, must read the rest of the month.
+
+    A window finished before its end (less lag) had passed was taken as finished: the same backfill run again
+    fetched nothing, exit 0, and the records stamped in it since were never loaded.
+    """
+    url = await fresh_database("sqlite")
+    config = make_config(simulator, url, resources=["orders"])
+    now = datetime.now(UTC)
+    interval = (now - timedelta(days=2), now + timedelta(days=2))
+    first = await runs.backfill(config, *interval, None, timedelta(days=1), False, asyncio.Event(), NoProgress())
+    assert first.exit_code == 0, first.error
+    simulator.touch("orders", [7], at=now + timedelta(hours=1))  # stamped in a window that was not over
+
+    again = await runs.backfill(config, *interval, None, timedelta(days=1), False, asyncio.Event(), NoProgress())
+
+    assert again.exit_code == 0, again.error
+    assert await scalar(url, "SELECT version FROM orders WHERE id = 7") == 2
+
+
 async def test_each_run_is_recorded_with_its_counts(
     simulator: Simulator, make_config: Callable[..., Config], fresh_database: Callable[[str], Any]
 ) -> None:

@@ -84,7 +84,7 @@ async def test_a_full_refresh_backfill_resumes_an_unfinished_one_and_leaves_no_o
         async def backfill(restart: bool = False, position: dict[str, int] | None = None, done: bool = False) -> WindowRecord:
             """Plans a backfill; with `position`, commits a page of it as the run would before it is killed or ends."""
             run = await store.start_run("backfill", {}, ["products"])
-            plan = await plan_backfill(store, products, run, T0, T0 + DAY, None, restart, SETTLED)
+            plan = await plan_backfill(store, products, run, T0, T0 + DAY, None, restart, SETTLED, timedelta(0))
             assert len(plan.windows) == 1
             if position is not None:
                 await store.commit(LoadBatch(windows={plan.windows[0].id: WindowProgress(position=position, pages=1, done=done)}), run)
