@@ -44,6 +44,10 @@ HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 ColumnType = Literal[
     "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
 ]
+STRFTIME_DIRECTIVE = re.compile(r"%[-_0^#]?(.)")  # group 1 is the directive's letter; `%%` is a literal percent
+# a filter pattern must write the year and the day of the year (else a day window asks for a month or nothing)
+WHOLE_DATES = set("DFxcs")
+YEARS, DAYS, WEEKS, WEEKDAYS = set("YyG"), set("dej"), set("UWV"), set("aAwu")
 UNORDERED_CURSOR_TYPES = ("json", "boolean")  # json values do not compare (a TypeError every run); a boolean watermark is True
 
 
@@ -202,9 +206,17 @@ class FilterConfig(_Section):
     @field_validator("format")
     @classmethod
     def _known_format(cls, fmt: str) -> str:
-        if fmt in ("iso", "date", "epoch", "epoch_ms") or "%" in fmt:
+        if fmt in ("iso", "date", "epoch", "epoch_ms"):
             return fmt
-        raise ValueError("must be iso, date, epoch, epoch_ms or a strftime pattern such as '%Y-%m-%d %H:%M'")
+        if "%" not in fmt:
+            raise ValueError("must be iso, date, epoch, epoch_ms or a strftime pattern such as '%Y-%m-%d %H:%M'")
+        letters = {match.group(1) for match in STRFTIME_DIRECTIVE.finditer(fmt)}
+        if not (letters & WHOLE_DATES or letters & YEARS and (letters & DAYS or letters & WEEKS and letters & WEEKDAYS)):
+            raise ValueError(
+                f"{fmt!r} does not name a single day (it needs a year and a day, as %Y-%m-%d has): "
+                "each window would ask the API for a whole month, a year or nothing"
+            )
+        return fmt
 
 
 class _Pagination(_Section):

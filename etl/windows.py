@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from etl.config import FilterConfig
+from etl.config import STRFTIME_DIRECTIVE, FilterConfig
 from etl.durations import isoformat_utc
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -52,7 +52,6 @@ DIRECTIVE_STEPS = (
     ("MR", timedelta(minutes=1)),
     ("HIkl", timedelta(hours=1)),
 )
-DIRECTIVE = re.compile(r"%[-_0^#]?(.)")
 EPOCH_DIRECTIVE = re.compile(r"%%|%s")
 
 
@@ -60,7 +59,7 @@ def granularity(fmt: str) -> timedelta:
     """The smallest step the filter format can express (a day for patterns without a time of day)."""
     if fmt in FORMAT_STEPS:
         return FORMAT_STEPS[fmt]
-    directives = {match.group(1) for match in DIRECTIVE.finditer(fmt)}
+    directives = {match.group(1) for match in STRFTIME_DIRECTIVE.finditer(fmt)}
     for letters, step in DIRECTIVE_STEPS:
         if directives & set(letters):
             return step

@@ -77,6 +77,22 @@ def test_an_unknown_key_is_answered_with_the_key_it_is_nearest(section: tuple[st
     assert message in _error(document)
 
 
+@pytest.mark.parametrize("fmt", ["%Y-%m", "%Y", "%m-%d", "%H:%M:%S", "%Y-%m 100%%d"])
+def test_a_filter_pattern_that_names_no_single_day_is_refused(fmt: str) -> None:
+    """`%Y-%m` was cut into day windows that each asked for `since=2024-01&until=2024-01`: a backfill of half a
+    month loaded nothing, exit 0. A pattern has to write the year and the day."""
+    document = _document()
+    document["resources"][0]["filter"]["format"] = fmt
+    assert "resources[0].filter.format: " in _error(document)
+
+
+@pytest.mark.parametrize("fmt", ["%Y%m%d", "%d/%m/%y %H:%M", "%F", "%G-W%V-%u", "%Y.%j", "%s", "%Y-%m-%e"])
+def test_a_filter_pattern_that_names_the_day_is_taken(fmt: str) -> None:
+    document = _document()
+    document["resources"][0]["filter"]["format"] = fmt
+    assert config_from_document(document).resources[0].filter.format == fmt  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("value", [5, ["decimal"], True])
 def test_a_column_that_is_neither_a_type_nor_a_table_says_what_it_should_be(value: object) -> None:
     document = _document()
