@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -40,8 +40,11 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
         async with engine.connect() as connection:
             recent = await connection.execute(select(runs).order_by(runs.c.id.desc()).limit(RECENT_RUNS))
             marks = await connection.execute(select(watermarks).order_by(watermarks.c.resource))
-            # a window "running" in the table whose run has ended was stopped mid-way: the next run takes it up
-            state = case((and_(windows.c.state == "running", runs.c.status != "running"), "stopped"), else_=windows.c.state)
+            alive = await connection.execute(select(runs.c.id, runs.c.status, runs.c.host, runs.c.pid).where(runs.c.status == "running"))
+            dead = [run.id for run in alive if _process_gone(run._asdict())]
+            # a window "running" in the table whose run has ended (or was killed) was stopped mid-way: the next run takes it up
+            ended = or_(runs.c.status != "running", runs.c.id.in_(dead))
+            state = case((and_(windows.c.state == "running", ended), "stopped"), else_=windows.c.state)
             open_windows = await connection.execute(
                 select(
                     windows.c.resource, windows.c.kind, state.label("state"), func.count().label("count"),

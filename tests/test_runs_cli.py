@@ -7,6 +7,7 @@ terminal versus pipe output, JSON logs and status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -638,6 +639,25 @@ async def test_status_after_a_stopped_backfill_says_stopped_and_how_to_resume(tm
     assert "backfill stopped" in unfinished and "running" not in unfinished, status.stdout
     assert "--from 2024-01-01T00:00:00Z --to 2024-01-11T00:00:00Z --window 2d\n" in status.stdout
     assert json.loads(sqlite_rows(url, "SELECT arguments FROM etl_runs")[0][0])["window"] == "2d"
+
+
+async def test_status_after_a_kill_9_mid_window_says_stopped_not_running(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """The windows a killed run was in the middle of were listed as "running" (its run never recorded its end),
+    which reads as a run still at work: they are stopped, and the next run takes them up."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(orders=6000, delay_ms=40)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2}, sync={"max_rejects": 1000})
+        process = await start_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-11", "--window", "5d")
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            with contextlib.suppress(sqlite3.OperationalError):
+                if sqlite_rows(url, "SELECT COUNT(*) FROM etl_windows WHERE state = 'running' AND pages > 0")[0][0]:
+                    break
+        process.send_signal(signal.SIGKILL)
+        await finish(process)
+        status = await run_etl("status", "--config", str(config))
+    unfinished = status.stdout.split("unfinished windows:")[1].split("rejected records")[0]
+    assert "backfill stopped" in unfinished and "running" not in unfinished, status.stdout
 
 
 async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
