@@ -68,7 +68,9 @@ async def backfill(
 ) -> RunOutcome:
     now = datetime.now(UTC)
     settled = now - config.sync.lag
-    if end > settled:
+    if start > now:
+        log.warning("--from %s is in the future: there is nothing to load there yet (check its year)", isoformat_utc(start))
+    elif end > settled:
         log.info("the interval ends after now less [sync].lag (%s): the watermark moves no further than that, "
                  "so the next sync reads the rest again", isoformat_utc(settled))
 

@@ -547,6 +547,16 @@ async def test_a_negative_window_reaches_the_check_that_names_it(tmp_path: Path,
     assert "expected one argument" not in result.stderr
 
 
+async def test_a_backfill_that_starts_in_the_future_says_so(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """`--from 2062-01-01` (for 2026) loaded nothing and succeeded, saying only that the watermark stops at now less lag."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(orders=50)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        result = await run_etl("backfill", "--config", str(config), "--from", "2062-01-01", "--to", "2062-01-03")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr and "--from 2062-01-01T00:00:00Z is in the future" in result.stderr
+
+
 async def test_a_window_that_would_cut_the_interval_into_millions_is_exit_2(tmp_path: Path) -> None:
     """`--window 1s` over a year would plan 31 million windows (and rows of etl_windows) before the first request."""
     document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
