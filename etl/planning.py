@@ -136,6 +136,8 @@ async def plan_backfill(
         if restart:
             await store.forget_windows("backfill", resource.name, floor_to(start, step), ceil_to(end, step))
         windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True, settled_after=lag)
+        if planned:
+            await store.supersede_windows("backfill", resource.name, run_id, within=Window(planned[0].start, planned[-1].end))
         finished = sum(window.state == "done" for window in windows)
         if finished:
             log.info("%s: %d of %d windows were finished by an earlier backfill and are not fetched again; "

@@ -349,17 +349,22 @@ class Store:
             )
             return result.rowcount or 0
 
-    async def supersede_windows(self, kind: str, resource: str, run_id: int, full_refresh_only: bool = False) -> None:
+    async def supersede_windows(
+        self, kind: str, resource: str, run_id: int, full_refresh_only: bool = False, within: Window | None = None
+    ) -> None:
         """Unfinished windows of earlier runs that this run's plan covers, so that `status` does not list them.
 
         A sync plans from the watermark, which covers every earlier sync window; a backfill of a resource
-        without date filters took up the newest unfinished full refresh (now this run's) and covers the rest.
+        without date filters took up the newest unfinished full refresh (now this run's) and covers the rest;
+        a dated backfill covers those `within` its interval (cut for another --window, they are not taken up).
         """
         query = update(windows).where(
             windows.c.kind == kind, windows.c.resource == resource, windows.c.state != "done", windows.c.run_id != run_id
         )
         if full_refresh_only:
             query = query.where(windows.c.window_start.is_(None))
+        if within is not None:
+            query = query.where(windows.c.window_start >= within.start, windows.c.window_end <= within.end)
         async with self._transaction() as connection:
             await connection.execute(query.values(state="superseded", updated_at=utc_now()))
 

@@ -105,6 +105,27 @@ async def test_a_full_refresh_backfill_resumes_an_unfinished_one_and_leaves_no_o
 
 
 
+async def test_a_backfill_supersedes_the_unfinished_windows_of_an_earlier_one_that_it_covers(database_url: str) -> None:
+    """A backfill killed, then run again with a smaller --window (it was slow): the range was loaded, but the
+    first one's windows stayed "pending" in status for ever. Those within the new range are superseded now;
+    one beyond it stays, as that part is still to load."""
+    orders = _orders()
+    engine = create_engine(database_url)
+    try:
+        store = Store(engine)
+        await store.prepare([orders], auto_migrate=True)
+        killed = await plan_backfill(store, orders, await store.start_run("backfill", {}, ["orders"]),
+                                     T0, T0 + 6 * DAY, 2 * DAY, False, SETTLED, timedelta(0))
+        again = await plan_backfill(store, orders, await store.start_run("backfill", {}, ["orders"]),
+                                    T0, T0 + 4 * DAY, DAY, False, SETTLED, timedelta(0))
+        async with engine.connect() as connection:
+            states = dict((await connection.execute(select(windows.c.id, windows.c.state))).all())
+    finally:
+        await engine.dispose()
+    assert [states[window.id] for window in killed.windows] == ["superseded", "superseded", "pending"]
+    assert [states[window.id] for window in again.windows] == ["pending"] * 4
+
+
 async def test_a_sync_stopped_early_is_taken_up_where_it_stopped(database_url: str) -> None:
     """A sync stopped in the middle of a window was planned afresh: every window read again from its first page,
     so a sync longer than its slot never got further. Now the next sync keeps the stopped one's windows: a
