@@ -198,7 +198,7 @@ class Pipeline:
         self.stats: dict[str, ResourceStats] = {}
         self._plans: dict[str, ResourcePlan] = {}
         self._validators: dict[str, RecordValidator] = {}
-        self._failed: set[str] = set()
+        self._failed: dict[str, EtlError] = {}  # by resource, the error that stopped it
         self._errors: list[EtlError] = []
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
         self._tokens: TokenManager | None = None
@@ -411,14 +411,16 @@ class Pipeline:
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
             exc = _stopped_midway(exc)
-        # A run-wide cause is met by every worker in flight, each with its own URL: logged once. So is a refusal its
-        # resource's other windows in flight meet too (a 403 for a scope the token lacks: one ERROR and hint per window).
+        # A run-wide cause is met by every worker in flight, each with its own URL: logged once. So is an error of the
+        # kind that stopped the resource, met by its other windows in flight too (a 403 for a scope the token lacks, a
+        # path that answers 500 to every retry): one ERROR and hint per window, each on its own URL, said nothing more.
+        first = self._failed.get(resource.name)
         repeated = any(error.message == exc.message or isinstance(error, RUN_WIDE_ERRORS) for error in self._errors) or (
-            resource.name in self._failed and isinstance(exc, RefusedRequest)
+            first is not None and (isinstance(exc, RefusedRequest) or type(exc) is type(first))
         )
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
-        self._failed.add(resource.name)
+        self._failed.setdefault(resource.name, exc)
         self.stats[resource.name].error = self.stats[resource.name].error or exc.message  # the first, the one logged
         if isinstance(exc, RUN_WIDE_ERRORS):
             self.stop.set()

@@ -149,6 +149,44 @@ async def test_an_api_that_refuses_every_token_is_reported_once_not_once_per_win
     assert "FAILED: the API rejected a freshly issued token" in result.stdout
 
 
+def _api_answering(status: int, body: dict[str, Any]) -> dict[tuple[str, str], Handler]:
+    """A token endpoint, and /api/v1/orders answering `status` with `body` to every request, a little late."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "windows-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def orders(_request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # every worker has a window in flight when the first answer arrives
+        return web.json_response(body, status=status)
+
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/v1/orders"): orders}
+
+
+async def _backfill_orders_by_day(tmp_path: Path, base: str, url: str, **api: Any) -> Finished:
+    """A 19-day backfill of the demo's orders in 1-day windows against `base`, four windows in flight."""
+    document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+    document["resources"] = [r for r in document["resources"] if r["name"] == "orders"]
+    document["resources"][0]["window"] = "1d"
+    document["api"].update(concurrency=4, **api)
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    return await run_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-20")
+
+
+async def test_windows_in_flight_out_of_retries_on_the_same_5xx_log_one_error(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """Each window in flight ran out of its retries on the same 500 and logged its own ERROR line for it (a 4xx was
+    already logged once per resource): one cause, one ERROR, in its resource's context."""
+    url = await fresh_database("sqlite")
+    async with serving(_api_answering(500, {"message": "boom"})) as base:
+        result = await _backfill_orders_by_day(tmp_path, base, url, max_retries=1, retry_backoff_s=0.01)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    assert "500 from" in errors[0] and "gave up after 2 attempts" in errors[0] and "resource=orders" in errors[0]
+    assert "FAILED: 500 from" in result.stdout
+
+
 async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     url = await fresh_database("sqlite")
     async with Simulator() as sim:
