@@ -343,7 +343,7 @@ class Pipeline:
                     raise
                 await self._close_window(window, paginator.position())
                 return
-            records = records_at(response.body, resource.records_path, response.url)
+            records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
             paginator.advance(response, records)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None
             if first and total is not None:
@@ -375,7 +375,7 @@ class Pipeline:
         try:
             while (head := await lanes.next_page()) is not None:
                 planned, response = head
-                records = records_at(response.body, resource.records_path, response.url)
+                records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
                 plan.check(planned, response, records)
                 beyond = plan.beyond(planned, records)
                 if beyond is not None:
@@ -534,6 +534,11 @@ class Pipeline:
         for stats in self.stats.values():
             if cause is not None and stats.error is None and stats.windows_done < stats.windows:
                 stats.error = cause.message
+
+
+def _records_key(resource: ResourceConfig) -> str:
+    """The config key a wrong records_path is named by in the error: the line the user edits."""
+    return f"resources.{resource.name}.records_path"
 
 
 def _stopped_midway(exc: ConnectionFailed) -> EtlError:

@@ -303,8 +303,10 @@ def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ..
     return failed
 
 
-def records_at(body: Any, records_path: str, url: str) -> list[Any]:
+def records_at(body: Any, records_path: str, url: str, key: str = "records_path") -> list[Any]:
     """The record list of a page body; anything else is an error naming what the body holds.
+
+    `key` is the config key the errors name (`resources.orders.records_path`): the one a user edits.
 
     No body (a 204), a record list that is null (Go encodes an empty slice so), an object
     that holds no list at all (`{"total": 0}`: the key left out of an empty page, Go's omitempty)
@@ -323,7 +325,7 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
     if isinstance(body, list):
         raise SourceError(
             f"{url}: the body is a list of records, not an object holding {records_path!r}; "
-            'set records_path = "" to read the body as the record list'
+            f'set {key} = "" to read the body as the record list'
         )
     if records is None and _holds_null(body, records_path):
         return []
@@ -339,12 +341,12 @@ def records_at(body: Any, records_path: str, url: str) -> list[Any]:
     if isinstance(records, dict) and not records_path:
         keys = ", ".join(list(records)[:12])
         raise SourceError(
-            f"{url}: the body is an object, not a list of records; set records_path to one of its keys: {keys}"
+            f"{url}: the body is an object, not a list of records; set {key} to one of its keys: {keys}"
         )
     if records is None:
         keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
-        raise SourceError(f"{url}: records_path {records_path!r} is not in the body; its top-level keys are: {keys}")
-    raise SourceError(f"{url}: records_path {records_path!r} holds a {type(records).__name__}, not a list of records")
+        raise SourceError(f"{url}: {key} {records_path!r} is not in the body; its top-level keys are: {keys}")
+    raise SourceError(f"{url}: {key} {records_path!r} holds a {type(records).__name__}, not a list of records")
 
 
 # keys with which an API explains a body without records: an error passed off with a 200

@@ -163,11 +163,11 @@ def _api_answering(status: int, body: dict[str, Any]) -> dict[tuple[str, str], H
 
 
 async def _backfill_orders_by_day(tmp_path: Path, base: str, url: str, **api: Any) -> Finished:
-    """A 19-day backfill of the demo's orders in 1-day windows against `base`, four windows in flight."""
+    """A 19-day backfill of the demo's orders in 1-day windows against `base`, four windows in flight unless `api` says."""
     document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
     document["resources"] = [r for r in document["resources"] if r["name"] == "orders"]
     document["resources"][0]["window"] = "1d"
-    document["api"].update(concurrency=4, **api)
+    document["api"].update({"concurrency": 4, **api})
     config = tomlwriter.write(tmp_path / "config.toml", document)
     return await run_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-01-20")
 
@@ -185,6 +185,21 @@ async def test_windows_in_flight_out_of_retries_on_the_same_5xx_log_one_error(
     assert len(errors) == 1, result.stderr
     assert "500 from" in errors[0] and "gave up after 2 attempts" in errors[0] and "resource=orders" in errors[0]
     assert "FAILED: 500 from" in result.stdout
+
+
+async def test_a_wrong_records_path_is_one_error_naming_the_config_key(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The records are under "items", not "data": each of 8 windows in flight logged the same error, and it said
+    `records_path 'data'` without the key to edit, resources.orders.records_path."""
+    url = await fresh_database("sqlite")
+    records = {"items": [{"id": 1, "updated_at": "2024-01-01T00:00:00Z"}], "total": 1}
+    async with serving(_api_answering(200, records)) as base:
+        result = await _backfill_orders_by_day(tmp_path, base, url, concurrency=8)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    assert "resources.orders.records_path 'data' is not in the body; its top-level keys are: items, total" in errors[0]
 
 
 async def test_exit_5_when_the_host_name_does_not_resolve(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
