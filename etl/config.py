@@ -44,6 +44,7 @@ HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 ColumnType = Literal[
     "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
 ]
+FULL_URL = re.compile(r"/?https?://", re.IGNORECASE)  # a path after _rooted put a slash before it
 STRFTIME_DIRECTIVE = re.compile(r"%[-_0^#]?(.)")  # group 1 is the directive's letter; `%%` is a literal percent
 # a filter pattern must write the year and the day of the year (else a day window asks for a month or nothing)
 WHOLE_DATES = set("DFxcs")
@@ -382,6 +383,18 @@ class Config(_Section):
                 if value in seen:
                     raise ValueError(f"two resources share the {attr.replace('_name', '')} {value!r}")
                 seen.add(value)
+        return self
+
+    @model_validator(mode="after")
+    def _paths_below_base_url(self) -> Config:
+        """A full URL as a path was appended to base_url as SPEC says (.../api/v1/http://other.example/x): a 404 at run time."""
+        for resource in self.resources:
+            if FULL_URL.match(resource.path):
+                path = resource.path.removeprefix("/")
+                raise ValueError(
+                    f"resources.{resource.name}.path: {path!r} is a full URL, but path is appended to "
+                    f"api.base_url ({self.api.base_url}); put the scheme and host in api.base_url and the rest in path"
+                )
         return self
 
     def resource(self, name: str) -> ResourceConfig:

@@ -455,6 +455,18 @@ def test_cli_global_options_after_the_command_and_config_from_environment(tmp_pa
     assert result.stderr.strip().startswith("{") and '"level":"error"' in result.stderr
 
 
+@pytest.mark.parametrize("path", ["http://other.example/x", "https://API.example.com/v2/orders"])
+def test_cli_a_full_url_as_a_path_exits_2_naming_the_key(tmp_path: Path, path: str) -> None:
+    """SPEC appends path to base_url: a full URL there asked for .../api/v1/http://other.example/x, a 404 at run time."""
+    document = _document()
+    document["resources"][0]["path"] = path
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    result = _cli("sync", "--config", str(config), env={"ETL_CLIENT_SECRET": "x"})
+    assert result.returncode == 2, result.stderr
+    assert f"resources.orders.path: {path!r} is a full URL" in result.stderr
+    assert "api.base_url" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_cli_unknown_flag_exits_2() -> None:
     result = _cli("sync", "--frm", "2024-01-01")
     assert result.returncode == 2 and "--frm" in result.stderr
