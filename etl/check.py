@@ -232,8 +232,11 @@ class _IssuedToken(TokenManager):
 class Checker:
     """Runs the steps in order; each finished step goes to `emit` at once."""
 
-    def __init__(self, config_path: Path, save_certs: str | None, emit: Callable[[Step], None]) -> None:
+    def __init__(
+        self, config_path: Path, save_certs: str | None, emit: Callable[[Step], None], named_by: str | None = None
+    ) -> None:
         self.config_path = config_path
+        self.named_by = named_by  # "--config" or "$ETL_CONFIG": a missing file is then theirs to correct
         # absolute: the hint's `ca_bundle = "..."` must work in config.toml, where a relative path is the config's directory
         self.save_certs = str(Path(save_certs).absolute()) if save_certs else None
         self.emit = emit
@@ -253,7 +256,7 @@ class Checker:
         return next((step.exit_code for step in self.steps if step.status == "failed"), 0)
 
     async def run(self) -> None:
-        hint = CONFIG_HINT if self.config_path.is_file() else MISSING_CONFIG_HINT
+        hint = CONFIG_HINT if self.config_path.is_file() else None if self.named_by else MISSING_CONFIG_HINT
         loaded = await self._step("config", str(self.config_path), self._load_config, hint=hint)
         if not loaded.passed:
             self._record(Step("remaining steps", "", "skipped", 0.0, "skipped: the configuration did not load", [], None, 0))
@@ -312,7 +315,7 @@ class Checker:
     # 1. configuration
 
     async def _load_config(self) -> Verdict:
-        config = self.config = load_config(self.config_path)
+        config = self.config = load_config(self.config_path, self.named_by)
         return Verdict(
             f"{len(config.resources)} resources; token {display_url(config.auth.token_url)}, "
             f"api {display_url(config.api.base_url)}"
@@ -807,7 +810,7 @@ def _text_verdict(checker: Checker) -> str:
     )
 
 
-async def run_check(config_path: Path, save_certs: str | None, output_format: str) -> int:
+async def run_check(config_path: Path, save_certs: str | None, output_format: str, named_by: str | None = None) -> int:
     """Run every step, print the report (text as it goes, or one JSON document), return the exit code."""
     text_mode = output_format == "text"
 
@@ -817,7 +820,7 @@ async def run_check(config_path: Path, save_certs: str | None, output_format: st
 
     if text_mode:
         print(f"etl check: {config_path}", flush=True)
-    checker = Checker(config_path, save_certs, emit)
+    checker = Checker(config_path, save_certs, emit, named_by)
     await checker.run()
     if text_mode:
         print(_text_verdict(checker), flush=True)

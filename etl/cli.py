@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from etl import __version__
-from etl.config import Config, EnvSettings, config_named, config_path, database_url_key, load_config
+from etl.config import Config, EnvSettings, config_named_by, config_path, database_url_key, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
 from etl.logs import setup_logging, wants_json
@@ -156,7 +156,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(config_path(args.config))
+    return load_config(config_path(args.config), config_named_by(args.config))
 
 
 def _database_url(args: argparse.Namespace) -> str:
@@ -165,7 +165,7 @@ def _database_url(args: argparse.Namespace) -> str:
     With no config file named and none in the working directory, $ETL_DATABASE_URL alone will do, as it
     does for `demo`: a new user who ran the demo without a config file could not look at what it loaded.
     """
-    if config_named(args.config) or config_path(None).is_file():
+    if config_named_by(args.config) or config_path(None).is_file():
         return _load(args).database.url
     env_url = EnvSettings().database_url
     if env_url:
@@ -244,7 +244,9 @@ def _instant(flag: str, value: str) -> datetime:
 async def _check(args: argparse.Namespace) -> int:
     from etl.check import run_check
 
-    return await run_check(config_path(args.config), save_certs=args.save_certs, output_format=args.output_format)
+    return await run_check(
+        config_path(args.config), save_certs=args.save_certs, output_format=args.output_format, named_by=config_named_by(args.config)
+    )
 
 
 async def _migrate(args: argparse.Namespace) -> int:

@@ -429,29 +429,42 @@ def config_path(explicit: str | None) -> Path:
     return Path(explicit or EnvSettings().config or "config.toml")
 
 
-def config_named(explicit: str | None) -> bool:
-    """Whether --config or $ETL_CONFIG names a file, rather than ./config.toml being taken by default."""
-    return bool(explicit or EnvSettings().config)
+def config_named_by(explicit: str | None) -> str | None:
+    """"--config" or "$ETL_CONFIG", whichever names the config file; None when ./config.toml is taken by default."""
+    if explicit:
+        return "--config"
+    return "$ETL_CONFIG" if EnvSettings().config else None
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, named_by: str | None = None) -> Config:
     """Read, validate and normalise a config file; every failure is a ConfigError."""
-    return config_from_document(read_document(path), path)
+    return config_from_document(read_document(path, named_by), path)
 
 
-def read_document(path: Path) -> dict[str, Any]:
-    """A config file's TOML document, not yet validated; every failure is a ConfigError."""
+def read_document(path: Path, named_by: str | None = None) -> dict[str, Any]:
+    """A config file's TOML document, not yet validated; every failure is a ConfigError.
+
+    `named_by` (config_named_by) is said when the file is missing: "pass --config PATH" to whoever had passed
+    one sent them looking elsewhere, and a stale $ETL_CONFIG in a crontab is not where they would look.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: Notepad's byte-order mark is no TOML statement
     except FileNotFoundError:
         shown = str(path) if path.is_absolute() else f"{path} ({path.absolute()})"  # cron's working directory is not yours
-        raise ConfigError(f"config file {shown} not found: pass --config PATH or set $ETL_CONFIG") from None
+        raise ConfigError(f"config file {shown} not found{_MISSING_CONFIG_ADVICE[named_by]}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+_MISSING_CONFIG_ADVICE = {
+    None: ": pass --config PATH or set $ETL_CONFIG",
+    "--config": " (the path given to --config)",
+    "$ETL_CONFIG": " (the path in $ETL_CONFIG: correct or unset it, or pass --config PATH)",
+}
 
 
 def config_from_document(document: dict[str, Any], path: Path | None = None) -> Config:

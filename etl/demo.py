@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from etl.config import config_from_document, config_named, config_path, read_document
+from etl.config import config_from_document, config_named_by, config_path, read_document
 from etl.db import create_engine, safe_url
 from etl.errors import ConfigError
 from etl.pipeline import RunOutcome
@@ -48,9 +48,9 @@ def _user_config(explicit: str | None) -> tuple[dict[str, Any], Path]:
     With no config named and no ./config.toml, the demo's defaults (./etl.db). A file named by
     --config or $ETL_CONFIG must exist: a typo would otherwise load the demo into another database.
     """
-    path = config_path(explicit)
-    if config_named(explicit) or path.is_file():
-        return read_document(path), path
+    path, named_by = config_path(explicit), config_named_by(explicit)
+    if named_by or path.is_file():
+        return read_document(path, named_by), path
     return {}, Path("demo_config.toml")
 
 

@@ -467,6 +467,21 @@ def test_cli_a_full_url_as_a_path_exits_2_naming_the_key(tmp_path: Path, path: s
     assert "api.base_url" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["sync", "status", "check", "demo"])
+def test_cli_a_missing_config_file_says_what_named_it(tmp_path: Path, command: str) -> None:
+    """"not found: pass --config PATH or set $ETL_CONFIG" was said to whoever had done just that, and did not point
+    at a stale $ETL_CONFIG; it is said only when ./config.toml was looked for by default."""
+    missing = tmp_path / "etc" / "etl.toml"
+    by_flag = _cli(command, "--config", str(missing), cwd=tmp_path)
+    by_env = _cli(command, env={"ETL_CONFIG": str(missing)}, cwd=tmp_path)
+    by_default = _cli("sync", cwd=tmp_path)
+    assert by_flag.returncode == by_env.returncode == by_default.returncode == 2
+    assert f"config file {missing} not found (the path given to --config)" in by_flag.stderr + by_flag.stdout
+    assert f"config file {missing} not found (the path in $ETL_CONFIG" in by_env.stderr + by_env.stdout
+    assert "set $ETL_CONFIG" not in by_flag.stderr + by_flag.stdout + by_env.stderr + by_env.stdout
+    assert "not found: pass --config PATH or set $ETL_CONFIG" in by_default.stderr
+
+
 def test_cli_unknown_flag_exits_2() -> None:
     result = _cli("sync", "--frm", "2024-01-01")
     assert result.returncode == 2 and "--frm" in result.stderr
