@@ -401,6 +401,9 @@ class Config(_Section):
         for resource in self.resources:
             if resource.name == name:
                 return resource
+        owner = next((r.name for r in self.resources if r.table_name.lower() == name.lower()), None)
+        if owner is not None:  # the name the database shows, when `table` renames the resource
+            raise ConfigError(f"--resource {name}: {name} is the table of resource {owner!r}: pass --resource {owner}")
         known = ", ".join(r.name for r in self.resources)
         raise ConfigError(f"--resource {name}: no such resource in the config (known: {known})")
 

@@ -305,6 +305,18 @@ async def test_exit_2_for_an_unknown_resource_before_the_interval_is_announced(t
     assert "backfill from" not in result.stdout
 
 
+@pytest.mark.parametrize("command", [("sync",), ("backfill", "--from", "2024-01-01", "--to", "2024-01-02")], ids=["sync", "backfill"])
+async def test_a_table_name_given_as_resource_names_the_resource_it_belongs_to(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """`--resource crm_customers`, the table name the database shows, listed the known resources without
+    saying that crm_customers is the table of one of them."""
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:9/api", "http://127.0.0.1:9/token")
+    document["resources"][1]["table"] = "crm_customers"
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    result = await run_etl("--config", str(config), *command, "--resource", "crm_customers")
+    assert result.returncode == 2, result.stderr
+    assert "crm_customers is the table of resource 'customers': pass --resource customers" in result.stderr
+
+
 async def test_check_on_an_ascii_terminal_reports_instead_of_crashing(tmp_path: Path) -> None:
     """PYTHONIOENCODING=ascii (LANG=C under cron): the ✘ of a failed step was a UnicodeEncodeError, exit 1."""
     document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, f"http://127.0.0.1:{_free_port()}/api", f"http://127.0.0.1:{_free_port()}/token")
