@@ -44,6 +44,7 @@ NO_NUL = r"^[^\x00]*$"
 NUL_MESSAGE = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
 SURROGATE_MESSAGE = "holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), which is not text"
 NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
+COMPACT_LENGTHS = (len("20240301"), len("20240301103000"))  # digit strings that are a date, or a date and time
 
 
 def _to_utc(moment: datetime) -> datetime:
@@ -58,9 +59,10 @@ def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
     """pydantic's datetime, and the ISO-8601 forms it refuses, read by the standard library: an offset of
     hours alone (`+00`, PostgreSQL's text output) and the basic format (`20240301T100000Z`).
     Anything else keeps pydantic's reason. Eight digits are the basic format's date, which pydantic
-    reads as epoch seconds: a moment of 1970 that no API means."""
-    if isinstance(value, str) and len(value) == len("20240301") and value.isdigit():
-        value = f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    reads as epoch seconds: a moment of 1970 that no API means. Fourteen are yyyyMMddHHmmss, which it
+    reads as epoch milliseconds: a moment after 2286."""
+    if isinstance(value, str) and len(value) in COMPACT_LENGTHS and value.isdigit():
+        value = f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
     try:
         moment = cast(datetime, handler(value))
     except ValidationError:

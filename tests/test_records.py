@@ -86,9 +86,20 @@ def test_eight_digits_are_an_iso_8601_date_not_a_day_of_1970(raw: str, expected:
     assert _one({"at": "datetime"}, {"id": 1, "at": raw})["at"] == expected
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("20240301103000", datetime(2024, 3, 1, 10, 30, tzinfo=UTC)), ("1700000000000", datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC))],
+)
+def test_fourteen_digits_are_a_compact_date_and_time_not_a_year_after_2286(raw: str, expected: datetime) -> None:
+    """"20240301103000" (yyyyMMddHHmmss, as many legacy systems write a timestamp) was read as epoch
+    milliseconds: the year 2611, exit 0. Epoch milliseconds of fourteen digits begin in 2286."""
+    assert _one({"at": "datetime"}, {"id": 1, "at": raw})["at"] == expected
+
+
 def test_a_datetime_that_is_not_iso_8601_keeps_pydantics_reason() -> None:
     reject = _reject({"at": "datetime"}, {"id": 1, "at": "2024-02-30T10:00:00+00"})
     assert reject.error.startswith("at: Input should be a valid datetime")
+
 
 @pytest.mark.parametrize(("raw", "expected"), [("true", True), ("1", True), (1, True), ("false", False), ("0", False), (0, False)])
 def test_booleans_from_the_usual_spellings(raw: Any, expected: bool) -> None:
