@@ -39,6 +39,7 @@ class TlsReport:
     chain_complete: bool  # False: this Python could read only the leaf
     error: str | None  # OpenSSL's verification message; None when trusted
     ca_bundle_fixes: bool  # trusting the presented chain makes verification pass
+    trusted_error: str | None = None  # OpenSSL's message with the presented chain trusted: what ca_bundle cannot fix
 
     @property
     def trusted(self) -> bool:
@@ -80,12 +81,13 @@ def inspect_tls(host: str, port: int, proxy: str | None, timeout: float, context
     """Read the presented chain, verify it with `context`, and on failure try trusting the chain itself."""
     chain, complete = presented_chain(host, port, proxy, timeout)
     error = verification_error(host, port, proxy, timeout, context)
-    fixes = False
+    fixes, trusted_error = False, None
     if error is not None and chain:
         trial = ssl.create_default_context()
         trust_bundle(trial, cadata=chain_pem(chain))
-        fixes = verification_error(host, port, proxy, timeout, trial) is None
-    return TlsReport(host, port, chain, complete, error, fixes)
+        trusted_error = verification_error(host, port, proxy, timeout, trial)
+        fixes = trusted_error is None
+    return TlsReport(host, port, chain, complete, error, fixes, trusted_error)
 
 
 def presented_chain(host: str, port: int, proxy: str | None, timeout: float) -> tuple[list[x509.Certificate], bool]:
@@ -193,16 +195,24 @@ def host_names(cert: x509.Certificate) -> list[str]:
     return [*names.get_values_for_type(x509.DNSName), *(str(ip) for ip in names.get_values_for_type(x509.IPAddress))]
 
 
-def diagnosis(report: TlsReport) -> str:
-    """Which certificate is missing or wrong, in words: the root, an intermediate, the name, the dates."""
-    error = (report.error or "").lower()
-    if not report.chain:
-        return "the server presented no certificate"
-    leaf, top = report.chain[0], report.chain[-1]
-    if "mismatch" in error:
+def _beyond_trust(error: str | None, report: TlsReport) -> str | None:
+    """A wrong name or dates, in words: what no trust store fixes."""
+    error = (error or "").lower()
+    if "mismatch" in error and report.chain:
+        leaf = report.chain[0]
         return f"the certificate is for {', '.join(host_names(leaf)) or subject(leaf)}, not {report.host}"
     if "expired" in error or "not yet valid" in error:
         return "a certificate of the chain is outside its validity dates"
+    return None
+
+
+def diagnosis(report: TlsReport) -> str:
+    """Which certificate is missing or wrong, in words: the root, an intermediate, the name, the dates."""
+    if not report.chain:
+        return "the server presented no certificate"
+    top = report.chain[-1]
+    if (wrong := _beyond_trust(report.error, report)) is not None:
+        return wrong
     if is_self_signed(top):
         if len(report.chain) == 1:
             return "the server's certificate is self-signed: it is its own root, and that root is not in the trust store"
@@ -217,7 +227,10 @@ def diagnosis(report: TlsReport) -> str:
 
 def explain(report: TlsReport) -> list[str]:
     """OpenSSL's reason, what it means, and every presented certificate, for a chain that is not trusted."""
-    lines = [f"OpenSSL: {report.error}", diagnosis(report), "presented chain:"]
+    lines = [f"OpenSSL: {report.error}", diagnosis(report)]
+    if (wrong := _beyond_trust(report.trusted_error, report)) is not None:
+        lines.append(f"with its issuer trusted, {wrong}")
+    lines.append("presented chain:")
     for index, cert in enumerate(report.chain):
         lines += [f"  [{index}]", *(f"      {line}" for line in describe(cert))]
     if not report.chain_complete:
@@ -227,12 +240,10 @@ def explain(report: TlsReport) -> list[str]:
 
 def fix_hint(report: TlsReport, config_keys: str, save_certs: str | None) -> str:
     """What to do: trust the saved chain when that works, else what only the CA or the server can fix."""
-    error = (report.error or "").lower()
-    if "mismatch" in error:
-        names = ", ".join(host_names(report.chain[0])) if report.chain else "none"
-        return f"use a host name the certificate names ({names}) in {config_keys}; ca_bundle cannot fix this"
-    if "expired" in error or "not yet valid" in error:
-        return "the API's owners must renew the certificate (or this machine's clock is wrong); ca_bundle cannot fix this"
+    if (beyond := _unfixable_hint(report.error, report, config_keys)) is not None:
+        return beyond
+    if (beyond := _unfixable_hint(report.trusted_error, report, config_keys)) is not None:
+        return f"{beyond}. Then trust {issuer(report.chain[-1])} too: its certificate, from the CA or the API's owners, in [api].ca_bundle"
     untrusted = f"{issuer(report.chain[-1])} is not a CA this machine trusts: " if report.chain else ""
     if report.ca_bundle_fixes and save_certs:
         return (
@@ -246,6 +257,17 @@ def fix_hint(report: TlsReport, config_keys: str, save_certs: str | None) -> str
         f"ca_bundle with the presented chain would not fix this: get the certificate of {missing} from the CA or the "
         "API's owners (the server should also send its intermediates), and point [api].ca_bundle at it"
     )
+
+
+def _unfixable_hint(error: str | None, report: TlsReport, config_keys: str) -> str | None:
+    """What to do about a wrong name or dates: the only fixes are in the config or on the server."""
+    error = (error or "").lower()
+    if "mismatch" in error:
+        names = ", ".join(host_names(report.chain[0])) if report.chain else "none"
+        return f"use a host name the certificate names ({names}) in {config_keys}; ca_bundle cannot fix this"
+    if "expired" in error or "not yet valid" in error:
+        return "the API's owners must renew the certificate (or this machine's clock is wrong); ca_bundle cannot fix this"
+    return None
 
 
 def saved_pem(reports: list[TlsReport]) -> str:

@@ -848,3 +848,24 @@ async def test_an_api_that_caps_its_pages_below_page_size_fails_with_the_size_to
     if expected_code:
         assert f"{cap} records where page_size = 50 asked for more, and the next page holds 10 more: the API caps its pages at {cap}" in line
         assert f"hint: set [resources.pagination].page_size = {cap} for 'products'" in out
+
+
+async def test_a_certificate_for_another_name_from_an_untrusted_ca_says_both(
+    simulator: Simulator,
+    ca_chain: dict[str, Path],
+    private_ca_server: Callable[[str], Awaitable[str]],
+    write_config: WriteConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The issuer's certificate alone would not do: the hint sent users to fetch it, and the next check
+    failed on the name. What trusting the chain still leaves wrong is said at once."""
+    token_url = (await private_ca_server("leaf")).replace("127.0.0.1", "localhost")
+    path = write_config(simulator.base_url, token_url, resources=["products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 5
+    assert "OpenSSL: unable to get local issuer certificate" in out
+    assert "with its issuer trusted, the certificate is for 127.0.0.1, not localhost" in out
+    assert "hint: use a host name the certificate names (127.0.0.1) in auth.token_url" in out
+    assert "Then trust CN=Test Intermediate CA too" in out
