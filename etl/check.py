@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import time
@@ -54,6 +55,7 @@ from etl.db import (
     database_error,
     newer_schema_error,
     safe_url,
+    sqlite_file,
 )
 from etl.errors import (
     ConfigError,
@@ -712,7 +714,20 @@ class Checker:
         except DRIVER_ERRORS as exc:
             raise database_error(exc, self.engine.url) from None
 
+    def _sqlite_file_to_be(self) -> Path | None:
+        """A SQLite file that does not exist yet in a directory sync can create it in: connecting would create it,
+        and a check of a mistyped path would leave an empty database there and pass."""
+        assert self.engine is not None  # the database url step made it
+        path = sqlite_file(self.engine.url)
+        if path is None or path.exists() or not os.access(path.parent, os.W_OK | os.X_OK):
+            return None  # a directory that is missing or not writable fails to connect, with its hint
+        return path
+
     async def _db_connect(self) -> Verdict:
+        if (path := self._sqlite_file_to_be()) is not None:
+            hint = "if it should exist, [database].url (or $ETL_DATABASE_URL) names the wrong file"
+            return Verdict(f"{path} does not exist yet: the first sync creates it", "warning", hint=hint)
+
         async def version(engine: AsyncEngine) -> str:
             async with engine.connect() as connection:
                 info = await connection.run_sync(lambda sync: sync.dialect.server_version_info)
@@ -722,7 +737,8 @@ class Checker:
         return Verdict(f"connected, {self.engine.dialect.name if self.engine else ''} {found}".rstrip())
 
     async def _db_schema(self) -> Verdict:
-        current, head = await self._with_database(current_revision), HEAD_REVISION
+        head = HEAD_REVISION
+        current = None if self._sqlite_file_to_be() else await self._with_database(current_revision)
         if current == head:
             return Verdict(f"etl's tables at revision {head} (current)")
         if (newer := newer_schema_error(current, self.config.database.url)) is not None:
@@ -735,6 +751,8 @@ class Checker:
         return Verdict(f"etl's tables {state}", "failed", hint=hint, exit_code=1)
 
     async def _db_write(self) -> Verdict:
+        if (path := self._sqlite_file_to_be()) is not None:
+            return Verdict(f"{path.parent} is writable: sync can create the file")
         table = f"etl_check_probe_{uuid.uuid4().hex[:8]}"
 
         async def probe(engine: AsyncEngine) -> None:

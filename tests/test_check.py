@@ -35,7 +35,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import make_url, text
 
 from etl.check import run_check
-from etl.db import create_engine, migrate
+from etl.db import create_engine, migrate, sqlite_file
 from etl.demo import demo_document
 from etl.simulator import Simulator, SimulatorSettings
 
@@ -378,6 +378,8 @@ async def test_the_database_steps_leave_nothing_behind(
     simulator: Simulator, database_url: str, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """SQLite, PostgreSQL and MariaDB each treat DDL in a transaction differently; the probe table never stays."""
+    if (file := sqlite_file(database_url)) is not None:
+        file.touch()  # an empty file is an empty database: check probes it (a missing one it leaves missing)
     path = write_config(simulator.base_url, simulator.token_url, database_url, resources=["products"])
 
     code, out = await check(capsys, path)
@@ -869,3 +871,24 @@ async def test_a_certificate_for_another_name_from_an_untrusted_ca_says_both(
     assert "with its issuer trusted, the certificate is for 127.0.0.1, not localhost" in out
     assert "hint: use a host name the certificate names (127.0.0.1) in auth.token_url" in out
     assert "Then trust CN=Test Intermediate CA too" in out
+
+
+async def test_a_sqlite_file_that_does_not_exist_is_not_created(
+    simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Connecting creates the file: a check of a mistyped path left an empty database there, and passed."""
+    missing = tmp_path / "typo.db"
+    path = write_config(simulator.base_url, simulator.token_url, f"sqlite:///{missing}", resources=["products"])
+
+    code, out = await check(capsys, path)
+
+    assert code == 0, out
+    assert f"{missing} does not exist yet: the first sync creates it" in line_of(out, "! database connect")
+    assert "etl's tables not created yet" in line_of(out, "! database schema")
+    assert line_of(out, "✔ database write")
+    assert not missing.exists()
+
+    path = write_config(simulator.base_url, simulator.token_url, f"sqlite:///{tmp_path / 'no' / 'x.db'}", resources=["products"])
+    code, out = await check(capsys, path)
+    assert code == 1
+    assert "hint: check [database].url (or $ETL_DATABASE_URL): the file's directory must exist and be writable" in out
