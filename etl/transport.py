@@ -156,6 +156,15 @@ def translate(exc: BaseException, url: str) -> EtlError:
             host=host,
             hint="check the host name in the config and the machine's DNS",
         )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):  # CONNECT answered with other than 200
+        refused = ConnectionFailed if exc.status >= 500 else UnreachableError  # a gateway error may heal; a refusal not
+        return refused(
+            f"the proxy {display_url(exc.request_info.real_url)} refused the tunnel to {_host_port(url)}: "
+            f"{exc.status} {exc.message}",
+            host=host,
+            hint="check the proxy's address and credentials in $HTTPS_PROXY (http://user:password@proxy:port) and "
+            f"that it allows {host}; or exclude the host with $NO_PROXY",
+        )
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return ConnectionFailed(
             f"cannot connect to {_host_port(url)}: {_connect_reason(exc)}", host=host, hint=CONNECT_HINT

@@ -29,7 +29,7 @@ from etl.simulator.tls import make_certificate
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, build_ssl_context, open_session, translate
 
-from etlproc import run_etl, write_config
+from etlproc import etl_env, run_etl, write_config
 
 WARNING = "TLS verification is OFF"
 
@@ -245,3 +245,32 @@ def test_the_tls_hint_fits_the_verification_failure(code: int, message: str, hin
     assert error.exit_code == 5 and message in error.message
     assert error.hint is not None and hint in error.hint
     assert ("cannot fix this" in error.hint) == (code != 20)
+
+
+async def test_a_proxy_that_refuses_the_tunnel_exits_5_naming_it(
+    tls_sim: Simulator, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A proxy that wants credentials (407): sync said "request ... failed: ClientHttpProxyError", exit 1,
+    where check's tcp step says exit 5 and names the proxy."""
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm="corp"\r\n'
+                     b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    config = write_config(
+        tmp_path, tls_sim, await fresh_database("sqlite"), resources=["products"], api={"ca_bundle": tls_sim.ca_pem_path}
+    )
+    async with server:
+        env = {k: v for k, v in etl_env().items() if "proxy" not in k.lower()} | {"HTTPS_PROXY": proxy_url}
+        refused = await run_etl("sync", "--config", str(config), env=env)
+
+    assert refused.returncode == 5, refused.stderr
+    assert f"the proxy {proxy_url} refused the tunnel to 127.0.0.1:" in refused.stderr
+    assert "407 Proxy Authentication Required" in refused.stderr
+    assert "ClientHttpProxyError" not in refused.stderr
+    assert "credentials" in refused.stderr and "$NO_PROXY" in refused.stderr
