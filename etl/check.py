@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import ssl
 import time
@@ -304,6 +305,11 @@ class Checker:
         return self._record(
             Step(name, target, verdict.status, seconds, verdict.summary, verdict.details, verdict.hint, verdict.exit_code)
         )
+
+    def record_interruption(self) -> None:
+        """A stop (SIGINT, SIGTERM) before every step ran: a failed step of its own, so the verdict is never a pass."""
+        self._record(Step("interrupted", "", "failed", 0.0, "check was stopped (SIGINT or SIGTERM) before every step ran", [],
+                          "the steps above ran; run check again for the rest", 1))
 
     def _record(self, step: Step) -> Step:
         """Keep and emit the step, any registered secret masked as a last line of defence."""
@@ -828,6 +834,33 @@ def _text_verdict(checker: Checker) -> str:
     )
 
 
+async def _stopped_by_signal(steps: Awaitable[None]) -> bool:
+    """Run the steps until they end or SIGINT/SIGTERM stops them; whether a signal did.
+
+    The report of the steps that ran is printed either way: `timeout 60 etl check --format json | jq`
+    otherwise got an empty stdout from a check stopped during a slow step.
+    """
+    running = asyncio.ensure_future(steps)
+    loop = asyncio.get_running_loop()
+    signalled: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        signalled.append(signum)
+        running.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        await running
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    return bool(signalled)
+
+
 async def run_check(config_path: Path, save_certs: str | None, output_format: str, named_by: str | None = None) -> int:
     """Run every step, print the report (text as it goes, or one JSON document), return the exit code."""
     text_mode = output_format == "text"
@@ -839,7 +872,8 @@ async def run_check(config_path: Path, save_certs: str | None, output_format: st
     if text_mode:
         print(f"etl check: {config_path}", flush=True)
     checker = Checker(config_path, save_certs, emit, named_by)
-    await checker.run()
+    if await _stopped_by_signal(checker.run()):
+        checker.record_interruption()
     if text_mode:
         print(_text_verdict(checker), flush=True)
     else:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -40,6 +41,7 @@ from etl.demo import demo_document
 from etl.simulator import Simulator, SimulatorSettings
 
 import tomlwriter
+from etlproc import etl_env, finish, start_etl
 
 SECRET = "demo-secret"
 WriteConfig = Callable[..., Path]
@@ -892,3 +894,30 @@ async def test_a_sqlite_file_that_does_not_exist_is_not_created(
     code, out = await check(capsys, path)
     assert code == 1
     assert "hint: check [database].url (or $ETL_DATABASE_URL): the file's directory must exist and be writable" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_check_stopped_by_a_signal_still_prints_its_json_document(
+    simulator: Simulator, write_config: WriteConfig, signum: signal.Signals
+) -> None:
+    """`timeout 60 etl check --format json | jq`: a stop during a slow step left stdout empty, and the wrapper had nothing."""
+    asked, released = asyncio.Event(), asyncio.Event()
+
+    async def slow_token(_request: web.Request) -> web.Response:
+        asked.set()
+        await asyncio.wait_for(released.wait(), 30)
+        return web.json_response({"access_token": "late", "expires_in": 600, "token_type": "Bearer"})
+
+    async with serving({("POST", "/oauth2/token"): slow_token}) as origin:
+        path = write_config(simulator.base_url, f"{origin}/oauth2/token", resources=["orders"])
+        process = await start_etl("check", "--format", "json", "--config", str(path), env=etl_env())
+        await asyncio.wait_for(asked.wait(), 30)
+        process.send_signal(signum)
+        result = await finish(process, timeout=20)
+        released.set()
+
+    assert result.returncode == 1, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 1
+    assert [step["step"] for step in document["steps"]][-1] == "interrupted"
+    assert document["steps"][-1]["hint"]
