@@ -480,7 +480,7 @@ class Pipeline:
     async def _commit(self, batch: LoadBatch) -> None:
         if batch.is_empty():
             return
-        batch.token_requests = self.token_requests
+        batch.token_requests, batch.requests, batch.retries = self.token_requests, self.counters.requests, self.retries
         started = time.monotonic()
         refused = await asyncio.shield(self.store.commit(batch, self.run_id))
         log.debug("committed %d rows, %d rejects and the progress of %d windows in %.0f ms",

@@ -158,7 +158,10 @@ class LoadBatch:
     rejects: list[tuple[str, Reject]] = field(default_factory=list)
     windows: dict[int, WindowProgress] = field(default_factory=dict)
     watermarks: list[Watermark] = field(default_factory=list)
-    token_requests: int | None = None  # the run's so far, for etl_runs: not only known once it ends
+    # the run's so far, for etl_runs: not only known once it ends (a killed run showed pages but 0 requests)
+    token_requests: int | None = None
+    requests: int | None = None
+    retries: int | None = None
     # per resource, (rows so far, window) after each page: whose window a row the database refuses was in
     row_windows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
@@ -461,14 +464,15 @@ class Store:
     async def _count_in_run(connection: AsyncConnection, batch: LoadBatch, run_id: int) -> None:
         """The run's counters grow with each commit: a run killed later still shows what it loaded (finish_run sets the totals)."""
         progress = batch.windows.values()
-        tokens = {} if batch.token_requests is None else {"token_requests": batch.token_requests}
+        counts = {"token_requests": batch.token_requests, "requests": batch.requests, "retries": batch.retries}
+        known = {name: value for name, value in counts.items() if value is not None}
         await connection.execute(
             update(runs).where(runs.c.id == run_id).values(
                 pages=runs.c.pages + sum(window.pages for window in progress),
                 records_fetched=runs.c.records_fetched + sum(window.records + window.rejects for window in progress),
                 records_loaded=runs.c.records_loaded + batch.row_count,
                 records_rejected=runs.c.records_rejected + len(batch.rejects),
-                **tokens,
+                **known,
             )
         )
 

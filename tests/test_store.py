@@ -346,15 +346,17 @@ async def test_each_commit_adds_to_its_runs_counters(database_url: str) -> None:
         run = await _run(store)
         window_id = await _window(store, run)
         batch = _finishing_batch(window_id)
-        batch.token_requests = 1
+        batch.token_requests, batch.requests, batch.retries = 1, 5, 2
         await store.commit(batch, run)
         await _load(store, ORDERS, [_order(3, "1.00", 5), {"id": "not a number"}], run)
         async with store.engine.connect() as connection:
             counters = (await connection.execute(
-                select(runs.c.pages, runs.c.records_fetched, runs.c.records_loaded, runs.c.records_rejected, runs.c.token_requests)
+                select(runs.c.pages, runs.c.records_fetched, runs.c.records_loaded, runs.c.records_rejected, runs.c.token_requests,
+                       runs.c.requests, runs.c.retries)
                 .where(runs.c.id == run)
             )).one()
-    assert tuple(counters) == (2, 2, 3, 1, 1)  # a batch that does not say keeps the token count
+    # a batch that does not say keeps the request counts; a killed run showed "pages 73, requests 0"
+    assert tuple(counters) == (2, 2, 3, 1, 1, 5, 2)
 
 
 async def test_a_failure_between_rows_and_watermark_moves_neither(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
