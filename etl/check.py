@@ -101,7 +101,10 @@ REQUEST_HINT = (
     "names in [resources.filter] and [resources.pagination]; a 403 means the token's scopes do not cover this "
     "endpoint (auth.scopes)"
 )
-CONFIG_HINT = "fix the key named above; SPEC.md lists every key of config.toml and its type"
+CONFIG_HINT = (
+    "fix what the error above names: a key and what it must be, or a TOML line and column; "
+    "config.toml in the repository is a working example of every section"
+)
 MISSING_CONFIG_HINT = "pass --config PATH or set $ETL_CONFIG (config.toml in the repository is a working example)"
 SECRET_HINT = "export ETL_CLIENT_SECRET=..., or set auth.client_secret_file to a file holding only the secret (mode 600)"
 DATABASE_URL_HINT = "write [database].url like sqlite:///etl.db, postgresql://user@host/db or mysql://user:pass@host/db"

@@ -921,3 +921,19 @@ async def test_check_stopped_by_a_signal_still_prints_its_json_document(
     assert document["ok"] is False and document["exit_code"] == 1
     assert [step["step"] for step in document["steps"]][-1] == "interrupted"
     assert document["steps"][-1]["hint"]
+
+
+async def test_a_toml_syntax_error_gets_a_hint_about_the_line_not_a_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[api` unclosed names no key: the hint "fix the key named above" sent the user looking for one."""
+    monkeypatch.setenv("ETL_CLIENT_SECRET", SECRET)
+    path = tmp_path / "config.toml"
+    path.write_text('[api\nbase_url = "http://127.0.0.1:1/api"\n', encoding="utf-8")
+
+    code, out = await check(capsys, path)
+
+    assert code == 2
+    assert "not valid TOML" in out
+    assert "key named above" not in out
+    assert "line and column" in out
