@@ -837,6 +837,13 @@ def _text_verdict(checker: Checker) -> str:
     )
 
 
+def usage_error_document(error: ConfigError) -> str:
+    """The JSON report of a check whose command line was refused: one failed `arguments` step, exit 2."""
+    step = Step("arguments", "", "failed", 0.0, error.message, [], "python -m etl check --help lists the options", error.exit_code)
+    document = {"ok": False, "exit_code": error.exit_code, "config": None, "steps": [asdict(step)]}
+    return json.dumps(document, ensure_ascii=False, indent=2)
+
+
 async def _stopped_by_signal(steps: Awaitable[None]) -> bool:
     """Run the steps until they end or SIGINT/SIGTERM stops them; whether a signal did.
 

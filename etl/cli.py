@@ -93,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("python -m etl: -v and -q together: choose one (-v for more detail, -q for warnings and errors only)")
     except ConfigError as exc:
         log.error("%s", exc)
+        if _asks_for_check_json(argv):  # `check --format json | jq` reads stdout: a refused command line is a document too
+            from etl.check import usage_error_document
+
+            print(usage_error_document(exc), flush=True)
         return exc.exit_code
     setup_logging(args.log_format, -1 if args.quiet else min(args.verbose, 1))
     _tune_garbage_collector()
@@ -110,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: its traceback goes through logging, so JSON logs stay one object per line
         log.exception("internal error: %s: %s", type(exc).__name__, exc)
         return 1
+
+
+def _asks_for_check_json(argv: list[str]) -> bool:
+    """Whether the command line, even one argparse refused, is `check` with `--format json`."""
+    return "check" in argv and ("--format=json" in argv or any(a == "--format" and b == "json" for a, b in zip(argv, argv[1:], strict=False)))
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:

@@ -41,7 +41,7 @@ from etl.demo import demo_document
 from etl.simulator import Simulator, SimulatorSettings
 
 import tomlwriter
-from etlproc import etl_env, finish, start_etl
+from etlproc import etl_env, finish, run_etl, start_etl
 
 SECRET = "demo-secret"
 WriteConfig = Callable[..., Path]
@@ -937,3 +937,14 @@ async def test_a_toml_syntax_error_gets_a_hint_about_the_line_not_a_key(
     assert "not valid TOML" in out
     assert "key named above" not in out
     assert "line and column" in out
+
+
+@pytest.mark.parametrize("args", [["--format", "json", "--no-such-flag"], ["--format=json", "--save-certs"]])
+async def test_a_usage_error_of_check_format_json_is_still_one_json_document(args: list[str]) -> None:
+    """A `check --format json | jq` wrapper got an empty stdout when argparse refused the command line."""
+    result = await run_etl("check", *args, env=etl_env())
+
+    assert result.returncode == 2, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 2
+    assert document["steps"][0]["step"] == "arguments" and document["steps"][0]["hint"]
