@@ -28,17 +28,20 @@ from etl.schema import runs
 HOLDER_WAIT_SECONDS = 5.0
 
 
-def _may_be_alive(host: str, pid: int) -> bool:
-    """False for a run recorded on this host whose process is gone: it was killed, it holds nothing."""
-    if host != socket.gethostname():
-        return True
+def process_gone(host: str, pid: int | None) -> bool:
+    """Whether a process recorded on this host no longer exists: its run was killed (kill -9, OOM) or crashed.
+
+    A process on another host, or another user's (PermissionError), cannot be told apart from a live one: not gone.
+    """
+    if host != socket.gethostname() or not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
         return True
-    return True
+    except OSError:
+        return False
+    return False
 
 
 class ResourceLocks:
@@ -124,7 +127,7 @@ class ResourceLocks:
         deadline = time.monotonic() + HOLDER_WAIT_SECONDS
         while True:
             candidates = await self._running(resource)
-            live = [row for row in candidates if _may_be_alive(row.host, row.pid)]
+            live = [row for row in candidates if not process_gone(row.host, row.pid)]
             if live:
                 return live[0], True
             if time.monotonic() >= deadline:

@@ -6,8 +6,6 @@ It reads etl's tables only: it never contacts the API or the token endpoint.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from etl.db import HEAD_REVISION, current_revision, database_error
 from etl.durations import isoformat_utc
+from etl.locks import process_gone
 from etl.schema import rejects, runs, watermarks, windows
 
 RECENT_RUNS = 10
@@ -83,15 +82,7 @@ def _section(title: str, lines: list[str]) -> list[str]:
 
 def _process_gone(run: dict[str, Any]) -> bool:
     """A run still 'running' whose process on this host no longer exists: killed (kill -9, OOM) or crashed."""
-    if run["status"] != "running" or run["host"] != socket.gethostname() or not run["pid"]:
-        return False
-    try:
-        os.kill(run["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by another user
-        return False
-    return False
+    return run["status"] == "running" and process_gone(run["host"], run["pid"])
 
 
 def _run_line(run: dict[str, Any]) -> str:
