@@ -24,7 +24,7 @@ from etl import __version__
 from etl.config import Config, EnvSettings, config_named_by, config_path, database_url_key, load_config
 from etl.durations import isoformat_utc, parse_duration, parse_instant
 from etl.errors import ConfigError, EtlError
-from etl.logs import setup_logging, wants_json
+from etl.logs import option_given, setup_logging, wants_json
 from etl.pipeline import GRACE_SECONDS, RunOutcome
 from etl.progress import progress_for_terminal
 
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _asks_for_check_json(argv: list[str]) -> bool:
     """Whether the command line, even one argparse refused, is `check` with `--format json`."""
-    return "check" in argv and ("--format=json" in argv or any(a == "--format" and b == "json" for a, b in zip(argv, argv[1:], strict=False)))
+    return "check" in argv and option_given(argv, "--format", "json")
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:

@@ -103,9 +103,14 @@ def setup_logging(log_format: str, verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def option_given(argv: list[str], option: str, value: str) -> bool:
+    """Whether the command line holds `option value` or `option=value`, read before (or without) argparse."""
+    return f"{option}={value}" in argv or any(a == option and b == value for a, b in zip(argv, argv[1:], strict=False))
+
+
 def wants_json(argv: list[str]) -> bool:
-    """Whether the command line asks for JSON logs, read before (or without) argparse."""
-    return "--log-format=json" in argv or any(a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:], strict=False))
+    """Whether the command line asks for JSON logs."""
+    return option_given(argv, "--log-format", "json")
 
 
 def interrupted_while_starting(argv: list[str]) -> int:
