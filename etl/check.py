@@ -840,7 +840,12 @@ def _text_verdict(checker: Checker) -> str:
 def usage_error_document(error: ConfigError) -> str:
     """The JSON report of a check whose command line was refused: one failed `arguments` step, exit 2."""
     step = Step("arguments", "", "failed", 0.0, error.message, [], "python -m etl check --help lists the options", error.exit_code)
-    document = {"ok": False, "exit_code": error.exit_code, "config": None, "steps": [asdict(step)]}
+    return _json_report(error.exit_code, None, [step])
+
+
+def _json_report(exit_code: int, config: str | None, steps: Sequence[Step]) -> str:
+    """`check --format json`'s one document."""
+    document = {"ok": exit_code == 0, "exit_code": exit_code, "config": config, "steps": [asdict(step) for step in steps]}
     return json.dumps(document, ensure_ascii=False, indent=2)
 
 
@@ -887,11 +892,5 @@ async def run_check(config_path: Path, save_certs: str | None, output_format: st
     if text_mode:
         print(_text_verdict(checker), flush=True)
     else:
-        document = {
-            "ok": checker.exit_code == 0,
-            "exit_code": checker.exit_code,
-            "config": str(config_path),
-            "steps": [asdict(step) for step in checker.steps],
-        }
-        print(json.dumps(document, ensure_ascii=False, indent=2), flush=True)
+        print(_json_report(checker.exit_code, str(config_path), checker.steps), flush=True)
     return checker.exit_code
