@@ -420,8 +420,7 @@ class Pipeline:
         )
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
-        self._failed.setdefault(resource.name, exc)
-        self.stats[resource.name].error = self.stats[resource.name].error or exc.message  # the first, the one logged
+        self.stats[resource.name].error = self._failed.setdefault(resource.name, exc).message  # the first, the one logged
         if isinstance(exc, RUN_WIDE_ERRORS):
             self.stop.set()
 
