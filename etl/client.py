@@ -254,7 +254,8 @@ class ApiClient:
         """
         self._counters.requests += 1
         trusted = {**self._static_headers, "Authorization": token.authorization()}
-        url, params, headers, came_from = URL(request.url), request.params, trusted, None
+        configured = URL(request.url)
+        url, params, headers, came_from = configured, request.params, trusted, None
         for _ in range(MAX_REDIRECTS + 1):
             sent = time.monotonic()
             try:
@@ -274,7 +275,7 @@ class ApiClient:
                 url, params = resp.url.join(URL(location)), {}
             except ValueError:
                 raise SourceError(f"{resp.status} from {display_url(resp.url)} redirects to an invalid URL") from None
-            headers = trusted if same_site(URL(request.url), url) else self._foreign_headers
+            headers = trusted if same_site(configured, url) else self._foreign_headers
         raise SourceError(f"{display_url(request.page_url())} redirected more than {MAX_REDIRECTS} times")
 
     def _log_retry(self, state: RetryCallState) -> None:
