@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from etl.simulator import Faults, Simulator, SimulatorSettings, demo_settings
+from etl.simulator.data import Dataset
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 COUNTS = {"orders": 500, "customers": 200, "events": 300, "payments": 150, "products": 20}
@@ -521,18 +522,29 @@ async def test_same_seed_same_records(http: aiohttp.ClientSession) -> None:
 
 
 @pytest.mark.asyncio
-async def test_million_records_page_in_the_middle(http: aiohttp.ClientSession) -> None:
-    started = time.perf_counter()
+async def test_million_records_page_in_the_middle(http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page in the middle of a million records is computed, not found by building the records before it.
+
+    Counted in records built, not timed: a timing bound failed CI on a busy 2-core machine (0.12 s against 0.1).
+    """
+    built = 0
+    base = Dataset._base
+
+    def counted(self: Dataset, i: int) -> Any:
+        nonlocal built
+        built += 1
+        return base(self, i)
+
+    monkeypatch.setattr(Dataset, "_base", counted)
     async with Simulator(make_settings(counts={"orders": 1_000_000})) as sim:
         api = Api(http, sim, await get_token(http, sim))
-        asked = time.perf_counter()
         status, body, _ = await api.get("/orders", {"page": 5000, "page_size": 100})
-        answered = time.perf_counter()
+        page_built, built = built, 0
         since = {"updated_since": "2024-01-06T00:00:00Z", "page_size": 1}
         _, window, _ = await api.get("/orders", since)
     assert status == 200 and body["total"] == 1_000_000
     assert [r.get("id", "?") for r in body["data"]][:1] in ([499_901], ["?"])
-    assert answered - asked < 0.1 and asked - started < 1.0
+    assert page_built <= 100 and built <= 10, (page_built, built)
     assert window["total"] == 500_000 and window["data"][0]["updated_at"] == "2024-01-06T00:00:00Z"
 
 
