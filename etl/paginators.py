@@ -114,8 +114,15 @@ class Paginator(ABC):
     def request(self) -> PageRequest | None:
         """The next page to fetch, or None when the window is complete."""
 
-    def advance(self, response: PageResponse, records: list[Any]) -> None:
-        """Move past a page that has been received; raises SourceError when the server loops."""
+    def advance(self, response: PageResponse, records: list[Any]) -> list[Any]:
+        """Move past a page that has been received; returns its records to load. Raises SourceError when the server loops.
+
+        A page that only repeats the one before it, served for a page past the end, ends the
+        window and loads nothing: its records were loaded with that page already.
+        """
+        if self._repeats_previous(response, records):
+            self.finished = True
+            return []
         self.records_seen += len(records)
         self._advance(response, records)
         total = self._total(response)
@@ -123,6 +130,11 @@ class Paginator(ABC):
             self._distrust_total(response, total)
         elif total is not None and self.records_seen >= total:
             self.finished = True
+        return records
+
+    def _repeats_previous(self, response: PageResponse, records: list[Any]) -> bool:
+        """Whether this page is the page before it served again as the end of the list; only page and offset styles say so."""
+        return False
 
     def _distrust_total(self, response: PageResponse, total: int) -> None:
         """The API served more records than its total says (0 with records, a total capped by a search backend).
@@ -288,14 +300,17 @@ class _NumberedPaginator(Paginator):
                 warn_if_short(response, self._said_total, self.records_seen, self.config)
             return
         content = _page_content(records)
-        if content == self._previous and self._stepped >= 2:
-            log.info("%s served the page before it again: taken as the end of the window", display_url(response.url))
-            self.finished = True
-            return
         self._previous = content
         self._refuse_content(response, content)
         self._step(len(records))
         self._stepped += 1
+
+    def _repeats_previous(self, response: PageResponse, records: list[Any]) -> bool:
+        """A full page that repeats the one before, once two different pages have shown that the page parameter is honoured."""
+        if not records or self._stepped < 2 or _page_content(records) != self._previous:
+            return False
+        log.info("%s served the page before it again: taken as the end of the window", display_url(response.url))
+        return True
 
     def refuse_repeat(self, response: PageResponse, records: list[Any]) -> None:
         """SourceError when these records are those of a page already received in this window."""

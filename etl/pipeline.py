@@ -344,7 +344,7 @@ class Pipeline:
                 await self._close_window(window, paginator.position())
                 return
             records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
-            paginator.advance(response, records)
+            records = paginator.advance(response, records)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None
             if first and total is not None:
                 self.progress.add_total(resource.name, total)

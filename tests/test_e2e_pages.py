@@ -1,0 +1,70 @@
+"""End to end against paging APIs etl did not write: each one a small aiohttp server of the test's own.
+
+`sync` runs as a subprocess, as cron runs it; the table must hold every record once and
+`etl_runs` must count what was loaded, not what was served twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from loopback import Handler, serving
+
+import tomlwriter
+from dbquery import sqlite_rows
+from etlproc import Finished, run_etl
+
+RECORDS = [{"id": n, "name": f"r{n}", "updated_at": "2024-01-02T00:00:00Z"} for n in range(1, 251)]
+
+
+async def token(request: web.Request) -> web.Response:
+    return web.json_response({"access_token": "page-probe-token", "expires_in": 3600, "token_type": "Bearer"})
+
+
+def items(pagination: dict[str, Any], records_path: str = "data") -> dict[str, Any]:
+    """One resource without a date filter: every sync reads the API's whole list."""
+    return {
+        "name": "items", "path": "/items", "records_path": records_path, "primary_key": ["id"],
+        "cursor_field": "updated_at", "pagination": pagination,
+        "columns": {"id": "integer", "name": "string", "updated_at": "datetime"},
+    }
+
+
+async def sync(tmp_path: Path, handler: Handler, resource: dict[str, Any]) -> tuple[Finished, str]:
+    """`etl sync` of `resource` against `handler` on /api/items; returns its outcome and the SQLite URL."""
+    database = f"sqlite:///{tmp_path / 'etl.db'}"
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/items"): handler}) as origin:
+        config = tomlwriter.write(tmp_path / "config.toml", {
+            "api": {"base_url": f"{origin}/api", "concurrency": 2, "max_retries": 0},
+            "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "probe"},
+            "database": {"url": database},
+            "resources": [resource],
+        })
+        return await run_etl("--config", str(config), "sync"), database
+
+
+def loaded_ids(database: str) -> list[int]:
+    return [row[0] for row in sqlite_rows(database, "SELECT id FROM items ORDER BY id")]
+
+
+@pytest.mark.parametrize("style", ["page", "offset"])
+async def test_a_last_page_served_again_past_the_end_is_neither_loaded_nor_counted_twice(tmp_path: Path, style: str) -> None:
+    """Django's get_page answers a page past the end with the last page: 250 records by 50, the sixth request
+    brings records 201-250 again. They were loaded a second time: "300 loaded" in the summary and etl_runs.
+    The page that ends the window counts as a page, as an empty last page does."""
+
+    async def clamped(request: web.Request) -> web.Response:
+        query = request.query
+        start = (int(query["page"]) - 1) * 50 if style == "page" else int(query["offset"])
+        start = min(start, 200)
+        return web.json_response({"data": RECORDS[start:start + 50]})
+
+    finished, database = await sync(tmp_path, clamped, items({"style": style, "page_size": 50}))
+
+    assert finished.returncode == 0, finished.stderr
+    assert loaded_ids(database) == list(range(1, 251))
+    assert "items: 250 loaded, 0 rejected, 6 pages" in finished.stdout
+    assert sqlite_rows(database, "SELECT pages, records_fetched, records_loaded FROM etl_runs") == [(6, 250, 250)]
