@@ -63,6 +63,24 @@ def dig(body: Any, dotted: str) -> Any:
     return value
 
 
+def path_break(body: Any, dotted: str) -> str | None:
+    """Where a dotted path leaves the body, said with the keys found there; None when it is there (null included)."""
+    value = body
+    walked: list[str] = []
+    for part in dotted.split("."):
+        reached = repr(".".join(walked)) if walked else "the top"
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict):
+            return f"Keys at {reached}: {', '.join(map(str, value)) or '(none)'}"
+        else:
+            return f"{reached} is {'null' if value is None else type(value).__name__}"
+        walked.append(part)
+    return None
+
+
 class Seen:
     """Fingerprints of the last `limit` values of a window: a loop is recognised in bounded memory."""
 
@@ -109,6 +127,8 @@ class Paginator(ABC):
         self.finished = False
         self.records_seen = 0
         self.total_understated = False  # the API served more than its total said: the total no longer ends the window
+        self.cursor_path_found = False  # cursor style: a page carried next_cursor_path, null included
+        self.cursor_path_absent: str | None = None  # cursor style: where next_cursor_path left a page of page_size records
 
     @abstractmethod
     def request(self) -> PageRequest | None:
@@ -506,6 +526,7 @@ class CursorPaginator(_FollowingPaginator):
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
         if self.cursor is not None:
             self._sent.add(self.cursor)
+        self._note_cursor_path(response, records)
         cursor = dig(response.body, self.config.next_cursor_path)
         if (
             cursor in (None, "")
@@ -521,6 +542,15 @@ class CursorPaginator(_FollowingPaginator):
                 "stopping instead of looping"
             )
         self.cursor = cursor
+
+    def _note_cursor_path(self, response: PageResponse, records: list[Any]) -> None:
+        """Whether next_cursor_path is in the body: a full page without it ends the window, as a last page
+        does, so a typo in the path (`next_cursor` for `nextCursor`) loads one page a window; the run warns."""
+        where = path_break(response.body, self.config.next_cursor_path)
+        if where is None:
+            self.cursor_path_found = True
+        elif len(records) >= self.config.page_size:
+            self.cursor_path_absent = self.cursor_path_absent or where
 
     def _position(self) -> dict[str, Any]:
         return {"cursor": self.cursor}

@@ -65,6 +65,8 @@ class ResourceStats:
     windows: int = 0
     windows_done: int = 0
     cursors_seen: bool = False  # a record carried cursor_field: else the watermark cannot move
+    cursor_path_found: bool = False  # a page carried next_cursor_path (cursor style)
+    cursor_path_absent: str | None = None  # where next_cursor_path left a full page, when one did
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -235,6 +237,7 @@ class Pipeline:
         for stats in self.stats.values():
             stats.finished = stats.finished or time.monotonic()
             self._warn_if_no_cursor(self._plans[stats.name].resource, stats)
+            self._warn_if_no_next_cursor(self._plans[stats.name].resource, stats)
         self._blame_run_wide_cause()
         return self._outcome(time.monotonic() - started)
 
@@ -247,6 +250,22 @@ class Pipeline:
                 "does not move; check resources.%s.cursor_field against the API's records",
                 resource.name, resource.cursor_field, stats.loaded, resource.name,
             )
+
+    @staticmethod
+    def _warn_if_no_next_cursor(resource: ResourceConfig, stats: ResourceStats) -> None:
+        """A next_cursor_path no page carries (a typo) ends every window after its first page, as a last page would.
+
+        Full pages without it, and no page with it, tell a typo from an API that drops the key on its last page.
+        """
+        pagination = resource.pagination
+        if pagination.style != "cursor" or stats.cursor_path_found or stats.cursor_path_absent is None:
+            return
+        log.warning(
+            "%s: next_cursor_path %r was in no page of the run, though pages of %d records (page_size) came without it: "
+            "each such window ended after its first page. %s; check resources.%s.pagination.next_cursor_path, "
+            "then backfill what was missed",
+            resource.name, pagination.next_cursor_path, pagination.page_size, stats.cursor_path_absent, resource.name,
+        )
 
     async def _fetch_and_load(self, client: ApiClient, plans: list[ResourcePlan]) -> None:
         jobs = _interleave([[(plan.resource, window) for window in plan.pending] for plan in plans])
@@ -345,6 +364,9 @@ class Pipeline:
                 return
             records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
             records = paginator.advance(response, records)
+            stats = self.stats[resource.name]
+            stats.cursor_path_found = stats.cursor_path_found or paginator.cursor_path_found
+            stats.cursor_path_absent = stats.cursor_path_absent or paginator.cursor_path_absent
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None
             if first and total is not None:
                 self.progress.add_total(resource.name, total)

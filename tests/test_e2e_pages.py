@@ -68,3 +68,47 @@ async def test_a_last_page_served_again_past_the_end_is_neither_loaded_nor_count
     assert loaded_ids(database) == list(range(1, 251))
     assert "items: 250 loaded, 0 rejected, 6 pages" in finished.stdout
     assert sqlite_rows(database, "SELECT pages, records_fetched, records_loaded FROM etl_runs") == [(6, 250, 250)]
+
+
+def camel_cursor(size: int | None = None) -> Handler:
+    """A cursor API that names its next cursor `meta.nextCursor`, null on the last page."""
+
+    async def answer(request: web.Request) -> web.Response:
+        start = int(request.query.get("cursor", 0))
+        end = start + (size or int(request.query["limit"]))
+        following = str(end) if end < len(RECORDS) else None
+        return web.json_response({"data": RECORDS[start:end], "meta": {"nextCursor": following}})
+
+    return answer
+
+
+@pytest.mark.parametrize("size_param", ["limit", ""])
+async def test_a_next_cursor_path_no_page_holds_is_a_warning_naming_the_key(tmp_path: Path, size_param: str) -> None:
+    """`next_cursor_path = "meta.next_cursor"` where the API says `meta.nextCursor`: every window ended after its
+    first page (50 of 250 records) without a word, exit 0, as "missing" means the last page."""
+    pagination = {"style": "cursor", "next_cursor_path": "meta.next_cursor", "size_param": size_param, "page_size": 50}
+
+    finished, database = await sync(tmp_path, camel_cursor(None if size_param else 50), items(pagination))
+
+    assert len(loaded_ids(database)) == 50
+    assert (
+        "items: next_cursor_path 'meta.next_cursor' was in no page of the run, though pages of 50 records "
+        "(page_size) came without it: each such window ended after its first page. Keys at 'meta': nextCursor; "
+        "check resources.items.pagination.next_cursor_path, then backfill what was missed"
+    ) in finished.stderr
+
+
+async def test_a_next_cursor_path_missing_only_from_the_last_page_is_no_warning(tmp_path: Path) -> None:
+    """An API that drops the key on its last page (Go's omitempty), here a full one: the path was in the pages before."""
+
+    async def omitempty(request: web.Request) -> web.Response:
+        start = int(request.query.get("cursor", 0))
+        meta = {"next": str(start + 50)} if start + 50 < len(RECORDS) else {}
+        return web.json_response({"data": RECORDS[start:start + 50], "meta": meta})
+
+    pagination = {"style": "cursor", "next_cursor_path": "meta.next", "size_param": "limit", "page_size": 50}
+    finished, database = await sync(tmp_path, omitempty, items(pagination))
+
+    assert finished.returncode == 0, finished.stderr
+    assert loaded_ids(database) == list(range(1, 251))
+    assert "next_cursor_path" not in finished.stderr
