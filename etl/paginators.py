@@ -127,6 +127,7 @@ class Paginator(ABC):
         self.finished = False
         self.records_seen = 0
         self.total_understated = False  # the API served more than its total said: the total no longer ends the window
+        self.key = "[resources.pagination]"  # the config table, named in hints: window_paginator names the resource
         self.cursor_path_found = False  # cursor style: a page carried next_cursor_path, null included
         self.cursor_path_absent: str | None = None  # cursor style: where next_cursor_path left a page of page_size records
 
@@ -298,6 +299,7 @@ class _NumberedPaginator(Paginator):
     """
 
     config: PagePagination | OffsetPagination
+    STEP_KEY: str  # the config key naming the parameter that moves through the pages
 
     def __init__(self, config: PagePagination | OffsetPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
@@ -341,7 +343,8 @@ class _NumberedPaginator(Paginator):
         if content in self._pages:
             raise SourceError(
                 f"{display_url(response.url)} returned the same records as an earlier page: the API seems to "
-                f"ignore the {self._step_name()!r} parameter; stopping instead of looping"
+                f"ignore the {getattr(self.config, self.STEP_KEY)!r} parameter; stopping instead of looping",
+                hint=f"if the API reads another name, set {self.key}.{self.STEP_KEY} to it",
             )
         self._pages.add(content)
 
@@ -374,9 +377,6 @@ class _NumberedPaginator(Paginator):
     @abstractmethod
     def _step(self, count: int) -> None: ...
 
-    @abstractmethod
-    def _step_name(self) -> str: ...
-
 
 def warn_if_short(response: PageResponse, total: int, received: int, config: PagePagination | OffsetPagination) -> None:
     """A warning when a window ended a whole page or more short of its total (all of it, for a total below a page).
@@ -401,6 +401,7 @@ def _page_content(records: list[Any]) -> bytes:
 
 class PagePaginator(_NumberedPaginator):
     config: PagePagination
+    STEP_KEY = "page_param"
 
     def __init__(self, config: PagePagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
@@ -419,9 +420,6 @@ class PagePaginator(_NumberedPaginator):
     def _step(self, count: int) -> None:
         self.page += 1
 
-    def _step_name(self) -> str:
-        return self.config.page_param
-
     def _position(self) -> dict[str, Any]:
         return {"page": self.page, "page_size": self.config.page_size}
 
@@ -431,6 +429,7 @@ class PagePaginator(_NumberedPaginator):
 
 class OffsetPaginator(_NumberedPaginator):
     config: OffsetPagination
+    STEP_KEY = "offset_param"
 
     def __init__(self, config: OffsetPagination, url: str, params: dict[str, QueryValue]) -> None:
         super().__init__(config, url, params)
@@ -446,9 +445,6 @@ class OffsetPaginator(_NumberedPaginator):
 
     def _step(self, count: int) -> None:
         self.offset += count
-
-    def _step_name(self) -> str:
-        return self.config.offset_param
 
     def _position(self) -> dict[str, Any]:
         return {"offset": self.offset}
@@ -538,8 +534,9 @@ class CursorPaginator(_FollowingPaginator):
         cursor = str(cursor)
         if cursor in self._sent:
             raise SourceError(
-                f"{display_url(response.url)} returned the cursor {cursor[:40]!r} a second time: "
-                "stopping instead of looping"
+                f"{display_url(response.url)} returned the cursor {cursor[:40]!r} a second time: the API seems to "
+                f"ignore the {self.config.cursor_param!r} parameter; stopping instead of looping",
+                hint=f"if the API reads another name, set {self.key}.cursor_param to it",
             )
         self.cursor = cursor
 
@@ -663,7 +660,9 @@ def window_paginator(resource: ResourceConfig, base_url: str, window: Window) ->
     params = {key: _query_value(value) for key, value in resource.params.items()}
     if resource.filter is not None:
         params |= filter_params(window, resource.filter)
-    return paginator_for(resource.pagination, base_url + resource.path, params)
+    paginator = paginator_for(resource.pagination, base_url + resource.path, params)
+    paginator.key = f"resources.{resource.name}.pagination"
+    return paginator
 
 
 def _query_value(value: ParamScalar | list[ParamScalar]) -> QueryValue:

@@ -112,3 +112,19 @@ async def test_a_next_cursor_path_missing_only_from_the_last_page_is_no_warning(
     assert finished.returncode == 0, finished.stderr
     assert loaded_ids(database) == list(range(1, 251))
     assert "next_cursor_path" not in finished.stderr
+
+
+@pytest.mark.parametrize(("style", "key"), [("page", "page_param"), ("offset", "offset_param"), ("cursor", "cursor_param")])
+async def test_an_api_that_ignores_the_paging_parameter_fails_naming_the_key_to_set(tmp_path: Path, style: str, key: str) -> None:
+    """The API pages by `p`, `skip` or `after`, etl sends `page`, `offset` or `cursor`: every request gets the first page.
+    The error said "stopping instead of looping", and the cursor's not even which parameter was ignored."""
+
+    async def first_page_always(request: web.Request) -> web.Response:
+        return web.json_response({"data": RECORDS[:50], "next": "50"})
+
+    pagination = {"style": style, "page_size": 50} | ({"next_cursor_path": "next"} if style == "cursor" else {})
+    finished, database = await sync(tmp_path, first_page_always, items(pagination))
+
+    assert finished.returncode == 1
+    assert loaded_ids(database) == list(range(1, 51))
+    assert f"hint: if the API reads another name, set resources.items.pagination.{key}" in finished.stderr
