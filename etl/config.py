@@ -16,7 +16,7 @@ import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -360,6 +360,26 @@ class ResourceConfig(_Section):
         if self.filter is not None and self.start is None:
             raise ValueError("start is required when [resources.filter] is set: it is where the first sync begins")
         return self
+
+    @model_validator(mode="after")
+    def _path_query_leaves_etls_parameters(self) -> ResourceConfig:
+        """`path = "/orders?page=1"` went out as page=1&page=2: an API that reads the first value served page 1 for ever."""
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        taken = sorted(set(query) & self.parameters_sent())
+        if taken:
+            raise ValueError(
+                f"path {self.path!r} sets {', '.join(map(repr, taken))}, which etl sends itself for each page or window: "
+                "remove it from path (static parameters go in params)"
+            )
+        return self
+
+    def parameters_sent(self) -> set[str]:
+        """The query parameters etl sets on every request: the filter's bounds and the paging ones."""
+        pagination = self.pagination
+        names = {getattr(pagination, key, "") for key in ("page_param", "size_param", "offset_param", "limit_param", "cursor_param")}
+        if self.filter is not None:
+            names |= {self.filter.from_param, self.filter.to_param}
+        return names - {""}
 
     @property
     def table_name(self) -> str:

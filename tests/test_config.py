@@ -517,3 +517,19 @@ def test_a_missing_relative_config_file_is_named_with_its_directory(tmp_path: Pa
     with pytest.raises(ConfigError) as raised:
         load_config(Path("config.toml"))
     assert f"config file config.toml ({tmp_path / 'config.toml'}) not found" in raised.value.message
+
+
+@pytest.mark.parametrize("query", ["page=1", "page_size=10", "updated_since=2020-01-01", "type=a&updated_until=2030-01-01"])
+def test_a_path_whose_query_sets_a_parameter_etl_sends_itself_is_refused(query: str) -> None:
+    """`path = "/orders?page=1"` went out as page=1&page=2: an API that reads the first value served page 1 for ever."""
+    document = _document()
+    document["resources"][0]["path"] = f"/orders?{query}"
+    message = _error(document)
+    assert "resources[0]: path" in message
+    assert "sets " in message and "which etl sends itself" in message and "static parameters go in params" in message
+
+
+def test_a_path_with_a_query_of_other_parameters_is_taken() -> None:
+    document = _document()
+    document["resources"][0]["path"] = "/orders?type=a"
+    assert config_from_document(document).resources[0].path == "/orders?type=a"
