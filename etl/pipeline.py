@@ -62,6 +62,7 @@ class ResourceStats:
     fetched: int = 0
     loaded: int = 0
     rejected: int = 0
+    first_reject: str | None = None  # `key 1: name: ... (got 'w1')`: the run's error says why, not only how many
     windows: int = 0
     windows_done: int = 0
     cursors_seen: bool = False  # a record carried cursor_field: else the watermark cannot move
@@ -509,8 +510,9 @@ class Pipeline:
         moved = Counter(name for name, _reject in refused)
         for name, rows in batch.rows.items():
             self.stats[name].loaded += len(rows) - moved[name]
-        for name, _reject in batch.rejects + refused:
+        for name, reject in batch.rejects + refused:
             self.stats[name].rejected += 1
+            self.stats[name].first_reject = self.stats[name].first_reject or f"key {reject.key or '(none)'}: {reject.error}"
         # the bar counts every record handled, rejects too: the API's total does, and a bar short of it looks unfinished
         handled = Counter({name: len(rows) for name, rows in batch.rows.items()}) + Counter(name for name, _ in batch.rejects)
         for name, records in handled.items():
@@ -530,11 +532,7 @@ class Pipeline:
         if error is None and self.stop.is_set() and unfinished:  # a stop after the last window is a finished run
             error = Interrupted("the run was interrupted; what was in flight is committed and the next run continues from there")
         if error is None and rejected > self.config.sync.max_rejects:
-            where = ", ".join(f"{stats.name}: {stats.rejected}" for stats in self.stats.values() if stats.rejected)
-            error = EtlError(
-                f"{rejected} records were rejected ({where}), more than [sync].max_rejects = {self.config.sync.max_rejects}; "
-                "they are in etl_rejects with their raw payload and the reason"
-            )
+            error = self._too_many_rejects(rejected)
         status = "succeeded" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"
         return RunOutcome(
             run_id=self.run_id,
@@ -546,6 +544,19 @@ class Pipeline:
             token_requests=self.token_requests,
             seconds=seconds,
             error_logged=bool(self._errors),  # the run's error is then the first met, logged at ERROR when it happened
+        )
+
+    def _too_many_rejects(self, rejected: int) -> EtlError:
+        """How many, where, and the first reason of each resource: a column type that fits no record is fixed in
+        config.toml, and the reason was only in etl_rejects."""
+        rejecting = [stats for stats in self.stats.values() if stats.rejected]
+        where = ", ".join(f"{stats.name}: {stats.rejected}" for stats in rejecting)
+        reasons = "; ".join(f"the first of {stats.name}, {stats.first_reject}" for stats in rejecting)
+        return EtlError(
+            f"{rejected} records were rejected ({where}), more than [sync].max_rejects = {self.config.sync.max_rejects}; "
+            f"{reasons}; all are in etl_rejects with their raw payload and the reason",
+            hint="fix a column's type, source or nullable in [resources.columns], or raise [sync].max_rejects "
+            "if the API does send bad records",
         )
 
     def _blame_run_wide_cause(self) -> None:

@@ -1,0 +1,65 @@
+"""A new user's first mistakes against an API of their own: each ends with a message that says what to change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loopback import Handler, serving
+
+import tomlwriter
+from etlproc import Finished, run_etl
+
+WIDGETS = [
+    {"widget_id": n, "name": f"w{n}", "qty": n, "modified": f"2025-01-{n:02d}T12:00:00Z"} for n in range(1, 21)
+]
+
+
+def _widget_api(records: list[dict[str, Any]]) -> dict[tuple[str, str], Handler]:
+    """A token endpoint and /api/v2/widgets serving `records` on one page, as {"result": {"rows": [...]}}."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "newcomer-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def widgets(_request: web.Request) -> web.Response:
+        return web.json_response({"result": {"rows": records}})
+
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/v2/widgets"): widgets}
+
+
+def _widgets_config(directory: Path, origin: str, database_url: str, **resource: Any) -> Path:
+    """The config a newcomer writes for the widget API, with `resource` keys changed."""
+    document: dict[str, Any] = {
+        "api": {"base_url": f"{origin}/api/v2"},
+        "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "newcomer"},
+        "database": {"url": database_url},
+        "resources": [{
+            "name": "widgets",
+            "path": "/widgets",
+            "records_path": "result.rows",
+            "primary_key": ["widget_id"],
+            "cursor_field": "modified",
+            "columns": {"widget_id": "integer", "name": "string", "qty": "integer", "modified": "datetime"},
+            **resource,
+        }],
+    }
+    return tomlwriter.write(directory / "config.toml", document)
+
+
+async def _sync(tmp_path: Path, fresh_database: Callable[[str], Any], **resource: Any) -> Finished:
+    url = await fresh_database("sqlite")
+    async with serving(_widget_api(WIDGETS)) as origin:
+        return await run_etl("sync", "--config", str(_widgets_config(tmp_path, origin, url, **resource)))
+
+
+async def test_rejects_over_max_rejects_say_why(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """`name = "integer"` rejected all 20 records with exit 1 and "they are in etl_rejects": the reason, the one
+    thing to change, was only in the database."""
+    columns = {"widget_id": "integer", "name": "integer", "qty": "integer", "modified": "datetime"}
+    result = await _sync(tmp_path, fresh_database, columns=columns)
+    assert result.returncode == 1, result.stderr
+    error = next(line for line in result.stderr.splitlines() if " ERROR " in line)
+    assert "20 records were rejected (widgets: 20)" in error
+    assert "name: Input should be a valid integer" in error and "(got 'w1')" in error, error
