@@ -38,7 +38,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from etl import certs
-from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
+from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters, not_found_hint
 from etl.config import (
     Config,
     EnvSettings,
@@ -617,10 +617,7 @@ class Checker:
     def _page_hint(self, exc: EtlError, resource: ResourceConfig) -> str:
         """A 404 names the two keys its URL is made of; other refusals are compared with the API's documentation."""
         if isinstance(exc, RefusedRequest) and exc.status == HTTPStatus.NOT_FOUND:
-            return (
-                f"no such endpoint: the URL is [api].base_url ({display_url(self.config.api.base_url)}) + the path of "
-                f"{resource.name!r} ({resource.path!r}); compare both with the API's documentation"
-            )
+            return not_found_hint(self.config.api.base_url, resource.name, resource.path)
         return REQUEST_HINT
 
     async def _page_size_cap(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:

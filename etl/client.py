@@ -372,6 +372,14 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
     raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=hint)
 
 
+def not_found_hint(base_url: str, name: str, path: str) -> str:
+    """A 404 on a window's first page names the two keys its URL is made of, in check and in sync's log alike."""
+    return (
+        f"no such endpoint: the URL is [api].base_url ({display_url(base_url)}) + the path of "
+        f"{name!r} ({path!r}); compare both with the API's documentation"
+    )
+
+
 def forbidden_hint(challenge: str | None) -> str:
     """A 403 to a token the API accepted is, most often, a scope the token lacks (RFC 6750 §3.1 insufficient_scope).
 

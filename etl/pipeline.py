@@ -21,11 +21,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from pydantic import SecretStr
 
-from etl.client import ApiClient, PageResponse, RequestCounters
+from etl.client import ApiClient, PageResponse, RequestCounters, not_found_hint
 from etl.config import Config, ResourceConfig
 from etl.errors import (
     AuthError,
@@ -360,7 +361,7 @@ class Pipeline:
                 response = await client.get(request)
             except RefusedRequest as refused:
                 if not paginator.ends_at(refused.status):
-                    raise
+                    raise self._endpoint_hinted(refused, resource, first) from None
                 await self._close_window(window, paginator.position())
                 return
             records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
@@ -379,6 +380,14 @@ class Pipeline:
                 if beyond is None:
                     return
                 paginator.restore(beyond)  # the total was understated: page on one by one
+
+    def _endpoint_hinted(self, refused: RefusedRequest, resource: ResourceConfig, first_page: bool) -> RefusedRequest:
+        """A 404 on a window's first page is a wrong base_url or path: cron's log said only "404: Not Found"."""
+        if not first_page or refused.status != HTTPStatus.NOT_FOUND or refused.hint:
+            return refused
+        return RefusedRequest(
+            refused.message, status=refused.status, hint=not_found_hint(self.config.api.base_url, resource.name, resource.path)
+        )
 
     async def _fetch_planned(
         self, client: ApiClient, resource: ResourceConfig, window: WindowRecord, plan: PagePlan

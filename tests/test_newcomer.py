@@ -63,3 +63,16 @@ async def test_rejects_over_max_rejects_say_why(tmp_path: Path, fresh_database: 
     error = next(line for line in result.stderr.splitlines() if " ERROR " in line)
     assert "20 records were rejected (widgets: 20)" in error
     assert "name: Input should be a valid integer" in error and "(got 'w1')" in error, error
+
+
+async def test_a_404_on_every_window_names_base_url_and_path(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """base_url `/api/v3` for `/api/v2`: every sync said "404 from URL: 404: Not Found", while check said which keys
+    make that URL. Cron's log is where the user reads it."""
+    url = await fresh_database("sqlite")
+    async with serving(_widget_api(WIDGETS)) as origin:
+        config = _widgets_config(tmp_path, origin, url)
+        config.write_text(config.read_text().replace("/api/v2", "/api/v3", 1))
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 1, result.stderr
+    error = result.stderr[result.stderr.index(" ERROR "):]
+    assert "404 from" in error and f"[api].base_url ({origin}/api/v3) + the path of 'widgets' ('/widgets')" in error, error
