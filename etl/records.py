@@ -216,6 +216,14 @@ class RecordValidator:
         self._columns_by_source = {
             tuple(spec.source.split(".")): name for name, spec in resource.columns.items() if spec.source
         }
+        # columns no valid record has carried yet (present as null counts): a typo is NULL in every row.
+        # `nullable = true` said out loud is a field the API may leave out: not looked for.
+        self._unseen = {
+            name: tuple((spec.source or name).split("."))
+            for name, spec in resource.columns.items()
+            if spec.nullable is None and name not in resource.primary_key
+        }
+        self.fields: list[str] = []  # the first valid record's top-level fields, to name the ones no column takes
 
     def _required(self, name: str, spec: ColumnSpec) -> bool:
         if name in self.resource.primary_key:
@@ -231,9 +239,11 @@ class RecordValidator:
         validated = self._validated(records)
         failed = [item.record for item in validated if type(item) is _Invalid]
         if not failed:
+            self._look_for_unseen(records)
             return ValidatedPage(validated, [], self._max_cursor(validated, records))
         rows = [item for item in validated if type(item) is not _Invalid]
         good = [record for item, record in zip(validated, records, strict=True) if type(item) is not _Invalid]
+        self._look_for_unseen(good)
         try:
             self._strict_adapter.validate_python(failed)
             reasons: dict[int, list[str]] = {}
@@ -241,6 +251,19 @@ class RecordValidator:
             reasons = _errors_by_index(exc, self._columns_by_source)
         rejects = [self._reject(record, reasons.get(index, ["record: refused"])) for index, record in enumerate(failed)]
         return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
+
+    @property
+    def unseen_columns(self) -> list[str]:
+        """The optional columns that no valid record so far has carried, not even as null."""
+        return list(self._unseen)
+
+    def _look_for_unseen(self, records: list[Any]) -> None:
+        """Strike the columns these valid records carry; once all are seen a page costs nothing more."""
+        if not self.fields and records:
+            self.fields = list(records[0])
+        for name, steps in list(self._unseen.items()):
+            if any(_carries(record, steps) for record in records):
+                del self._unseen[name]
 
     def _validated(self, records: list[Any]) -> list[Any]:
         """Each record as its row or as _Invalid; a body that is not a list of records is the API's fault (SourceError)."""
@@ -279,6 +302,19 @@ class RecordValidator:
                     except ValidationError:
                         continue
         return max(values, default=None)
+
+
+def _carries(record: dict[str, Any], steps: tuple[str, ...]) -> bool:
+    """Whether the record has the field at this source path, whatever its value (null too); a number steps into a list."""
+    value: Any = record
+    for step in steps:
+        if isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
+        else:
+            return False
+    return True
 
 
 # pydantic's words where etl's say more: the pattern is the NUL test, and "unable to parse raw data as a unicode string" is a lone surrogate

@@ -76,3 +76,23 @@ async def test_a_404_on_every_window_names_base_url_and_path(tmp_path: Path, fre
     assert result.returncode == 1, result.stderr
     error = result.stderr[result.stderr.index(" ERROR "):]
     assert "404 from" in error and f"[api].base_url ({origin}/api/v3) + the path of 'widgets' ('/widgets')" in error, error
+
+
+async def test_a_column_no_record_carries_is_a_warning_naming_the_fields_left(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """`nmae = "string"` loaded 20 rows with nmae NULL in each, exit 0 and not a word. A field sent as null is no typo,
+    nor is one declared `nullable = true`, which an API may leave out when it is empty."""
+    records = [{**record, "note": None} for record in WIDGETS]
+    url = await fresh_database("sqlite")
+    async with serving(_widget_api(records)) as origin:
+        columns = {
+            "widget_id": "integer", "nmae": "string", "qty": "integer", "modified": "datetime", "note": "text",
+            "cancelled_at": {"type": "datetime", "nullable": True},
+        }
+        result = await run_etl("sync", "--config", str(_widgets_config(tmp_path, origin, url, columns=columns)))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, result.stderr
+    assert "column 'nmae' was in none of the 20 records loaded" in warnings[0]
+    assert "resources.widgets.columns.nmae" in warnings[0] and "fields no column takes: name" in warnings[0], warnings[0]
