@@ -671,8 +671,9 @@ class Checker:
 
     def _judge_page(self, resource: ResourceConfig, page: _Page, tried: list[str]) -> Verdict:
         """Records, invalid ones, total and next page in one line; more rejects than [sync].max_rejects fail."""
+        validator = RecordValidator(resource)
         try:
-            rejects = RecordValidator(resource).validate(page.records).rejects
+            rejects = validator.validate(page.records).rejects
         except SourceError as exc:  # not a list of objects
             return Verdict(f"{page.response.status}, but {exc.message}", "failed", tried, RECORDS_PATH_HINT, 1)
         total = page.paginator.known_total(page.response)
@@ -689,7 +690,8 @@ class Checker:
             return Verdict(summary, "warning", details, "no records in these windows to check the columns against")
         details = [] if len(tried) == 1 else [f"no records in the latest window; this page is from the first, {page.window}"]
         if not rejects:
-            return Verdict(summary, details=details)
+            unseen = validator.unseen_warnings(len(page.records))
+            return Verdict(summary, "warning" if unseen else "ok", details + unseen)
         details += [f"invalid record {r.key or '(no key)'}: {_excerpt(r.error)}" for r in rejects[:SHOWN_REJECTS]]
         max_rejects = self.config.sync.max_rejects
         hint = (

@@ -272,19 +272,9 @@ class Pipeline:
 
     def _warn_of_unseen_columns(self, resource: ResourceConfig, stats: ResourceStats) -> None:
         """A column no loaded record carries (`nmae` for `name`) is NULL in every row: exit 0 said nothing of it."""
-        if not stats.loaded:
-            return
-        validator = self._validators[resource.name]
-        taken = {(spec.source or name).split(".")[0] for name, spec in resource.columns.items()}
-        spare = [field for field in validator.fields if field not in taken]
-        for column in validator.unseen_columns:
-            log.warning(
-                "%s: column %r was in none of the %d records loaded, so it is NULL in every row; check "
-                "resources.%s.columns.%s (its name, or source) against the API's records, or set nullable = true on it "
-                "if the API leaves the field out when it is empty%s",
-                resource.name, column, stats.loaded, resource.name, column,
-                f"; their fields no column takes: {', '.join(spare)}" if spare else "",
-            )
+        if stats.loaded:
+            for warning in self._validators[resource.name].unseen_warnings(stats.loaded):
+                log.warning("%s: %s", resource.name, warning)
 
     async def _fetch_and_load(self, client: ApiClient, plans: list[ResourcePlan]) -> None:
         jobs = _interleave([[(plan.resource, window) for window in plan.pending] for plan in plans])

@@ -252,10 +252,18 @@ class RecordValidator:
         rejects = [self._reject(record, reasons.get(index, ["record: refused"])) for index, record in enumerate(failed)]
         return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
 
-    @property
-    def unseen_columns(self) -> list[str]:
-        """The optional columns that no valid record so far has carried, not even as null."""
-        return list(self._unseen)
+    def unseen_warnings(self, loaded: int) -> list[str]:
+        """One message per unseen column, with the record fields no column takes: the name the user meant."""
+        resource = self.resource
+        taken = {(spec.source or name).split(".")[0] for name, spec in resource.columns.items()}
+        spare = [field for field in self.fields if field not in taken]
+        return [
+            f"column {column!r} was in none of the {loaded} records read (NULL in each of their rows); check "
+            f"resources.{resource.name}.columns.{column} (its name, or source) against the API's records, or set "
+            "nullable = true on it if the API leaves the field out when it is empty"
+            + (f"; their fields no column takes: {', '.join(spare)}" if spare else "")
+            for column in self._unseen
+        ]
 
     def _look_for_unseen(self, records: list[Any]) -> None:
         """Strike the columns these valid records carry; once all are seen a page costs nothing more."""

@@ -94,5 +94,18 @@ async def test_a_column_no_record_carries_is_a_warning_naming_the_fields_left(
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1, result.stderr
-    assert "column 'nmae' was in none of the 20 records loaded" in warnings[0]
+    assert "column 'nmae' was in none of the 20 records read" in warnings[0]
     assert "resources.widgets.columns.nmae" in warnings[0] and "fields no column takes: name" in warnings[0], warnings[0]
+
+
+async def test_check_warns_of_a_column_no_record_on_the_page_carries(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """check passed `nmae = "string"` with a tick: the first place a newcomer looks said nothing of the typo."""
+    url = await fresh_database("sqlite")
+    async with serving(_widget_api(WIDGETS)) as origin:
+        columns = {"widget_id": "integer", "nmae": "string", "qty": "integer", "modified": "datetime"}
+        result = await run_etl("check", "--config", str(_widgets_config(tmp_path, origin, url, columns=columns)))
+    step = next(line for line in result.stdout.splitlines() if "resource widgets" in line)
+    assert step.startswith("!"), result.stdout
+    assert "column 'nmae' was in none of the 20 records" in result.stdout and "fields no column takes: name" in result.stdout
