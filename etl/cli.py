@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = command("check", "test every step from DNS to the database, with a hint for each failure")
     check.add_argument("--save-certs", metavar="FILE", help="write the certificate chains the hosts present, as PEM")
-    check.add_argument("--format", choices=["text", "json"], default="text", dest="output_format")
+    check.add_argument("--format", choices=["text", "json"], default="text", dest="output_format",
+                       help="the report as text (default) or as one JSON document on stdout")
 
     command("migrate", "bring etl's tables to the current schema version")
     command("status", "recent runs, watermarks, unfinished windows and rejected-record counts")

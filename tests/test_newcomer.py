@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from loopback import Handler, serving
 
@@ -109,3 +111,16 @@ async def test_check_warns_of_a_column_no_record_on_the_page_carries(
     step = next(line for line in result.stdout.splitlines() if "resource widgets" in line)
     assert step.startswith("!"), result.stdout
     assert "column 'nmae' was in none of the 20 records" in result.stdout and "fields no column takes: name" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["sync", "backfill", "check", "migrate", "status", "demo"])
+async def test_every_option_in_help_says_what_it_does(command: str) -> None:
+    """`check --help` listed `--format {text,json}` with nothing after it."""
+    result = await run_etl(command, "--help")
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split("options:", 1)[1]
+    entries = re.split(r"\n  (?=-)", options.strip("\n"))
+    described = {entry: [word for word in re.sub(r"\{[^}]*\}", "", entry).split() if word[0] != "-" and not word.isupper()]
+                 for entry in entries}
+    bare = [entry for entry, words in described.items() if not words]
+    assert not bare, bare
