@@ -390,6 +390,11 @@ def records_at(body: Any, records_path: str, url: str, key: str = "records_path"
             f"{url}: the body is an object, not a list of records; set {key} to one of its keys: {keys}"
         )
     if records is None:
+        parent_path = records_path.rpartition(".")[0]
+        parent = dig(body, parent_path) if parent_path else None
+        if isinstance(parent, dict):  # `result.row` for `result.rows`: the keys where the path broke show the one meant
+            keys = ", ".join(map(str, list(parent)[:12]))
+            raise SourceError(f"{url}: {key} {records_path!r} is not in the body; the keys at {parent_path!r} are: {keys}")
         keys = ", ".join(list(body)[:12]) if isinstance(body, dict) else type(body).__name__
         raise SourceError(f"{url}: {key} {records_path!r} is not in the body; its top-level keys are: {keys}")
     raise SourceError(f"{url}: {key} {records_path!r} holds a {type(records).__name__}, not a list of records")

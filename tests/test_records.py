@@ -294,6 +294,13 @@ def test_a_records_path_missing_from_a_body_that_holds_a_list_is_still_an_error(
         records_at({"data": data, "total": len(data)}, "items", "https://api.example.test/orders")
 
 
+def test_a_dotted_records_path_missing_its_last_step_names_the_keys_where_it_broke() -> None:
+    """`result.row` for `result.rows`: the body's top-level keys (result) do not show the key to write."""
+    body = {"result": {"rows": [{"id": 1}], "total": 1}, "status": "ok"}
+    with pytest.raises(SourceError, match="records_path 'result.row' is not in the body; the keys at 'result' are: rows, total"):
+        records_at(body, "result.row", "https://api.example.test/orders")
+
+
 def test_an_empty_list_body_is_a_page_without_records_whatever_the_records_path() -> None:
     """An API that wraps its records ({"data": [...]}) but answers an empty window with a bare [] failed that window every run."""
     assert records_at([], "data", "https://api.example.test/orders") == []
