@@ -315,7 +315,7 @@ def report(outcome: RunOutcome) -> int:
     for stats in outcome.resources.values():
         rate = stats.loaded / stats.seconds if stats.seconds > 0 else 0.0
         line = (
-            f"{stats.name}: {stats.loaded} loaded, {stats.rejected} rejected, {stats.pages} pages, "
+            f"{stats.name}: {stats.loaded} loaded, {stats.rejected} rejected, {stats.pages} page{'' if stats.pages == 1 else 's'}, "
             f"{stats.windows_done}/{stats.windows} windows, {stats.seconds:.1f}s ({rate:,.0f} records/s)"
         )
         if stats.error:

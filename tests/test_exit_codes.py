@@ -271,7 +271,7 @@ async def test_a_url_naming_a_blocking_driver_loads_through_the_projects_async_d
     async with Simulator() as sim:
         result = await run_etl("--log-format", "json", "sync", "--config", str(write_config(tmp_path, sim, url, resources=["products"])))
     assert result.returncode == 0, result.stderr
-    assert "products: 20 loaded" in result.stdout
+    assert "products: 20 loaded, 0 rejected, 1 page, " in result.stdout
 
 
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
