@@ -499,7 +499,7 @@ def config_from_document(document: dict[str, Any], path: Path | None = None) -> 
     try:
         config = Config.model_validate({**document, "source_path": path})
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, path)) from None
+        raise ConfigError(describe_validation_error(exc, path, document)) from None
     if config.auth.client_secret is not None and path is not None:
         _warn_secret_in_file(path, "auth.client_secret", ", or move the secret to $ETL_CLIENT_SECRET")
     if path is None:
@@ -537,8 +537,8 @@ def _sqlite_file_beside(config: Config, path: Path) -> Config:
     return config.model_copy(update={"database": config.database.model_copy(update={"url": beside.render_as_string(hide_password=False)})})
 
 
-def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
-    """One line per problem, each starting with the dotted key it is about."""
+def describe_validation_error(exc: ValidationError, path: Path | None, document: dict[str, Any] | None = None) -> str:
+    """One line per problem, each starting with the dotted key it is about; a resource's by its name too."""
     where = f"{path}: " if path else ""
     lines = []
     for error in exc.errors(include_url=False):
@@ -546,8 +546,19 @@ def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = _unknown_key(error["loc"])
+        message += _resource_named(document or {}, error["loc"])
         lines.append(f"{where}{key}: {message}" if key else f"{where}{message}")
     return "\n".join(lines)
+
+
+def _resource_named(document: dict[str, Any], loc: tuple[int | str, ...]) -> str:
+    """` (resource 'events')` for an error at resources[3]: with many resources, an index is one to count."""
+    resources = document.get("resources")
+    if len(loc) < 2 or loc[0] != "resources" or not isinstance(loc[1], int) or not isinstance(resources, list):
+        return ""
+    table = resources[loc[1]] if loc[1] < len(resources) else None
+    name = table.get("name") if isinstance(table, dict) else None
+    return f" (resource {name!r})" if isinstance(name, str) and name else ""
 
 
 def _unknown_key(loc: tuple[int | str, ...]) -> str:

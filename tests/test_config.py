@@ -117,6 +117,16 @@ def test_unknown_pagination_style_lists_the_known_ones() -> None:
     assert "resources[1].pagination" in message and "'page', 'offset', 'cursor', 'link_header', 'none'" in message
 
 
+def test_an_error_in_a_resource_names_the_resource_beside_its_index() -> None:
+    """With five resources, `resources[3]` is one to count: the line says which resource by name too."""
+    document = _document()
+    document["resources"][3]["pagination"]["page_size"] = 0
+    document["resources"][2]["pagniation"] = {}
+    message = _error(document)
+    assert "resources[3].pagination.page_size: Input should be greater than or equal to 1 (resource 'payments')" in message
+    assert "resources[2].pagniation: unknown key; did you mean 'pagination'? (resource 'events')" in message
+
+
 @pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "1abc", "with space", "etl_runs", "orders\n"])
 def test_unsafe_or_reserved_table_names_are_refused(name: str) -> None:
     """Table names are identifiers, never SQL: anything else is exit 2 before a connection is made."""
