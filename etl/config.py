@@ -8,6 +8,7 @@ a `ConfigError` whose message starts with the dotted key, e.g.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import logging
 import re
@@ -629,10 +630,7 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
         return env_secret
     if auth.client_secret_file:
         secret_path = _beside(config_file, auth.client_secret_file) if config_file else Path(auth.client_secret_file).expanduser()
-        try:
-            secret = secret_path.read_text(encoding="utf-8-sig").strip()  # -sig: a Windows editor's BOM is no part of it
-        except OSError as exc:
-            raise ConfigError(f"auth.client_secret_file: cannot read {secret_path}: {exc.strerror}") from None
+        secret = _read_secret_file(secret_path)
         if not secret:
             raise ConfigError(f"auth.client_secret_file: {secret_path} is empty")
         _warn_secret_in_file(secret_path, "the client secret (auth.client_secret_file)")
@@ -642,6 +640,22 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
     raise ConfigError(
         "auth.client_secret_file: no client secret found: set $ETL_CLIENT_SECRET or auth.client_secret_file"
     )
+
+
+def _read_secret_file(path: Path) -> str:
+    """The file's text without surrounding whitespace or a BOM: UTF-8 (a Windows editor's BOM is no part of
+    it), or UTF-16 with its BOM, which PowerShell 5's `"secret" > file` writes. Anything else is exit 2."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"auth.client_secret_file: cannot read {path}: {exc.strerror}") from None
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return raw.decode(encoding).strip()
+    except UnicodeDecodeError:  # its bytes are not quoted: they are the secret, or near it
+        raise ConfigError(
+            f"auth.client_secret_file: {path} is not UTF-8 text: save it as UTF-8 holding only the secret"
+        ) from None
 
 
 def _trimmed(secret: SecretStr | None) -> SecretStr | None:

@@ -366,6 +366,32 @@ def test_a_secret_is_sent_without_the_newline_or_bom_around_it(tmp_path: Path, m
     assert config_from_document(document).client_secret().get_secret_value() == "from-file"
 
 
+def test_a_secret_file_in_utf16_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PowerShell 5's `"secret" > file` writes UTF-16 with a BOM: it ended the run in a UnicodeDecodeError traceback."""
+    monkeypatch.delenv("ETL_CLIENT_SECRET", raising=False)
+    document = _document()
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes("from-file\r\n".encode("utf-16"))
+    document["auth"]["client_secret_file"] = str(secret_file)
+    assert config_from_document(document).client_secret().get_secret_value() == "from-file"
+
+
+@pytest.mark.parametrize("command", ["sync", "check"])
+def test_cli_a_secret_file_that_is_not_text_exits_2_naming_the_key(tmp_path: Path, command: str) -> None:
+    """A secret file in a legacy encoding (or a binary keystore named by mistake) was exit 1 with a traceback."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"s\xe9cret\xff\n")
+    secret_file.chmod(0o600)
+    document = _document()
+    document["auth"]["client_secret_file"] = "secret"
+    path = tomlwriter.write(tmp_path / "config.toml", document)
+    result = _cli(command, "--config", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert f"auth.client_secret_file: {secret_file} is not UTF-8 text" in output
+    assert "Traceback" not in output and "s\xe9cret" not in output
+
+
 def test_a_secret_in_the_config_file_is_warned_about_even_when_the_environment_wins(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
