@@ -80,6 +80,7 @@ from etl.token import (
     lifetime_of,
     redirect_text,
     refuse_unsendable,
+    refused_error,
     token_request,
 )
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
@@ -561,7 +562,7 @@ class Checker:
 
     async def _token_hint(self, error: Any, status: int) -> str:
         auth = self.config.auth
-        if error == "invalid_client" or (status == 401 and error is None):  # RFC 6749 §5.2: a client that failed to authenticate
+        if refused_error(status, error) == "invalid_client":
             return await self._client_auth_hint()
         if error == "invalid_scope":
             return (

@@ -43,6 +43,7 @@ DEFAULT_LIFETIME_S = 3600.0  # Cognito's default, for an answer without expires_
 MIN_RENEWAL_PAUSE_S = 1.0  # after a failed renewal, at least this long before the next try
 EXCERPT_CHARS = 200
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+OTHER_CAUSES_AT_401 = ("invalid_scope", "unsupported_grant_type")
 SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
 
 METHOD_HINT = (
@@ -259,7 +260,7 @@ class TokenManager:
         quoted = f'error "{error}"' + (f', error_description "{description}"' if description else "")
         return AuthError(
             f"the token endpoint {self._url} refused the request ({status}): {quoted}",
-            hint=self._refusal_hint(error) or hint,
+            hint=self._refusal_hint(refused_error(status, error)) or hint,
         )
 
     def _refusal_hint(self, error: str) -> str | None:
@@ -297,6 +298,12 @@ class TokenManager:
             exc,
             wait,
         )
+
+
+def refused_error(status: int, error: T) -> T | str:
+    """The error to advise on. A 401 is a client that failed to authenticate (RFC 6749 §5.2) unless its error
+    names another cause: Keycloak says unauthorized_client for a wrong secret, Auth0 access_denied."""
+    return "invalid_client" if status == 401 and error not in OTHER_CAUSES_AT_401 else error
 
 
 def lifetime_of(expires_in: Any) -> float | None:

@@ -407,3 +407,29 @@ async def test_etl_runs_names_the_resource_whose_rejects_went_over_max_rejects(
     error = await scalar(url, "SELECT error FROM etl_runs")
     assert f"(orders: {rejected})" in error, error
     assert f"(orders: {rejected})" in result.stderr
+
+
+@pytest.mark.parametrize("answer", [
+    {"error": "unauthorized_client", "error_description": "Invalid client or Invalid client credentials"},  # Keycloak
+    {"error": "access_denied", "error_description": "Unauthorized"},  # Auth0
+])
+async def test_a_401_from_the_token_endpoint_gets_the_credentials_hint_whatever_its_error(
+    answer: dict[str, str], tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """RFC 6749 §5.2: a 401 is a client that failed to authenticate. Keycloak says so with unauthorized_client and
+    Auth0 with access_denied: sync hinted at the grant not enabled, check at the method and Content-Type."""
+    url = await fresh_database("sqlite")
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response(answer, status=401)
+
+    async with serving({("POST", "/oauth2/token"): token}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        sync = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+
+    assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
+    assert f'error "{answer["error"]}", error_description "{answer["error_description"]}"' in sync.stderr
+    assert 'hint: check auth.client_id and the client secret; if both are right, try auth.client_auth = "body"' in sync.stderr
+    assert 'hint: check auth.client_id (\'demo-client\') and the client secret (from $ETL_CLIENT_SECRET); client_auth = "body" was tried too' in check.stdout
