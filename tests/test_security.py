@@ -18,8 +18,9 @@ from etl.schema import resource_table
 from etl.simulator import Simulator
 from etl.store import LoadBatch, Store
 
+import tomlwriter
 from dbquery import rows
-from etlproc import SECRET, run_etl, write_config
+from etlproc import SECRET, etl_env, run_etl, write_config
 
 HOSTILE = "x'); DROP TABLE probe; -- \" ; DELETE FROM etl_runs; \\\\ \u0000 ☃ 🎉"
 
@@ -98,3 +99,30 @@ async def test_a_secret_or_token_echoed_by_a_server_is_masked_in_etl_runs_and_on
     for where in (result.stdout, result.stderr, *stored):
         assert SECRET not in where and ECHOED_TOKEN not in where
     assert "***" in result.stdout
+
+
+@pytest.mark.parametrize("client_auth", ["body", "basic"])
+async def test_a_secret_with_a_tilde_echoed_as_it_was_sent_is_masked(
+    client_auth: str, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """An Azure AD secret holds '~'. The form body sent it as `~`, but what was masked was `%7E`: a token endpoint
+    echoing its raw request body put the secret on stderr, stdout and in etl_runs.error."""
+    secret = "Abc8Q~d/e+f=g"
+    url = await fresh_database("sqlite")
+
+    async def token(request: web.Request) -> web.Response:
+        sent = f"{request.headers.get('Authorization')} {(await request.read()).decode()}"
+        return web.json_response({"error": "invalid_client", "error_description": f"refused: {sent}"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): token}) as origin:
+        document = demo_document({"url": url}, f"{origin}/api/v1", f"{origin}/oauth2/token")
+        document["auth"]["client_auth"] = client_auth
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        result = await run_etl("sync", "--config", str(config), env=etl_env(ETL_CLIENT_SECRET=secret))
+        check = await run_etl("check", "--config", str(config), env=etl_env(ETL_CLIENT_SECRET=secret))
+
+    assert (result.returncode, check.returncode) == (3, 3), result.stderr
+    stored = [row.error for row in await rows(url, "SELECT error FROM etl_runs")]
+    for where in (result.stdout, result.stderr, check.stdout, check.stderr, *stored):
+        assert "Abc8Q" not in where
+    assert "refused: " in result.stderr and "***" in result.stderr
