@@ -74,6 +74,7 @@ from etl.records import RecordValidator, records_at
 from etl.token import (
     METHOD_HINT,
     REDIRECT_HINT,
+    REFUSED_HINT,
     Token,
     TokenManager,
     json_object,
@@ -574,6 +575,8 @@ class Checker:
                 "the app client may not use the client credentials grant: enable it on the app client "
                 "(it needs a client secret and at least one custom scope)"
             )
+        if isinstance(error, str) and error != "invalid_request" and status not in (404, 405):
+            return REFUSED_HINT
         path = urlsplit(auth.token_url).path
         if path.endswith(TOKEN_PATH):
             return METHOD_HINT

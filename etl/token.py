@@ -50,6 +50,10 @@ METHOD_HINT = (
     "the token endpoint wants POST with Content-Type application/x-www-form-urlencoded; "
     "check that auth.token_url is the token endpoint itself (it ends in /oauth2/token)"
 )
+REFUSED_HINT = (
+    "the token endpoint refused this app client for the reason it gives: check the client's settings there "
+    "(the grants, APIs and scopes it is allowed) and auth.scopes"
+)
 REDIRECT_HINT = (
     "set auth.token_url to the address it redirects to (often http:// to https://): etl does not "
     "send the client's credentials on to another address"
@@ -260,7 +264,7 @@ class TokenManager:
         quoted = f'error "{error}"' + (f', error_description "{description}"' if description else "")
         return AuthError(
             f"the token endpoint {self._url} refused the request ({status}): {quoted}",
-            hint=self._refusal_hint(refused_error(status, error)) or hint,
+            hint=self._refusal_hint(refused_error(status, error)) or hint or REFUSED_HINT,
         )
 
     def _refusal_hint(self, error: str) -> str | None:

@@ -433,3 +433,25 @@ async def test_a_401_from_the_token_endpoint_gets_the_credentials_hint_whatever_
     assert f'error "{answer["error"]}", error_description "{answer["error_description"]}"' in sync.stderr
     assert 'hint: check auth.client_id and the client secret; if both are right, try auth.client_auth = "body"' in sync.stderr
     assert 'hint: check auth.client_id (\'demo-client\') and the client secret (from $ETL_CLIENT_SECRET); client_auth = "body" was tried too' in check.stdout
+
+
+async def test_an_error_etl_has_no_advice_for_is_not_hinted_at_the_method(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """Auth0's 403 access_denied (an app client not authorised for the API) got check's hint that the endpoint wants
+    POST with a form body, which etl sent; sync gave no hint at all."""
+    url = await fresh_database("sqlite")
+    answer = {"error": "access_denied", "error_description": "Client has not been granted scopes: read:items"}
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response(answer, status=403)
+
+    async with serving({("POST", "/oauth2/token"): token}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        sync = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+
+    assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
+    assert 'error_description: "Client has not been granted scopes: read:items"' in check.stdout
+    for output in (sync.stderr, check.stdout):
+        assert "hint: the token endpoint refused this app client for the reason it gives" in output
+        assert "Content-Type" not in output
