@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # with fullmatch: `$` also matches before a final newline
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+TOKEN_FORM_FIELDS = ("grant_type", "scope", "client_id", "client_secret")
 ColumnType = Literal[
     "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
 ]
@@ -114,11 +115,19 @@ def _header_value(value: str) -> str:
     return value
 
 
+def _token_param_name(name: str) -> str:
+    """An extra form field of the token request may not replace one of RFC 6749 §4.4.2's, which etl sends."""
+    if name in TOKEN_FORM_FIELDS:
+        raise ValueError(f"etl sends {name} itself: set it with the other keys of [auth]")
+    return name
+
+
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 NonNegativeDuration = Annotated[timedelta, BeforeValidator(_duration), AfterValidator(_not_negative)]
 Instant = Annotated[datetime, BeforeValidator(_instant)]
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
+TokenParamName = Annotated[str, AfterValidator(_token_param_name)]
 
 
 class _Section(BaseModel):
@@ -154,6 +163,7 @@ class AuthConfig(_Section):
     scopes: list[str] = []
     client_auth: Literal["basic", "body"] = "basic"
     refresh_margin_s: float = Field(60, ge=0)
+    params: dict[TokenParamName, str] = Field({}, description="extra form fields: Auth0's audience, Azure AD v1's resource")
 
     @field_validator("token_url")
     @classmethod

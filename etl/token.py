@@ -372,6 +372,7 @@ def token_request(auth: AuthConfig, secret: SecretStr, client_auth: str) -> tupl
     form = {"grant_type": "client_credentials"}
     if auth.scopes:
         form["scope"] = " ".join(auth.scopes)
+    form |= auth.params
     headers = {"Content-Type": FORM_CONTENT_TYPE, "Accept": "application/json"}
     register_secret(_form_encode(secret.get_secret_value()))  # as the form or a server's echo of it may show it
     if client_auth == "basic":

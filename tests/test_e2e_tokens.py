@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from loopback import Handler, serving
 
 from etl import runs
 from etl.config import Config, config_from_document
@@ -15,6 +17,7 @@ from etl.demo import demo_document
 from etl.progress import NoProgress
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
+import tomlwriter
 from dbquery import rows
 from etlproc import run_etl, write_config
 
@@ -104,3 +107,55 @@ async def test_token_endpoint_retries_are_warnings_that_quiet_mode_shows(tmp_pat
     assert result.returncode == 0, result.stderr
     assert "WARNING token request 1 to 127.0.0.1 failed" in result.stderr
     assert "WARNING token request 2 to 127.0.0.1 failed" in result.stderr
+
+
+def _audience_servers(sent: list[dict[str, str]]) -> dict[tuple[str, str], Handler]:
+    """An Auth0-like token endpoint that issues a token only for an `audience`, and an API of ten records."""
+
+    async def token(request: web.Request) -> web.Response:
+        form = {name: str(value) for name, value in (await request.post()).items()}
+        sent.append(form)
+        if form.get("audience") != "https://api.example.com":
+            description = "No audience parameter was provided, and no default audience has been configured"
+            return web.json_response({"error": "access_denied", "error_description": description}, status=403)
+        return web.json_response({"access_token": "audience-token", "expires_in": 86400, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer audience-token":
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        first = (int(request.query["page"]) - 1) * 10
+        return web.json_response({"data": [{"id": n} for n in range(first, min(first + 10, 10))]})
+
+    return {("POST", "/oauth/token"): token, ("GET", "/api/items"): items}
+
+
+async def test_auth_params_are_sent_with_the_token_request(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """Auth0 issues a client-credentials token only for an `audience` (Azure AD v1 wants `resource`): etl had no
+    way to send one, and every run was exit 3 with Auth0's "No audience parameter was provided"."""
+    url, sent = await fresh_database("sqlite"), []
+    async with serving(_audience_servers(sent)) as origin:
+        document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth/token")
+        document["auth"] |= {"client_auth": "body", "params": {"audience": "https://api.example.com"}}
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        }]
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        result = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+
+    assert (result.returncode, check.returncode) == (0, 0), result.stderr + check.stdout
+    assert "items: 10 loaded" in result.stdout
+    assert sent[0] == {
+        "grant_type": "client_credentials", "scope": "legacy-api/read", "audience": "https://api.example.com",
+        "client_id": "demo-client", "client_secret": "demo-secret",
+    }
+
+
+@pytest.mark.parametrize("name", ["scope", "grant_type", "client_id", "client_secret"])
+async def test_auth_params_may_not_replace_what_etl_sends(name: str, tmp_path: Path) -> None:
+    document = demo_document({"url": "sqlite:///etl.db"}, "http://127.0.0.1:1/api", "http://127.0.0.1:1/oauth2/token")
+    document["auth"]["params"] = {name: "x"}
+    result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
+    assert result.returncode == 2
+    assert f"auth.params.{name}: etl sends {name} itself" in result.stderr
