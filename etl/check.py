@@ -83,6 +83,7 @@ from etl.token import (
     refuse_unsendable,
     refused_error,
     token_request,
+    transient,
 )
 from etl.transport import RetryPolicy, build_ssl_context, display_url, open_session, proxy_for, translate
 from etl.windows import FULL_REFRESH, Window, ceil_to, floor_to, granularity
@@ -557,7 +558,7 @@ class Checker:
             details, summary = [f"fields: {', '.join(sorted(fields)) or 'none'}"], f"{status}, but no access_token"
         else:
             details, summary = [f"body: {redact(body.decode('utf-8', 'replace'))[:EXCERPT_CHARS]!r}"], f"{status}, not a token"
-        if status == 429 or status >= 500:
+        if transient(status):
             return Verdict(summary, "failed", details, "the token endpoint is overloaded or down: check again later", 1)
         return Verdict(summary, "failed", details, await self._token_hint(error, status), 3)
 

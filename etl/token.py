@@ -212,7 +212,7 @@ class TokenManager:
             raise _at_token_endpoint(exc, self._url) from exc
         if 200 <= status < 300:
             return self._issued_token(status, answer, issued)
-        if status == 429 or status >= 500:
+        if transient(status):
             raise RetryableError(f"the token endpoint {self._url} answered {status}", retry_after=retry_after)
         raise self._refusal(status, answer, location)
 
@@ -302,6 +302,11 @@ class TokenManager:
             exc,
             wait,
         )
+
+
+def transient(status: int) -> bool:
+    """An answer to try again: 429, 5xx, and a load balancer's 408 Request Timeout (the API retries it too)."""
+    return status in (408, 429) or status >= 500
 
 
 def refused_error(status: int, error: T) -> T | str:

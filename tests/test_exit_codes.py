@@ -455,3 +455,38 @@ async def test_an_error_etl_has_no_advice_for_is_not_hinted_at_the_method(tmp_pa
     for output in (sync.stderr, check.stdout):
         assert "hint: the token endpoint refused this app client for the reason it gives" in output
         assert "Content-Type" not in output
+
+
+async def test_a_408_from_the_token_endpoint_is_retried_not_an_authentication_failure(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A load balancer's 408 Request Timeout before the token endpoint is transient, as it is for the API: sync
+    failed at once with exit 3 ("authentication failed"), and check hinted at the method and Content-Type."""
+    url = await fresh_database("sqlite")
+    timeouts = [1]
+
+    async def token(_request: web.Request) -> web.Response:
+        if timeouts[0] > 0:
+            timeouts[0] -= 1
+            return web.Response(status=408, text="<html><h1>408 Request Time-out</h1></html>", content_type="text/html")
+        return web.json_response({"access_token": "after-408", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": 1}] if request.query["page"] == "1" else []})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/v1/items"): items}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["api"] |= {"max_retries": 2, "retry_backoff_s": 0.01}
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        }]
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        sync = await run_etl("sync", "--config", str(config))
+        timeouts[0] = 1_000
+        check = await run_etl("check", "--config", str(config))
+
+    assert sync.returncode == 0, sync.stderr
+    assert "answered 408; retrying" in sync.stderr and "2 token request(s)" in sync.stdout
+    assert check.returncode == 1, check.stdout
+    assert "hint: the token endpoint is overloaded or down: check again later" in check.stdout
