@@ -578,6 +578,8 @@ class Checker:
             )
         if isinstance(error, str) and error != "invalid_request" and status not in (404, 405):
             return REFUSED_HINT
+        if error == "invalid_request" and (other := await self._other_client_auth_works()):
+            return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'
         path = urlsplit(auth.token_url).path
         if path.endswith(TOKEN_PATH):
             return METHOD_HINT
@@ -586,17 +588,22 @@ class Checker:
     async def _client_auth_hint(self) -> str:
         """Try the other client_auth once: that tells a wrong secret from a wrong way of sending it."""
         auth = self.config.auth
-        other = "body" if auth.client_auth == "basic" else "basic"
-        try:
-            status, body, _ = await self._post_token(other)
-        except EtlError:
-            status, body = 0, b""
-        if 200 <= status < 300 and (json_object(body) or {}).get("access_token"):
+        if other := await self._other_client_auth_works():
             return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'
         return (
             f"check auth.client_id ({auth.client_id!r}) and the client secret (from {self.secret_source}); "
-            f'client_auth = "{other}" was tried too and refused as well'
+            f'client_auth = "{_other_client_auth(auth.client_auth)}" was tried too and refused as well'
         )
+
+    async def _other_client_auth_works(self) -> str | None:
+        """The client_auth not configured, if the endpoint issues a token that way; an endpoint that reads the
+        client from one place only says invalid_client or invalid_request ("Missing parameter: client_id")."""
+        other = _other_client_auth(self.config.auth.client_auth)
+        try:
+            status, body, _ = await self._post_token(other)
+        except EtlError:
+            return None
+        return other if 200 <= status < 300 and (json_object(body) or {}).get("access_token") else None
 
     async def _fetch_page(self, resource: ResourceConfig) -> Verdict:
         """The first page of the latest window, or of the first window when the latest has no records."""
@@ -898,3 +905,7 @@ async def run_check(config_path: Path, save_certs: str | None, output_format: st
     else:
         print(_json_report(checker.exit_code, str(config_path), checker.steps), flush=True)
     return checker.exit_code
+
+
+def _other_client_auth(client_auth: str) -> str:
+    return "body" if client_auth == "basic" else "basic"

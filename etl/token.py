@@ -289,7 +289,10 @@ class TokenManager:
                 "the endpoint does not offer grant_type=client_credentials: check that auth.token_url is the "
                 "user pool domain's /oauth2/token and that the app client allows the client credentials flow"
             ),
-            "invalid_request": METHOD_HINT,
+            "invalid_request": (
+                f"{METHOD_HINT}; if it says the client_id or client_secret is missing, try auth.client_auth = "
+                f'"{other_auth}" (an endpoint that reads the client from one place only answers so)'
+            ),
         }.get(error)
 
     def _log_retry(self, state: RetryCallState) -> None:

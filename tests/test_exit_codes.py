@@ -490,3 +490,27 @@ async def test_a_408_from_the_token_endpoint_is_retried_not_an_authentication_fa
     assert "answered 408; retrying" in sync.stderr and "2 token request(s)" in sync.stdout
     assert check.returncode == 1, check.stdout
     assert "hint: the token endpoint is overloaded or down: check again later" in check.stdout
+
+
+async def test_an_endpoint_that_wants_body_credentials_and_says_invalid_request_points_at_client_auth(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """An endpoint that reads the client only from the form answers Basic with invalid_request, "Missing parameter:
+    client_id": sync and check hinted only at the method and Content-Type, which were right, and check did not try
+    client_auth = "body", which works."""
+    url = await fresh_database("sqlite")
+
+    async def token(request: web.Request) -> web.Response:
+        if "client_id" not in await request.post():
+            return web.json_response({"error": "invalid_request", "error_description": "Missing parameter: client_id"}, status=400)
+        return web.json_response({"access_token": "form-client", "expires_in": 3600, "token_type": "Bearer"})
+
+    async with serving({("POST", "/oauth2/token"): token}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        sync = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+
+    assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
+    assert 'if it says the client_id or client_secret is missing, try auth.client_auth = "body"' in sync.stderr
+    assert 'hint: the token endpoint accepts client_auth = "body": set it in [auth]' in check.stdout
