@@ -73,12 +73,12 @@ from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
 from etl.token import (
     METHOD_HINT,
-    REDIRECT_HINT,
     REFUSED_HINT,
     Token,
     TokenManager,
     json_object,
     lifetime_of,
+    redirect_hint,
     redirect_text,
     refuse_unsendable,
     refused_error,
@@ -512,7 +512,7 @@ class Checker:
         if 200 <= status < 300 and fields and isinstance(value, str) and value:
             return self._issued(status, fields, value)
         if 300 <= status < 400:
-            return Verdict(f"{status}, {redirect_text(location)}", "failed", [], REDIRECT_HINT, 3)
+            return Verdict(f"{status}, {redirect_text(location)}", "failed", [], redirect_hint(self.config.auth.token_url, location), 3)
         return await self._refused(status, fields, body)
 
     async def _tls_on_plain_url(self, url: str, key: str) -> UnreachableError | None:

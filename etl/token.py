@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import quote_plus, urlsplit
+from urllib.parse import quote_plus, urljoin, urlsplit
 
 import aiohttp
 from pydantic import SecretStr
@@ -57,6 +57,10 @@ REFUSED_HINT = (
 REDIRECT_HINT = (
     "set auth.token_url to the address it redirects to (often http:// to https://): etl does not "
     "send the client's credentials on to another address"
+)
+LOGIN_REDIRECT_HINT = (
+    "the address it redirects to is no token endpoint (a login page, or a proxy's): check that auth.token_url is "
+    "the token endpoint itself (Cognito's ends in /oauth2/token) and that no proxy in between wants a sign-in"
 )
 FRESH_TOKEN_HINT = (
     "the token endpoint issues tokens this API does not accept: check that auth.token_url is the user pool "
@@ -250,7 +254,10 @@ class TokenManager:
     def _refusal(self, status: int, answer: bytes, location: str | None = None) -> AuthError:
         """The endpoint's own refusal as AuthError: its error and error_description verbatim, plus a hint."""
         if 300 <= status < 400:
-            return AuthError(f"the token endpoint {self._url} answered {status}, {redirect_text(location)}", hint=REDIRECT_HINT)
+            return AuthError(
+                f"the token endpoint {self._url} answered {status}, {redirect_text(location)}",
+                hint=redirect_hint(self._auth.token_url, location),
+            )
         fields = json_object(answer) or {}
         hint = METHOD_HINT if status in (404, 405) else self._refusal_hint("invalid_client") if status == 401 else None
         if isinstance(fields.get("error"), str):  # any 4xx: an unknown error (access_denied) was cut at 200 characters
@@ -341,6 +348,18 @@ def refuse_unsendable(value: str, url: str, status: int) -> None:
             "(CR, LF, NUL, ...), which cannot be sent in an Authorization header",
             hint="check that auth.token_url is the token endpoint itself, not a proxy or page that rewrites its answer",
         )
+
+
+def redirect_hint(token_url: str, location: str | None) -> str:
+    """Follow it by hand only when it leads to another token endpoint (http to https, a trailing slash): one to a
+    login page (an SSO proxy, a hosted UI) was hinted to become auth.token_url."""
+    if location and _last_step(urljoin(token_url, location)) == _last_step(token_url):
+        return REDIRECT_HINT
+    return LOGIN_REDIRECT_HINT
+
+
+def _last_step(url: str) -> str:
+    return urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def redirect_text(location: str | None) -> str:

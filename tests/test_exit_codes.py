@@ -514,3 +514,28 @@ async def test_an_endpoint_that_wants_body_credentials_and_says_invalid_request_
     assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
     assert 'if it says the client_id or client_secret is missing, try auth.client_auth = "body"' in sync.stderr
     assert 'hint: the token endpoint accepts client_auth = "body": set it in [auth]' in check.stdout
+
+
+@pytest.mark.parametrize(("location", "hint"), [
+    ("https://sso.example.com/login?next=%2Foauth2%2Ftoken", "is no token endpoint (a login page, or a proxy's)"),
+    ("/oauth2/token/", "set auth.token_url to the address it redirects to"),
+])
+async def test_a_token_endpoint_redirecting_to_a_login_page_is_not_told_to_be_followed(
+    location: str, hint: str, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A token_url that an SSO proxy or a hosted UI sends to its login page was hinted "set auth.token_url to the
+    address it redirects to": the login page. Only a redirect to another token endpoint (http to https, a slash)
+    is one to follow."""
+    url = await fresh_database("sqlite")
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": location})
+
+    async with serving({("POST", "/oauth2/token"): token}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        sync = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+
+    assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
+    assert hint in sync.stderr and hint in check.stdout
