@@ -3,6 +3,7 @@
     EtlError                      exit 1  the run failed or stopped early
     ├── ConfigError               exit 2  usage or configuration, names the key or flag
     ├── AuthError                 exit 3  the token endpoint refused us
+    │   └── TokenRefusedByApi             the API refused a fresh token: that resource fails, the others go on
     ├── LockHeld                  exit 4  another run holds the lock
     ├── UnreachableError          exit 5  DNS, TCP or TLS: the host could not be reached or trusted
     │   └── ConnectionFailed              refused or dropped connect: retried, then exit 5
@@ -48,6 +49,11 @@ class AuthError(EtlError):
     """The token endpoint refused the client, secret, grant or scope."""
 
     exit_code = 3
+
+
+class TokenRefusedByApi(AuthError):
+    """The API answered 401 to a freshly issued token too. Of one resource, not the run: API Gateway answers a
+    token without one method's scope so, and the resources the token may read were stopped with it."""
 
 
 class LockHeld(EtlError):

@@ -36,6 +36,7 @@ from etl.errors import (
     Interrupted,
     LoadError,
     RefusedRequest,
+    TokenRefusedByApi,
     UnreachableError,
 )
 from etl.logs import register_secret, resource_var, run_id_var, window_var
@@ -454,13 +455,13 @@ class Pipeline:
         # kind that stopped the resource, met by its other windows in flight too (a 403 for a scope the token lacks, a
         # path that answers 500 to every retry): one ERROR and hint per window, each on its own URL, said nothing more.
         first = self._failed.get(resource.name)
-        repeated = any(error.message == exc.message or isinstance(error, RUN_WIDE_ERRORS) for error in self._errors) or (
+        repeated = any(_same_cause(error, exc) for error in self._errors) or (
             first is not None and (isinstance(exc, RefusedRequest) or type(exc) is type(first))
         )
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s", exc)
         self._errors.append(exc)
         self.stats[resource.name].error = self._failed.setdefault(resource.name, exc).message  # the first, the one logged
-        if isinstance(exc, RUN_WIDE_ERRORS):
+        if _run_wide(exc):
             self.stop.set()
 
     # -- loading ------------------------------------------------------------------------------------
@@ -578,10 +579,23 @@ class Pipeline:
     def _blame_run_wide_cause(self) -> None:
         """A cause that stopped every resource (API or token host down, the database) is the failure of each one it
         left unfinished, not only of the first to meet it: the others looked merely empty in the summary."""
-        cause = next((error for error in self._errors if isinstance(error, RUN_WIDE_ERRORS)), None)
+        cause = next((error for error in self._errors if _run_wide(error)), None)
         for stats in self.stats.values():
             if cause is not None and stats.error is None and stats.windows_done < stats.windows:
                 stats.error = cause.message
+
+
+def _same_cause(earlier: EtlError, exc: EtlError) -> bool:
+    """`exc` says nothing new after `earlier`: the same message, a run-wide cause, or a token the API refused again
+    (an API that refuses every token fails each resource, on its own URL; the summary names each one)."""
+    both_refused = isinstance(earlier, TokenRefusedByApi) and isinstance(exc, TokenRefusedByApi)
+    return earlier.message == exc.message or _run_wide(earlier) or both_refused
+
+
+def _run_wide(error: EtlError) -> bool:
+    """A cause that stops every resource. A token the API refuses stops only its resource: API Gateway refuses
+    one without a method's scope, and every other resource the token may read stopped with it."""
+    return isinstance(error, RUN_WIDE_ERRORS) and not isinstance(error, TokenRefusedByApi)
 
 
 def _records_key(resource: ResourceConfig) -> str:

@@ -30,7 +30,7 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from etl.config import AuthConfig
-from etl.errors import AuthError, EtlError, RetryableError, TokenRejected
+from etl.errors import AuthError, EtlError, RetryableError, TokenRefusedByApi, TokenRejected
 from etl.logs import redact, register_secret
 from etl.transport import CONNECT_HINT, RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
@@ -157,15 +157,18 @@ class TokenManager:
             reraise=True,
             before_sleep=_log_rejected,
         )
+        drops = [True, False]  # a 401 drops the token only when a retry follows: one refused fresh may serve others
         try:
-            return await retrying(self._send_once, send, before)
+            return await retrying(self._send_once, send, before, drops)
         except TokenRejected as exc:
-            raise AuthError(
+            raise TokenRefusedByApi(
                 f"the API rejected a freshly issued token from {self._url}: {exc.message}",
                 hint=FRESH_TOKEN_HINT,
             ) from exc
 
-    async def _send_once(self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None) -> T:
+    async def _send_once(
+        self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None, drops: list[bool]
+    ) -> T:
         if before is not None:
             await before()
         token = await self.token()
@@ -173,7 +176,8 @@ class TokenManager:
             return await send(token)
         except TokenRejected:
             self.rejected_by_api += 1
-            await self.invalidate(token)
+            if drops.pop(0):
+                await self.invalidate(token)
             raise
 
     async def _renew(self) -> Token:

@@ -18,7 +18,7 @@ from etl.progress import NoProgress
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
 import tomlwriter
-from dbquery import rows
+from dbquery import rows, scalar
 from etlproc import run_etl, write_config
 
 
@@ -159,3 +159,43 @@ async def test_auth_params_may_not_replace_what_etl_sends(name: str, tmp_path: P
     result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
     assert result.returncode == 2
     assert f"auth.params.{name}: etl sends {name} itself" in result.stderr
+
+
+def _gateway_with_a_scope_per_path(tokens: list[str]) -> dict[tuple[str, str], Handler]:
+    """API Gateway with a Cognito authorizer and a scope per method: a token without /customers' scope gets 401
+    there (not 403), while /orders, 30 pages of 10 records, serves it."""
+
+    async def token(_request: web.Request) -> web.Response:
+        tokens.append(f"scoped-token-{len(tokens)}")
+        return web.json_response({"access_token": tokens[-1], "expires_in": 3600, "token_type": "Bearer"})
+
+    async def orders(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.02)
+        first = (int(request.query["page"]) - 1) * 10
+        return web.json_response({"data": [{"id": n} for n in range(first, min(first + 10, 300))]})
+
+    async def customers(_request: web.Request) -> web.Response:
+        return web.json_response({"message": "Unauthorized"}, status=401)
+
+    return {("POST", "/oauth2/token"): token, ("GET", "/api/orders"): orders, ("GET", "/api/customers"): customers}
+
+
+async def test_a_resource_whose_scope_the_token_lacks_fails_alone(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """The 401 to a fresh token on one resource stopped the whole run: orders, which the token may read, stopped
+    after a page or two, and a nightly sync loaded nothing for any resource until the scope was granted."""
+    url, tokens = await fresh_database("sqlite"), []
+    async with serving(_gateway_with_a_scope_per_path(tokens)) as origin:
+        document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
+        document["api"]["concurrency"] = 2
+        document["resources"] = [{
+            "name": name, "path": f"/{name}", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        } for name in ("customers", "orders")]
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        result = await run_etl("sync", "--config", str(config))
+
+    assert result.returncode == 3, result.stderr
+    assert "orders: 300 loaded" in result.stdout
+    assert "customers: 0 loaded" in result.stdout and "FAILED: the API rejected a freshly issued token" in result.stdout
+    assert await scalar(url, "SELECT COUNT(*) FROM orders") == 300
+    assert len(tokens) == 2
