@@ -78,6 +78,7 @@ from etl.token import (
     TokenManager,
     json_object,
     lifetime_of,
+    quoted_secret_note,
     redirect_hint,
     redirect_text,
     refuse_unsendable,
@@ -593,6 +594,7 @@ class Checker:
         return (
             f"check auth.client_id ({auth.client_id!r}) and the client secret (from {self.secret_source}); "
             f'client_auth = "{_other_client_auth(auth.client_auth)}" was tried too and refused as well'
+            + quoted_secret_note(self.secret)
         )
 
     async def _other_client_auth_works(self) -> str | None:

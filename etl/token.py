@@ -284,6 +284,7 @@ class TokenManager:
             "invalid_client": (
                 f"check auth.client_id and the client secret; if both are right, try auth.client_auth = "
                 f'"{other_auth}" (the endpoint may expect the client credentials the other way)'
+                + quoted_secret_note(self._secret)
             ),
             "invalid_scope": (
                 f"scopes are `resource-server-id/scope-name` as enabled on the app client; "
@@ -316,6 +317,18 @@ class TokenManager:
             exc,
             wait,
         )
+
+
+def quoted_secret_note(secret: SecretStr) -> str:
+    """A note for a refused secret in quotes: docker's --env-file and kubectl's --from-env-file keep the quotes of
+    ETL_CLIENT_SECRET="..." as part of the value (systemd's EnvironmentFile drops them)."""
+    value = secret.get_secret_value()
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
+        return (
+            "; the client secret starts and ends with a quote, which is sent as part of it: docker's --env-file "
+            "keeps the quotes of ETL_CLIENT_SECRET=\"...\", remove them there"
+        )
+    return ""
 
 
 def transient(status: int) -> bool:

@@ -539,3 +539,26 @@ async def test_a_token_endpoint_redirecting_to_a_login_page_is_not_told_to_be_fo
 
     assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
     assert hint in sync.stderr and hint in check.stdout
+
+
+async def test_a_secret_in_quotes_is_pointed_out_when_the_endpoint_refuses_it(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """docker's --env-file keeps the quotes of ETL_CLIENT_SECRET="..." as part of the value: invalid_client for the
+    right secret, and nothing said that the quotes went out with it."""
+    url = await fresh_database("sqlite")
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"error": "invalid_client"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): token}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        environment = etl_env(ETL_CLIENT_SECRET='"s3cr3t-in-quotes"')
+        sync = await run_etl("sync", "--config", str(config), env=environment)
+        check = await run_etl("check", "--config", str(config), env=environment)
+
+    assert (sync.returncode, check.returncode) == (3, 3)
+    note = "the client secret starts and ends with a quote, which is sent as part of it"
+    assert note in sync.stderr and note in check.stdout
+    assert "s3cr3t-in-quotes" not in sync.stderr + sync.stdout + check.stdout + check.stderr
