@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # with fullmatch: `$` also matches before a final newline
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 TOKEN_FORM_FIELDS = ("grant_type", "scope", "client_id", "client_secret")
 ColumnType = Literal[
     "string", "text", "integer", "bigint", "float", "decimal", "boolean", "date", "datetime", "json"
@@ -636,6 +637,7 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
             "auth.client_secret is set in the config file; prefer $ETL_CLIENT_SECRET or auth.client_secret_file"
             + ("; $ETL_CLIENT_SECRET is set and is the one used" if env_secret is not None else "")
         )
+    _warn_cleartext(auth.token_url)
     if env_secret is not None:
         return env_secret
     if auth.client_secret_file:
@@ -650,6 +652,17 @@ def resolve_client_secret(auth: AuthConfig, config_file: Path | None) -> SecretS
     raise ConfigError(
         "auth.client_secret_file: no client secret found: set $ETL_CLIENT_SECRET or auth.client_secret_file"
     )
+
+
+def _warn_cleartext(token_url: str) -> None:
+    """The secret goes to an http:// token_url unencrypted, on every run: worse than verify_tls = false, which is
+    warned about on every run. Loopback (the simulator, an SSH tunnel) stays on this machine."""
+    parts = urlsplit(token_url)
+    if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+        log.warning(
+            "auth.token_url is http://: the client secret goes to %s unencrypted, readable by anyone on the network "
+            "path; write https://", parts.hostname
+        )
 
 
 def _read_secret_file(path: Path) -> str:

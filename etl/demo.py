@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from etl.config import config_from_document, config_named_by, config_path, read_document
+from etl.config import LOOPBACK_HOSTS, config_from_document, config_named_by, config_path, read_document
 from etl.db import create_engine, safe_url
 from etl.errors import ConfigError
 from etl.pipeline import RunOutcome
@@ -28,8 +28,6 @@ from etl.schema import runs as runs_table
 from etl.simulator import Simulator, demo_settings
 
 log = logging.getLogger(__name__)
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def demo_document(database: dict[str, Any] | None, base_url: str, token_url: str) -> dict[str, Any]:

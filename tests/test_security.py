@@ -126,3 +126,25 @@ async def test_a_secret_with_a_tilde_echoed_as_it_was_sent_is_masked(
     for where in (result.stdout, result.stderr, check.stdout, check.stderr, *stored):
         assert "Abc8Q" not in where
     assert "refused: " in result.stderr and "***" in result.stderr
+
+
+async def test_a_token_url_in_cleartext_off_this_machine_is_warned_about(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """An http:// token_url sends the client secret unencrypted on every run (Basic or form): verify_tls = false,
+    a lesser exposure, was warned about on every run, this not at all. Loopback (the simulator, a tunnel) is not."""
+    url = await fresh_database("sqlite")
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"error": "invalid_client"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): token}) as origin:
+        port = origin.rsplit(":", 1)[1]
+        document = demo_document({"url": url}, f"{origin}/api/v1", f"http://localhost.localdomain.invalid:{port}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        remote = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+        document["auth"]["token_url"] = f"{origin}/oauth2/token"
+        local = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
+
+    warning = "auth.token_url is http://: the client secret goes to localhost.localdomain.invalid unencrypted"
+    assert warning in remote.stderr and warning in check.stdout + check.stderr
+    assert "unencrypted" not in local.stderr
