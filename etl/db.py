@@ -64,6 +64,8 @@ def async_url(url: str) -> URL:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(f"{database_url_key()}: {url!r} is not a database URL like sqlite:///etl.db") from None
+    if parsed.get_backend_name() == "mariadb":
+        parsed = _as_mysql(parsed)
     if "+" not in parsed.drivername or not _async_driver(parsed):
         driver = ASYNC_DRIVERS.get(parsed.get_backend_name())
         if driver is None:
@@ -75,6 +77,16 @@ def async_url(url: str) -> URL:
     if parsed.drivername == "postgresql+asyncpg":
         parsed = _asyncpg_query(parsed)
     return parsed
+
+
+def _as_mysql(url: URL) -> URL:
+    """`mariadb+aiomysql://` as `mysql+aiomysql://`, the same driver and server.
+
+    SQLAlchemy names the dialect of a `mariadb` URL "mariadb", which etl's code, written for "mysql",
+    did not know: migrate, status and check passed, and every sync failed on its first upsert.
+    """
+    driver = url.drivername.partition("+")[2]
+    return url.set(drivername=f"mysql+{driver}" if driver else "mysql")
 
 
 def _async_driver(url: URL) -> bool:

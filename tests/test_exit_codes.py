@@ -274,6 +274,17 @@ async def test_a_url_naming_a_blocking_driver_loads_through_the_projects_async_d
     assert "products: 20 loaded, 0 rejected, 1 page, " in result.stdout
 
 
+@pytest.mark.parametrize("driver", ["mariadb+aiomysql", "mariadb+pymysql"])
+async def test_a_mariadb_url_naming_a_driver_loads(tmp_path: Path, fresh_database: Callable[[str], Any], driver: str) -> None:
+    """`mariadb+aiomysql://`, etl's own driver under SQLAlchemy's MariaDB name, passed migrate, status and check,
+    and then every sync failed, exit 1: "no upsert for the mariadb dialect"."""
+    url = make_url(await fresh_database("mysql")).set(drivername=driver).render_as_string(hide_password=False)
+    async with Simulator() as sim:
+        result = await run_etl("sync", "--config", str(write_config(tmp_path, sim, url, resources=["products"])))
+    assert result.returncode == 0, result.stderr
+    assert "products: 20 loaded" in result.stdout
+
+
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
     result = await _run_against_database(tmp_path, "postgresql+psycopg_async://root@127.0.0.1:1/test", "status")
     assert result.returncode == 2, result.stderr
