@@ -540,7 +540,7 @@ def _sqlite_file_beside(config: Config, path: Path) -> Config:
     """
     try:
         url = make_url(config.database.url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return config  # db.py names the key when it opens the database
     database = url.database or ""
     if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):

@@ -58,12 +58,27 @@ ASYNC_DRIVERS = {
 }
 
 
+# make_url's errors: ArgumentError, or ValueError for a port that is no number, which is what a password
+# with an unencoded `@` or `:` leaves (`u:p@ss:w0rd@h/db`); its message quotes that piece of the password.
+URL_ERRORS = (ArgumentError, ValueError)
+
+
+def parse_url(url: str) -> URL:
+    """The URL parsed; one that does not parse is a ConfigError that does not show it, since it holds a password."""
+    try:
+        return make_url(url)
+    except URL_ERRORS:
+        raise ConfigError(
+            f"{database_url_key()} is not a database URL like sqlite:///etl.db or postgresql://user:password@host/database "
+            "(not shown here: it may hold a password)",
+            hint="percent-encode a user name or password that holds @ : / % # ? or a space "
+            "(@ is %40, : is %3A, / is %2F, % is %25, # is %23, ? is %3F, a space is %20)",
+        ) from None
+
+
 def async_url(url: str) -> URL:
     """The URL with the project's async driver when none is named."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"{database_url_key()}: {url!r} is not a database URL like sqlite:///etl.db") from None
+    parsed = parse_url(url)
     if parsed.get_backend_name() == "mariadb":
         parsed = _as_mysql(parsed)
     if "+" not in parsed.drivername or not _async_driver(parsed):
@@ -131,7 +146,7 @@ def safe_url(url: str | URL) -> str:
     """The URL for messages: password hidden."""
     try:
         return (url if isinstance(url, URL) else make_url(url)).render_as_string(hide_password=True)
-    except ArgumentError:
+    except URL_ERRORS:
         return "<unparseable database URL>"
 
 
@@ -268,7 +283,7 @@ def sqlite_file(url: str | URL) -> Path | None:
     """
     try:
         parsed = url if isinstance(url, URL) else make_url(url)
-    except ArgumentError:
+    except URL_ERRORS:
         return None
     database = parsed.database or ""
     if parsed.get_backend_name() != "sqlite":
@@ -304,7 +319,7 @@ def _is_sqlite(url: str | URL) -> bool:
     """SQLite has no server and no credentials: its hint is about the file."""
     try:
         return (url if isinstance(url, URL) else make_url(url)).get_backend_name() == "sqlite"
-    except ArgumentError:
+    except URL_ERRORS:
         return False
 
 

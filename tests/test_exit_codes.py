@@ -285,6 +285,19 @@ async def test_a_mariadb_url_naming_a_driver_loads(tmp_path: Path, fresh_databas
     assert "products: 20 loaded" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["sync", "status", "migrate", "check"])
+@pytest.mark.parametrize("url", ["mysql://etl:p@ss:w0rd@127.0.0.1/etl", "postgresql//etl:hunter2@127.0.0.1/etl"], ids=["unencoded", "no-colon"])
+async def test_a_database_url_that_does_not_parse_is_exit_2_without_its_password(tmp_path: Path, url: str, command: str) -> None:
+    """A password with an unencoded @ or : was a ValueError traceback ending in a piece of the password
+    ("invalid literal for int(): 'w0rd'"); a URL SQLAlchemy could not parse was quoted whole, password and all."""
+    result = await _run_against_database(tmp_path, url, command)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for piece in ("w0rd", "hunter2", "p@ss"):
+        assert piece not in result.stderr + result.stdout
+    assert "database.url" in result.stderr + result.stdout and "percent-encode" in result.stderr + result.stdout
+
+
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
     result = await _run_against_database(tmp_path, "postgresql+psycopg_async://root@127.0.0.1:1/test", "status")
     assert result.returncode == 2, result.stderr
