@@ -87,6 +87,8 @@ def async_url(url: str) -> URL:
             known = ", ".join(sorted(ASYNC_DRIVERS))
             raise ConfigError(f"{database_url_key()}: unsupported database {parsed.get_backend_name()!r} (supported: {known})")
         parsed = parsed.set(drivername=driver)
+    if parsed.drivername == "mysql+aiomysql":
+        parsed = _aiomysql_query(parsed)
     if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     if parsed.drivername == "postgresql+asyncpg":
@@ -134,6 +136,39 @@ def _asyncpg_query(url: URL) -> URL:
             "timeout, command_timeout and server_settings; remove the others",
         )
     return url.set(query=query)
+
+
+def _aiomysql_query(url: URL) -> URL:
+    """Name now a parameter aiomysql does not take, and a connection charset that cannot carry every character.
+
+    SQLAlchemy hands each query parameter to aiomysql.connect as a keyword: an unknown one (`ssl_mode`,
+    `sslmode`) was a TypeError traceback. `charset=utf8`, as older tools write it, is MySQL's 3-byte
+    utf8mb3: the first emoji an API sent failed its batch, every run; `latin1` was a UnicodeEncodeError.
+    """
+    unknown = sorted(set(url.query) - AIOMYSQL_PARAMETERS)
+    if unknown:
+        raise ConfigError(
+            f"{database_url_key()}: the parameter {unknown[0]!r} is not one etl's MySQL driver (aiomysql) takes from a URL",
+            hint="it takes charset, connect_timeout, unix_socket, read_default_file, init_command and sql_mode, "
+            "and ssl_ca, ssl_capath, ssl_cert, ssl_key, ssl_cipher and ssl_check_hostname; remove the others",
+        )
+    charset = url.query.get("charset", "utf8mb4")
+    if charset != "utf8mb4":
+        raise ConfigError(
+            f"{database_url_key()}: charset={charset} cannot carry every character an API sends "
+            "(emoji and others outside Unicode's first plane, or anything outside its character set)",
+            hint="write charset=utf8mb4, or leave it out: etl's tables are utf8mb4",
+        )
+    return url
+
+
+# What aiomysql.connect takes that a URL can give, plus SQLAlchemy's TLS parameters. Not `autocommit` (a string
+# "false" is true: each statement would commit alone), `use_unicode` (bytes for text) nor rich values (`conv`).
+AIOMYSQL_PARAMETERS = frozenset({
+    "host", "port", "user", "password", "db", "unix_socket", "charset", "connect_timeout", "init_command", "sql_mode",
+    "read_default_file", "read_default_group", "local_infile", "program_name", "auth_plugin", "server_public_key",
+    "ssl_ca", "ssl_capath", "ssl_cert", "ssl_key", "ssl_cipher", "ssl_check_hostname",
+})
 
 
 # what asyncpg.connect takes, plus what SQLAlchemy's asyncpg dialect takes for itself

@@ -298,6 +298,25 @@ async def test_a_database_url_that_does_not_parse_is_exit_2_without_its_password
     assert "database.url" in result.stderr + result.stdout and "percent-encode" in result.stderr + result.stdout
 
 
+@pytest.mark.parametrize(("query", "words"), [
+    ("sslmode=require", "parameter 'sslmode' is not one etl's MySQL driver (aiomysql) takes"),
+    ("charset=utf8", "charset=utf8 cannot carry"),
+    ("charset=latin1", "charset=latin1 cannot carry"),
+])
+async def test_a_mysql_url_parameter_the_driver_cannot_use_is_exit_2_naming_it(
+    tmp_path: Path, fresh_database: Callable[[str], Any], query: str, words: str
+) -> None:
+    """A parameter aiomysql does not take was a TypeError traceback, exit 1. `charset=utf8` (3-byte, as older
+    tools write it) failed every run from the first emoji on, exit 1; `latin1` was a UnicodeEncodeError traceback."""
+    url = f"{await fresh_database('mysql')}?{query}"
+    async with Simulator() as sim:
+        result = await run_etl("--log-format", "json", "sync", "--config", str(write_config(tmp_path, sim, url, resources=["orders"])))
+    assert result.returncode == 2, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a traceback line is not JSON
+    assert [event["level"] for event in events] == ["error"], result.stderr
+    assert "database.url" in events[0]["message"] and words in events[0]["message"], events
+
+
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
     result = await _run_against_database(tmp_path, "postgresql+psycopg_async://root@127.0.0.1:1/test", "status")
     assert result.returncode == 2, result.stderr

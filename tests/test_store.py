@@ -417,6 +417,15 @@ def test_libpq_sslmode_is_asyncpgs_ssl_and_an_unknown_parameter_is_named() -> No
 
 
 
+def test_mysql_parameters_are_those_aiomysql_takes_and_the_charset_is_utf8mb4() -> None:
+    """`autocommit=false` reached aiomysql as the string "false", which is true: every statement committed alone."""
+    assert async_url("mysql://u@h/db?connect_timeout=5").query == {"connect_timeout": "5", "charset": "utf8mb4"}
+    with pytest.raises(ConfigError, match="parameter 'autocommit' is not one"):
+        async_url("mysql://u@h/db?autocommit=false")
+    with pytest.raises(ConfigError, match="charset=utf8mb3 cannot carry"):
+        async_url("mariadb://u@h/db?charset=utf8mb3")
+
+
 @pytest.mark.parametrize("field", ["name", "table", "column"])
 def test_names_that_are_not_identifiers_are_refused_before_any_sql(field: str) -> None:
     """`x"; DROP TABLE y; --` as a resource, table or column name is a configuration error."""
