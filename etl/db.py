@@ -13,6 +13,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -31,6 +32,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from etl import mysqltls
 from etl.config import database_url_key
 from etl.errors import ConfigError, LoadError
 from etl.sqltypes import json_text
@@ -150,7 +152,7 @@ def _aiomysql_query(url: URL) -> URL:
         raise ConfigError(
             f"{database_url_key()}: the parameter {unknown[0]!r} is not one etl's MySQL driver (aiomysql) takes from a URL",
             hint="it takes charset, connect_timeout, unix_socket, read_default_file, init_command and sql_mode, "
-            "and ssl_ca, ssl_capath, ssl_cert, ssl_key, ssl_cipher and ssl_check_hostname; remove the others",
+            "and ssl_mode, ssl_ca, ssl_capath, ssl_cert, ssl_key, ssl_cipher and ssl_check_hostname; remove the others",
         )
     charset = url.query.get("charset", "utf8mb4")
     if charset != "utf8mb4":
@@ -167,8 +169,7 @@ def _aiomysql_query(url: URL) -> URL:
 AIOMYSQL_PARAMETERS = frozenset({
     "host", "port", "user", "password", "db", "unix_socket", "charset", "connect_timeout", "init_command", "sql_mode",
     "read_default_file", "read_default_group", "local_infile", "program_name", "auth_plugin", "server_public_key",
-    "ssl_ca", "ssl_capath", "ssl_cert", "ssl_key", "ssl_cipher", "ssl_check_hostname",
-})
+}) | mysqltls.PARAMETERS
 
 
 # what asyncpg.connect takes, plus what SQLAlchemy's asyncpg dialect takes for itself
@@ -189,6 +190,11 @@ def create_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite gets WAL and a busy timeout so a reader never blocks a run."""
     target = async_url(url)
     options: dict[str, Any] = {"json_serializer": json_text, "pool_pre_ping": target.get_backend_name() != "sqlite"}
+    tls = mysqltls.mysql_tls(target, database_url_key()) if target.drivername == "mysql+aiomysql" else None
+    if tls is not None:
+        target = tls.url
+        if tls.context is not None:
+            options["connect_args"] = {"ssl": tls.context}
     try:
         if target.get_backend_name() == "sqlite":
             connect_args = target.get_dialect()().create_connect_args(target)
@@ -203,7 +209,20 @@ def create_engine(url: str) -> AsyncEngine:
         ) from None
     if target.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    if tls is not None and tls.required_by is not None:
+        event.listen(engine.sync_engine, "connect", partial(_require_tls, tls.required_by))
     return engine
+
+
+def _require_tls(required_by: str, dbapi_connection: Any, _record: Any) -> None:
+    """A connection the server did not encrypt is closed before its first statement: aiomysql goes on in plain text."""
+    if mysqltls.tls_started(dbapi_connection):
+        return
+    dbapi_connection.close()
+    raise ConnectionError(
+        f"the server did not start TLS, which {required_by} in the URL asks for "
+        "(it offers none: see SHOW VARIABLES LIKE 'have_ssl'; ssl_mode=PREFERRED would go on without)"
+    )
 
 
 async def _open_sqlite(args: Sequence[Any], kwargs: Mapping[str, Any]) -> aiosqlite.Connection:

@@ -317,6 +317,34 @@ async def test_a_mysql_url_parameter_the_driver_cannot_use_is_exit_2_naming_it(
     assert "database.url" in events[0]["message"] and words in events[0]["message"], events
 
 
+SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@pytest.mark.parametrize(("query", "code", "words"), [
+    ("ssl_mode=REQUIRED", 1, "did not start TLS, which ssl_mode=REQUIRED in the URL asks for"),
+    (f"ssl_ca={SYSTEM_CAS}", 1, "did not start TLS, which ssl_ca in the URL asks for"),
+    ("ssl_ca=/no/such/ca.pem", 2, "ssl_ca: cannot read"),
+    ("ssl_mode=sometimes", 2, "ssl_mode=sometimes is not one of"),
+    ("ssl_mode=preferred", 0, ""),
+    ("ssl_mode=DISABLED", 0, ""),
+])
+async def test_a_mysql_url_asking_for_tls_gets_it_or_fails(
+    tmp_path: Path, fresh_database: Callable[[str], Any], query: str, code: int, words: str
+) -> None:
+    """The test server offers no TLS. `ssl_ca=` loaded in plain text with exit 0: aiomysql starts TLS only when
+    the server offers it, and was given SQLAlchemy's dict where it takes an SSLContext. MySQL's own
+    `ssl_mode` was a TypeError traceback."""
+    if query.startswith("ssl_ca=/etc") and not Path(SYSTEM_CAS).is_file():
+        pytest.skip(f"no {SYSTEM_CAS}")
+    url = f"{await fresh_database('mysql')}?{query}"
+    async with Simulator() as sim:
+        result = await run_etl("--log-format", "json", "sync", "--config", str(write_config(tmp_path, sim, url, resources=["products"])))
+    assert result.returncode == code, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a traceback line is not JSON
+    errors = [event["message"] for event in events if event["level"] == "error"]
+    assert [words in error for error in errors] == ([True] if words else []), errors
+
+
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
     result = await _run_against_database(tmp_path, "postgresql+psycopg_async://root@127.0.0.1:1/test", "status")
     assert result.returncode == 2, result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from etl.config import ResourceConfig
 from etl.db import async_url, create_engine
 from etl.errors import ConfigError, LoadError, LockHeld
 from etl.locks import ResourceLocks
+from etl.mysqltls import mysql_tls
 from etl.records import RecordValidator
 from etl.schema import rejects, resource_table, runs, watermarks, windows
 from etl.store import LoadBatch, Store, Watermark, WindowProgress
@@ -424,6 +426,24 @@ def test_mysql_parameters_are_those_aiomysql_takes_and_the_charset_is_utf8mb4() 
         async_url("mysql://u@h/db?autocommit=false")
     with pytest.raises(ConfigError, match="charset=utf8mb3 cannot carry"):
         async_url("mariadb://u@h/db?charset=utf8mb3")
+
+
+@pytest.mark.parametrize(("query", "verify", "hostname", "required_by"), [
+    ("ssl_mode=REQUIRED", ssl.CERT_NONE, False, "ssl_mode=REQUIRED"),
+    ("ssl_mode=verify_ca", ssl.CERT_REQUIRED, False, "ssl_mode=verify_ca"),
+    ("ssl_mode=VERIFY_IDENTITY", ssl.CERT_REQUIRED, True, "ssl_mode=VERIFY_IDENTITY"),
+    ("ssl_mode=PREFERRED", ssl.CERT_NONE, False, None),
+    ("ssl_ca=/etc/ssl/certs/ca-certificates.crt", ssl.CERT_REQUIRED, True, "ssl_ca"),
+    ("ssl_ca=/etc/ssl/certs/ca-certificates.crt&ssl_check_hostname=false", ssl.CERT_REQUIRED, False, "ssl_ca"),
+])
+def test_mysql_tls_parameters_become_an_ssl_context(query: str, verify: ssl.VerifyMode, hostname: bool, required_by: str | None) -> None:
+    """aiomysql takes an SSLContext: SQLAlchemy's dict of the ssl_* parameters reached it as it was."""
+    if "ssl_ca=" in query and not Path("/etc/ssl/certs/ca-certificates.crt").is_file():
+        pytest.skip("no system CA bundle")
+    tls = mysql_tls(async_url(f"mysql://u@h/db?{query}"), "database.url")
+    assert tls.context is not None and tls.context.verify_mode == verify and tls.context.check_hostname == hostname
+    assert tls.required_by == required_by and tls.url.query == {"charset": "utf8mb4"}
+    assert mysql_tls(async_url("mysql://u@h/db?ssl_mode=DISABLED&ssl_ca=/x"), "database.url").context is None
 
 
 @pytest.mark.parametrize("field", ["name", "table", "column"])
