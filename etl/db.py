@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit
 
 import aiosqlite
 import asyncpg
@@ -122,22 +121,61 @@ def _async_driver(url: URL) -> bool:
 
 
 def _asyncpg_query(url: URL) -> URL:
-    """libpq's `sslmode=require` as asyncpg's `ssl=require`; a parameter asyncpg does not take is named now.
+    """libpq's `sslmode` as asyncpg's `ssl`, `connect_timeout` as its `timeout`; a parameter that neither asyncpg
+    nor LIBPQ_DSN_PARAMETERS take, or a number that is none, is named now.
 
-    SQLAlchemy hands each query parameter to asyncpg.connect as a keyword: an unknown one was a
-    TypeError traceback at the first connection.
+    SQLAlchemy hands each query parameter to asyncpg.connect as a keyword, as a string: an unknown one,
+    and `timeout=10` or `statement_cache_size=0` (a string where asyncpg compares a number), were
+    TypeError tracebacks at the first connection.
     """
     query = dict(url.query)
-    if "sslmode" in query and "ssl" not in query:
-        query["ssl"] = query.pop("sslmode")
-    unknown = sorted(set(query) - ASYNCPG_PARAMETERS)
+    for libpq, asyncpg_name in (("sslmode", "ssl"), ("connect_timeout", "timeout")):
+        if libpq in query and asyncpg_name not in query:
+            query[asyncpg_name] = query.pop(libpq)
+    unknown = sorted(set(query) - ASYNCPG_PARAMETERS - set(ASYNCPG_NUMBERS) - LIBPQ_DSN_PARAMETERS)
     if unknown:
         raise ConfigError(
             f"{database_url_key()}: the PostgreSQL driver (asyncpg) does not take the parameter {unknown[0]!r}",
             hint="asyncpg takes ssl (disable, prefer, require, verify-ca, verify-full), sslmode as its alias, "
-            "timeout, command_timeout and server_settings; remove the others",
+            "sslrootcert, sslcert, sslkey, sslcrl, application_name, options, connect_timeout, command_timeout, "
+            "statement_cache_size and target_session_attrs; remove the others",
         )
+    for name in set(query) & set(ASYNCPG_NUMBERS):
+        try:
+            ASYNCPG_NUMBERS[name](str(query[name]))
+        except ValueError:
+            raise ConfigError(f"{database_url_key()}: {name}={query[name]} is not a number") from None
     return url.set(query=query)
+
+
+# What asyncpg.connect takes as a string from a URL, plus SQLAlchemy's own; not `direct_tls` ("false" is true)
+# nor rich values (`server_settings`, `record_class`).
+ASYNCPG_PARAMETERS = frozenset({
+    "host", "port", "user", "password", "database", "passfile", "ssl", "target_session_attrs", "krbsrvname", "gsslib",
+    "service", "servicefile", "prepared_statement_cache_size",
+})
+# asyncpg's numeric keywords: passed as numbers (connect_args), not as the URL's strings
+ASYNCPG_NUMBERS: dict[str, type[float] | type[int]] = {
+    "timeout": float, "command_timeout": float, "statement_cache_size": int,
+    "max_cached_statement_lifetime": int, "max_cacheable_statement_size": int,
+}
+# libpq's parameters that asyncpg reads from a DSN but takes as no keyword: certificates, and the two server
+# settings libpq URLs carry (`options=-csearch_path=etl` puts etl's tables in a schema of one's own)
+LIBPQ_DSN_PARAMETERS = frozenset({
+    "sslrootcert", "sslcert", "sslkey", "sslcrl", "sslpassword", "sslnegotiation",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "application_name", "options",
+})
+
+
+def _asyncpg_connect_args(url: URL) -> tuple[URL, dict[str, Any]]:
+    """The URL without the parameters SQLAlchemy would hand on as strings; those as asyncpg.connect wants them:
+    numbers as numbers, libpq's as a DSN (its host, user, ... come from the keywords, which win over it)."""
+    query = dict(url.query)
+    arguments: dict[str, Any] = {name: ASYNCPG_NUMBERS[name](str(query.pop(name))) for name in set(query) & set(ASYNCPG_NUMBERS)}
+    libpq = {name: query.pop(name) for name in set(query) & LIBPQ_DSN_PARAMETERS}
+    if libpq:
+        arguments["dsn"] = "postgresql://?" + urlencode(sorted(libpq.items()))
+    return url.set(query=query), arguments
 
 
 def _aiomysql_query(url: URL) -> URL:
@@ -172,11 +210,6 @@ AIOMYSQL_PARAMETERS = frozenset({
 }) | mysqltls.PARAMETERS
 
 
-# what asyncpg.connect takes, plus what SQLAlchemy's asyncpg dialect takes for itself
-ASYNCPG_PARAMETERS = (frozenset(inspect.signature(asyncpg.connect).parameters) - {"dsn", "loop"}) | {
-    "prepared_statement_cache_size", "prepared_statement_name_func",
-}
-
 
 def safe_url(url: str | URL) -> str:
     """The URL for messages: password hidden."""
@@ -195,6 +228,8 @@ def create_engine(url: str) -> AsyncEngine:
         target = tls.url
         if tls.context is not None:
             options["connect_args"] = {"ssl": tls.context}
+    if target.drivername == "postgresql+asyncpg":
+        target, options["connect_args"] = _asyncpg_connect_args(target)
     try:
         if target.get_backend_name() == "sqlite":
             connect_args = target.get_dialect()().create_connect_args(target)

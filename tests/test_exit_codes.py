@@ -14,6 +14,7 @@ from aiohttp import web
 from loopback import Handler, serving
 from sqlalchemy import make_url
 
+from etl.db import create_engine
 from etl.demo import demo_document
 from etl.simulator import Faults, Simulator, SimulatorSettings
 
@@ -343,6 +344,23 @@ async def test_a_mysql_url_asking_for_tls_gets_it_or_fails(
     events = [orjson.loads(line) for line in result.stderr.splitlines()]  # a traceback line is not JSON
     errors = [event["message"] for event in events if event["level"] == "error"]
     assert [words in error for error in errors] == ([True] if words else []), errors
+
+
+async def test_libpq_parameters_in_a_postgresql_url_are_used(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """`options=-csearch_path=…` (a schema of one's own), `application_name` and `connect_timeout`, as libpq URLs
+    carry them, were exit 2 "asyncpg does not take the parameter": a schema could only be chosen by ALTER ROLE.
+    asyncpg's own numbers (`statement_cache_size=0`, for pgbouncer) reached it as strings: a TypeError traceback."""
+    url = await fresh_database("postgresql")
+    engine = create_engine(url)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql("CREATE SCHEMA etl_probe_s")
+    await engine.dispose()
+    query = "options=-csearch_path%3Detl_probe_s&application_name=etl-nightly&connect_timeout=10&statement_cache_size=0"
+    async with Simulator() as sim:
+        result = await run_etl("sync", "--config", str(write_config(tmp_path, sim, f"{url}?{query}", resources=["products"])))
+    assert result.returncode == 0, result.stderr
+    assert await scalar(url, "SELECT count(*) FROM etl_probe_s.products") == 20
+    assert await scalar(url, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'") == 0
 
 
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
