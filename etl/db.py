@@ -361,8 +361,18 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
             if _is_sqlite(url) else "check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials",
         )
     if isinstance(exc, DBAPIError):
-        return LoadError(f"the database {safe_url(url)} refused a statement: {original}")
+        return LoadError(f"the database {safe_url(url)} refused a statement: {driver_message(exc)}", hint=_privilege_hint(exc, sqlstate))
     return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
+
+
+def _privilege_hint(exc: Exception, sqlstate: str) -> str | None:
+    """What a user that may not write a table needs (SQLSTATE 42501; MySQL 1142 and 1044 deny a command or a database)."""
+    original = getattr(exc, "orig", None) or exc
+    number = original.args[0] if original.args and isinstance(original.args[0], int) else None
+    if sqlstate != "42501" and number not in (1044, 1142):
+        return None
+    return ("grant the database user SELECT, INSERT, UPDATE and DELETE on etl's tables (etl_*) and on each resource's "
+            "table, and CREATE on the schema or database for new resources (or run etl as the tables' owner)")
 
 
 def sqlite_file(url: str | URL) -> Path | None:

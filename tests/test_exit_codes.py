@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,32 @@ async def test_libpq_parameters_in_a_postgresql_url_are_used(tmp_path: Path, fre
     assert result.returncode == 0, result.stderr
     assert await scalar(url, "SELECT count(*) FROM etl_probe_s.products") == 20
     assert await scalar(url, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'") == 0
+
+
+async def test_a_database_user_without_insert_privilege_is_told_what_to_grant(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A user that may read but not write a resource table failed with "refused a statement: <class
+    'asyncpg.exceptions.InsufficientPrivilegeError'>: permission denied", and no word of what to grant."""
+    url = await fresh_database("postgresql")
+    role = f"etl_probe_{uuid.uuid4().hex[:8]}"
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["products"])
+        assert (await run_etl("sync", "--config", str(config))).returncode == 0
+        engine = create_engine(url)
+        async with engine.begin() as connection:
+            for statement in (f"CREATE ROLE {role} LOGIN", f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}",
+                              f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}", f"REVOKE INSERT, UPDATE ON products FROM {role}"):
+                await connection.exec_driver_sql(statement)
+        try:
+            limited = make_url(url).set(username=role).render_as_string(hide_password=False)
+            result = await run_etl("sync", "--config", str(config), env=etl_env(ETL_DATABASE_URL=limited))
+        finally:
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql(f"DROP OWNED BY {role}")
+                await connection.exec_driver_sql(f"DROP ROLE {role}")
+            await engine.dispose()
+    assert result.returncode == 1, result.stderr
+    assert "<class" not in result.stderr and "permission denied for table products" in result.stderr
+    assert "grant the database user" in result.stderr
 
 
 async def test_a_url_naming_an_async_driver_that_is_not_installed_is_exit_2_naming_it(tmp_path: Path) -> None:
