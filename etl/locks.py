@@ -73,7 +73,10 @@ class ResourceLocks:
         try:
             if dialect == "postgresql":
                 connection = await self._lock_connection()
-                return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": advisory_key(resource)}))
+                # advisory locks are per database: the schema etl's tables are in (search_path) is part of the key
+                schema = await connection.scalar(text("SELECT current_schema()")) or ""
+                key = advisory_key(f"{schema}.{resource}")
+                return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
             if dialect == "mysql":
                 connection = await self._lock_connection()
                 name = mysql_lock_name(self._engine.url.database or "", resource)

@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from etl.config import config_from_document
+from etl.db import create_engine
 from etl.demo import demo_document
 from etl.pipeline import GRACE_SECONDS, Pipeline, ResourceStats
 from etl.progress import LiveProgress, NoProgress, progress_for_terminal
@@ -188,6 +189,34 @@ async def test_two_syncs_at_once_one_exits_4_naming_the_holder(
     assert second.returncode == 4
     assert "another run holds the lock for resource 'orders'" in second.stderr
     assert "run 1 (sync, pid" in second.stderr and "since 20" in second.stderr
+
+
+async def test_runs_into_two_postgresql_schemas_of_one_database_do_not_lock_each_other(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The advisory lock was keyed by the resource alone: a sync into schema `b` (its own tables, watermarks and
+    etl_runs) exited 4 while one ran into `a`, naming no holder, since `b`'s etl_runs had none."""
+    url = await fresh_database("postgresql")
+    engine = create_engine(url)
+    async with engine.begin() as connection:
+        for schema in ("a", "b"):
+            await connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    await engine.dispose()
+    async with Simulator(_settings(delay_ms=100)) as sim:
+        configs = {}
+        for schema in ("a", "b"):
+            (tmp_path / schema).mkdir()
+            schema_url = f"{url}?options=-csearch_path%3D{schema}"
+            configs[schema] = write_config(tmp_path / schema, sim, schema_url, resources=["orders"], api={"concurrency": 2})
+        first = await start_etl("sync", "--config", str(configs["a"]))
+        await asyncio.sleep(1.5)
+        same_schema = await run_etl("sync", "--config", str(configs["a"]), timeout=30)
+        assert first.returncode is None, "the first run ended before the second schema's started"
+        other_schema = await run_etl("sync", "--config", str(configs["b"]), timeout=60)
+        first_result = await finish(first)
+    assert first_result.returncode == 0, first_result.stderr
+    assert other_schema.returncode == 0, other_schema.stderr
+    assert same_schema.returncode == 4 and "run 1 (sync, pid" in same_schema.stderr, same_schema.stderr
 
 
 async def test_sigterm_commits_what_is_in_flight_exits_1_and_the_next_run_completes(
