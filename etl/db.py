@@ -70,8 +70,8 @@ def parse_url(url: str) -> URL:
         return make_url(url)
     except URL_ERRORS:
         raise ConfigError(
-            f"{database_url_key()} is not a database URL like sqlite:///etl.db or postgresql://user:password@host/database "
-            "(not shown here: it may hold a password)",
+            f"{database_url_key()}: not a database URL like sqlite:///etl.db or postgresql://user:password@host/database "
+            "(it is not shown here: it may hold a password)",
             hint="percent-encode a user name or password that holds @ : / % # ? or a space "
             "(@ is %40, : is %3A, / is %2F, % is %25, # is %23, ? is %3F, a space is %20)",
         ) from None
