@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -525,6 +525,25 @@ async def test_etl_runs_names_the_resource_whose_rejects_went_over_max_rejects(
     assert f"(orders: {rejected})" in result.stderr
 
 
+def _answering(answer: dict[str, str], status: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A token endpoint that answers every request with this OAuth2 error."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response(answer, status=status)
+
+    return token
+
+
+async def _sync_and_check_against(
+    token: Callable[[web.Request], Awaitable[web.Response]], tmp_path: Path, url: str
+) -> tuple[Finished, Finished]:
+    """sync, then check, of the demo's config against this token endpoint (no API: the token is what is tested)."""
+    async with serving({("POST", "/oauth2/token"): token}) as base:
+        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        return await run_etl("sync", "--config", str(config)), await run_etl("check", "--config", str(config))
+
+
 @pytest.mark.parametrize("answer", [
     {"error": "unauthorized_client", "error_description": "Invalid client or Invalid client credentials"},  # Keycloak
     {"error": "access_denied", "error_description": "Unauthorized"},  # Auth0
@@ -534,17 +553,7 @@ async def test_a_401_from_the_token_endpoint_gets_the_credentials_hint_whatever_
 ) -> None:
     """RFC 6749 §5.2: a 401 is a client that failed to authenticate. Keycloak says so with unauthorized_client and
     Auth0 with access_denied: sync hinted at the grant not enabled, check at the method and Content-Type."""
-    url = await fresh_database("sqlite")
-
-    async def token(_request: web.Request) -> web.Response:
-        return web.json_response(answer, status=401)
-
-    async with serving({("POST", "/oauth2/token"): token}) as base:
-        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
-        config = tomlwriter.write(tmp_path / "config.toml", document)
-        sync = await run_etl("sync", "--config", str(config))
-        check = await run_etl("check", "--config", str(config))
-
+    sync, check = await _sync_and_check_against(_answering(answer, 401), tmp_path, await fresh_database("sqlite"))
     assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
     assert f'error "{answer["error"]}", error_description "{answer["error_description"]}"' in sync.stderr
     assert 'hint: check auth.client_id and the client secret; if both are right, try auth.client_auth = "body"' in sync.stderr
@@ -554,18 +563,8 @@ async def test_a_401_from_the_token_endpoint_gets_the_credentials_hint_whatever_
 async def test_an_error_etl_has_no_advice_for_is_not_hinted_at_the_method(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """Auth0's 403 access_denied (an app client not authorised for the API) got check's hint that the endpoint wants
     POST with a form body, which etl sent; sync gave no hint at all."""
-    url = await fresh_database("sqlite")
     answer = {"error": "access_denied", "error_description": "Client has not been granted scopes: read:items"}
-
-    async def token(_request: web.Request) -> web.Response:
-        return web.json_response(answer, status=403)
-
-    async with serving({("POST", "/oauth2/token"): token}) as base:
-        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
-        config = tomlwriter.write(tmp_path / "config.toml", document)
-        sync = await run_etl("sync", "--config", str(config))
-        check = await run_etl("check", "--config", str(config))
-
+    sync, check = await _sync_and_check_against(_answering(answer, 403), tmp_path, await fresh_database("sqlite"))
     assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
     assert 'error_description: "Client has not been granted scopes: read:items"' in check.stdout
     for output in (sync.stderr, check.stdout):
@@ -621,12 +620,7 @@ async def test_an_endpoint_that_wants_body_credentials_and_says_invalid_request_
             return web.json_response({"error": "invalid_request", "error_description": "Missing parameter: client_id"}, status=400)
         return web.json_response({"access_token": "form-client", "expires_in": 3600, "token_type": "Bearer"})
 
-    async with serving({("POST", "/oauth2/token"): token}) as base:
-        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
-        config = tomlwriter.write(tmp_path / "config.toml", document)
-        sync = await run_etl("sync", "--config", str(config))
-        check = await run_etl("check", "--config", str(config))
-
+    sync, check = await _sync_and_check_against(token, tmp_path, url)
     assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
     assert 'if it says the client_id or client_secret is missing, try auth.client_auth = "body"' in sync.stderr
     assert 'hint: the token endpoint accepts client_auth = "body": set it in [auth]' in check.stdout
@@ -647,12 +641,7 @@ async def test_a_token_endpoint_redirecting_to_a_login_page_is_not_told_to_be_fo
     async def token(_request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": location})
 
-    async with serving({("POST", "/oauth2/token"): token}) as base:
-        document = demo_document({"url": url}, f"{base}/api/v1", f"{base}/oauth2/token")
-        config = tomlwriter.write(tmp_path / "config.toml", document)
-        sync = await run_etl("sync", "--config", str(config))
-        check = await run_etl("check", "--config", str(config))
-
+    sync, check = await _sync_and_check_against(token, tmp_path, url)
     assert (sync.returncode, check.returncode) == (3, 3), sync.stderr + check.stdout
     assert hint in sync.stderr and hint in check.stdout
 
