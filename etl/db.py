@@ -538,6 +538,21 @@ async def schema_lock(connection: AsyncConnection) -> AsyncIterator[None]:
             await connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
 
 
+async def require_current(engine: AsyncEngine) -> None:
+    """With auto_migrate = false, tables an older etl left (a migration pending) stop the run before any request:
+    run on them, a batch failed on a column the migration changes ("value too long"), with no word of `migrate`."""
+    revision = await current_revision(engine)
+    if revision == HEAD_REVISION or revision is None:  # None: prepare says the tables are missing
+        return
+    if (newer := newer_schema_error(revision, engine.url)) is not None:
+        raise newer
+    raise LoadError(
+        f"etl's tables in {safe_url(engine.url)} are at revision {revision}, this etl needs {HEAD_REVISION}, "
+        "and [database].auto_migrate is false",
+        hint="run `python -m etl migrate`",
+    )
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     try:
         async with engine.connect() as connection:

@@ -71,6 +71,7 @@ from etl.db import (
     driver_message,
     migrate,
     refused_data,
+    require_current,
 )
 from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
@@ -212,6 +213,8 @@ class Store:
         """Migrate etl's tables (unless told not to) and create or extend the resource tables."""
         if auto_migrate:
             await migrate(self.engine)
+        else:
+            await require_current(self.engine)
         try:
             async with self.engine.begin() as connection:
                 await begin_explicitly(connection)
