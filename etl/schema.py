@@ -172,6 +172,7 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
         declared = _declared_columns(connection, table.name)
         existing = {column["name"] for column in inspector.get_columns(table.name)}
         _check_compatible(resource, declared, existing)
+        _check_case_renames(resource, existing)
         if not any(row.key_position is not None for row in declared.values()):
             _check_key_usable(inspector, resource)
         for column in table.columns:
@@ -251,6 +252,21 @@ def _check_compatible(resource: ResourceConfig, declared: dict[str, Row[Any]], e
             hint="etl only adds columns; to change a type or key, migrate or rename the table yourself "
             "(or point `table` at a new one) and run a backfill",
         )
+
+
+def _check_case_renames(resource: ResourceConfig, existing: set[str]) -> None:
+    """A column declared anew under a table column's name in other case (`Total` for `total`) is one column to SQLite
+    and MySQL, whose ALTER failed with "duplicate column name" (exit 1), and a second one to PostgreSQL, beside the
+    first with its old values: refused on all three, as two such columns in one config are."""
+    by_case = {name.lower(): name for name in existing}
+    for name, spec in resource.columns.items():
+        if name not in existing and (old := by_case.get(name.lower())) is not None:
+            raise ConfigError(
+                f"resources.{resource.name}.columns.{name}: the table {resource.table_name!r} has a column {old!r}, "
+                "which differs only in case (SQLite and MySQL take them for one column)",
+                hint=f'keep the name {old} and read the field through source: {old} = {{ type = "{spec.type}", '
+                f'source = "{spec.source or name}" }}',
+            )
 
 
 def _check_key_usable(inspector: Inspector, resource: ResourceConfig) -> None:

@@ -90,3 +90,15 @@ async def test_auto_migrate_false_on_tables_of_an_older_etl_asks_for_migrate_bef
     assert "revision 0002" in done.stderr and "python -m etl migrate" in done.stderr, done.stderr
     assert served.requests == 0
     assert await rows(database_url, "SELECT * FROM etl_runs") == []
+
+
+async def test_a_column_renamed_only_in_case_is_exit_2_naming_it_and_the_tables_column(tmp_path: Path, database_url: str) -> None:
+    """`total` declared as `Total` a month later: SQLite and MariaDB refused the ALTER with "duplicate column name",
+    exit 1 naming no key; PostgreSQL added a second column beside the first, which kept its old values."""
+    async with api() as served:
+        assert (await etl(tmp_path, served, database_url, BASE | {"total": "decimal"})).returncode == 0
+        done = await etl(tmp_path, served, database_url, BASE | {"Total": "decimal"})
+    assert done.returncode == 2, done.stderr
+    assert "resources.orders.columns.Total" in done.stderr and "'total'" in done.stderr, done.stderr
+    assert 'source = "Total"' in done.stderr, done.stderr
+    assert len((await rows(database_url, "SELECT * FROM orders"))[0]) == 6
