@@ -10,6 +10,7 @@ type or key stops the run with a message instead of rewriting data.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from sqlalchemy import (
@@ -29,7 +30,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Inspector
+from sqlalchemy.engine.interfaces import ReflectedColumn
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.types import TypeEngine
 
 from etl.config import ResourceConfig
 from etl.errors import ConfigError
@@ -170,8 +173,9 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
     inspector = inspect(connection)
     if inspector.has_table(table.name):
         declared = _declared_columns(connection, table.name)
-        existing = {column["name"] for column in inspector.get_columns(table.name)}
-        _check_compatible(resource, declared, existing)
+        columns = {column["name"]: column for column in inspector.get_columns(table.name)}
+        existing = set(columns)
+        _check_compatible(connection.dialect, inspector, resource, declared, columns)
         _check_case_renames(resource, existing)
         if not any(row.key_position is not None for row in declared.values()):
             _check_key_usable(inspector, resource)
@@ -231,27 +235,87 @@ def _declared_columns(connection: Connection, table_name: str) -> dict[str, Row[
     return {row.column_name: row for row in connection.execute(query)}
 
 
-def _check_compatible(resource: ResourceConfig, declared: dict[str, Row[Any]], existing: set[str]) -> None:
-    where = f"resources.{resource.name}"
-    differences = []
+def _check_compatible(
+    dialect: Dialect, inspector: Inspector, resource: ResourceConfig, declared: dict[str, Row[Any]],
+    columns: dict[str, ReflectedColumn],
+) -> None:
+    """A type or key changed since etl recorded it is exit 2 with the statements that change the table, unless its
+    owner already has: the table, not etl's record of it, decides. Compared with the record alone, a table changed
+    as the hint said was refused for good."""
+    differences: list[tuple[str, str, list[str]]] = []  # (key below resources.<name>, what changed, statements)
     for name, spec in resource.columns.items():
         before = declared.get(name)
-        if before is not None and before.declared_type != spec.type:
-            differences.append(f"column {name!r} was {before.declared_type!r}, is now {spec.type!r}")
+        if before is None or before.declared_type == spec.type or (name in columns and _carries(dialect, columns[name], spec.type)):
+            continue
+        differences.append((f"columns.{name}", f"column {name!r} was {before.declared_type!r}, is now {spec.type!r}",
+                            _retype_sql(dialect, resource.table_name, name, spec.type)))
     old_key = [row.column_name for row in sorted(
         (row for row in declared.values() if row.key_position is not None), key=lambda row: row.key_position
     )]
-    if old_key and old_key != resource.primary_key:
-        differences.append(f"primary_key was {old_key}, is now {resource.primary_key}")
-    missing_key = [name for name in resource.primary_key if name not in existing]
+    if old_key and old_key != resource.primary_key and not _has_key(inspector, resource):
+        differences.append(("primary_key", f"primary_key was {old_key}, is now {resource.primary_key}",
+                            _rekey_sql(dialect, inspector, resource)))
+    missing_key = [name for name in resource.primary_key if name not in columns]
     if not old_key and missing_key:
-        differences.append(f"the existing table {resource.table_name!r} has no column {missing_key} of the primary key")
+        differences.append(("primary_key", f"the existing table {resource.table_name!r} has no column {missing_key} of the primary key", []))
     if differences:
+        statements = [statement for _, _, sql in differences for statement in sql]
         raise ConfigError(
-            f"{where}: the table {resource.table_name!r} does not match the config: " + "; ".join(differences),
-            hint="etl only adds columns; to change a type or key, migrate or rename the table yourself "
-            "(or point `table` at a new one) and run a backfill",
+            f"resources.{resource.name}.{differences[0][0]}: the table {resource.table_name!r} does not match the config: "
+            + "; ".join(what for _, what, _ in differences),
+            hint=_remedy(dialect, statements, len(statements) == len(differences)),
         )
+
+
+def _remedy(dialect: Dialect, statements: list[str], complete: bool) -> str:
+    new_table = "point `table` at a new table (etl creates it and loads the resource again from its start)"
+    if dialect.name == "sqlite":
+        return f"SQLite cannot change a column's type or a table's key in place: {new_table}"
+    if not complete:
+        return f"etl only adds columns: {new_table}, or change this one to match the config"
+    return f"etl only adds columns: change the table, then run again: {' '.join(sql + ';' for sql in statements)} or {new_table}"
+
+
+def _carries(dialect: Dialect, column: ReflectedColumn, declared: str) -> bool:
+    """Whether the table's column has the type etl gives `declared` now (its owner changed it); never on SQLite,
+    whose reflection names several of etl's types alike (TEXT) and which cannot change a column's type anyway."""
+    if dialect.name == "sqlite":
+        return False
+    return _type_text(column["type"], dialect) == _type_text(column_type(declared), dialect)
+
+
+MYSQL_REFLECTED = ((r"^TINYINT\(1\)$", "BOOL"), (r"^(SMALLINT|INTEGER|BIGINT)\(\d+\)", r"\1"),
+                   (r"^LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin$", "JSON"))  # MariaDB's JSON is such a LONGTEXT
+
+
+def _type_text(type_: TypeEngine[Any], dialect: Dialect) -> str:
+    """A column type as DDL, MySQL's reflected display widths and aliases as etl writes them."""
+    text = type_.compile(dialect=dialect)
+    if dialect.name == "mysql":
+        for pattern, replacement in MYSQL_REFLECTED:
+            text = re.sub(pattern, replacement, text)
+    return text
+
+
+def _retype_sql(dialect: Dialect, table_name: str, name: str, declared: str) -> list[str]:
+    quote = dialect.identifier_preparer.quote
+    ddl = column_type(declared).compile(dialect=dialect)
+    if dialect.name == "postgresql":
+        return [f"ALTER TABLE {quote(table_name)} ALTER COLUMN {quote(name)} TYPE {ddl} USING {quote(name)}::{ddl}"]
+    if dialect.name == "mysql":
+        return [f"ALTER TABLE {quote(table_name)} MODIFY {quote(name)} {ddl}"]
+    return []  # SQLite has no ALTER COLUMN
+
+
+def _rekey_sql(dialect: Dialect, inspector: Inspector, resource: ResourceConfig) -> list[str]:
+    quote = dialect.identifier_preparer.quote
+    table, key = quote(resource.table_name), ", ".join(quote(name) for name in resource.primary_key)
+    if dialect.name == "postgresql":
+        constraint = inspector.get_pk_constraint(resource.table_name).get("name")
+        return [f"ALTER TABLE {table} DROP CONSTRAINT {quote(constraint)}, ADD PRIMARY KEY ({key})"] if constraint else []
+    if dialect.name == "mysql":
+        return [f"ALTER TABLE {table} DROP PRIMARY KEY, ADD PRIMARY KEY ({key})"]
+    return []
 
 
 def _check_case_renames(resource: ResourceConfig, existing: set[str]) -> None:
@@ -273,17 +337,23 @@ def _check_key_usable(inspector: Inspector, resource: ResourceConfig) -> None:
     """A table etl did not create must have a primary key or unique index on exactly primary_key: the upsert stands
     on it. Without one MySQL's ON DUPLICATE KEY inserted every record again on every run, and PostgreSQL and SQLite
     failed every batch, with the rows of every other resource in it."""
-    table_name, wanted = resource.table_name, set[str | None](resource.primary_key)
-    keys: list[set[str | None]] = [set(inspector.get_pk_constraint(table_name).get("constrained_columns") or [])]
-    keys += [set(constraint["column_names"]) for constraint in inspector.get_unique_constraints(table_name)]
-    keys += [set(index["column_names"]) for index in inspector.get_indexes(table_name) if index.get("unique")]
-    if wanted not in keys:
+    table_name = resource.table_name
+    if not _has_key(inspector, resource):
         raise ConfigError(
             f"resources.{resource.name}.primary_key: the existing table {table_name!r} has no primary key or unique index "
             f"on {resource.primary_key}, which etl's upsert needs to store a record seen twice once",
             hint=f"add one (CREATE UNIQUE INDEX ... ON {table_name} ({', '.join(resource.primary_key)})), "
             "or point `table` at a new table for etl to create",
         )
+
+
+def _has_key(inspector: Inspector, resource: ResourceConfig) -> bool:
+    """Whether the table has a primary key or unique index on exactly primary_key, which the upsert needs."""
+    table_name, wanted = resource.table_name, set[str | None](resource.primary_key)
+    keys: list[set[str | None]] = [set(inspector.get_pk_constraint(table_name).get("constrained_columns") or [])]
+    keys += [set(constraint["column_names"]) for constraint in inspector.get_unique_constraints(table_name)]
+    keys += [set(index["column_names"]) for index in inspector.get_indexes(table_name) if index.get("unique")]
+    return wanted in keys
 
 
 def _add_column(connection: Connection, table: Table, column: Column) -> None:
@@ -295,12 +365,20 @@ def _add_column(connection: Connection, table: Table, column: Column) -> None:
 
 
 def _record_declaration(connection: Connection, resource: ResourceConfig, declared: dict[str, Row[Any]]) -> None:
-    """Remember each new column's declared type and key position: the next run compares against them."""
-    new = [
-        {"table_name": resource.table_name, "column_name": name, "declared_type": spec.type,
-         "key_position": resource.primary_key.index(name) if name in resource.primary_key else None}
-        for name, spec in resource.columns.items()
-        if name not in declared
-    ]
-    if new:
-        connection.execute(resource_columns.insert(), new)
+    """Remember each column's declared type and key position, the next run compares against them: new columns, and
+    changed ones the table was found to have (a column that left the key keeps its type, and no longer a position)."""
+    wanted = {name: (spec.type, resource.primary_key.index(name) if name in resource.primary_key else None)
+              for name, spec in resource.columns.items()}
+    wanted |= {name: (row.declared_type, None) for name, row in declared.items()
+               if name not in wanted and row.key_position is not None}
+    changed = [name for name, record in wanted.items()
+               if name not in declared or (declared[name].declared_type, declared[name].key_position) != record]
+    stale = [name for name in changed if name in declared]
+    if stale:
+        connection.execute(delete(resource_columns).where(
+            resource_columns.c.table_name == resource.table_name, resource_columns.c.column_name.in_(stale)))
+    if changed:
+        connection.execute(resource_columns.insert(), [
+            {"table_name": resource.table_name, "column_name": name, "declared_type": wanted[name][0], "key_position": wanted[name][1]}
+            for name in changed
+        ])

@@ -3,6 +3,7 @@ again as cron would, against an API of the test's own on loopback, on SQLite, Po
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -102,3 +103,64 @@ async def test_a_column_renamed_only_in_case_is_exit_2_naming_it_and_the_tables_
     assert "resources.orders.columns.Total" in done.stderr and "'total'" in done.stderr, done.stderr
     assert 'source = "Total"' in done.stderr, done.stderr
     assert len((await rows(database_url, "SELECT * FROM orders"))[0]) == 6
+
+
+def _statements(stderr: str) -> list[str]:
+    return re.findall(r"(ALTER TABLE [^;]+);", stderr)
+
+
+async def _execute(database_url: str, statements: list[str]) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for statement in statements:
+                await connection.exec_driver_sql(statement)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_type_changed_in_the_config_is_exit_2_with_the_sql_and_loads_once_the_table_has_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """integer -> bigint: the hint said "migrate the table yourself", and once a DBA had, etl still refused it (it
+    compared with what it had recorded, not with the table), exit 2 for good. Now the hint is the statement,
+    and a table that has the declared type is loaded; SQLite, which cannot change a column's type, is told to
+    point `table` at a new one."""
+    records = [{"id": 1, "status": "new", "big": 7, "updated_at": "2024-02-01T00:00:00Z"}]
+    async with api(records) as served:
+        assert (await etl(tmp_path, served, database_url, BASE | {"big": "integer"})).returncode == 0
+        records.append({"id": 2, "status": "new", "big": 2**40, "updated_at": "2024-02-02T00:00:00Z"})
+        refused = await etl(tmp_path, served, database_url, BASE | {"big": "bigint"})
+        assert refused.returncode == 2, refused.stderr
+        assert "resources.orders.columns.big" in refused.stderr and "was 'integer', is now 'bigint'" in refused.stderr
+        if database_url.startswith("sqlite"):
+            assert "`table`" in refused.stderr and not _statements(refused.stderr), refused.stderr
+            return
+        await _execute(database_url, _statements(refused.stderr))
+        for _ in range(2):  # the second run finds the new type recorded
+            done = await etl(tmp_path, served, database_url, BASE | {"big": "bigint"})
+            assert done.returncode == 0, done.stderr
+    assert [tuple(row) for row in await rows(database_url, "SELECT id, big FROM orders ORDER BY id")] == [(1, 7), (2, 2**40)]
+
+
+async def test_a_key_changed_in_the_config_is_exit_2_with_the_sql_and_loads_once_the_table_has_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """primary_key [id] -> [id, status]: refused for good even after a DBA changed the table's key as told."""
+    records = [{"id": 1, "status": "new", "updated_at": "2024-02-01T00:00:00Z"}]
+    async with api(records) as served:
+        assert (await etl(tmp_path, served, database_url, BASE)).returncode == 0
+        records.append({"id": 1, "status": "old", "updated_at": "2024-02-02T00:00:00Z"})
+        refused = await etl(tmp_path, served, database_url, BASE, primary_key=["id", "status"])
+        assert refused.returncode == 2, refused.stderr
+        assert "resources.orders.primary_key" in refused.stderr and "is now ['id', 'status']" in refused.stderr
+        if database_url.startswith("sqlite"):
+            assert "`table`" in refused.stderr and not _statements(refused.stderr), refused.stderr
+            return
+        await _execute(database_url, _statements(refused.stderr))
+        for _ in range(2):
+            done = await etl(tmp_path, served, database_url, BASE, primary_key=["id", "status"])
+            assert done.returncode == 0, done.stderr
+    assert [tuple(row) for row in await rows(database_url, "SELECT id, status FROM orders ORDER BY status")] == [
+        (1, "new"), (1, "old")
+    ]
