@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     delete,
     inspect,
+    literal,
     select,
 )
 from sqlalchemy.dialects import mysql
@@ -179,9 +180,11 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
         _check_case_renames(resource, existing)
         if not any(row.key_position is not None for row in declared.values()):
             _check_key_usable(inspector, resource)
-        for column in table.columns:
-            if column.name not in existing:
-                _add_column(connection, table, column)
+        added = [column for column in table.columns if column.name not in existing]
+        for column in added:
+            _add_column(connection, table, column)
+        if added and resource.filter is not None and connection.execute(select(literal(1)).select_from(table).limit(1)).first():
+            _warn_added(resource, [column.name for column in added if column.name in resource.columns])
     else:  # new, or dropped by its owner: what was declared for an earlier table of that name no longer holds
         connection.execute(delete(resource_columns).where(resource_columns.c.table_name == table.name))
         _forget_loads(connection, resource)  # before the CREATE, which MySQL commits with it
@@ -189,6 +192,16 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
         declared = {}
     _record_declaration(connection, resource, declared)
     return table
+
+
+def _warn_added(resource: ResourceConfig, names: list[str]) -> None:
+    """Rows loaded before a column was declared hold NULL in it, and a sync reads only what changed since its
+    watermark: which run fills them was for the user to guess (a resource without a filter is read whole anyway)."""
+    start = resource.start.date().isoformat() if resource.start else "<its first day>"
+    for name in names:
+        log.warning("%s: column %r added to table %r: the rows loaded before hold NULL in it until they are loaded "
+                    "again; `python -m etl backfill --restart --from %s --to <now> --resource %s` reloads them",
+                    resource.name, name, resource.table_name, start, resource.name)
 
 
 def _forget_loads(connection: Connection, resource: ResourceConfig) -> None:

@@ -164,3 +164,18 @@ async def test_a_key_changed_in_the_config_is_exit_2_with_the_sql_and_loads_once
     assert [tuple(row) for row in await rows(database_url, "SELECT id, status FROM orders ORDER BY status")] == [
         (1, "new"), (1, "old")
     ]
+
+
+async def test_a_column_added_to_a_loaded_table_says_its_old_rows_are_null_until_a_backfill_restart(
+    tmp_path: Path, sqlite_or_postgres_url: str
+) -> None:
+    """The ALTER went by without a word: the rows loaded before held NULL in the new column, and nothing said which
+    run would fill them (a sync does not read them again; `backfill --restart` over their range does)."""
+    dated = {"start": "2024-01-01", "filter": {"from_param": "since", "to_param": "until"}}
+    async with api() as served:
+        assert (await etl(tmp_path, served, sqlite_or_postgres_url, BASE, **dated)).returncode == 0
+        grown = await etl(tmp_path, served, sqlite_or_postgres_url, BASE | {"total": "decimal"}, **dated)
+        again = await etl(tmp_path, served, sqlite_or_postgres_url, BASE | {"total": "decimal"}, **dated)
+    assert grown.returncode == 0, grown.stderr
+    assert "column 'total' added to table 'orders'" in grown.stderr and "backfill --restart" in grown.stderr, grown.stderr
+    assert "added" not in again.stderr
