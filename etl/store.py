@@ -565,13 +565,16 @@ def _comparable(cursor: Any) -> Any:
 
 
 def upsert_statement(
-    dialect: str, table: Table, key: list[str], cursor: str | None, source: Select[Any] | None = None
+    dialect: str, table: Table, key: list[str], cursor: str | None, source: Select[Any] | None = None, instant: bool = False
 ) -> Insert:
     """INSERT … ON CONFLICT / ON DUPLICATE KEY UPDATE that never lets an older version replace a newer one.
 
     Every column but the key is replaced (there are always etl's own two), when
     the incoming cursor is not older than the stored one. `source` (PostgreSQL)
-    inserts the rows of a SELECT instead of VALUES.
+    inserts the rows of a SELECT instead of VALUES. An `instant` (datetime) cursor
+    is not held as newer when it was later than its row's `_etl_loaded_at`: stamped
+    in the future (bad data, an API's clock ahead), it would keep out the API's
+    correction for good, and a record's future version is read again once its time comes.
     """
     others = [column for column in table.columns if column.name not in key]
     if dialect in ("sqlite", "postgresql"):
@@ -584,7 +587,7 @@ def upsert_statement(
             new: ColumnElement[Any] = statement.excluded[cursor]
             if dialect == "sqlite" and isinstance(old.type, ExactDecimal):  # stored as text, where '10.25' < '9.5'
                 old, new = cast(old, Float), cast(new, Float)
-            newer = or_(old.is_(None), new.is_(None), new >= old)
+            newer = _newer(old, new, table.c[LOADED_AT] if instant else None)
         return statement.on_conflict_do_update(
             index_elements=key, set_={column.name: statement.excluded[column.name] for column in others}, where=newer
         )
@@ -592,14 +595,21 @@ def upsert_statement(
         statement = mysql.insert(table)
         if cursor is None:
             return statement.on_duplicate_key_update([(column.name, statement.inserted[column.name]) for column in others])
-        old, new = table.c[cursor], statement.inserted[cursor]
-        newer = or_(old.is_(None), new.is_(None), new >= old)
-        # MySQL assigns left to right and later assignments see earlier ones: the cursor column goes last.
-        ordered = sorted(others, key=lambda column: column.name == cursor)
+        newer = _newer(table.c[cursor], statement.inserted[cursor], table.c[LOADED_AT] if instant else None)
+        # MySQL assigns left to right and later assignments see earlier ones: the cursor column goes last, but for
+        # _etl_loaded_at after it, which the test reads too (once the cursor is the new one, new >= old holds).
+        ordered = sorted(others, key=lambda column: (column.name == LOADED_AT and instant, column.name == cursor))
         return statement.on_duplicate_key_update(
             [(column.name, func.if_(newer, statement.inserted[column.name], column)) for column in ordered]
         )
     raise LoadError(f"no upsert for the {dialect} dialect")
+
+
+def _newer(old: ColumnElement[Any], new: ColumnElement[Any], loaded_at: ColumnElement[Any] | None) -> ColumnElement[bool]:
+    """Whether the incoming version replaces the stored one: not older by the cursor, or the stored cursor was in
+    the future when it was loaded (only for a datetime cursor, compared with `loaded_at`)."""
+    newer = or_(old.is_(None), new.is_(None), new >= old)
+    return newer if loaded_at is None else or_(newer, old > loaded_at)
 
 
 Row = dict[str, Any]
@@ -719,7 +729,7 @@ class ExecutemanyWriter(RowWriter):
     """
 
     def __init__(self, dialect: Dialect, resource: ResourceConfig, table: Table, max_statement: int | None = None) -> None:
-        upsert = upsert_statement(dialect.name, table, resource.primary_key, _cursor_column(resource))
+        upsert = upsert_statement(dialect.name, table, resource.primary_key, _cursor_column(resource), instant=_instant_cursor(resource))
         compiled = upsert.compile(dialect=dialect)
         super().__init__(dialect, resource, list(compiled.positiontup or []))
         self._sql = str(compiled)
@@ -763,7 +773,7 @@ class CopyWriter(RowWriter):
             bindparam(LOADED_AT, type_=DateTime(timezone=True)),
             bindparam(RUN_ID, type_=BigInteger()),
         )
-        upsert = upsert_statement(dialect.name, table, resource.primary_key, _cursor_column(resource), source)
+        upsert = upsert_statement(dialect.name, table, resource.primary_key, _cursor_column(resource), source, _instant_cursor(resource))
         merge = upsert.compile(dialect=dialect)
         self._merge = str(merge)
         self._merge_parameters = list(merge.positiontup or [])
@@ -811,3 +821,9 @@ def _new_id(result: CursorResult[Any]) -> int:
 
 def _cursor_column(resource: ResourceConfig) -> str | None:
     return resource.cursor_field if resource.cursor_field in resource.columns else None
+
+
+def _instant_cursor(resource: ResourceConfig) -> bool:
+    """Whether the cursor column holds instants, which compare with `_etl_loaded_at`."""
+    cursor = _cursor_column(resource)
+    return cursor is not None and resource.columns[cursor].type == "datetime"

@@ -1,0 +1,67 @@
+"""Time on an API etl did not write: cursors stamped in the future, against each database, etl run as cron would."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loopback import serving
+
+from etl.demo import demo_document
+
+import tomlwriter
+from dbquery import rows
+from etlproc import run_etl
+
+
+class SinceOnlyApi:
+    """An API that filters on `updated_since` only (many do): a record stamped in the future is served at once."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, dict[str, Any]] = {}
+
+    def put(self, key: int, stamp: datetime, version: int) -> None:
+        self.records[key] = {"id": key, "updated_at": stamp.isoformat(), "version": version}
+
+    async def token(self, _request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "clock-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(self, request: web.Request) -> web.Response:
+        since = datetime.fromisoformat(request.query["updated_since"].replace("Z", "+00:00"))
+        listed = [record for record in self.records.values() if datetime.fromisoformat(record["updated_at"]) >= since]
+        return web.json_response({"data": listed})
+
+    @asynccontextmanager
+    async def config(self, directory: Path, database_url: str, start: datetime) -> AsyncIterator[Path]:
+        async with serving({("POST", "/oauth2/token"): self.token, ("GET", "/api/v1/items"): self.items}) as base:
+            document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
+            document["sync"] = {"lag": "0s"}
+            document["resources"] = [{
+                "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+                "cursor_field": "updated_at", "start": start.isoformat(), "lookback": "1h", "window": "1d", "pagination": {"style": "none"},
+                "filter": {"from_param": "updated_since", "to_param": "updated_until"},
+                "columns": {"id": "integer", "updated_at": "datetime", "version": "integer"},
+            }]
+            yield tomlwriter.write(directory / "config.toml", document)
+
+
+async def test_a_future_stamp_the_api_corrects_is_replaced_by_the_correction(tmp_path: Path, database_url: str) -> None:
+    """Bad data stamped a year ahead, loaded by a sync (the API ignores updated_until), then corrected by the API to
+    a stamp of today: the correction is older by the cursor, so "latest wins" kept the bad version for good, through
+    every later sync and even a backfill of the range, exit 0. A stored cursor later than its row's _etl_loaded_at
+    was in the future when it was loaded: it no longer holds off the version the API serves now."""
+    api = SinceOnlyApi()
+    now = datetime.now(UTC)
+    api.put(1, now - timedelta(hours=2), version=1)
+    api.put(2, now + timedelta(days=365), version=1)
+    async with api.config(tmp_path, database_url, now - timedelta(days=1)) as config:
+        first = await run_etl("sync", "--config", str(config))
+        api.put(2, datetime.now(UTC) - timedelta(seconds=1), version=2)
+        second = await run_etl("sync", "--config", str(config))
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert [tuple(row) for row in await rows(database_url, "SELECT id, version FROM items ORDER BY id")] == [(1, 1), (2, 2)]
