@@ -73,7 +73,8 @@ async def _dated_sync(
     """The windows of a sync with date filters, and which of them an earlier, stopped sync left to take up."""
     assert resource.filter is not None and resource.start is not None  # the config requires start with a filter
     step = granularity(resource.filter.format)
-    start = base.synced_until - resource.lookback if base and base.synced_until else resource.start
+    # never before `start`: a lookback longer than the time since it loaded what `start` kept out of the first sync
+    start = max(base.synced_until - resource.lookback, resource.start) if base and base.synced_until else resource.start
     end = floor_to(now - lag, step)
     if base is None and start >= end:
         _nothing_yet(resource, start, end, now)

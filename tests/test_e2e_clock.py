@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,13 +36,13 @@ class SinceOnlyApi:
         return web.json_response({"data": listed})
 
     @asynccontextmanager
-    async def config(self, directory: Path, database_url: str, start: datetime) -> AsyncIterator[Path]:
+    async def config(self, directory: Path, database_url: str, start: datetime, lookback: str = "1h") -> AsyncIterator[Path]:
         async with serving({("POST", "/oauth2/token"): self.token, ("GET", "/api/v1/items"): self.items}) as base:
             document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
             document["sync"] = {"lag": "0s"}
             document["resources"] = [{
                 "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
-                "cursor_field": "updated_at", "start": start.isoformat(), "lookback": "1h", "window": "1d", "pagination": {"style": "none"},
+                "cursor_field": "updated_at", "start": start.isoformat(), "lookback": lookback, "window": "1d", "pagination": {"style": "none"},
                 "filter": {"from_param": "updated_since", "to_param": "updated_until"},
                 "columns": {"id": "integer", "updated_at": "datetime", "version": "integer"},
             }]
@@ -65,3 +65,21 @@ async def test_a_future_stamp_the_api_corrects_is_replaced_by_the_correction(tmp
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert [tuple(row) for row in await rows(database_url, "SELECT id, version FROM items ORDER BY id")] == [(1, 1), (2, 2)]
+
+
+async def test_a_lookback_longer_than_the_time_since_start_reads_nothing_before_start(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A resource started today with a lookback of two days: the first sync read from `start`, the second from
+    two days back, and loaded yesterday's records that `start` had kept out (a third of its rows, exit 0)."""
+    url = await fresh_database("sqlite")
+    api = SinceOnlyApi()
+    now = datetime.now(UTC)
+    api.put(1, now - timedelta(days=1), version=1)
+    api.put(2, now - timedelta(hours=1), version=1)
+    async with api.config(tmp_path, url, now - timedelta(hours=3), lookback="2d") as config:
+        first = await run_etl("sync", "--config", str(config))
+        second = await run_etl("sync", "--config", str(config))
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert [tuple(row) for row in await rows(url, "SELECT id FROM items")] == [(2,)]
