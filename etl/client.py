@@ -13,12 +13,14 @@ would otherwise go out with an expired token (many workers, short tokens).
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
 
@@ -88,6 +90,28 @@ class RequestCounters:
 
     requests: int = 0
     retries: int = 0
+
+
+@dataclass
+class ApiClock:
+    """How far the API's clock is surely behind this machine's, by the `Date` (and `Age`) of its answers.
+
+    An API that stamps records by a clock behind ours stamps what it writes just after a sync before that
+    sync's end: the sync must not count itself loaded up to our now. A Date has whole seconds, so the API's
+    clock is read as the Date plus a second: clocks in step are never behind.
+    """
+
+    behind: timedelta = timedelta(0)
+
+    def saw(self, headers: CIMultiDictProxy[str]) -> None:
+        try:
+            stamp = email.utils.parsedate_to_datetime(headers.get("Date", ""))
+            age = int(headers.get("Age", "0"))
+        except (TypeError, ValueError):
+            return
+        if stamp.tzinfo is None:  # "-0000": UTC by RFC 5322
+            stamp = stamp.replace(tzinfo=UTC)
+        self.behind = max(self.behind, datetime.now(UTC) - stamp - timedelta(seconds=1 + max(age, 0)))
 
 
 def snippet(body: bytes) -> str:
@@ -166,8 +190,10 @@ class ApiClient:
         tokens: TokenManager,
         counters: RequestCounters,
         retry: RetryPolicy | None = None,
+        clock: ApiClock | None = None,
     ) -> None:
         self._session = session
+        self.clock = clock or ApiClock()
         self._static_headers = _with_accept(api.headers)
         for name, value in api.headers.items():
             if CREDENTIAL_HEADER.search(name):  # an API that echoes what it was sent must not print an API key
@@ -269,6 +295,8 @@ class ApiClient:
                 log.debug("GET %s -> %d, %d bytes in %.0f ms", display_url(resp.url), resp.status, len(body), (time.monotonic() - sent) * 1000)
             location = resp.headers.get("Location") if resp.status in REDIRECT_STATUS else None
             if location is None:
+                if 200 <= resp.status < 300:
+                    self.clock.saw(resp.headers)
                 return verdict(resp, body, came_from if headers is not trusted else None)
             came_from = came_from or resp.url
             try:

@@ -21,13 +21,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http import HTTPStatus
 from typing import Any
 
 from pydantic import SecretStr
 
-from etl.client import ApiClient, PageResponse, RequestCounters, not_found_hint
+from etl.client import ApiClient, ApiClock, PageResponse, RequestCounters, not_found_hint
 from etl.config import Config, ResourceConfig
+from etl.durations import format_duration
 from etl.errors import (
     AuthError,
     ConfigError,
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 5000
 FLUSH_SECONDS = 1.0
 QUEUE_PAGES = 64
+API_CLOCK_WARNING = timedelta(minutes=1)  # clocks kept by NTP are never this far apart
 GRACE_SECONDS = 15.0
 RUN_WIDE_ERRORS = (AuthError, UnreachableError, LoadError, ConfigError)
 
@@ -200,6 +203,7 @@ class Pipeline:
         self.stop = stop
         self.progress = progress or NoProgress()
         self.counters = RequestCounters()
+        self.api_clock = ApiClock()
         self.stats: dict[str, ResourceStats] = {}
         self._plans: dict[str, ResourcePlan] = {}
         self._validators: dict[str, RecordValidator] = {}
@@ -233,7 +237,7 @@ class Pipeline:
             async with open_session(self.config.api) as session:
                 retry = RetryPolicy.from_api(self.config.api, self.stop)
                 self._tokens = TokenManager(self.config.auth, secret, session, retry)
-                client = ApiClient(self.config.api, session, self._tokens, self.counters, retry)
+                client = ApiClient(self.config.api, session, self._tokens, self.counters, retry, self.api_clock)
                 await self._fetch_and_load(client, plans)
         finally:
             self.progress.stop()
@@ -242,8 +246,17 @@ class Pipeline:
             self._warn_if_no_cursor(self._plans[stats.name].resource, stats)
             self._warn_if_no_next_cursor(self._plans[stats.name].resource, stats)
             self._warn_of_unseen_columns(self._plans[stats.name].resource, stats)
+        self._warn_of_api_clock()
         self._blame_run_wide_cause()
         return self._outcome(time.monotonic() - started)
+
+    def _warn_of_api_clock(self) -> None:
+        """An API clock behind ours is why "loaded up to" stayed that far back: said, since NTP would put it right."""
+        behind = self.api_clock.behind
+        if behind >= API_CLOCK_WARNING:
+            log.warning("the API's clock (the Date of its answers) is %s behind this machine's: the watermarks are "
+                        "kept that far back, so that the records it stamps meanwhile are read by the next run; "
+                        "check the time (NTP) of both hosts", format_duration(timedelta(seconds=int(behind.total_seconds()))))
 
     @staticmethod
     def _warn_if_no_cursor(resource: ResourceConfig, stats: ResourceStats) -> None:
@@ -512,7 +525,7 @@ class Pipeline:
             progress.max_cursor = plan.tracker.saw_cursor(item.window.id, item.page.max_cursor)
         if item.finished:
             progress.done = True
-            mark = plan.tracker.window_finished(item.window.id)
+            mark = plan.tracker.window_finished(item.window.id, self.api_clock.behind)
             if mark is not None:
                 batch.watermarks = [m for m in batch.watermarks if m.resource != name] + [mark]
 

@@ -189,15 +189,18 @@ class WatermarkTracker:
         self._max_cursor[window_id] = newest_cursor(self._max_cursor.get(window_id), cursor)
         return self._max_cursor[window_id]
 
-    def window_finished(self, window_id: int) -> Watermark | None:
-        """The new watermark if this window extends the finished prefix, else None."""
+    def window_finished(self, window_id: int, api_behind: timedelta = timedelta(0)) -> Watermark | None:
+        """The new watermark if this window extends the finished prefix, else None.
+
+        `synced_until` stays `api_behind` (the API's clock behind ours) further back: the API stamps what it
+        writes after this run by its clock, and the next sync must start before that."""
         self._done[window_id] = True
         moved = False
         while self._next < len(self._windows) and self._done[self._windows[self._next].id]:
             window = self._windows[self._next]
             self._watermark = newest_cursor(self._watermark, self._max_cursor.get(window.id))
             if window.window.end is not None:
-                loaded_until = min(window.window.end, self._settled)
+                loaded_until = min(window.window.end, self._settled - api_behind)
                 self._synced_until = max(self._synced_until or loaded_until, loaded_until)
             self._next += 1
             moved = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,16 @@ from etlproc import run_etl
 
 
 class SinceOnlyApi:
-    """An API that filters on `updated_since` only (many do): a record stamped in the future is served at once."""
+    """An API that filters on `updated_since` only (many do): a record stamped in the future is served at once.
 
-    def __init__(self) -> None:
+    `skew` sets its clock against this machine's, as its responses' Date header tells it."""
+
+    def __init__(self, skew: timedelta = timedelta(0)) -> None:
         self.records: dict[int, dict[str, Any]] = {}
+        self.skew = skew
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.skew
 
     def put(self, key: int, stamp: datetime, version: int) -> None:
         self.records[key] = {"id": key, "updated_at": stamp.isoformat(), "version": version}
@@ -33,7 +40,7 @@ class SinceOnlyApi:
     async def items(self, request: web.Request) -> web.Response:
         since = datetime.fromisoformat(request.query["updated_since"].replace("Z", "+00:00"))
         listed = [record for record in self.records.values() if datetime.fromisoformat(record["updated_at"]) >= since]
-        return web.json_response({"data": listed})
+        return web.json_response({"data": listed}, headers={"Date": format_datetime(self.now(), usegmt=True)})
 
     @asynccontextmanager
     async def config(self, directory: Path, database_url: str, start: datetime, lookback: str = "1h") -> AsyncIterator[Path]:
@@ -83,3 +90,22 @@ async def test_a_lookback_longer_than_the_time_since_start_reads_nothing_before_
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert [tuple(row) for row in await rows(url, "SELECT id FROM items")] == [(2,)]
+
+
+async def test_an_api_clock_behind_ours_does_not_lose_what_it_stamps_after_a_sync(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The API's clock an hour behind this machine's (lag 0, lookback 5 minutes): a sync marked itself loaded up
+    to our now, and a record written right after it, stamped by the API an hour earlier, lay before the next
+    sync's start: lost, exit 0, not a word. The API's Date header shows its clock: "loaded up to" stays within it."""
+    url = await fresh_database("sqlite")
+    api = SinceOnlyApi(skew=-timedelta(hours=1))
+    api.put(1, api.now() - timedelta(minutes=1), version=1)
+    async with api.config(tmp_path, url, api.now() - timedelta(days=1), lookback="5m") as config:
+        first = await run_etl("sync", "--config", str(config))
+        api.put(2, api.now(), version=1)
+        second = await run_etl("sync", "--config", str(config))
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert [tuple(row) for row in await rows(url, "SELECT id FROM items ORDER BY id")] == [(1,), (2,)]
+    assert "clock" in first.stderr and "behind" in first.stderr
