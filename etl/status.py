@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -17,6 +18,7 @@ from etl.db import HEAD_REVISION, current_revision, database_error
 from etl.durations import isoformat_utc
 from etl.locks import process_gone
 from etl.schema import rejects, runs, watermarks, windows
+from etl.store import cursor_from_text
 
 RECENT_RUNS = 10
 
@@ -76,6 +78,14 @@ def _when(value: Any) -> str:
     return isoformat_utc(value) if value is not None else "-"
 
 
+def _future_note(watermark: str | None) -> str:
+    """A highest cursor after now is a record the API stamped ahead of this machine's clock (bad data, its clock)."""
+    cursor = cursor_from_text(watermark)
+    if isinstance(cursor, datetime) and cursor > datetime.now(UTC):
+        return " (in the future: the API stamped a record ahead of this machine's clock)"
+    return ""
+
+
 def _section(title: str, lines: list[str]) -> list[str]:
     return ["", title, *(lines or ["  none"])]
 
@@ -117,7 +127,8 @@ def format_status(report: StatusReport) -> str:
     lines = [f"schema revision {report.revision} (newest {report.head})"]
     lines += _section("recent runs:", [_run_line(run) for run in report.runs])
     lines += _section("watermarks:", [
-        f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}  loaded up to {_when(mark['synced_until'])}"
+        f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}{_future_note(mark['watermark'])}"
+        f"  loaded up to {_when(mark['synced_until'])}"
         for mark in report.watermarks
     ])
     lines += _section("unfinished windows:", [

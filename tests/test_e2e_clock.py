@@ -109,3 +109,18 @@ async def test_an_api_clock_behind_ours_does_not_lose_what_it_stamps_after_a_syn
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert [tuple(row) for row in await rows(url, "SELECT id FROM items ORDER BY id")] == [(1,), (2,)]
     assert "clock" in first.stderr and "behind" in first.stderr
+
+
+async def test_status_says_when_the_highest_cursor_is_in_the_future(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A record stamped a year ahead made `status` show a highest cursor of next year beside "loaded up to" today,
+    with nothing saying that the cursor, not etl, was wrong."""
+    url = await fresh_database("sqlite")
+    api = SinceOnlyApi()
+    now = datetime.now(UTC)
+    api.put(1, now + timedelta(days=365), version=1)
+    async with api.config(tmp_path, url, now - timedelta(days=1)) as config:
+        synced = await run_etl("sync", "--config", str(config))
+        status = await run_etl("status", "--config", str(config))
+
+    assert synced.returncode == status.returncode == 0, synced.stderr + status.stderr
+    assert "in the future" in status.stdout
