@@ -425,16 +425,16 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
 
     A body in another charset than UTF-8 is read as its Content-Type declares; one that declares
     none and is not UTF-8 is an error, not retried: another attempt brings the same bytes.
+    JSON is read whatever the Content-Type says: PHP labels it `text/html` unless told otherwise.
 
     etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
     the standard library alone only to say why a body is not JSON.
     """
     body = _as_utf8(body, resp, status)
-    if "html" not in resp.headers.get("Content-Type", "").lower():
-        try:
-            return jsonnumbers.loads(body)
-        except ValueError:
-            pass
+    try:
+        return jsonnumbers.loads(body)
+    except ValueError:
+        pass
     url, stripped = display_url(resp.url), body.lstrip()
     if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
         raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")

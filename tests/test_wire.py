@@ -1,0 +1,131 @@
+"""HTTP as legacy APIs write it, from a raw socket: `sync` as a subprocess, then the table.
+
+Each answer is bytes on the wire (status line, headers, body) so that a test can send what
+aiohttp.web would refuse to: a wrong Content-Length, a Content-Encoding etl did not ask for,
+JSON labelled as HTML. Either every record is loaded once with exit 0, or the run fails
+(exit 1) with a message that says the API is at fault, and is not retried when another
+attempt would bring the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+import tomlwriter
+from dbquery import sqlite_rows
+from etlproc import Finished, etl_env, run_etl
+
+RECORDS, PAGE_SIZE = 25, 10
+TOKEN = json.dumps({"access_token": "wire-token", "expires_in": 3600, "token_type": "Bearer"}).encode()
+Answer = Callable[[int], bytes]  # page number -> the whole HTTP response
+
+
+def page_body(page: int, **fields: object) -> bytes:
+    """Page `page` of RECORDS records, `{"data": [...]}`, with non-ASCII text in each."""
+    first = (page - 1) * PAGE_SIZE + 1
+    records = [
+        {"id": i, "updated_at": f"2024-01-01T00:00:{i:02}Z", "name": f"Café {i}", **fields}
+        for i in range(first, min(first + PAGE_SIZE, RECORDS + 1))
+    ]
+    return json.dumps({"data": records}, ensure_ascii=False).encode()
+
+
+def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    """An HTTP/1.1 response with the given header lines and a Content-Length, unless one is among them."""
+    lines = [f"HTTP/1.1 {status}", *headers]
+    if not any(line.lower().startswith(("content-length:", "transfer-encoding:")) for line in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _read_request(reader: asyncio.StreamReader) -> str | None:
+    """The request target of the next request on the connection, its headers and body read; None at its end."""
+    line = await reader.readline()
+    if not line:
+        return None
+    length = 0
+    while (header := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = header.decode().partition(":")
+        length = int(value) if name.strip().lower() == "content-length" else length
+    await reader.readexactly(length)
+    return line.decode().split(" ")[1]
+
+
+@asynccontextmanager
+async def raw_api(answer: Answer) -> AsyncIterator[tuple[str, list[int]]]:
+    """A token endpoint and /api/items on one loopback port; yields the origin and the pages asked for."""
+    asked: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while (target := await _read_request(reader)) is not None:
+                parts = urlsplit(target)
+                if parts.path.endswith("/token"):
+                    writer.write(response(TOKEN, "Content-Type: application/json"))
+                else:
+                    asked.append(int(parse_qs(parts.query).get("page", ["1"])[0]))
+                    writer.write(answer(asked[-1]))
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", asked
+    finally:
+        server.close()
+
+
+def write_config(directory: Path, origin: str) -> Path:
+    """One resource, `items`, in pages of PAGE_SIZE, full refresh, into SQLite; few and quick retries."""
+    return tomlwriter.write(directory / "config.toml", {
+        "api": {"base_url": f"{origin}/api", "max_retries": 2, "retry_backoff_s": 0.01, "timeout_s": 10},
+        "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "wire"},
+        "database": {"url": f"sqlite:///{directory / 'etl.db'}"},
+        "resources": [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"], "cursor_field": "updated_at",
+            "pagination": {"style": "page", "page_param": "page", "size_param": "page_size", "page_size": PAGE_SIZE},
+            "columns": {"id": "integer", "updated_at": "datetime", "name": "string", "blob": {"type": "json", "nullable": True}},
+        }],
+    })
+
+
+async def sync(tmp_path: Path, answer: Answer) -> tuple[Finished, list[int]]:
+    async with raw_api(answer) as (origin, asked):
+        finished = await run_etl("--config", str(write_config(tmp_path, origin)), "sync", env=etl_env())
+    return finished, asked
+
+
+def loaded(tmp_path: Path) -> list[tuple[int, str]]:
+    return sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT id, name FROM items ORDER BY id")
+
+
+def assert_all_loaded_once(tmp_path: Path, finished: Finished) -> None:
+    assert finished.returncode == 0, finished.stderr
+    assert loaded(tmp_path) == [(i, f"Café {i}") for i in range(1, RECORDS + 1)]
+
+
+def assert_failed_unretried(finished: Finished, asked: list[int], *said: str) -> None:
+    """Exit 1 on the first page after one request, saying each of `said`, with no traceback."""
+    assert finished.returncode == 1, finished.stderr
+    assert asked == [1], finished.stderr
+    assert "Traceback" not in finished.stderr and "internal error" not in finished.stderr, finished.stderr
+    for words in said:
+        assert words in finished.stderr, finished.stderr
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "text/html; charset=UTF-8"])
+async def test_json_labelled_as_html_is_read_as_json(tmp_path: Path, content_type: str) -> None:
+    """PHP answers `Content-Type: text/html` unless told otherwise, and many legacy APIs are PHP: their JSON
+    was refused as "HTML, not JSON (a login page or a proxy?)", exit 1, and nothing loaded."""
+    finished, _ = await sync(tmp_path, lambda page: response(page_body(page), f"Content-Type: {content_type}"))
+    assert_all_loaded_once(tmp_path, finished)
