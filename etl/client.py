@@ -440,6 +440,8 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
         raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
     try:
         return json.loads(body)
+    except RecursionError:  # orjson stops at 1,024 levels, the standard library at Python's recursion limit
+        raise SourceError(f"{status} from {url} is JSON nested too deep to read (over 1,000 levels): the API is at fault") from None
     except ValueError as exc:
         if isinstance(exc, UnicodeDecodeError) and exc.end < len(body):  # a bad byte, not a body cut inside a character
             raise SourceError(

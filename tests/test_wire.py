@@ -129,3 +129,14 @@ async def test_json_labelled_as_html_is_read_as_json(tmp_path: Path, content_typ
     was refused as "HTML, not JSON (a login page or a proxy?)", exit 1, and nothing loaded."""
     finished, _ = await sync(tmp_path, lambda page: response(page_body(page), f"Content-Type: {content_type}"))
     assert_all_loaded_once(tmp_path, finished)
+
+
+async def test_json_nested_too_deep_fails_the_page_without_a_traceback(tmp_path: Path) -> None:
+    """orjson refuses nesting past 1,024 levels and the standard library, asked why, hit Python's recursion
+    limit: a traceback and "internal error". It is the API's page at fault, said so, and not retried."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    finished, asked = await sync(tmp_path, lambda page: response(
+        page_body(page).replace(b'"name": "Caf', b'"blob": ' + deep + b', "name": "Caf', 1), "Content-Type: application/json"
+    ))
+    assert_failed_unretried(finished, asked, "nested too deep")
+
