@@ -448,6 +448,11 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
                 f"{status} from {url} is not UTF-8 ({exc.reason} at byte {exc.start}): an API that sends another "
                 "charset must declare it, as in Content-Type: application/json; charset=ISO-8859-1"
             ) from None
+        if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":  # came whole: another attempt brings the same
+            raise SourceError(
+                f"{status} from {url} holds more than one JSON value (text follows the first at character {exc.pos}: "
+                f"NDJSON, or a comment after the JSON): the API is at fault, etl reads one JSON document a page: {snippet(exc.doc[exc.pos:].encode())}"
+            ) from None
         if stripped[:1] in (b"{", b"["):
             raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None

@@ -140,3 +140,17 @@ async def test_json_nested_too_deep_fails_the_page_without_a_traceback(tmp_path:
     ))
     assert_failed_unretried(finished, asked, "nested too deep")
 
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"id": 1}\n{"id": 2}\n', "more than one JSON value"),
+        (page_body(1) + b"\n<!-- served in 3 ms -->", "more than one JSON value"),
+    ],
+    ids=["ndjson", "trailing-comment"],
+)
+async def test_text_after_a_whole_json_value_is_not_retried_as_a_cut_body(tmp_path: Path, body: bytes, said: str) -> None:
+    """NDJSON, or a debug comment after the JSON: the body came whole, and every attempt brings the same.
+    It was "the JSON body is cut short or broken", retried max_retries times."""
+    finished, asked = await sync(tmp_path, lambda _page: response(body, "Content-Type: application/json"))
+    assert_failed_unretried(finished, asked, said, "the API")
