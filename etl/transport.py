@@ -23,7 +23,7 @@ from datetime import UTC
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
@@ -176,6 +176,8 @@ def translate(exc: BaseException, url: str) -> EtlError:
         )
     if isinstance(exc, aiohttp.ClientPayloadError):
         return _payload_error(exc, url)
+    if isinstance(exc, aiohttp.ClientResponseError) and isinstance(exc.__cause__, HttpProcessingError):
+        return _malformed_answer(exc.__cause__, url)
     if isinstance(exc, aiohttp.ClientConnectionError | ConnectionError):
         return RetryableError(f"the connection to {host} was dropped: {type(exc).__name__} {exc}".rstrip())
     if isinstance(exc, EtlError):
@@ -191,8 +193,27 @@ def _payload_error(exc: aiohttp.ClientPayloadError, url: str) -> EtlError:
     """
     reason = getattr(exc.__cause__, "message", None) or str(exc)
     if isinstance(exc.__cause__, ContentEncodingError):
-        return SourceError(f"the body from {display_url(url)} could not be decoded as its Content-Encoding said: {reason}")
+        return SourceError(
+            f"the body from {display_url(url)} could not be decoded as its Content-Encoding said: {reason}: the API is at fault"
+        )
     return RetryableError(f"the body from {display_url(url)} was cut short: {reason}")
+
+
+def _malformed_answer(cause: HttpProcessingError, url: str) -> EtlError:
+    """An answer aiohttp's parser refused before its body: its "ClientResponseError: 400" is no status the API sent,
+    and the parser's message quotes the bytes it met over several lines (a page's records), so only its first line is kept.
+
+    An encoding etl cannot decode (`br` without the Brotli package) comes back on every attempt; other broken
+    HTTP may be a connection left in a bad state, and is retried.
+    """
+    cause = cause.__cause__ if isinstance(cause.__cause__, HttpProcessingError) else cause  # the parser's own, under the protocol's copy
+    reason = cause.message.strip().splitlines()[0].rstrip(":")[:100] if cause.message.strip() else type(cause).__name__
+    if isinstance(cause, ContentEncodingError):
+        return SourceError(
+            f"the answer from {display_url(url)} has a Content-Encoding etl did not ask for and cannot decode "
+            f"({reason}): the API is at fault"
+        )
+    return RetryableError(f"the answer from {display_url(url)} is not valid HTTP ({reason}): the API is at fault")
 
 
 def _certificate_hint(reason: BaseException, host: str) -> str:

@@ -520,7 +520,7 @@ async def test_a_body_that_does_not_decode_as_its_content_encoding_says_is_not_r
     assert counters.requests == 1
     assert str(raised.value) == (
         f"the body from {origin}/api/v1/orders?page=1 could not be decoded as its Content-Encoding said: "
-        "Can not decode content-encoding: gzip"
+        "Can not decode content-encoding: gzip: the API is at fault"
     )
 
 
