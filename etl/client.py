@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
 import json
 import logging
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,6 +52,7 @@ FOREIGN_REDIRECT_HINT = (
 )
 SNIPPET_BYTES = 200
 MASKED_BYTES = 16_384  # masked before the cut: a token that starts within the snippet ends within this
+GZIP_MAGIC = b"\x1f\x8b"  # starts every gzip stream, and no JSON text in any charset
 UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # read as they are: ASCII is UTF-8
 # RFC 8288 Link: a comma or semicolon inside <target> or a quoted string does not end a link-value or a parameter.
 # A link-value is <target> and its parameters, or (the second branch) a malformed one, skipped up to its comma.
@@ -430,7 +433,7 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
     the standard library alone only to say why a body is not JSON.
     """
-    body = _as_utf8(body, resp, status)
+    body = _as_utf8(_ungzipped(body), resp, status)
     try:
         return jsonnumbers.loads(body)
     except ValueError:
@@ -456,6 +459,18 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
         if stripped[:1] in (b"{", b"["):
             raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None
+
+
+def _ungzipped(body: bytes) -> bytes:
+    """A body still gzipped once its Content-Encoding is undone, decompressed: a `.json.gz` served without
+    `Content-Encoding: gzip`, or a proxy's second layer on an answer already gzipped. One that does not
+    decompress is left as it is, to fail as not JSON."""
+    if body[:2] != GZIP_MAGIC:
+        return body
+    try:
+        return gzip.decompress(body)
+    except (OSError, EOFError, zlib.error):
+        return body
 
 
 def _as_utf8(body: bytes, resp: aiohttp.ClientResponse, status: int) -> bytes:

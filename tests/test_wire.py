@@ -10,6 +10,7 @@ attempt would bring the same bytes.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -180,3 +181,19 @@ async def test_an_answer_that_is_not_http_is_named_so_without_the_body_it_carrie
     assert "is not valid HTTP" in error and "the API is at fault" in error, error
     assert "400" not in error and "\n" not in error.split("hint:")[0].strip() and "Café 5" not in error, error
     assert len(asked) == 3  # retried: a connection left in a bad state may heal
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"], ids=["gzip-undeclared", "gzip-twice"])
+async def test_a_gzipped_body_the_headers_do_not_account_for_is_read(tmp_path: Path, encoding: str | None) -> None:
+    """A pre-compressed file served without `Content-Encoding: gzip`, or compressed again by a proxy that
+    declares only its own layer: the bytes left start with gzip's magic number, which no JSON does. It was
+    "is not UTF-8 ...: an API that sends another charset must declare it", which no charset fixes."""
+    def gzipped(page: int) -> bytes:
+        body = gzip.compress(page_body(page))
+        headers = ["Content-Type: application/json"]
+        if encoding:
+            body, headers = gzip.compress(body), [*headers, f"Content-Encoding: {encoding}"]
+        return response(body, *headers)
+
+    finished, _ = await sync(tmp_path, gzipped)
+    assert_all_loaded_once(tmp_path, finished)
