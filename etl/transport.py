@@ -53,6 +53,10 @@ SAVE_CERTS_HINT = (
 )
 # OpenSSL's X509_V_ERR_* codes, as ssl.SSLCertVerificationError.verify_code carries them
 X509_CERT_NOT_YET_VALID, X509_CERT_HAS_EXPIRED, X509_HOSTNAME_MISMATCH, X509_IP_ADDRESS_MISMATCH = 9, 10, 62, 64
+# a status or header line's longest: Python's http.client's (aiohttp's 8,190 refused a legacy API's 20 kB cookie)
+MAX_HEADER_LINE = 65_536
+# where aiohttp's parser messages start quoting the bytes they met (a header's value: a session cookie)
+_QUOTED_BYTES = re.compile(r":?\s*b['\"]")
 CONNECT_HINT = "check that the host is up, the port is right, and any firewall or HTTPS_PROXY in between"
 
 
@@ -98,7 +102,13 @@ def open_session(api: ApiConfig) -> aiohttp.ClientSession:
     """
     connector = aiohttp.TCPConnector(ssl=_session_trust(api), limit=api.concurrency + 2, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=api.timeout_s, sock_connect=min(api.timeout_s, 15))
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, raise_for_status=False)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        raise_for_status=False,
+        max_line_size=MAX_HEADER_LINE,
+        max_field_size=MAX_HEADER_LINE,
+    )
 
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
@@ -201,13 +211,14 @@ def _payload_error(exc: aiohttp.ClientPayloadError, url: str) -> EtlError:
 
 def _malformed_answer(cause: HttpProcessingError, url: str) -> EtlError:
     """An answer aiohttp's parser refused before its body: its "ClientResponseError: 400" is no status the API sent,
-    and the parser's message quotes the bytes it met over several lines (a page's records), so only its first line is kept.
+    and the parser's message quotes the bytes it met (a page's records, a header's cookie): they are left out.
 
     An encoding etl cannot decode (`br` without the Brotli package) comes back on every attempt; other broken
     HTTP may be a connection left in a bad state, and is retried.
     """
     cause = cause.__cause__ if isinstance(cause.__cause__, HttpProcessingError) else cause  # the parser's own, under the protocol's copy
-    reason = cause.message.strip().splitlines()[0].rstrip(":")[:100] if cause.message.strip() else type(cause).__name__
+    line = cause.message.strip().splitlines()[0] if cause.message.strip() else type(cause).__name__
+    reason = _QUOTED_BYTES.split(line)[0].rstrip(":")[:100]
     if isinstance(cause, ContentEncodingError):
         return SourceError(
             f"the answer from {display_url(url)} has a Content-Encoding etl did not ask for and cannot decode "

@@ -197,3 +197,21 @@ async def test_a_gzipped_body_the_headers_do_not_account_for_is_read(tmp_path: P
 
     finished, _ = await sync(tmp_path, gzipped)
     assert_all_loaded_once(tmp_path, finished)
+
+
+async def test_a_header_line_longer_than_8_kb_is_read(tmp_path: Path) -> None:
+    """A legacy API's 20 kB session cookie (or a Link with a long cursor): aiohttp's 8,190-byte default ended
+    the run, where curl and Python's http.client (65,536) read it."""
+    finished, _ = await sync(tmp_path, lambda page: response(
+        page_body(page), "Content-Type: application/json", f"Set-Cookie: JSESSIONID={'s' * 20_000}; Path=/"
+    ))
+    assert_all_loaded_once(tmp_path, finished)
+
+
+async def test_a_header_too_long_to_read_is_named_without_its_value(tmp_path: Path) -> None:
+    """The parser's message quoted the header's start: a session cookie in the error and in etl_runs."""
+    finished, _ = await sync(tmp_path, lambda page: response(
+        page_body(page), "Content-Type: application/json", f"Set-Cookie: JSESSIONID=C00k1e{'s' * 100_000}"
+    ))
+    assert finished.returncode == 1, finished.stderr
+    assert "is not valid HTTP" in finished.stderr and "C00k1e" not in finished.stderr, finished.stderr
