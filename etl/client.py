@@ -431,7 +431,7 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     JSON is read whatever the Content-Type says: PHP labels it `text/html` unless told otherwise.
 
     etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
-    the standard library alone only to say why a body is not JSON.
+    its lenient reading for what orjson refuses (NaN, 1e400), and to say why a body is not JSON.
     """
     body = _as_utf8(_ungzipped(body), resp, status)
     try:
@@ -442,7 +442,7 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
         raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
     try:
-        return json.loads(body)
+        return jsonnumbers.loads_lenient(body)
     except RecursionError:  # orjson stops at 1,024 levels, the standard library at Python's recursion limit
         raise SourceError(f"{status} from {url} is JSON nested too deep to read (over 1,000 levels): the API is at fault") from None
     except ValueError as exc:

@@ -32,6 +32,12 @@ def loads(body: bytes) -> Any:
     return orjson.loads(body)
 
 
+def loads_lenient(body: bytes) -> Any:
+    """The standard library's reading of what orjson refuses: NaN and Infinity, a lone surrogate, and a number
+    beyond a double (`1e400`, valid JSON), given as a Decimal of its digits rather than as Infinity."""
+    return json.loads(body, parse_float=_exact_float)
+
+
 def dumps(value: Any, *, as_read: bool = False) -> bytes:
     """JSON text with every digit: a Decimal as its digits, an integer beyond 64 bits (which orjson refuses) too.
 
@@ -78,7 +84,10 @@ def _utf8_key(key: Any) -> Any:
 
 def _exact_float(token: str) -> float | Decimal:
     mantissa = token.lstrip("-").split("e")[0].split("E")[0].replace(".", "").lstrip("0")
-    return Decimal(token) if len(mantissa) > _FLOAT_DIGITS else float(token)
+    if len(mantissa) > _FLOAT_DIGITS:
+        return Decimal(token)
+    number = float(token)
+    return Decimal(token) if math.isinf(number) else number
 
 
 def _decimal_digits(value: Any) -> orjson.Fragment:

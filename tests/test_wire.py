@@ -14,6 +14,7 @@ import gzip
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -215,3 +216,16 @@ async def test_a_header_too_long_to_read_is_named_without_its_value(tmp_path: Pa
     ))
     assert finished.returncode == 1, finished.stderr
     assert "is not valid HTTP" in finished.stderr and "C00k1e" not in finished.stderr, finished.stderr
+
+
+async def test_a_number_beyond_a_double_is_stored_as_sent_not_rejected_as_infinity(tmp_path: Path) -> None:
+    """`1e400` is valid JSON. orjson refuses it, the standard library read it as Infinity, and the record was
+    rejected as "holds NaN or Infinity", its raw payload in etl_rejects showing Infinity, not what came."""
+    def huge(page: int) -> bytes:
+        return response(page_body(page).replace(b'"name": "Caf\xc3\xa9 1"', b'"name": "Caf\xc3\xa9 1", "blob": {"x": 1e400}'),
+                        "Content-Type: application/json")
+
+    finished, _ = await sync(tmp_path, huge)
+    assert_all_loaded_once(tmp_path, finished)
+    stored = sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT blob FROM items WHERE id = 1")[0][0]
+    assert Decimal(json.loads(stored, parse_float=Decimal)["x"]) == Decimal("1e400"), stored
