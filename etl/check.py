@@ -629,9 +629,12 @@ class Checker:
         return verdict
 
     def _page_hint(self, exc: EtlError, resource: ResourceConfig) -> str:
-        """A 404 names the two keys its URL is made of; other refusals are compared with the API's documentation."""
+        """A 404 names the two keys its URL is made of; a timeout names timeout_s (not the request, which may be
+        right: the answer was slow); other failures are compared with the API's documentation."""
         if isinstance(exc, RefusedRequest) and exc.status == HTTPStatus.NOT_FOUND:
             return not_found_hint(self.config.api.base_url, resource.name, resource.path)
+        if isinstance(exc.__cause__, TimeoutError):
+            return TIMEOUT_HINT
         return REQUEST_HINT
 
     async def _page_size_cap(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:

@@ -87,10 +87,10 @@ async def raw_api(answer: Answer) -> AsyncIterator[tuple[str, list[int]]]:
         server.close()
 
 
-def write_config(directory: Path, origin: str) -> Path:
+def write_config(directory: Path, origin: str, **api: object) -> Path:
     """One resource, `items`, in pages of PAGE_SIZE, full refresh, into SQLite; few and quick retries."""
     return tomlwriter.write(directory / "config.toml", {
-        "api": {"base_url": f"{origin}/api", "max_retries": 2, "retry_backoff_s": 0.01, "timeout_s": 10},
+        "api": {"base_url": f"{origin}/api", "max_retries": 2, "retry_backoff_s": 0.01, "timeout_s": 10, **api},
         "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "wire"},
         "database": {"url": f"sqlite:///{directory / 'etl.db'}"},
         "resources": [{
@@ -229,3 +229,18 @@ async def test_a_number_beyond_a_double_is_stored_as_sent_not_rejected_as_infini
     assert_all_loaded_once(tmp_path, finished)
     stored = sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT blob FROM items WHERE id = 1")[0][0]
     assert Decimal(json.loads(stored, parse_float=Decimal)["x"]) == Decimal("1e400"), stored
+
+
+async def test_check_on_an_api_that_sends_headers_then_stalls_points_at_timeout_s(tmp_path: Path) -> None:
+    """A page whose body trickles past [api].timeout_s: check's hint was "compare the request above with the
+    API's documentation ... a 403 means the token's scopes", beside a message saying to raise timeout_s."""
+    body = page_body(1)
+    stalled = response(body, "Content-Type: application/json")[: -len(body) // 2]  # half the body, then nothing
+
+    async with raw_api(lambda _page: stalled) as (origin, _):
+        config = write_config(tmp_path, origin, timeout_s=0.5, max_retries=0)
+        finished = await run_etl("--config", str(config), "check", env=etl_env())
+    assert finished.returncode == 1, finished.stdout
+    step = next(line for line in finished.stdout.splitlines() if "resource items" in line)
+    hint = finished.stdout.split(step, 1)[1].split("hint:", 1)[1].splitlines()[0]
+    assert "timed out" in step and "timeout_s" in hint and "403" not in hint, finished.stdout
