@@ -76,6 +76,7 @@ from etl.token import (
     REFUSED_HINT,
     Token,
     TokenManager,
+    answer_excerpt,
     json_object,
     lifetime_of,
     quoted_secret_note,
@@ -558,7 +559,7 @@ class Checker:
         elif fields is not None and 200 <= status < 300:  # field names only: a token may hide under another name
             details, summary = [f"fields: {', '.join(sorted(fields)) or 'none'}"], f"{status}, but no access_token"
         else:
-            details, summary = [f"body: {redact(body.decode('utf-8', 'replace'))[:EXCERPT_CHARS]!r}"], f"{status}, not a token"
+            details, summary = [f"body: {answer_excerpt(body)!r}"], f"{status}, not a token"
         if transient(status):
             return Verdict(summary, "failed", details, "the token endpoint is overloaded or down: check again later", 1)
         return Verdict(summary, "failed", details, await self._token_hint(error, status), 3)

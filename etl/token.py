@@ -31,7 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from etl.config import AuthConfig
 from etl.errors import AuthError, EtlError, RetryableError, TokenRefusedByApi, TokenRejected
-from etl.logs import redact, register_secret
+from etl.logs import MASK, redact, register_secret
 from etl.transport import CONNECT_HINT, RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,9 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 DEFAULT_LIFETIME_S = 3600.0  # Cognito's default, for an answer without expires_in (RFC 6749 §5.1)
 MIN_RENEWAL_PAUSE_S = 1.0  # after a failed renewal, at least this long before the next try
 EXCERPT_CHARS = 200
+# a token in an answer etl cannot parse: `"access_token": "..."` or `access_token=...`, and a JWT anywhere
+_TOKEN_FIELD = re.compile(r"""(token["']?\s*[:=]\s*["']?)[^"'&\s,;}]+""", re.IGNORECASE)
+_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 OTHER_CAUSES_AT_401 = ("invalid_scope", "unsupported_grant_type")
 SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
@@ -229,7 +232,7 @@ class TokenManager:
         if fields is None:
             raise AuthError(
                 f"the token endpoint {self._url} answered {status} with something that is not a JSON object: "
-                f"{_excerpt(answer)!r}",
+                f"{answer_excerpt(answer)!r}",
                 hint=METHOD_HINT,
             )
         value = fields.get("access_token")
@@ -266,7 +269,7 @@ class TokenManager:
         hint = METHOD_HINT if status in (404, 405) else self._refusal_hint("invalid_client") if status == 401 else None
         if isinstance(fields.get("error"), str):  # any 4xx: an unknown error (access_denied) was cut at 200 characters
             return self._error_answer(status, fields, hint)
-        return AuthError(f"the token endpoint {self._url} answered {status}: {_excerpt(answer)!r}", hint=hint)
+        return AuthError(f"the token endpoint {self._url} answered {status}: {answer_excerpt(answer)!r}", hint=hint)
 
     def _error_answer(self, status: int, fields: Mapping[str, Any], hint: str | None = None) -> AuthError:
         """An RFC 6749 §5.2 error answer: its error and error_description verbatim, and what to check for that error
@@ -453,9 +456,15 @@ def json_object(answer: bytes) -> Mapping[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def _excerpt(answer: bytes) -> str:
-    """The answer's start, secrets masked before the cut (a secret cut in two is no longer recognised)."""
-    return redact(answer.decode("utf-8", "replace"))[:EXCERPT_CHARS]
+def answer_excerpt(answer: bytes) -> str:
+    """The answer's start, secrets masked before the cut (a secret cut in two is no longer recognised).
+
+    A token etl could not read from the answer was never registered as a secret: the value of a `*_token`
+    field, JSON or form-encoded, and anything shaped like a JWT are masked too.
+    """
+    text = redact(answer.decode("utf-8", "replace"))
+    text = _TOKEN_FIELD.sub(lambda field: field.group(1) + MASK, text)
+    return _JWT.sub(MASK, text)[:EXCERPT_CHARS]
 
 
 def _seen(renewal: asyncio.Task[Token]) -> None:

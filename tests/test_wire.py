@@ -47,6 +47,9 @@ def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+TOKEN_ANSWER = response(TOKEN, "Content-Type: application/json")
+
+
 async def _read_request(reader: asyncio.StreamReader) -> str | None:
     """The request target of the next request on the connection, its headers and body read; None at its end."""
     line = await reader.readline()
@@ -61,8 +64,8 @@ async def _read_request(reader: asyncio.StreamReader) -> str | None:
 
 
 @asynccontextmanager
-async def raw_api(answer: Answer) -> AsyncIterator[tuple[str, list[int]]]:
-    """A token endpoint and /api/items on one loopback port; yields the origin and the pages asked for."""
+async def raw_api(answer: Answer, token: bytes = TOKEN_ANSWER) -> AsyncIterator[tuple[str, list[int]]]:
+    """A token endpoint (answering `token`) and /api/items on one loopback port; yields the origin and the pages asked for."""
     asked: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -70,7 +73,7 @@ async def raw_api(answer: Answer) -> AsyncIterator[tuple[str, list[int]]]:
             while (target := await _read_request(reader)) is not None:
                 parts = urlsplit(target)
                 if parts.path.endswith("/token"):
-                    writer.write(response(TOKEN, "Content-Type: application/json"))
+                    writer.write(token)
                 else:
                     asked.append(int(parse_qs(parts.query).get("page", ["1"])[0]))
                     writer.write(answer(asked[-1]))
@@ -244,3 +247,26 @@ async def test_check_on_an_api_that_sends_headers_then_stalls_points_at_timeout_
     step = next(line for line in finished.stdout.splitlines() if "resource items" in line)
     hint = finished.stdout.split(step, 1)[1].split("hint:", 1)[1].splitlines()[0]
     assert "timed out" in step and "timeout_s" in hint and "403" not in hint, finished.stdout
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"access_token=eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ3aXJlIn0.c2lnbmF0dXJl&token_type=bearer&expires_in=3600",
+        b'{"access_token": "Tok3n-value-of-the-endpoint", "expires_in": 3600}\n<!-- served by auth-7 -->',
+    ],
+    ids=["form-encoded", "json-and-a-comment"],
+)
+async def test_a_token_answer_etl_cannot_read_is_quoted_without_the_token(tmp_path: Path, answer: bytes) -> None:
+    """A legacy endpoint's 200 in form encoding (GitHub's old default), or JSON with a comment after it, was
+    quoted whole as "not a JSON object": the access token in stderr, the summary, etl_runs and check's report."""
+    token_answer = response(answer, "Content-Type: application/x-www-form-urlencoded")
+    async with raw_api(lambda page: response(page_body(page), "Content-Type: application/json"), token_answer) as (origin, _):
+        config = str(write_config(tmp_path, origin))
+        finished = await run_etl("--config", config, "sync", env=etl_env())
+        checked = await run_etl("--config", config, "check", env=etl_env())
+    stored = sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT error FROM etl_runs")[0][0]
+    assert finished.returncode == 3 and checked.returncode == 3, finished.stderr + checked.stdout
+    assert "not a JSON object" in finished.stderr + stored and "not a token" in checked.stdout, finished.stderr + checked.stdout
+    for shown in (finished.stdout, finished.stderr, stored, checked.stdout, checked.stderr):
+        assert "c2lnbmF0dXJl" not in shown and "Tok3n-value" not in shown, shown
