@@ -50,6 +50,11 @@ FOREIGN_REDIRECT_HINT = (
     "the API redirected to another host, where etl sends neither the token nor [api].headers; "
     "if that host is the API now, set [api].base_url to it"
 )
+XML_HINT = (
+    "the API answers XML though etl asks for JSON (Accept: application/json, or the Accept in [api].headers); "
+    "many take a query parameter instead: add it to the resource's params as the API's documentation names it "
+    '(format = "json"; OData: "$format" = "json")'
+)
 SNIPPET_BYTES = 200
 MASKED_BYTES = 16_384  # masked before the cut: a token that starts within the snippet ends within this
 GZIP_MAGIC = b"\x1f\x8b"  # starts every gzip stream, and no JSON text in any charset
@@ -439,7 +444,10 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     except ValueError:
         pass
     url, stripped = display_url(resp.url), body.lstrip()
-    if "html" in resp.headers.get("Content-Type", "").lower() or stripped[:1] == b"<":
+    markup = _markup(resp.headers.get("Content-Type", "").lower(), stripped)
+    if markup == "XML":
+        raise SourceError(f"{status} from {url} is XML, not JSON: {snippet(body)}", hint=XML_HINT)
+    if markup == "HTML":
         raise SourceError(f"{status} from {url} is HTML, not JSON (a login page or a proxy?): {snippet(body)}")
     try:
         return jsonnumbers.loads_lenient(body)
@@ -459,6 +467,19 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
         if stripped[:1] in (b"{", b"["):
             raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None
+
+
+def _markup(content_type: str, stripped: bytes) -> str | None:
+    """"HTML" or "XML" for a body that is markup, by its Content-Type or its first bytes; None for anything else.
+
+    XML is told apart (an XML prolog, an XML Content-Type) because its cure differs: a WCF or JAX-RS
+    service answers XML unless asked for JSON, where HTML is a login page or a proxy's.
+    """
+    if "html" in content_type:
+        return "HTML"
+    if "xml" in content_type or stripped[:5] == b"<?xml":
+        return "XML"
+    return "HTML" if stripped[:1] == b"<" else None
 
 
 def _ungzipped(body: bytes) -> bytes:

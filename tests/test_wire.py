@@ -267,3 +267,19 @@ async def test_a_token_answer_etl_cannot_read_is_quoted_without_the_token(tmp_pa
     assert "not a JSON object" in finished.stderr + stored and "not a token" in checked.stdout, finished.stderr + checked.stdout
     for shown in (finished.stdout, finished.stderr, stored, checked.stdout, checked.stderr):
         assert "c2lnbmF0dXJl" not in shown and "Tok3n-value" not in shown, shown
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'<?xml version="1.0" encoding="utf-8"?><ArrayOfItem><Item><Id>1</Id></Item></ArrayOfItem>', "application/json"),
+        (b"<ArrayOfItem><Item><Id>1</Id></Item></ArrayOfItem>", "text/xml; charset=utf-8"),
+    ],
+    ids=["xml-prolog", "xml-content-type"],
+)
+async def test_xml_is_named_xml_with_the_settings_that_ask_for_json(tmp_path: Path, body: bytes, content_type: str) -> None:
+    """A WCF or JAX-RS service answers XML unless asked otherwise. It was "HTML, not JSON (a login page or a
+    proxy?)", which sent the user looking for a proxy; the setting that helps is a format parameter or Accept."""
+    finished, asked = await sync(tmp_path, lambda _page: response(body, f"Content-Type: {content_type}"))
+    assert_failed_unretried(finished, asked, "is XML, not JSON", "params", "Accept")
+    assert "HTML" not in finished.stderr, finished.stderr
