@@ -386,6 +386,11 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
     `redirected_from` is the configured URL when a redirect led to another host, which got no token.
     """
     status = resp.status
+    if status == HTTPStatus.ACCEPTED:  # accepted for processing: the page is not ready, and is no empty page
+        raise RetryableError(
+            f"202 Accepted from {display_url(resp.url)}: the API is still preparing the page: {snippet(body) or '(empty body)'}",
+            retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
+        )
     if 200 <= status < 300:
         parsed = None if status == 204 else parse_json(status, resp, body)
         return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp))

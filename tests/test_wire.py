@@ -283,3 +283,24 @@ async def test_xml_is_named_xml_with_the_settings_that_ask_for_json(tmp_path: Pa
     finished, asked = await sync(tmp_path, lambda _page: response(body, f"Content-Type: {content_type}"))
     assert_failed_unretried(finished, asked, "is XML, not JSON", "params", "Accept")
     assert "HTML" not in finished.stderr, finished.stderr
+
+
+async def test_a_202_accepted_is_asked_again_not_taken_as_the_last_page(tmp_path: Path) -> None:
+    """A legacy API answers `202 Accepted` ("processing") while it prepares a page. Its body holds no list,
+    so it was an empty page: the window ended there, 10 of 25 records loaded, exit 0."""
+    def preparing_page_2_once(page: int) -> bytes:
+        if page == 2 and not seen:
+            seen.append(page)
+            return response(b'{"status": "processing"}', "Content-Type: application/json", "Retry-After: 0", status="202 Accepted")
+        return response(page_body(page), "Content-Type: application/json")
+
+    seen: list[int] = []
+    finished, asked = await sync(tmp_path, preparing_page_2_once)
+    assert_all_loaded_once(tmp_path, finished)
+    assert asked == [1, 2, 2, 3], asked
+
+
+async def test_an_api_that_stays_at_202_fails_the_run_saying_so(tmp_path: Path) -> None:
+    finished, _ = await sync(tmp_path, lambda _page: response(b"", "Retry-After: 0", status="202 Accepted"))
+    assert finished.returncode == 1, finished.stderr
+    assert "202" in finished.stderr and "gave up after 3 attempts" in finished.stderr, finished.stderr
