@@ -50,6 +50,10 @@ FOREIGN_REDIRECT_HINT = (
     "the API redirected to another host, where etl sends neither the token nor [api].headers; "
     "if that host is the API now, set [api].base_url to it"
 )
+NOT_ACCEPTABLE_HINT = (
+    "the API refuses the media type etl asks for (Accept: application/json): set the one it serves in [api].headers, "
+    'as headers = { Accept = "application/vnd.api+json" } for a JSON:API server'
+)
 XML_HINT = (
     "the API answers XML though etl asks for JSON (Accept: application/json, or the Accept in [api].headers); "
     "many take a query parameter instead: add it to the resource's params as the API's documentation names it "
@@ -409,8 +413,7 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
             f"{status} from {url}: {snippet(body)}",
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
         )
-    hint = forbidden_hint(resp.headers.get("WWW-Authenticate")) if status == HTTPStatus.FORBIDDEN else None
-    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=hint)
+    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=refusal_hint(status, resp.headers))
 
 
 def not_found_hint(base_url: str, name: str, path: str) -> str:
@@ -419,6 +422,15 @@ def not_found_hint(base_url: str, name: str, path: str) -> str:
         f"no such endpoint: the URL is [api].base_url ({display_url(base_url)}) + the path of "
         f"{name!r} ({path!r}); compare both with the API's documentation"
     )
+
+
+def refusal_hint(status: int, headers: CIMultiDictProxy[str]) -> str | None:
+    """What to change for a refusal etl knows the cure of: a 403's scopes, a 406's Accept."""
+    if status == HTTPStatus.FORBIDDEN:
+        return forbidden_hint(headers.get("WWW-Authenticate"))
+    if status == HTTPStatus.NOT_ACCEPTABLE:
+        return NOT_ACCEPTABLE_HINT
+    return None
 
 
 def forbidden_hint(challenge: str | None) -> str:

@@ -304,3 +304,18 @@ async def test_an_api_that_stays_at_202_fails_the_run_saying_so(tmp_path: Path) 
     finished, _ = await sync(tmp_path, lambda _page: response(b"", "Retry-After: 0", status="202 Accepted"))
     assert finished.returncode == 1, finished.stderr
     assert "202" in finished.stderr and "gave up after 3 attempts" in finished.stderr, finished.stderr
+
+
+async def test_a_406_names_the_accept_header_to_set(tmp_path: Path) -> None:
+    """A strict JSON:API server refuses `Accept: application/json` with 406; the message gave no lead to
+    [api].headers, and check's hint spoke of the URL's parts and of 403 scopes."""
+    refusal = response(b'{"errors": [{"status": "406", "title": "Not Acceptable"}]}',
+                       "Content-Type: application/vnd.api+json", status="406 Not Acceptable")
+    async with raw_api(lambda _page: refusal) as (origin, asked):
+        config = str(write_config(tmp_path, origin))
+        finished = await run_etl("--config", config, "sync", env=etl_env())
+        checked = await run_etl("--config", config, "check", env=etl_env())
+    assert finished.returncode == 1 and checked.returncode == 1, finished.stderr + checked.stdout
+    for shown in (finished.stderr, checked.stdout):
+        hint = shown.split("hint:", 1)[1].splitlines()[0]
+        assert "[api].headers" in hint and "Accept" in hint and "403" not in hint, shown
