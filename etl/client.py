@@ -396,7 +396,7 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
             retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
         )
     if 200 <= status < 300:
-        parsed = None if status == 204 else parse_json(status, resp, body)
+        parsed = None if status == 204 else encoded_once(parse_json(status, resp, body))
         return PageResponse(url=str(resp.url), status=status, headers=resp.headers, body=parsed, next_link=next_link(resp))
     url = display_url(resp.url)
     if redirected_from is not None and status in (401, 403):
@@ -484,6 +484,17 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
         if stripped[:1] in (b"{", b"["):
             raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
         raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None
+
+
+def encoded_once(parsed: Any) -> Any:
+    """A body that is one JSON string holding a JSON object or list (a .NET action that serialised its own
+    answer, a gateway's mapping template) as that object or list; anything else as it is."""
+    if not isinstance(parsed, str) or parsed.lstrip()[:1] not in ("{", "["):
+        return parsed
+    try:
+        return jsonnumbers.loads(parsed.encode())
+    except ValueError:
+        return parsed
 
 
 def _markup(content_type: str, stripped: bytes) -> str | None:

@@ -319,3 +319,12 @@ async def test_a_406_names_the_accept_header_to_set(tmp_path: Path) -> None:
     for shown in (finished.stderr, checked.stdout):
         hint = shown.split("hint:", 1)[1].splitlines()[0]
         assert "[api].headers" in hint and "Accept" in hint and "403" not in hint, shown
+
+
+async def test_json_encoded_twice_is_read(tmp_path: Path) -> None:
+    """A .NET action returning a string it serialised itself, or a gateway mapping template, sends the page as
+    one JSON string. It failed as "the body is a JSON str, not records", and check hinted at records_path."""
+    finished, _ = await sync(tmp_path, lambda page: response(
+        json.dumps(page_body(page).decode()).encode(), "Content-Type: application/json"
+    ))
+    assert_all_loaded_once(tmp_path, finished)
