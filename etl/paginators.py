@@ -52,32 +52,47 @@ EMPTY_PAGES_IN_A_ROW = 100  # empty pages in a row, each naming a new next page,
 
 def dig(body: Any, dotted: str) -> Any:
     """The value at a dotted path (`meta.next_cursor`); None when any step is missing."""
-    value = body
-    for part in dotted.split("."):
-        if isinstance(value, dict):
-            value = value.get(part)
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
+    value, parts = body, dotted.split(".")
+    while parts:
+        taken = _step(value, parts)
+        if taken is None:
             return None
+        value, parts = taken
     return value
 
 
 def path_break(body: Any, dotted: str) -> str | None:
     """Where a dotted path leaves the body, said with the keys found there; None when it is there (null included)."""
-    value = body
-    walked: list[str] = []
-    for part in dotted.split("."):
-        reached = repr(".".join(walked)) if walked else "the top"
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        elif isinstance(value, dict):
-            return f"Keys at {reached}: {', '.join(map(str, value)) or '(none)'}"
-        else:
+    value, parts = body, dotted.split(".")
+    while parts:
+        taken = _step(value, parts)
+        if taken is None:
+            walked = dotted[: len(dotted) - len(".".join(parts))].rstrip(".")
+            reached = repr(walked) if walked else "the top"
+            if isinstance(value, dict):
+                return f"Keys at {reached}: {', '.join(map(str, value)) or '(none)'}"
             return f"{reached} is {'null' if value is None else type(value).__name__}"
-        walked.append(part)
+        value, parts = taken
+    return None
+
+
+def _step(value: Any, parts: list[str]) -> tuple[Any, list[str]] | None:
+    """One step down a dotted path: its value and the steps left; None when the step is not there.
+
+    A key may hold dots itself (OData's `@odata.nextLink`): when the first step is no key, the
+    longest run of steps that is one key is taken, so `@odata.nextLink` is read whole.
+    """
+    first = parts[0]
+    if isinstance(value, dict):
+        if first in value:
+            return value[first], parts[1:]
+        for end in range(len(parts), 1, -1):
+            key = ".".join(parts[:end])
+            if key in value:
+                return value[key], parts[end:]
+        return None
+    if isinstance(value, list) and first.isdigit() and int(first) < len(value):
+        return value[int(first)], parts[1:]
     return None
 
 

@@ -32,7 +32,15 @@ from etl.config import (
     ResourceConfig,
 )
 from etl.errors import SourceError
-from etl.paginators import EMPTY_PAGES_IN_A_ROW, Paginator, Seen, paginator_for, window_paginator
+from etl.paginators import (
+    EMPTY_PAGES_IN_A_ROW,
+    Paginator,
+    Seen,
+    dig,
+    paginator_for,
+    path_break,
+    window_paginator,
+)
 from etl.records import records_at
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, open_session
@@ -603,3 +611,19 @@ async def test_an_unfinished_page_window_is_resumed_from_its_first_page(
     assert finished.request() is None
 
 
+
+
+@pytest.mark.parametrize(
+    ("body", "dotted", "expected"),
+    [
+        ({"@odata.nextLink": "u", "value": []}, "@odata.nextLink", "u"),
+        ({"meta": {"page.next": "c"}}, "meta.page.next", "c"),
+        ({"a": {"b": 1}, "a.b": 2}, "a.b", 1),
+    ],
+    ids=["odata", "nested", "step-first"],
+)
+def test_a_key_that_holds_a_dot_is_read_whole(body: dict[str, Any], dotted: str, expected: Any) -> None:
+    """OData names its next link `@odata.nextLink`: read as "@odata" then "nextLink" it was missing, the
+    last page, and every window ended after its first page with exit 0. A step that is a key is taken first."""
+    assert dig(body, dotted) == expected
+    assert path_break(body, dotted) is None
