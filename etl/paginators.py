@@ -481,6 +481,41 @@ class _FollowingPaginator(Paginator):
         super().__init__(config, url, params)
         self._largest_page = 0
         self._empty_in_a_row = 0
+        self.next_url: str | None = None
+        self._visited = Seen()
+
+    def _first_params(self) -> dict[str, QueryValue]:
+        """The first page's parameters: the window's, and size_param when set (a next URL carries its own)."""
+        params = dict(self.params)
+        if self.config.size_param:
+            params[self.config.size_param] = str(self.config.page_size)
+        return params
+
+    def _follow(self, response: PageResponse, records: list[Any], link: str | None, named_by: str) -> None:
+        """Take `link`, already absolute, as the next page: fetched as given, on the configured origin only.
+
+        The bearer token is never sent to a host the configuration did not name, and a link
+        to a page already fetched in the window is a loop. `named_by` says where the link came from.
+        """
+        here = canonical_url(response.url)
+        self._visited.add(here)
+        if (
+            link is None
+            or self._ends_here(response, records, canonical_url(link) == here)
+            or self._too_many_empty(response, records)
+        ):
+            self.finished = True
+            return
+        if origin(link) != origin(self.url):
+            raise SourceError(
+                f"{display_url(response.url)} pointed {named_by} at another origin ({display_url(link)}): "
+                "the token is only sent to the configured base_url"
+            )
+        if canonical_url(link) in self._visited:
+            raise SourceError(
+                f"{display_url(response.url)} pointed {named_by} at a page already fetched: stopping instead of looping"
+            )
+        self.next_url = link
 
     def _too_many_empty(self, response: PageResponse, records: list[Any]) -> bool:
         """Whether EMPTY_PAGES_IN_A_ROW empty pages, each naming a new next page, end the window.
@@ -527,9 +562,9 @@ class CursorPaginator(_FollowingPaginator):
     def request(self) -> PageRequest | None:
         if self.finished:
             return None
-        params = dict(self.params)
-        if self.config.size_param:
-            params[self.config.size_param] = str(self.config.page_size)
+        if self.next_url is not None:
+            return PageRequest(self.next_url, {})
+        params = self._first_params()
         if self.cursor is not None:
             params[self.config.cursor_param] = self.cursor
         return PageRequest(self.url, params)
@@ -539,6 +574,11 @@ class CursorPaginator(_FollowingPaginator):
             self._sent.add(self.cursor)
         self._note_cursor_path(response, records)
         cursor = dig(response.body, self.config.next_cursor_path)
+        link = next_page_url(response.url, cursor)
+        if link is not None:
+            self._follow(response, records, link, f"next_cursor_path {self.config.next_cursor_path!r}")
+            return
+        self.next_url = None
         if (
             cursor in (None, "")
             or self._ends_here(response, records, str(cursor) == self.cursor)
@@ -565,10 +605,11 @@ class CursorPaginator(_FollowingPaginator):
             self.cursor_path_absent = self.cursor_path_absent or where
 
     def _position(self) -> dict[str, Any]:
-        return {"cursor": self.cursor}
+        return {"cursor": self.cursor, "next_url": self.next_url}
 
     def _restore(self, position: dict[str, Any]) -> None:
         self.cursor = position.get("cursor")
+        self.next_url = position.get("next_url")
 
 
 class LinkHeaderPaginator(_FollowingPaginator):
@@ -581,49 +622,41 @@ class LinkHeaderPaginator(_FollowingPaginator):
 
     config: LinkHeaderPagination
 
-    def __init__(self, config: LinkHeaderPagination, url: str, params: dict[str, QueryValue]) -> None:
-        super().__init__(config, url, params)
-        self.next_url: str | None = None
-        self._visited = Seen()
-
     def request(self) -> PageRequest | None:
         if self.finished:
             return None
         if self.next_url is not None:
             return PageRequest(self.next_url, {})
-        params = dict(self.params)
-        if self.config.size_param:
-            params[self.config.size_param] = str(self.config.page_size)
-        return PageRequest(self.url, params)
+        return PageRequest(self.url, self._first_params())
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
-        here = canonical_url(response.url)
-        self._visited.add(here)
-        link = response.next_link
-        if (
-            link is None
-            or self._ends_here(response, records, canonical_url(link) == here)
-            or self._too_many_empty(response, records)
-        ):
-            self.finished = True
-            return
-        if origin(link) != origin(self.url):
-            raise SourceError(
-                f'{display_url(response.url)} pointed rel="next" at another origin ({display_url(link)}): '
-                "the token is only sent to the configured base_url"
-            )
-        if canonical_url(link) in self._visited:
-            raise SourceError(
-                f'{display_url(response.url)} pointed rel="next" at a page already fetched: '
-                "stopping instead of looping"
-            )
-        self.next_url = link
+        self._follow(response, records, response.next_link, 'rel="next"')
 
     def _position(self) -> dict[str, Any]:
         return {"next_url": self.next_url}
 
     def _restore(self, position: dict[str, Any]) -> None:
         self.next_url = position.get("next_url")
+
+
+def next_page_url(fetched: str, cursor: Any) -> str | None:
+    """The next page's URL when a cursor is one, made absolute against the page that named it; else None.
+
+    OData, Salesforce, HAL, JSON:API and Django REST framework put the next page's URL in the body:
+    absolute, a path (`/services/data/...`) or relative with a query (`items?page=2`, `?page[offset]=7`).
+    Sent as `?cursor=<URL>` to the first page's address, it fetched that page again. An opaque cursor
+    holds no `?` and starts with no `/` (base64url has neither), so it is still sent as cursor_param.
+    """
+    if not isinstance(cursor, str) or not cursor:
+        return None
+    text = cursor.strip()
+    absolute = text.lower().startswith(("http://", "https://"))
+    if not (absolute or text.startswith("/") or "?" in text):
+        return None
+    try:
+        return str(URL(fetched).join(URL(text)))
+    except ValueError:  # not a URL after all (a bad port): an opaque cursor
+        return None
 
 
 def origin(url: str) -> tuple[str, str | None, int | None]:

@@ -627,3 +627,49 @@ def test_a_key_that_holds_a_dot_is_read_whole(body: dict[str, Any], dotted: str,
     last page, and every window ended after its first page with exit 0. A step that is a key is taken first."""
     assert dig(body, dotted) == expected
     assert path_break(body, dotted) is None
+
+
+def url_cursor_pages(link: Callable[[int], str]) -> Answer:
+    """`{"data": [...], "next": link(next index)}`, the next page's URL in the body, null on the last page."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        start = int(query.get("from_index", "0"))
+        following = start + 100
+        body = {"data": RECORDS[start:following], "next": link(following) if following < len(RECORDS) else None}
+        return CallbackResult(body=orjson.dumps(body), content_type="application/json")
+
+    return answer
+
+
+async def test_a_cursor_url_to_another_origin_is_not_followed(http_mock: aioresponses, client: ApiClient) -> None:
+    """A next URL in the body goes where a Link may: the bearer token only to the configured origin."""
+    queries = serve(http_mock, url_cursor_pages(lambda n: f"https://elsewhere.example.test/items?from_index={n}"))
+    paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="next"), BASE + "/items", {})
+    with pytest.raises(SourceError, match="pointed next_cursor_path 'next' at another origin"):
+        await walk(paginator, client, "data")
+    assert len(queries) == 1
+
+
+async def test_a_cursor_url_back_to_a_fetched_page_ends_the_window_with_an_error(
+    http_mock: aioresponses, client: ApiClient
+) -> None:
+    """A next URL naming a page fetched before in the window (parameters in another order) is a loop."""
+    queries = serve(http_mock, url_cursor_pages(lambda n: f"/api/v1/items?x=1&from_index={min(n, 100)}"))
+    paginator = paginator_for(CursorPagination(style="cursor", next_cursor_path="next"), BASE + "/items", {"x": "1"})
+    with pytest.raises(SourceError, match="at a page already fetched"):
+        await walk(paginator, client, "data")
+    assert [q.get("from_index") for q in queries] == [None, "100"]
+
+
+@pytest.mark.parametrize("cursor", ["eyJpZCI6MTAwfQ", "c2Vjb25k+cGFnZQ==", "100", "_next-page"])
+async def test_an_opaque_cursor_is_still_sent_as_cursor_param(http_mock: aioresponses, client: ApiClient, cursor: str) -> None:
+    """Only an absolute URL, a path or a reference with a query is followed; any other cursor goes out as cursor_param."""
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        body = {"data": RECORDS[:100] if "after" not in query else [], "next": cursor if "after" not in query else None}
+        return CallbackResult(body=orjson.dumps(body), content_type="application/json")
+
+    queries = serve(http_mock, answer)
+    paginator = paginator_for(CursorPagination(style="cursor", cursor_param="after", next_cursor_path="next"), BASE + "/items", {})
+    assert await walk(paginator, client, "data") == RECORDS[:100]
+    assert [q.get("after") for q in queries] == [None, cursor]
