@@ -80,7 +80,8 @@ def _step(value: Any, parts: list[str]) -> tuple[Any, list[str]] | None:
     """One step down a dotted path: its value and the steps left; None when the step is not there.
 
     A key may hold dots itself (OData's `@odata.nextLink`): when the first step is no key, the
-    longest run of steps that is one key is taken, so `@odata.nextLink` is read whole.
+    longest run of steps that is one key is taken, so `@odata.nextLink` is read whole. A negative
+    number counts from a list's end: `data.-1.id` is the last record's id, Stripe's next cursor.
     """
     first = parts[0]
     if isinstance(value, dict):
@@ -91,7 +92,7 @@ def _step(value: Any, parts: list[str]) -> tuple[Any, list[str]] | None:
             if key in value:
                 return value[key], parts[end:]
         return None
-    if isinstance(value, list) and first.isdigit() and int(first) < len(value):
+    if isinstance(value, list) and first.removeprefix("-").isdigit() and -len(value) <= int(first) < len(value):
         return value[int(first)], parts[1:]
     return None
 

@@ -169,3 +169,41 @@ async def test_a_window_stopped_after_a_next_url_is_read_again_from_its_first_pa
     window = [r["id"] for r in RECORDS if "2024-01-13" <= r["updated_at"] < "2024-01-16"]
     assert all(second[n] == 1 for n in window)
     assert sum(second.values()) < len(RECORDS)  # the windows the first run finished were not read again
+
+
+async def test_a_stripe_like_api_pages_by_the_last_id_of_each_page(tmp_path: Path) -> None:
+    """Stripe pages with `starting_after` = the last record's id and says `has_more`: `next_cursor_path =
+    "data.-1.id"` names that id. A path could not step to a list's last item: such an API could not be paged
+    at all. The page after the last one is empty, and ends the window (one request more than has_more needs)."""
+    by_id = {r["id"]: r for r in RECORDS}
+    served: Counter[int] = Counter()
+
+    async def stripe(request: web.Request) -> web.Response:
+        low, high = int(request.query["created[gte]"]), int(request.query["created[lt]"])
+        selected = [r for r in RECORDS if low <= datetime.fromisoformat(by_id[r["id"]]["updated_at"]).timestamp() < high]
+        after = request.query.get("starting_after")
+        start = 0 if after is None else [r["id"] for r in selected].index(int(after)) + 1
+        chunk = selected[start:start + int(request.query["limit"])]
+        served.update(r["id"] for r in chunk)
+        return web.json_response({"object": "list", "data": chunk, "has_more": start + len(chunk) < len(selected)})
+
+    database = f"sqlite:///{tmp_path / 'etl.db'}"
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/v1/charges"): stripe}) as origin:
+        config = tomlwriter.write(tmp_path / "config.toml", {
+            "api": {"base_url": f"{origin}/v1", "concurrency": 2, "max_retries": 0},
+            "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "probe"},
+            "database": {"url": database},
+            "resources": [{
+                "name": "items", "path": "/charges", "records_path": "data", "primary_key": ["id"],
+                "cursor_field": "updated_at", "start": "2024-01-01", "window": "3d",
+                "filter": {"from_param": "created[gte]", "to_param": "created[lt]", "format": "epoch"},
+                "pagination": {"style": "cursor", "cursor_param": "starting_after", "next_cursor_path": "data.-1.id",
+                               "size_param": "limit", "page_size": SIZE},
+                "columns": {"id": "integer", "name": "string", "updated_at": "datetime"},
+            }],
+        })
+        finished = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-02-01")
+
+    assert finished.returncode == 0, finished.stderr
+    assert served == Counter(r["id"] for r in RECORDS)
+    assert [row[0] for row in sqlite_rows(database, "SELECT id FROM items ORDER BY id")] == [r["id"] for r in RECORDS]
