@@ -500,6 +500,7 @@ class _FollowingPaginator(Paginator):
         """
         here = canonical_url(response.url)
         self._visited.add(here)
+        link = link if link is None else over_tls(link, self.url)
         if (
             link is None
             or self._ends_here(response, records, canonical_url(link) == here)
@@ -658,6 +659,21 @@ def next_page_url(fetched: str, cursor: Any) -> str | None:
         return str(URL(fetched).join(URL(text)))
     except ValueError:  # not a URL after all (a bad port): an opaque cursor
         return None
+
+
+def over_tls(link: str, configured: str) -> str:
+    """`link` on https when it is plain http on the very host and default port that `configured` reaches over https.
+
+    An API behind a TLS-terminating proxy often believes it is served over http and names its next
+    pages so (Django REST framework without SECURE_PROXY_SSL_HEADER): the page is the same, and
+    following it over https keeps the token on TLS; refused as another origin, no setting could help.
+    """
+    target, base = URL(link), URL(configured)
+    if target.scheme != "http" or base.scheme != "https" or (target.host or "").lower() != (base.host or "").lower():
+        return link
+    if not target.is_default_port():
+        return link
+    return str(target.with_scheme("https").with_port(base.explicit_port))
 
 
 def origin(url: str) -> tuple[str, str | None, int | None]:

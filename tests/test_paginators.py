@@ -673,3 +673,18 @@ async def test_an_opaque_cursor_is_still_sent_as_cursor_param(http_mock: aioresp
     paginator = paginator_for(CursorPagination(style="cursor", cursor_param="after", next_cursor_path="next"), BASE + "/items", {})
     assert await walk(paginator, client, "data") == RECORDS[:100]
     assert [q.get("after") for q in queries] == [None, cursor]
+
+
+@pytest.mark.parametrize("style", ["cursor", "link_header"])
+async def test_a_next_url_downgraded_to_http_on_the_same_host_is_fetched_over_https(
+    http_mock: aioresponses, client: ApiClient, style: str
+) -> None:
+    """Django REST framework behind a TLS proxy (no SECURE_PROXY_SSL_HEADER) names its next pages http://, on the
+    host etl reached over https: every window failed at its second page, "another origin", and nothing in the
+    config could change it. The same host on https's own port is what the link means; the token stays on TLS."""
+    link = lambda n: f"http://api.example.test/api/v1/items?from_index={n}"  # noqa: E731
+    queries = serve(http_mock, url_cursor_pages(link) if style == "cursor" else linked_pages(link))
+    config = CursorPagination(style="cursor", next_cursor_path="next") if style == "cursor" else LinkHeaderPagination(style="link_header")
+    paginator = paginator_for(config, BASE + "/items", {})
+    assert await walk(paginator, client, "data" if style == "cursor" else "") == RECORDS
+    assert [q.get("from_index") for q in queries] == [None, "100", "200"]
