@@ -5,7 +5,8 @@ run. It asks the token endpoint (RFC 6749 §4.4) once per lifetime, renews
 `refresh_margin_s` before expiry, or at 95% of a lifetime too short for that
 margin (never before half the lifetime, so it cannot renew in a loop), and makes one request however
 many workers need a token at once. A 401 from the API drops exactly the token
-that request carried (`authorized`). The endpoint's explicit refusals are
+that request carried and sends it once more with a new one (`authorized`); a new
+token refused too is kept, and fails only that request's resource. The endpoint's explicit refusals are
 AuthError (exit 3); its transient failures are retried with the shared
 RetryPolicy and end as `transport.translate` says. Neither the secret nor a
 token ever reaches a message, a log line or a repr.
@@ -47,6 +48,7 @@ _TOKEN_FIELD = re.compile(r"""(token["']?\s*[:=]\s*["']?)[^"'&\s,;}]+""", re.IGN
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 OTHER_CAUSES_AT_401 = ("invalid_scope", "unsupported_grant_type")
+API_TOKEN_ATTEMPTS = 2  # a request the API answers 401 goes once more, with a new token
 SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
 
 METHOD_HINT = (
@@ -118,7 +120,7 @@ class TokenManager:
         self._renewal: asyncio.Task[Token] | None = None
         self._keep_stale_until = float("-inf")
         self.token_requests = 0
-        self.rejected_by_api = 0  # 401s answered by renewing and retrying the request once
+        self.rejected_by_api = 0  # the API's 401s, the one to a fresh token too
 
     def __repr__(self) -> str:
         return (
@@ -155,23 +157,28 @@ class TokenManager:
         retries 429 and 5xx itself.
         """
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(2),
+            stop=stop_after_attempt(API_TOKEN_ATTEMPTS),
             retry=retry_if_exception_type(TokenRejected),
             reraise=True,
             before_sleep=_log_rejected,
         )
-        drops = [True, False]  # a 401 drops the token only when a retry follows: one refused fresh may serve others
         try:
-            return await retrying(self._send_once, send, before, drops)
+            async for attempt in retrying:
+                with attempt:
+                    retry_follows = attempt.retry_state.attempt_number < API_TOKEN_ATTEMPTS
+                    return await self._send_once(send, before, drop_if_rejected=retry_follows)
         except TokenRejected as exc:
             raise TokenRefusedByApi(
                 f"the API rejected a freshly issued token from {self._url}: {exc.message}",
                 hint=FRESH_TOKEN_HINT,
             ) from exc
+        raise AssertionError("tenacity ends with a result or re-raises the last error")
 
     async def _send_once(
-        self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None, drops: list[bool]
+        self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None, drop_if_rejected: bool
     ) -> T:
+        """`drop_if_rejected` is false for the last attempt: a fresh token the API refuses may be one resource's
+        lack of scope, and the other resources go on with it."""
         if before is not None:
             await before()
         token = await self.token()
@@ -179,7 +186,7 @@ class TokenManager:
             return await send(token)
         except TokenRejected:
             self.rejected_by_api += 1
-            if drops.pop(0):
+            if drop_if_rejected:
                 await self.invalidate(token)
             raise
 
