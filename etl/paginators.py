@@ -21,7 +21,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -52,49 +52,53 @@ EMPTY_PAGES_IN_A_ROW = 100  # empty pages in a row, each naming a new next page,
 
 def dig(body: Any, dotted: str) -> Any:
     """The value at a dotted path (`meta.next_cursor`); None when any step is missing."""
-    value, parts = body, dotted.split(".")
-    while parts:
-        taken = _step(value, parts)
-        if taken is None:
-            return None
-        value, parts = taken
-    return value
+    steps = dotted.split(".")
+    held, value = _walk(body, steps)
+    return value if held == len(steps) else None
+
+
+def holds_path(body: Any, steps: Sequence[str]) -> bool:
+    """Whether the body has a value at this path, whatever it is (null too)."""
+    return _walk(body, steps)[0] == len(steps)
 
 
 def path_break(body: Any, dotted: str) -> str | None:
     """Where a dotted path leaves the body, said with the keys found there; None when it is there (null included)."""
-    value, parts = body, dotted.split(".")
-    while parts:
-        taken = _step(value, parts)
-        if taken is None:
-            walked = dotted[: len(dotted) - len(".".join(parts))].rstrip(".")
-            reached = repr(walked) if walked else "the top"
-            if isinstance(value, dict):
-                return f"Keys at {reached}: {', '.join(map(str, value)) or '(none)'}"
-            return f"{reached} is {'null' if value is None else type(value).__name__}"
-        value, parts = taken
-    return None
-
-
-def _step(value: Any, parts: list[str]) -> tuple[Any, list[str]] | None:
-    """One step down a dotted path: its value and the steps left; None when the step is not there.
-
-    A key may hold dots itself (OData's `@odata.nextLink`): when the first step is no key, the
-    longest run of steps that is one key is taken, so `@odata.nextLink` is read whole. A negative
-    number counts from a list's end: `data.-1.id` is the last record's id, Stripe's next cursor.
-    """
-    first = parts[0]
-    if isinstance(value, dict):
-        if first in value:
-            return value[first], parts[1:]
-        for end in range(len(parts), 1, -1):
-            key = ".".join(parts[:end])
-            if key in value:
-                return value[key], parts[end:]
+    steps = dotted.split(".")
+    held, value = _walk(body, steps)
+    if held == len(steps):
         return None
-    if isinstance(value, list) and first.removeprefix("-").isdigit() and -len(value) <= int(first) < len(value):
-        return value[int(first)], parts[1:]
-    return None
+    reached = repr(".".join(steps[:held])) if held else "the top"
+    if isinstance(value, dict):
+        return f"Keys at {reached}: {', '.join(map(str, value)) or '(none)'}"
+    return f"{reached} is {'null' if value is None else type(value).__name__}"
+
+
+def _walk(body: Any, steps: Sequence[str]) -> tuple[int, Any]:
+    """How many steps of the path the body holds, and the value the last of them reached.
+
+    A key may hold dots itself (OData's `@odata.nextLink`): when a step is no key, the longest
+    run of steps that is one key is taken, so `@odata.nextLink` is read whole. A number steps into
+    a list, a negative one from its end: `data.-1.id` is the last record's id, Stripe's next cursor.
+    """
+    value, held = body, 0
+    while held < len(steps):
+        step = steps[held]
+        if isinstance(value, dict):
+            end = held + 1 if step in value else _longest_key(value, steps, held)
+            if end is None:
+                return held, value
+            value, held = value[".".join(steps[held:end])], end
+        elif isinstance(value, list) and step.removeprefix("-").isdigit() and -len(value) <= int(step) < len(value):
+            value, held = value[int(step)], held + 1
+        else:
+            return held, value
+    return held, value
+
+
+def _longest_key(mapping: dict[Any, Any], steps: Sequence[str], start: int) -> int | None:
+    """Where the longest run of steps from `start` that is one key of the mapping ends (a key holding dots)."""
+    return next((end for end in range(len(steps), start + 1, -1) if ".".join(steps[start:end]) in mapping), None)
 
 
 class Seen:

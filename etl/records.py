@@ -34,7 +34,7 @@ from etl import jsonnumbers
 from etl.client import snippet
 from etl.config import ColumnSpec, ResourceConfig
 from etl.errors import SourceError
-from etl.paginators import dig
+from etl.paginators import dig, holds_path
 from etl.sqltypes import DECIMAL_DIGITS, DECIMAL_PLACES, json_text, to_utc
 
 STRING_MAX = 255
@@ -270,7 +270,7 @@ class RecordValidator:
         if not self.fields and records:
             self.fields = list(records[0])
         for name, steps in list(self._unseen.items()):
-            if any(_carries(record, steps) for record in records):
+            if any(holds_path(record, steps) for record in records):
                 del self._unseen[name]
 
     def _validated(self, records: list[Any]) -> list[Any]:
@@ -310,19 +310,6 @@ class RecordValidator:
                     except ValidationError:
                         continue
         return max(values, default=None)
-
-
-def _carries(record: dict[str, Any], steps: tuple[str, ...]) -> bool:
-    """Whether the record has the field at this source path, whatever its value (null too); a number steps into a list."""
-    value: Any = record
-    for step in steps:
-        if isinstance(value, dict) and step in value:
-            value = value[step]
-        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
-            value = value[int(step)]
-        else:
-            return False
-    return True
 
 
 # pydantic's words where etl's say more: the pattern is the NUL test, and "unable to parse raw data as a unicode string" is a lone surrogate
