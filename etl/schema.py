@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import (
@@ -168,23 +169,13 @@ def key_collation(dialect: Dialect) -> str:
 
 
 def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> Table:
-    """Create the table, or add newly declared columns; refuse changed types or keys (exit 2)."""
+    """Create the table, or add newly declared columns; a changed type or key the table lacks is exit 2."""
     _check_key_types(resource)
     table = resource_table(resource, key_collation(connection.dialect))
     inspector = inspect(connection)
     if inspector.has_table(table.name):
         declared = _declared_columns(connection, table.name)
-        columns = {column["name"]: column for column in inspector.get_columns(table.name)}
-        existing = set(columns)
-        _check_compatible(connection.dialect, inspector, resource, declared, columns)
-        _check_case_renames(resource, existing)
-        if not any(row.key_position is not None for row in declared.values()):
-            _check_key_usable(inspector, resource)
-        added = [column for column in table.columns if column.name not in existing]
-        for column in added:
-            _add_column(connection, table, column)
-        if added and resource.filter is not None and connection.execute(select(literal(1)).select_from(table).limit(1)).first():
-            _warn_added(resource, [column.name for column in added if column.name in resource.columns])
+        _extend(connection, inspector, table, resource, declared)
     else:  # new, or dropped by its owner: what was declared for an earlier table of that name no longer holds
         connection.execute(delete(resource_columns).where(resource_columns.c.table_name == table.name))
         _forget_loads(connection, resource)  # before the CREATE, which MySQL commits with it
@@ -192,6 +183,26 @@ def ensure_resource_table(connection: Connection, resource: ResourceConfig) -> T
         declared = {}
     _record_declaration(connection, resource, declared)
     return table
+
+
+def _extend(
+    connection: Connection, inspector: Inspector, table: Table, resource: ResourceConfig, declared: dict[str, Row[Any]]
+) -> None:
+    """Add the columns declared since the table was made, once the table is found to fit the config."""
+    columns = {column["name"]: column for column in inspector.get_columns(table.name)}
+    _check_compatible(connection.dialect, inspector, resource, declared, columns)
+    _check_case_renames(resource, columns.keys())
+    if not any(row.key_position is not None for row in declared.values()):
+        _check_key_usable(inspector, resource)
+    added = [column for column in table.columns if column.name not in columns]
+    for column in added:
+        _add_column(connection, table, column)
+    if added and resource.filter is not None and _has_rows(connection, table):
+        _warn_added(resource, [column.name for column in added if column.name in resource.columns])
+
+
+def _has_rows(connection: Connection, table: Table) -> bool:
+    return connection.execute(select(literal(1)).select_from(table).limit(1)).first() is not None
 
 
 def _warn_added(resource: ResourceConfig, names: list[str]) -> None:
@@ -258,7 +269,7 @@ def _check_compatible(
     differences: list[tuple[str, str, list[str]]] = []  # (key below resources.<name>, what changed, statements)
     for name, spec in resource.columns.items():
         before = declared.get(name)
-        if before is None or before.declared_type == spec.type or (name in columns and _carries(dialect, columns[name], spec.type)):
+        if before is None or before.declared_type == spec.type or (name in columns and _has_type(dialect, columns[name], spec.type)):
             continue
         differences.append((f"columns.{name}", f"column {name!r} was {before.declared_type!r}, is now {spec.type!r}",
                             _retype_sql(dialect, resource.table_name, name, spec.type)))
@@ -289,7 +300,7 @@ def _remedy(dialect: Dialect, statements: list[str], complete: bool) -> str:
     return f"etl only adds columns: change the table, then run again: {' '.join(sql + ';' for sql in statements)} or {new_table}"
 
 
-def _carries(dialect: Dialect, column: ReflectedColumn, declared: str) -> bool:
+def _has_type(dialect: Dialect, column: ReflectedColumn, declared: str) -> bool:
     """Whether the table's column has the type etl gives `declared` now (its owner changed it); never on SQLite,
     whose reflection names several of etl's types alike (TEXT) and which cannot change a column's type anyway."""
     if dialect.name == "sqlite":
@@ -331,7 +342,7 @@ def _rekey_sql(dialect: Dialect, inspector: Inspector, resource: ResourceConfig)
     return []
 
 
-def _check_case_renames(resource: ResourceConfig, existing: set[str]) -> None:
+def _check_case_renames(resource: ResourceConfig, existing: Collection[str]) -> None:
     """A column declared anew under a table column's name in other case (`Total` for `total`) is one column to SQLite
     and MySQL, whose ALTER failed with "duplicate column name" (exit 1), and a second one to PostgreSQL, beside the
     first with its old values: refused on all three, as two such columns in one config are."""
