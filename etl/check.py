@@ -79,6 +79,7 @@ from etl.token import (
     answer_excerpt,
     json_object,
     lifetime_of,
+    other_client_auth,
     quoted_secret_note,
     redirect_hint,
     redirect_text,
@@ -581,7 +582,7 @@ class Checker:
         if isinstance(error, str) and error != "invalid_request" and status not in (404, 405):
             return REFUSED_HINT
         if error == "invalid_request" and (other := await self._other_client_auth_works()):
-            return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'
+            return _set_client_auth(other)
         path = urlsplit(auth.token_url).path
         if path.endswith(TOKEN_PATH):
             return METHOD_HINT
@@ -591,17 +592,17 @@ class Checker:
         """Try the other client_auth once: that tells a wrong secret from a wrong way of sending it."""
         auth = self.config.auth
         if other := await self._other_client_auth_works():
-            return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'
+            return _set_client_auth(other)
         return (
             f"check auth.client_id ({auth.client_id!r}) and the client secret (from {self.secret_source}); "
-            f'client_auth = "{_other_client_auth(auth.client_auth)}" was tried too and refused as well'
+            f'client_auth = "{other_client_auth(auth.client_auth)}" was tried too and refused as well'
             + quoted_secret_note(self.secret)
         )
 
     async def _other_client_auth_works(self) -> str | None:
         """The client_auth not configured, if the endpoint issues a token that way; an endpoint that reads the
         client from one place only says invalid_client or invalid_request ("Missing parameter: client_id")."""
-        other = _other_client_auth(self.config.auth.client_auth)
+        other = other_client_auth(self.config.auth.client_auth)
         try:
             status, body, _ = await self._post_token(other)
         except EtlError:
@@ -913,5 +914,5 @@ async def run_check(config_path: Path, save_certs: str | None, output_format: st
     return checker.exit_code
 
 
-def _other_client_auth(client_auth: str) -> str:
-    return "body" if client_auth == "basic" else "basic"
+def _set_client_auth(other: str) -> str:
+    return f'the token endpoint accepts client_auth = "{other}": set it in [auth]'

@@ -289,7 +289,7 @@ class TokenManager:
         )
 
     def _refusal_hint(self, error: str) -> str | None:
-        other_auth = "body" if self._auth.client_auth == "basic" else "basic"
+        other_auth = other_client_auth(self._auth.client_auth)
         return {
             "invalid_client": (
                 f"check auth.client_id and the client secret; if both are right, try auth.client_auth = "
@@ -339,6 +339,11 @@ def quoted_secret_note(secret: SecretStr) -> str:
             "keeps the quotes of ETL_CLIENT_SECRET=\"...\", remove them there"
         )
     return ""
+
+
+def other_client_auth(client_auth: str) -> str:
+    """The way of sending the client's credentials that is not configured: `check` tries it, hints name it."""
+    return "body" if client_auth == "basic" else "basic"
 
 
 def transient(status: int) -> bool:
