@@ -446,7 +446,7 @@ def forbidden_hint(challenge: str | None) -> str:
 
 
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
-    """The parsed body; HTML or non-JSON is an error (not an empty page), cut-off JSON is retried.
+    """The parsed body; HTML, XML or other non-JSON is an error (not an empty page), cut-off JSON is retried.
 
     A body in another charset than UTF-8 is read as its Content-Type declares; one that declares
     none and is not UTF-8 is an error, not retried: another attempt brings the same bytes.
@@ -471,19 +471,25 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     except RecursionError:  # orjson stops at 1,024 levels, the standard library at Python's recursion limit
         raise SourceError(f"{status} from {url} is JSON nested too deep to read (over 1,000 levels): the API is at fault") from None
     except ValueError as exc:
-        if isinstance(exc, UnicodeDecodeError) and exc.end < len(body):  # a bad byte, not a body cut inside a character
-            raise SourceError(
-                f"{status} from {url} is not UTF-8 ({exc.reason} at byte {exc.start}): an API that sends another "
-                "charset must declare it, as in Content-Type: application/json; charset=ISO-8859-1"
-            ) from None
-        if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":  # came whole: another attempt brings the same
-            raise SourceError(
-                f"{status} from {url} holds more than one JSON value (text follows the first at character {exc.pos}: "
-                f"NDJSON, or a comment after the JSON): the API is at fault, etl reads one JSON document a page: {snippet(exc.doc[exc.pos:].encode())}"
-            ) from None
-        if stripped[:1] in (b"{", b"["):
-            raise RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})") from None
-        raise SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}") from None
+        raise _not_json(status, url, body, exc) from None
+
+
+def _not_json(status: int, url: str, body: bytes, exc: ValueError) -> EtlError:
+    """Why the standard library could not read the body; only JSON that may have been cut short is retried."""
+    if isinstance(exc, UnicodeDecodeError) and exc.end < len(body):  # a bad byte, not a body cut inside a character
+        return SourceError(
+            f"{status} from {url} is not UTF-8 ({exc.reason} at byte {exc.start}): an API that sends another "
+            "charset must declare it, as in Content-Type: application/json; charset=ISO-8859-1"
+        )
+    if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":  # came whole: another attempt brings the same
+        return SourceError(
+            f"{status} from {url} holds more than one JSON value (text follows the first at character {exc.pos}: "
+            f"NDJSON, or a comment after the JSON): the API is at fault, etl reads one JSON document a page: "
+            f"{snippet(exc.doc[exc.pos:].encode())}"
+        )
+    if body.lstrip()[:1] in (b"{", b"["):
+        return RetryableError(f"{status} from {url}: the JSON body is cut short or broken ({exc})")
+    return SourceError(f"{status} from {url} is not JSON: {snippet(body) or '(empty body)'}")
 
 
 def encoded_once(parsed: Any) -> Any:
