@@ -42,7 +42,7 @@ from etl.errors import (
     UnreachableError,
 )
 from etl.logs import register_secret, resource_var, run_id_var, window_var
-from etl.paginators import PagePlan, PlannedPage, window_paginator
+from etl.paginators import PagePlan, Paginator, PlannedPage, window_paginator
 from etl.planning import ResourcePlan
 from etl.progress import NoProgress, ProgressDisplay
 from etl.records import RecordValidator, ValidatedPage, records_at
@@ -80,6 +80,11 @@ class ResourceStats:
     @property
     def seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.started
+
+    def note_cursor_path(self, paginator: Paginator) -> None:
+        """What a window's paginator saw of next_cursor_path, kept over the run's windows for the warning at its end."""
+        self.cursor_path_found = self.cursor_path_found or paginator.cursor_path_found
+        self.cursor_path_absent = self.cursor_path_absent or paginator.cursor_path_absent
 
 
 @dataclass
@@ -243,9 +248,10 @@ class Pipeline:
             self.progress.stop()
         for stats in self.stats.values():
             stats.finished = stats.finished or time.monotonic()
-            self._warn_if_no_cursor(self._plans[stats.name].resource, stats)
-            self._warn_if_no_next_cursor(self._plans[stats.name].resource, stats)
-            self._warn_of_unseen_columns(self._plans[stats.name].resource, stats)
+            resource = self._plans[stats.name].resource
+            self._warn_if_no_cursor(resource, stats)
+            self._warn_if_no_next_cursor(resource, stats)
+            self._warn_of_unseen_columns(resource, stats)
         self._warn_of_api_clock()
         self._blame_run_wide_cause()
         return self._outcome(time.monotonic() - started)
@@ -387,9 +393,7 @@ class Pipeline:
                 return
             records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
             records = paginator.advance(response, records)
-            stats = self.stats[resource.name]
-            stats.cursor_path_found = stats.cursor_path_found or paginator.cursor_path_found
-            stats.cursor_path_absent = stats.cursor_path_absent or paginator.cursor_path_absent
+            self.stats[resource.name].note_cursor_path(paginator)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None
             if first and total is not None:
                 self.progress.add_total(resource.name, total)
