@@ -1,8 +1,9 @@
 """`sync` and `backfill` from start to end: lock, migrate, record the run, plan, load, record the outcome.
 
-The order matters: the secret is checked before anything is contacted (exit
-2), the lock is taken before anything is written (exit 4), and the run's row
-in etl_runs is always closed with its outcome, whatever happened between.
+The order matters: the secret and `ca_bundle` are checked before anything is
+contacted or recorded (exit 2), the lock is taken before anything is written
+(exit 4), and the run's row in etl_runs is always closed with its outcome,
+whatever happened between.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from etl.pipeline import Pipeline, RunOutcome
 from etl.planning import ResourcePlan, plan_backfill, plan_sync
 from etl.progress import ProgressDisplay
 from etl.store import Store
+from etl.transport import require_ca_bundle
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ async def execute(
     secret: SecretStr | None = None,
 ) -> RunOutcome:
     secret = secret or config.client_secret()
+    require_ca_bundle(config.api)
     names = [resource.name for resource in resources]
     require_lasting(config.database.url)
     engine = create_engine(config.database.url)

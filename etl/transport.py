@@ -94,6 +94,13 @@ def _session_trust(api: ApiConfig) -> ssl.SSLContext | bool:
     return build_ssl_context(api) if api.ca_bundle else True
 
 
+def require_ca_bundle(api: ApiConfig) -> None:
+    """An unreadable `ca_bundle` is exit 2 before the run is recorded, as a missing secret is: found once the
+    session opened, it left a failed run in etl_runs and every resource's sync windows pending in `status`."""
+    if api.verify_tls and api.ca_bundle:
+        build_ssl_context(api)
+
+
 def open_session(api: ApiConfig) -> aiohttp.ClientSession:
     """One session for the whole run: connection pooling across workers.
 
