@@ -129,7 +129,7 @@ async def plan_backfill(
         await store.supersede_windows("backfill", resource.name, run_id, full_refresh_only=True)
     else:
         step = granularity(resource.filter.format)
-        planned = _cut(start, end, window or resource.window, step, "--window" if window else f"resources.{resource.name}.window")
+        planned = _cut(start, end, window or resource.window, step, _window_key(resource, window))
         loads = (planned[0].start, planned[-1].end) if planned else (start, end)
         if loads != (start, end) and loads[0] and loads[1]:
             log.info("%s: the API's filter (format %r) takes whole steps of %s, so the backfill loads %s to %s",
@@ -146,15 +146,31 @@ async def plan_backfill(
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
 
 
+def check_backfill_windows(resources: list[ResourceConfig], start: datetime, end: datetime, window: timedelta | None) -> None:
+    """Refuse a backfill's windows before the run is recorded: refused while planning, it left a failed run in
+    etl_runs for a configuration error (exit 2), and the windows of the resources planned before it pending."""
+    for resource in resources:
+        if resource.filter is not None:
+            _require_few(start, end, window or resource.window, granularity(resource.filter.format), _window_key(resource, window))
+
+
+def _window_key(resource: ResourceConfig, window: timedelta | None) -> str:
+    return "--window" if window else f"resources.{resource.name}.window"
+
+
 def _cut(start: datetime, end: datetime, size: timedelta, step: timedelta, key: str) -> list[Window]:
-    """`cut`, refused when a window far too small for the interval (`--window 1s` over a year) would plan millions."""
+    _require_few(start, end, size, step, key)
+    return cut(start, end, size, step)
+
+
+def _require_few(start: datetime, end: datetime, size: timedelta, step: timedelta, key: str) -> None:
+    """A window far too small for the interval (`--window 1s` over a year) would plan millions."""
     count = (end - start) // max(size, step)
     if count > MAX_WINDOWS:
         raise ConfigError(
             f"{key}: windows of {format_duration(size)} cut {isoformat_utc(start)} to {isoformat_utc(end)} into "
             f"about {count:,}, more than {MAX_WINDOWS:,} (each is at least one request): use a larger {key}"
         )
-    return cut(start, end, size, step)
 
 
 class WatermarkTracker:

@@ -23,7 +23,7 @@ from etl.errors import EtlError
 from etl.locks import ResourceLocks
 from etl.logs import redact, run_id_var
 from etl.pipeline import Pipeline, RunOutcome
-from etl.planning import ResourcePlan, plan_backfill, plan_sync
+from etl.planning import ResourcePlan, check_backfill_windows, plan_backfill, plan_sync
 from etl.progress import ProgressDisplay
 from etl.store import Store
 from etl.transport import require_ca_bundle
@@ -79,9 +79,11 @@ async def backfill(
     def plan(store: Store, resource: ResourceConfig, run_id: int) -> Awaitable[ResourcePlan]:
         return plan_backfill(store, resource, run_id, start, end, window, restart, now, config.sync.lag)
 
+    resources = select_resources(config, names)
+    check_backfill_windows(resources, start, end, window)
     arguments = {"from": isoformat_utc(start), "to": isoformat_utc(end), "resources": names or [],
                  "window": format_duration(window) if window else "", "restart": restart}
-    return await execute(config, "backfill", arguments, select_resources(config, names), plan, stop, progress)
+    return await execute(config, "backfill", arguments, resources, plan, stop, progress)
 
 
 async def execute(

@@ -82,3 +82,14 @@ async def test_an_unreadable_ca_bundle_is_exit_2_before_a_run_is_recorded(tmp_pa
     assert result.returncode == 2, result.stderr
     assert "api.ca_bundle" in result.stderr
     assert await _recorded_runs(sqlite_or_postgres_url) == 0
+
+
+async def test_a_backfill_window_too_small_for_the_interval_is_exit_2_before_a_run_is_recorded(
+    tmp_path: Path, sqlite_or_postgres_url: str
+) -> None:
+    async with serving(Api(_records(5)).routes()) as origin:
+        config = _config(tmp_path, origin, sqlite_or_postgres_url, ("items", "other"))
+        result = await run_etl("backfill", "--config", str(config), "--from", "2020-01-01", "--to", "2024-01-01", "--window", "1s")
+    assert result.returncode == 2, result.stderr
+    assert "use a larger --window" in result.stderr
+    assert await _recorded_runs(sqlite_or_postgres_url) == 0
