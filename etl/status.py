@@ -104,16 +104,19 @@ def _run_line(run: dict[str, Any]) -> str:
         f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"
         f"  rejected {run['records_rejected']}  token requests {run['token_requests']}"
     )
-    if run["command"] == "backfill":
-        line += f"\n         {_backfill_flags(run['arguments'])}"
+    flags = _flags(run["command"], run["arguments"])
+    line += f"\n         {flags}" if flags else ""
     return line + (f"\n         error: {run['error'].splitlines()[0]}" if run["error"] else "")
 
 
-def _backfill_flags(arguments: str) -> str:
-    """A backfill's interval as its flags: the same flags resume it (another --window plans other windows)."""
+def _flags(command: str, arguments: str) -> str:
+    """A backfill's interval as its flags: the same flags resume it (another --window plans other windows).
+
+    Any run's `--resource`s too: a sync of one resource looked like a sync of all of them.
+    """
     try:
         given = json.loads(arguments)
-        flags = [f"--from {given['from']}", f"--to {given['to']}"]
+        flags = [f"--from {given['from']}", f"--to {given['to']}"] if command == "backfill" else []
     except (ValueError, TypeError, KeyError):
         return f"arguments: {arguments}"
     flags += [f"--window {given['window']}"] if given.get("window") else []

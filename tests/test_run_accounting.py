@@ -45,10 +45,10 @@ class Api:
         return {("POST", "/token"): self.token, ("GET", "/api/{name}"): self.items}
 
 
-def _config(directory: Path, origin: str, url: str, names: tuple[str, ...] = ("items",), **api: Any) -> Path:
+def _config(directory: Path, origin: str, url: str, names: tuple[str, ...] = ("items",), window: str = "1d", **api: Any) -> Path:
     resource = {
         "path": "/items", "records_path": "data", "primary_key": ["id"], "cursor_field": "updated_at",
-        "start": "2024-01-01", "lookback": "0s", "window": "1d",
+        "start": "2024-01-01", "lookback": "0s", "window": window,
         "filter": {"from_param": "updated_since", "to_param": "updated_until", "format": "iso"},
         "pagination": {"style": "page", "page_param": "page", "size_param": "page_size", "page_size": 10},
         "columns": {"id": "integer", "name": "string", "updated_at": "datetime"},
@@ -93,3 +93,15 @@ async def test_a_backfill_window_too_small_for_the_interval_is_exit_2_before_a_r
     assert result.returncode == 2, result.stderr
     assert "use a larger --window" in result.stderr
     assert await _recorded_runs(sqlite_or_postgres_url) == 0
+
+
+async def test_status_says_which_resources_a_sync_was_limited_to(tmp_path: Path, sqlite_or_postgres_url: str) -> None:
+    """`sync --resource items` and a sync of everything looked the same in `status`: only etl_runs.resources told them apart."""
+    async with serving(Api(_records(5)).routes()) as origin:
+        config = _config(tmp_path, origin, sqlite_or_postgres_url, ("items", "other"), window="3650d")
+        assert (await run_etl("sync", "--config", str(config), "--resource", "items")).returncode == 0
+        assert (await run_etl("sync", "--config", str(config))).returncode == 0
+    status = await run_etl("status", "--config", str(config))
+    runs = status.stdout.split("recent runs:")[1].split("watermarks:")[0]
+    second, first = runs.split("#1")
+    assert "--resource items" in first and "--resource" not in second
