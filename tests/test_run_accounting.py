@@ -31,12 +31,15 @@ class Api:
     def __init__(self, records: list[dict[str, Any]], page_size: int = 10) -> None:
         self.records, self.page_size = records, page_size
         self.pages: dict[int, list[dict[str, Any]]] = {}
+        self.refusals: dict[int, list[int]] = {}  # page -> statuses answered before the page
 
     async def token(self, _request: web.Request) -> web.Response:
         return web.json_response({"access_token": "t0ken", "expires_in": 3600, "token_type": "Bearer"})
 
     async def items(self, request: web.Request) -> web.Response:
         page = int(request.query["page"])
+        if self.refusals.get(page):
+            return web.json_response({"message": "busy"}, status=self.refusals[page].pop(0), headers={"Retry-After": "0"})
         since, until = request.query["updated_since"], request.query["updated_until"]
         inside = [r for r in self.records if since <= r["updated_at"] < until]
         return web.json_response({"data": self.pages.get(page, inside[(page - 1) * self.page_size: page * self.page_size])})
@@ -105,3 +108,24 @@ async def test_status_says_which_resources_a_sync_was_limited_to(tmp_path: Path,
     runs = status.stdout.split("recent runs:")[1].split("watermarks:")[0]
     second, first = runs.split("#1")
     assert "--resource items" in first and "--resource" not in second
+
+
+async def test_a_key_on_two_pages_and_retried_pages_are_counted_alike_in_stdout_etl_runs_and_status(
+    tmp_path: Path, sqlite_or_postgres_url: str
+) -> None:
+    """docs/DECISIONS.md: pages are pages read, not attempts; fetched = loaded + rejected, each record as received."""
+    api = Api(_records(15))
+    api.pages[2] = [*api.records[10:14], {**api.records[2], "name": "again"}]  # id 3 again, on the last page
+    api.refusals[2] = [429, 503]
+    async with serving(api.routes()) as origin:
+        config = _config(tmp_path, origin, sqlite_or_postgres_url, window="3650d")
+        result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "items: 15 loaded, 0 rejected, 2 pages" in result.stdout
+    assert "4 requests, 2 retried, 1 token request(s)" in result.stdout
+    (run,) = await rows(sqlite_or_postgres_url, "SELECT pages, records_fetched, records_loaded, records_rejected, requests, retries, "
+                                                "token_requests FROM etl_runs")
+    assert tuple(run) == (2, 15, 15, 0, 4, 2, 1)
+    assert len(await rows(sqlite_or_postgres_url, "SELECT id FROM items")) == 14
+    status = await run_etl("status", "--config", str(config))
+    assert "pages 2  loaded 15  rejected 0  token requests 1" in status.stdout
