@@ -226,7 +226,7 @@ class Pipeline:
     @property
     def retries(self) -> int:
         """Retried requests: after 429, 5xx, timeouts and resets, and after a 401 answered with a new token."""
-        return self.counters.retries + (self._tokens.rejected_by_api if self._tokens else 0)
+        return self.counters.retries + (self._tokens.retried_after_401 if self._tokens else 0)
 
     async def run(self, plans: list[ResourcePlan], secret: SecretStr) -> RunOutcome:
         started = time.monotonic()

@@ -120,7 +120,7 @@ class TokenManager:
         self._renewal: asyncio.Task[Token] | None = None
         self._keep_stale_until = float("-inf")
         self.token_requests = 0
-        self.rejected_by_api = 0  # the API's 401s, the one to a fresh token too
+        self.retried_after_401 = 0  # requests the API answered 401 and that went again with a new token
 
     def __repr__(self) -> str:
         return (
@@ -185,8 +185,8 @@ class TokenManager:
         try:
             return await send(token)
         except TokenRejected:
-            self.rejected_by_api += 1
-            if drop_if_rejected:
+            if drop_if_rejected:  # a retry follows: the last 401 ends the request, and is no retry
+                self.retried_after_401 += 1
                 await self.invalidate(token)
             raise
 

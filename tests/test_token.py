@@ -309,6 +309,7 @@ async def test_authorized_retries_a_401_once_with_a_new_token(
     assert await manager.authorized(send) == "page"
     assert carried == ["Bearer tok-1", "Bearer tok-2"]
     assert manager.token_requests == 2
+    assert manager.retried_after_401 == 1
 
 
 async def test_authorized_two_401s_is_auth_error_about_a_fresh_token(
@@ -333,6 +334,7 @@ async def test_authorized_two_401s_is_auth_error_about_a_fresh_token(
     assert "audience" in str(excinfo.value)
     assert calls == 2
     assert manager.token_requests == 2
+    assert manager.retried_after_401 == 1, "the second 401 ends the request: it is no retry"
 
 
 async def test_authorized_403_does_not_renew(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
