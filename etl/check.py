@@ -761,7 +761,14 @@ class Checker:
             return ".".join(str(part) for part in info or ())
 
         found = await self._with_database(version)
-        return Verdict(f"connected, {self.engine.dialect.name if self.engine else ''} {found}".rstrip())
+        return Verdict(f"connected, {self._server_name()} {found}".rstrip())
+
+    def _server_name(self) -> str:
+        """The server as its users know it: SQLAlchemy's dialect for MariaDB is "mysql", and says which it met."""
+        dialect = self.engine.dialect if self.engine else None
+        if dialect is None:
+            return ""
+        return "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
 
     async def _db_schema(self) -> Verdict:
         head = HEAD_REVISION
