@@ -337,11 +337,14 @@ class Store:
                     )
                     records.append(WindowRecord(_new_id(result), resource, kind, window, "pending", None, 0, 0, None))
                     continue
-                if row.state != "done":
-                    await connection.execute(update(windows).where(windows.c.id == row.id).values(run_id=run_id, updated_at=now))
+                if row.state != "done":  # read again from its first page: its counts start again with this reading
+                    await connection.execute(
+                        update(windows).where(windows.c.id == row.id).values(run_id=run_id, updated_at=now, pages=0, records=0, rejects=0)
+                    )
                 position = orjson.loads(row.position) if row.position else None
+                pages, counted = (row.pages, row.records) if row.state == "done" else (0, 0)
                 records.append(
-                    WindowRecord(row.id, resource, kind, window, row.state, position, row.pages, row.records, cursor_from_text(row.max_cursor))
+                    WindowRecord(row.id, resource, kind, window, row.state, position, pages, counted, cursor_from_text(row.max_cursor))
                 )
         return records
 
