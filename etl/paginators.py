@@ -326,6 +326,7 @@ class _NumberedPaginator(Paginator):
         self._pages = Seen()
         self._last_count: int | None = None
         self._previous: bytes | None = None  # the content of the page before, as refuse_repeat compares it
+        self._received: bytes | None = None  # the content of the page being advanced past, made once for both checks
         self._stepped = 0  # pages walked one by one in this run
         self._said_total: int | None = None  # the total the API gave last, for a window that ends short of it
 
@@ -341,15 +342,19 @@ class _NumberedPaginator(Paginator):
             if self._said_total is not None and not self.total_understated:
                 warn_if_short(response, self._said_total, self.records_seen, self.config)
             return
-        content = _page_content(records)
+        content = self._received  # made by _repeats_previous, which advance() asks first
+        assert content is not None  # a page with records
         self._previous = content
         self._refuse_content(response, content)
         self._step(len(records))
         self._stepped += 1
 
     def _repeats_previous(self, response: PageResponse, records: list[Any]) -> bool:
-        """A full page that repeats the one before, once two different pages have shown that the page parameter is honoured."""
-        if not records or self._stepped < 2 or _page_content(records) != self._previous:
+        """A full page that repeats the one before, once two different pages have shown that the page parameter is honoured.
+
+        The page's content is kept for `_advance`, which follows: serialising it once a page, not twice."""
+        self._received = _page_content(records) if records else None
+        if self._received is None or self._stepped < 2 or self._received != self._previous:
             return False
         log.info("%s served the page before it again: taken as the end of the window", display_url(response.url))
         return True
