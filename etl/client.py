@@ -391,9 +391,8 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
     """
     status = resp.status
     if status == HTTPStatus.ACCEPTED:  # accepted for processing: the page is not ready, and is no empty page
-        raise RetryableError(
-            f"202 Accepted from {display_url(resp.url)}: the API is still preparing the page: {snippet(body) or '(empty body)'}",
-            retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
+        raise _retry_later(
+            f"202 Accepted from {display_url(resp.url)}: the API is still preparing the page: {snippet(body) or '(empty body)'}", resp
         )
     if 200 <= status < 300:
         parsed = None if status == 204 else encoded_once(parse_json(status, resp, body))
@@ -409,11 +408,13 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
         challenge = resp.headers.get("WWW-Authenticate")
         raise TokenRejected(f"401 from {url}: the API refused the token" + (f" (WWW-Authenticate: {challenge})" if challenge else ""))
     if status in RETRYABLE_STATUS:
-        raise RetryableError(
-            f"{status} from {url}: {snippet(body)}",
-            retry_after=retry_after_seconds(resp.headers.get("Retry-After")),
-        )
+        raise _retry_later(f"{status} from {url}: {snippet(body)}", resp)
     raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=refusal_hint(status, resp.headers))
+
+
+def _retry_later(message: str, resp: aiohttp.ClientResponse) -> RetryableError:
+    """An answer that may heal, with the Retry-After it asks for (the client's gate holds every request for it)."""
+    return RetryableError(message, retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
 
 
 def not_found_hint(base_url: str, name: str, path: str) -> str:
