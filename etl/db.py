@@ -213,10 +213,16 @@ AIOMYSQL_PARAMETERS = frozenset({
 
 def safe_url(url: str | URL) -> str:
     """The URL for messages: password hidden."""
+    parsed = _parsed_or_none(url)
+    return "<unparseable database URL>" if parsed is None else parsed.render_as_string(hide_password=True)
+
+
+def _parsed_or_none(url: str | URL) -> URL | None:
+    """The URL parsed, or None for one that does not parse, where a message or a test must not fail on it."""
     try:
-        return (url if isinstance(url, URL) else make_url(url)).render_as_string(hide_password=True)
+        return url if isinstance(url, URL) else make_url(url)
     except URL_ERRORS:
-        return "<unparseable database URL>"
+        return None
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -380,9 +386,8 @@ def sqlite_file(url: str | URL) -> Path | None:
 
     A URI filename (`sqlite:///file:/srv/etl.db?uri=true`) names its file after `file:`.
     """
-    try:
-        parsed = url if isinstance(url, URL) else make_url(url)
-    except URL_ERRORS:
+    parsed = _parsed_or_none(url)
+    if parsed is None:
         return None
     database = parsed.database or ""
     if parsed.get_backend_name() != "sqlite":
@@ -416,10 +421,8 @@ def require_lasting(url: str) -> None:
 
 def _is_sqlite(url: str | URL) -> bool:
     """SQLite has no server and no credentials: its hint is about the file."""
-    try:
-        return (url if isinstance(url, URL) else make_url(url)).get_backend_name() == "sqlite"
-    except URL_ERRORS:
-        return False
+    parsed = _parsed_or_none(url)
+    return parsed is not None and parsed.get_backend_name() == "sqlite"
 
 
 async def begin_explicitly(connection: AsyncConnection) -> None:
