@@ -205,7 +205,7 @@ class ApiClient:
         clock: ApiClock | None = None,
     ) -> None:
         self._session = session
-        self.clock = clock or ApiClock()
+        self._clock = clock or ApiClock()  # the pipeline holds the same one, for synced_until
         self._static_headers = _with_accept(api.headers)
         for name, value in api.headers.items():
             if CREDENTIAL_HEADER.search(name):  # an API that echoes what it was sent must not print an API key
@@ -308,7 +308,7 @@ class ApiClient:
             location = resp.headers.get("Location") if resp.status in REDIRECT_STATUS else None
             if location is None:
                 if 200 <= resp.status < 300:
-                    self.clock.saw(resp.headers)
+                    self._clock.saw(resp.headers)
                 return verdict(resp, body, came_from if headers is not trusted else None)
             came_from = came_from or resp.url
             try:
