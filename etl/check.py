@@ -445,8 +445,15 @@ class Checker:
             if exc.reason in NOT_TLS_REASONS:
                 summary += " (the server answered in plain text, not TLS: is it http:// on this port?)"
             raise UnreachableError(summary, host=endpoint.host, hint=hint) from None
+        except TimeoutError:  # OpenSSL's words were "_ssl.c:989: The handshake operation timed out"
+            raise UnreachableError(
+                f"no answer to the TLS handshake within {self.config.api.timeout_s:g}s ([api].timeout_s)",
+                host=endpoint.host,
+                hint=f"the port accepts connections but does not answer TLS: check that {endpoint.keys} names the "
+                "https port of the server; if the host is only slow, raise [api].timeout_s",
+            ) from None
         except OSError as exc:
-            closed = None if isinstance(exc, TimeoutError) else (  # a timeout gets the step's TIMEOUT_HINT
+            closed = (
                 f"the server, or a firewall or proxy in between, closed the connection before TLS was set up: check "
                 f"that {endpoint.keys} names the https port, and whether this network intercepts TLS"
             )

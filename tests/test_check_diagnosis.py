@@ -1,0 +1,60 @@
+"""`python -m etl check` against broken setups etl did not build: the failing line names the cause and the key.
+
+Each test runs check as a subprocess (as a user would) against a loopback server
+of its own, and reads the report's failed step: its summary, its hint, the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from etl.simulator import Simulator
+
+from etlproc import Finished, run_etl, write_config
+
+
+def failed_block(out: str, start: str) -> str:
+    """The report's failed step that starts with `start` (`✘ tls`), with its detail and hint lines."""
+    return next(block for block in re.split(r"\n(?=[✔!✘–] |check )", out) if block.startswith(start))
+
+
+async def run_check(config: Path) -> Finished:
+    return await run_etl("--config", str(config), "check", timeout=60)
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A port that accepts TCP connections and never says a word: a TLS handshake there hangs."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in held:
+        writer.close()
+    server.close()
+
+
+async def test_a_tls_handshake_that_hangs_says_so_with_the_timeout_key(
+    simulator: Simulator, silent_port: int, tmp_path: Path
+) -> None:
+    """It said "the connection failed during TLS: _ssl.c:989: The handshake operation timed out"."""
+    config = write_config(
+        tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"],
+        auth={"token_url": f"https://127.0.0.1:{silent_port}/oauth2/token"}, api={"timeout_s": 1},
+    )
+
+    result = await run_check(config)
+
+    block = failed_block(result.stdout, "✘ tls token")
+    assert result.returncode == 5
+    assert "no answer to the TLS handshake within 1s ([api].timeout_s)" in block
+    assert "_ssl.c" not in result.stdout
+    assert "auth.token_url" in block  # a port that does not speak TLS is the other cause
