@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
@@ -47,6 +48,7 @@ SECRET_PARAM = re.compile(
 )
 MASK = "***"
 
+PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 SAVE_CERTS_HINT = (
     "run `python -m etl check --save-certs chain.pem`, review the certificates it saved, "
     "and point [api].ca_bundle at that file"
@@ -66,9 +68,26 @@ def build_ssl_context(api: ApiConfig) -> ssl.SSLContext:
     if api.ca_bundle:
         try:
             trust_bundle(context, cafile=api.ca_bundle)
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError:  # OpenSSL's words: "[X509: NO_CERTIFICATE_OR_CRL_FOUND] ... (_ssl.c:4154)"
+            raise ConfigError(unreadable_bundle(Path(api.ca_bundle))) from None
+        except OSError as exc:
             raise ConfigError(f"api.ca_bundle: cannot load {api.ca_bundle}: {exc}") from None
     return context
+
+
+def unreadable_bundle(path: Path) -> str:
+    """Why OpenSSL read no certificate from a bundle it could open: a DER export (Windows' .cer) is the usual case."""
+    data = path.read_bytes()
+    if PEM_CERTIFICATE in data:
+        return f"api.ca_bundle: a certificate in {path} is not valid PEM (its base64 is damaged or cut short)"
+    message = f"api.ca_bundle: {path} holds no PEM certificate ({PEM_CERTIFICATE.decode()} blocks)"
+    from cryptography import x509  # here: a failed run's cost, not every run's import
+
+    try:
+        x509.load_der_x509_certificate(data)
+    except ValueError:
+        return message
+    return f"{message}: it is one DER certificate; convert it with `openssl x509 -inform der -in {path} -out {path}.pem`"
 
 
 def trust_bundle(context: ssl.SSLContext, cafile: str | None = None, cadata: str | None = None) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from etl.simulator import Simulator
+from etl.simulator.tls import make_certificate
 
 from etlproc import Finished, run_etl, write_config
 
@@ -58,3 +60,28 @@ async def test_a_tls_handshake_that_hangs_says_so_with_the_timeout_key(
     assert "no answer to the TLS handshake within 1s ([api].timeout_s)" in block
     assert "_ssl.c" not in result.stdout
     assert "auth.token_url" in block  # a port that does not speak TLS is the other cause
+
+
+@pytest.mark.parametrize("content", ["der", "empty", "key"])
+async def test_a_ca_bundle_without_a_pem_certificate_says_what_it_holds(
+    simulator: Simulator, tmp_path: Path, content: str
+) -> None:
+    """It said "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found (_ssl.c:4154)" or "[X509] PEM lib"."""
+    certificate = make_certificate()
+    bundle = tmp_path / "company-ca.cer"
+    if content == "der":  # what Windows' certificate export writes by default
+        bundle.write_bytes(ssl.PEM_cert_to_DER_cert(certificate.cert_path.read_text()))
+    elif content == "key":
+        bundle.write_bytes(certificate.key_path.read_bytes())
+    else:
+        bundle.write_text("")
+    config = write_config(tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"ca_bundle": str(bundle)})
+
+    result = await run_check(config)
+
+    block = failed_block(result.stdout, "✘ trust")
+    assert result.returncode == 2
+    assert f"api.ca_bundle: {bundle} holds no PEM certificate (-----BEGIN CERTIFICATE----- blocks)" in block
+    assert "_ssl.c" not in result.stdout
+    if content == "der":
+        assert f"openssl x509 -inform der -in {bundle} -out" in block
