@@ -238,13 +238,18 @@ def explain(report: TlsReport) -> list[str]:
     return lines
 
 
-def fix_hint(report: TlsReport, config_keys: str, save_certs: str | None) -> str:
-    """What to do: trust the saved chain when that works, else what only the CA or the server can fix."""
+def fix_hint(report: TlsReport, config_keys: str, save_certs: str | None, ca_bundle: str = "") -> str:
+    """What to do: trust the saved chain when that works, else what only the CA or the server can fix.
+
+    A `ca_bundle` already set is added to, never replaced: it may hold the CA another host needs.
+    """
     if (beyond := _unfixable_hint(report.error, report, config_keys)) is not None:
         return beyond
     if (beyond := _unfixable_hint(report.trusted_error, report, config_keys)) is not None:
         return f"{beyond}. Then trust {issuer(report.chain[-1])} too: its certificate, from the CA or the API's owners, in [api].ca_bundle"
     untrusted = f"{issuer(report.chain[-1])} is not a CA this machine trusts: " if report.chain else ""
+    if ca_bundle:
+        return _add_to_bundle_hint(report, untrusted, save_certs, ca_bundle)
     if report.ca_bundle_fixes and save_certs:
         return (
             f'{untrusted}this run saves the presented chain to {save_certs}: review it and set [api].ca_bundle = "{save_certs}"; '
@@ -256,6 +261,25 @@ def fix_hint(report: TlsReport, config_keys: str, save_certs: str | None) -> str
     return (
         f"ca_bundle with the presented chain would not fix this: get the certificate of {missing} from the CA or the "
         "API's owners (the server should also send its intermediates), and point [api].ca_bundle at it"
+    )
+
+
+def _add_to_bundle_hint(report: TlsReport, untrusted: str, save_certs: str | None, ca_bundle: str) -> str:
+    """fix_hint's words for a configured ca_bundle that lacks the server's issuer."""
+    lacking = f"{untrusted}[api].ca_bundle ({ca_bundle}) does not hold it"
+    if not report.ca_bundle_fixes:
+        missing = issuer(report.chain[-1]) if report.chain else "the issuing CA"
+        return (
+            f"{lacking}, and the presented chain would not fix this: get the certificate of {missing} from the CA or "
+            f"the API's owners (the server should also send its intermediates), and add them to {ca_bundle}"
+        )
+    saved = (
+        f"this run saves the presented chain to {save_certs}" if save_certs
+        else "run `python -m etl check --save-certs chain.pem`"
+    )
+    return (
+        f"{lacking}: {saved}, review the certificates, and add them to {ca_bundle} (keep the ones it holds: "
+        "other hosts may need them); trusting the presented chain makes this step pass"
     )
 
 

@@ -462,7 +462,8 @@ class Checker:
         if report.trusted:
             return _trusted(report.chain[0])
         status: Status = "failed" if self.config.api.verify_tls else "warning"
-        hint = certs.fix_hint(report, endpoint.keys, self.save_certs)
+        bundle = self.config.api.ca_bundle if self.config.api.verify_tls else ""
+        hint = certs.fix_hint(report, endpoint.keys, self.save_certs, bundle)
         return Verdict("certificate not trusted", status, certs.explain(report), hint, 5)
 
     async def _write_certs(self) -> Verdict:

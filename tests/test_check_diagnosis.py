@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from etl.simulator import Simulator
+from etl.simulator import Simulator, SimulatorSettings
 from etl.simulator.tls import make_certificate
 
 from etlproc import Finished, run_etl, write_config
@@ -85,3 +85,25 @@ async def test_a_ca_bundle_without_a_pem_certificate_says_what_it_holds(
     assert "_ssl.c" not in result.stdout
     if content == "der":
         assert f"openssl x509 -inform der -in {bundle} -out" in block
+
+
+@pytest.mark.parametrize("save_certs", [False, True])
+async def test_a_ca_bundle_without_the_servers_issuer_is_added_to_not_replaced(
+    tmp_path: Path, save_certs: bool
+) -> None:
+    """The hint said "point [api].ca_bundle at that file" to a user whose ca_bundle already trusts other
+    hosts (another private CA's token endpoint): following it dropped those CAs."""
+    bundle = tmp_path / "company-cas.pem"
+    other_ca = make_certificate("other-ca")  # its directory goes with it
+    bundle.write_bytes(other_ca.cert_path.read_bytes())
+    saved = tmp_path / "chain.pem"
+    async with Simulator(SimulatorSettings(tls=True)) as sim:
+        config = write_config(tmp_path, sim, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"ca_bundle": str(bundle)})
+        extra = ["--save-certs", str(saved)] if save_certs else []
+        result = await run_etl("--config", str(config), "check", *extra, timeout=60)
+
+    hint = failed_block(result.stdout, "✘ tls").split("hint: ", 1)[1]
+    assert result.returncode == 5
+    assert f"[api].ca_bundle ({bundle}) does not hold it" in hint
+    assert f"add them to {bundle}" in hint
+    assert "point [api].ca_bundle at" not in hint and "set [api].ca_bundle =" not in hint
