@@ -117,6 +117,14 @@ DATABASE_URL_HINT = "write [database].url like sqlite:///etl.db, postgresql://us
 TRUST_HINT = "point [api].ca_bundle at a readable PEM file of CA certificates (check --save-certs writes one)"
 TIMEOUT_HINT = "check again; if the host is slow rather than down, raise [api].timeout_s"
 DATABASE_RIGHTS_HINT = "the database user needs to read etl's tables and to create tables and insert (sync does both)"
+SERVER_HINT = (
+    "the API failed on its side on every attempt: check again later, and if it lasts tell the API's owners what the "
+    "request above got; when only this resource fails, its params or [resources.filter] may be what the API trips on"
+)
+RATE_LIMITED_HINT = (
+    "the API answered 429 Too Many Requests on every attempt: another client may be using this client's quota; "
+    "check again later, and set [api].requests_per_second below the API's limit for sync"
+)
 RECORDS_PATH_HINT = 'set records_path to the dotted key that holds the list of records ("" when the body is the list)'
 
 
@@ -640,11 +648,16 @@ class Checker:
 
     def _page_hint(self, exc: EtlError, resource: ResourceConfig) -> str:
         """A 404 names the two keys its URL is made of; a timeout names timeout_s (not the request, which may be
-        right: the answer was slow); other failures are compared with the API's documentation."""
+        right: the answer was slow); a 5xx or a dropped connection is the API's; other failures are compared
+        with the API's documentation."""
         if isinstance(exc, RefusedRequest) and exc.status == HTTPStatus.NOT_FOUND:
             return not_found_hint(self.config.api.base_url, resource.name, resource.path)
         if isinstance(exc.__cause__, TimeoutError):
             return TIMEOUT_HINT
+        if isinstance(exc, RetryableError) and exc.message.startswith(f"{HTTPStatus.TOO_MANY_REQUESTS} "):
+            return RATE_LIMITED_HINT
+        if isinstance(exc, RetryableError):  # a 5xx, a dropped connection, a broken answer: not the request's fault
+            return SERVER_HINT
         return REQUEST_HINT
 
     async def _page_size_cap(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from loopback import serving
 
 from etl.simulator import Simulator, SimulatorSettings
 from etl.simulator.tls import make_certificate
@@ -107,3 +109,35 @@ async def test_a_ca_bundle_without_the_servers_issuer_is_added_to_not_replaced(
     assert f"[api].ca_bundle ({bundle}) does not hold it" in hint
     assert f"add them to {bundle}" in hint
     assert "point [api].ca_bundle at" not in hint and "set [api].ca_bundle =" not in hint
+
+
+@pytest.mark.parametrize(
+    ("failure", "hint"),
+    [
+        ("500", "the API failed on its side on every attempt"),
+        ("dropped", "the API failed on its side on every attempt"),
+        ("429", "the API answered 429 Too Many Requests on every attempt"),
+    ],
+)
+async def test_a_resource_the_api_fails_on_is_not_blamed_on_its_request(
+    simulator: Simulator, tmp_path: Path, failure: str, hint: str
+) -> None:
+    """A 500 or a dropped connection, on every attempt, got "compare the request above with the API's
+    documentation ... a 403 means the token's scopes do not cover this endpoint": neither fits."""
+
+    async def broken(request: web.Request) -> web.Response:
+        if failure == "dropped":
+            assert request.transport is not None
+            request.transport.close()
+        return web.json_response({"message": "no"}, status=429 if failure == "429" else 500)
+
+    async with serving({("GET", "/api/v1/products"): broken}) as origin:
+        config = write_config(
+            tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"base_url": f"{origin}/api/v1"}
+        )
+        result = await run_check(config)
+
+    block = failed_block(result.stdout, "✘ resource products")
+    assert result.returncode == 1
+    assert f"hint: {hint}" in block
+    assert "a 403 means" not in block
