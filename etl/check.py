@@ -14,6 +14,7 @@ included. A database that answers but is not migrated yet is a warning when
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ import aiohttp
 from cryptography import x509
 from pydantic import SecretStr
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from etl import certs
 from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters, not_found_hint
@@ -817,14 +818,22 @@ class Checker:
                     await connection.execute(text(f"CREATE TABLE {table} (id INTEGER)"))
                     await connection.execute(text(f"INSERT INTO {table} (id) VALUES (1)"))
                     await connection.execute(text(f"DROP TABLE {table}"))
-                finally:
-                    await transaction.rollback()
-                    # MySQL commits DDL on its own, pysqlite runs it outside the transaction: drop what may be left
-                    await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
-                    await connection.commit()
+                except BaseException:
+                    with contextlib.suppress(*DRIVER_ERRORS):  # its refusal ("DROP command denied") hid the real one
+                        await transaction.rollback()
+                        await _drop_probe_table(connection, table)
+                    raise
+                await transaction.rollback()
+                await _drop_probe_table(connection, table)
 
         await self._with_database(probe)
         return Verdict("can create a table and insert (in a transaction, rolled back)")
+
+
+async def _drop_probe_table(connection: AsyncConnection, table: str) -> None:
+    """MySQL commits DDL on its own, pysqlite runs it outside the transaction: drop what may be left."""
+    await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
+    await connection.commit()
 
 
 def _excerpt(text: str, limit: int = 4 * EXCERPT_CHARS) -> str:

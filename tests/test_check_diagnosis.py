@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from loopback import serving
+from sqlalchemy import make_url
 
+from etl.db import create_engine
 from etl.simulator import Simulator, SimulatorSettings
 from etl.simulator.tls import make_certificate
 
@@ -141,3 +145,28 @@ async def test_a_resource_the_api_fails_on_is_not_blamed_on_its_request(
     assert result.returncode == 1
     assert f"hint: {hint}" in block
     assert "a 403 means" not in block
+
+
+async def test_a_mysql_user_who_may_not_create_tables_is_told_create_was_refused(
+    simulator: Simulator, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The write step's clean-up (DROP TABLE IF EXISTS, after the CREATE was refused) was refused too on MySQL,
+    and its error replaced the CREATE's: "DROP command denied", for a user who needs CREATE."""
+    url = await fresh_database("mysql")
+    user = f"etl_probe_{uuid.uuid4().hex[:8]}"
+    database = make_url(url).database
+    engine = create_engine(url)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(f"CREATE USER '{user}'@'%%'")
+        await connection.exec_driver_sql(f"GRANT SELECT, INSERT ON {database}.* TO '{user}'@'%%'")
+    try:
+        limited = make_url(url).set(username=user).render_as_string(hide_password=False)
+        result = await run_check(write_config(tmp_path, simulator, limited, ["products"]))
+    finally:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql(f"DROP USER '{user}'@'%%'")
+        await engine.dispose()
+
+    block = failed_block(result.stdout, "✘ database write")
+    assert result.returncode == 1
+    assert "CREATE command denied" in block and "DROP" not in block.split("hint:")[0]
