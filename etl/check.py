@@ -105,9 +105,8 @@ CONFIG_KEYS = {"token": "auth.token_url", "api": "api.base_url"}
 TOKEN_PATH = "/oauth2/token"
 REQUEST_HINT = (
     "compare the request above with the API's documentation: [api].base_url + path, params, and the parameter "
-    "names in [resources.filter] and [resources.pagination]; a 403 means the token's scopes do not cover this "
-    "endpoint (auth.scopes)"
-)
+    "names in [resources.filter] and [resources.pagination]"
+)  # a 403 has a hint of its own (client.forbidden_hint)
 CONFIG_HINT = (
     "fix what the error above names: a key and what it must be, or a TOML line and column; "
     "config.toml in the repository is a working example of every section"

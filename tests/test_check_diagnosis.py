@@ -170,3 +170,22 @@ async def test_a_mysql_user_who_may_not_create_tables_is_told_create_was_refused
     block = failed_block(result.stdout, "✘ database write")
     assert result.returncode == 1
     assert "CREATE command denied" in block and "DROP" not in block.split("hint:")[0]
+
+
+async def test_a_400_is_compared_with_the_documentation_without_a_word_of_403(simulator: Simulator, tmp_path: Path) -> None:
+    """REQUEST_HINT ended "a 403 means the token's scopes do not cover this endpoint" on every failure but a 403
+    (which has a hint of its own): noise beside a 400 that names the parameter it refused."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": "unknown parameter: page_size"}, status=400)
+
+    async with serving({("GET", "/api/v1/products"): refuse}) as origin:
+        config = write_config(
+            tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"base_url": f"{origin}/api/v1"}
+        )
+        result = await run_check(config)
+
+    block = failed_block(result.stdout, "✘ resource products")
+    assert result.returncode == 1
+    assert "unknown parameter: page_size" in block and "hint: compare the request above" in block
+    assert "403" not in block
