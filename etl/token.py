@@ -51,9 +51,10 @@ OTHER_CAUSES_AT_401 = ("invalid_scope", "unsupported_grant_type")
 API_TOKEN_ATTEMPTS = 2  # a request the API answers 401 goes once more, with a new token
 SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
 
+# etl sends what RFC 6749 asks for (a form POST): an answer like this one means another address, not another request
 METHOD_HINT = (
-    "the token endpoint wants POST with Content-Type application/x-www-form-urlencoded; "
-    "check that auth.token_url is the token endpoint itself (it ends in /oauth2/token)"
+    "etl POSTs the form (application/x-www-form-urlencoded) a token endpoint takes, so this address may be "
+    "no token endpoint: check that auth.token_url is the token endpoint itself (Cognito's ends in /oauth2/token)"
 )
 REFUSED_HINT = (
     "the token endpoint refused this app client for the reason it gives: check the client's settings there "

@@ -256,7 +256,7 @@ async def test_a_token_url_that_is_not_the_token_endpoint(
 
     assert code == 3
     assert summary_of(line_of(out, "✘ token")).startswith(f"{status}, not a token")
-    assert "Content-Type application/x-www-form-urlencoded" in out
+    assert "(application/x-www-form-urlencoded)" in out and "auth.token_url" in out
     assert f"auth.token_url's path is {path!r}, Cognito's token endpoint is /oauth2/token" in out
 
 

@@ -458,12 +458,13 @@ async def test_endpoint_refusals_are_auth_errors_quoting_the_endpoint(
 
 @pytest.mark.parametrize(
     ("status", "payload"),
-    [(405, None), (400, {"error": "invalid_request", "error_description": "unsupported content type"})],
+    [(404, None), (405, None), (400, {"error": "invalid_request", "error_description": "unsupported content type"})],
 )
 async def test_method_or_content_type_problems_get_a_method_hint(
     session: aiohttp.ClientSession, http_mock: aioresponses, status: int, payload: dict[str, str] | None
 ) -> None:
-    """405 and invalid_request point at POST, form encoding and a URL ending in /oauth2/token."""
+    """404, 405 and invalid_request say etl sent the form POST a token endpoint takes, and point at auth.token_url
+    (the hint said the endpoint "wants POST", as if etl had sent something else)."""
     http_mock.post(TOKEN_URL, status=status, payload=payload)
 
     with pytest.raises(AuthError) as excinfo:
@@ -471,7 +472,8 @@ async def test_method_or_content_type_problems_get_a_method_hint(
 
     hint = excinfo.value.hint or ""
     assert excinfo.value.exit_code == 3
-    assert "POST" in hint and FORM in hint and "/oauth2/token" in hint
+    assert "POST" in hint and FORM in hint and "/oauth2/token" in hint and "auth.token_url" in hint
+    assert "wants" not in hint
     assert str(status) in str(excinfo.value)
 
 
