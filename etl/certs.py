@@ -227,8 +227,9 @@ def diagnosis(report: TlsReport) -> str:
 
 def explain(report: TlsReport) -> list[str]:
     """OpenSSL's reason, what it means, and every presented certificate, for a chain that is not trusted."""
-    lines = [f"OpenSSL: {report.error}", diagnosis(report)]
-    if (wrong := _beyond_trust(report.trusted_error, report)) is not None:
+    found = diagnosis(report)
+    lines = [f"OpenSSL: {report.error}", found]
+    if (wrong := _beyond_trust(report.trusted_error, report)) is not None and wrong != found:  # once the issuer is trusted
         lines.append(f"with its issuer trusted, {wrong}")
     lines.append("presented chain:")
     for index, cert in enumerate(report.chain):

@@ -878,6 +878,25 @@ async def test_a_certificate_for_another_name_from_an_untrusted_ca_says_both(
     assert "Then trust CN=Test Intermediate CA too" in out
 
 
+async def test_a_certificate_for_another_name_from_a_trusted_ca_says_it_once(
+    simulator: Simulator,
+    ca_chain: dict[str, Path],
+    private_ca_server: Callable[[str], Awaitable[str]],
+    write_config: WriteConfig,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With the CA in ca_bundle, the wrong name is the whole diagnosis: it was printed a second time as
+    "with its issuer trusted, ...", as if trusting the issuer were still to do."""
+    token_url = (await private_ca_server("leaf+mid")).replace("127.0.0.1", "localhost")
+    path = write_config(simulator.base_url, token_url, resources=["products"], api={"ca_bundle": str(ca_chain["root"])})
+
+    code, out = await check(capsys, path)
+
+    assert code == 5
+    assert out.count("the certificate is for 127.0.0.1, not localhost") == 1, out
+    assert "with its issuer trusted" not in out
+
+
 async def test_a_sqlite_file_that_does_not_exist_is_not_created(
     simulator: Simulator, write_config: WriteConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
