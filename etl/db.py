@@ -361,14 +361,22 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
             "(SQLite writes its -wal and -shm files beside it)",
         )
     if reaching or (isinstance(exc, OperationalError) and any(word in text for word in _CONNECTION_WORDS) and "no such table" not in text):
-        return LoadError(
-            f"cannot use the database {safe_url(url)}: {original}",
-            hint="check [database].url (or $ETL_DATABASE_URL): the file's directory must exist and be writable"
-            if _is_sqlite(url) else "check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials",
-        )
+        return LoadError(f"cannot use the database {safe_url(url)}: {original}", hint=_reaching_hint(original, sqlstate, url))
     if isinstance(exc, DBAPIError):
         return LoadError(f"the database {safe_url(url)} refused a statement: {driver_message(exc)}", hint=_privilege_hint(exc, sqlstate))
     return LoadError(f"database {safe_url(url)}: {type(exc).__name__}: {exc}")
+
+
+def _reaching_hint(original: BaseException, sqlstate: str, url: str | URL) -> str:
+    """What to check when the database cannot be used: the file's directory, the database's name, or the server."""
+    if _is_sqlite(url):
+        return "check [database].url (or $ETL_DATABASE_URL): the file's directory must exist and be writable"
+    if sqlstate == "3D000" or (original.args and original.args[0] == 1049):  # PostgreSQL's, MySQL's unknown database
+        parsed = _parsed_or_none(url)
+        name = parsed.database if parsed is not None and parsed.database else "..."
+        return (f"the server has no database of that name: create it (CREATE DATABASE {name}) or correct its name in "
+                "[database].url (or $ETL_DATABASE_URL); etl creates its tables, not the database")
+    return "check [database].url (or $ETL_DATABASE_URL), that the server is up, and the credentials"
 
 
 def _privilege_hint(exc: Exception, sqlstate: str) -> str | None:
