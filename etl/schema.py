@@ -29,6 +29,7 @@ from sqlalchemy import (
     inspect,
     literal,
     select,
+    text,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Inspector
@@ -194,6 +195,8 @@ def _extend(
     _check_case_renames(resource, columns.keys())
     if not any(row.key_position is not None for row in declared.values()):
         _check_key_usable(inspector, resource)
+    if connection.dialect.name == "mysql":
+        _check_key_collation(connection, resource)
     added = [column for column in table.columns if column.name not in columns]
     for column in added:
         _add_column(connection, table, column)
@@ -369,6 +372,56 @@ def _check_key_usable(inspector: Inspector, resource: ResourceConfig) -> None:
             hint=f"add one (CREATE UNIQUE INDEX ... ON {table_name} ({', '.join(resource.primary_key)})), "
             "or point `table` at a new table for etl to create",
         )
+
+
+def _check_key_collation(connection: Connection, resource: ResourceConfig) -> None:
+    """A text key column must compare as the API does, byte for byte: under a collation that ignores case or accents
+    (a DBA's table in the database's default, utf8mb4_general_ci) 'A1', 'a1' and 'é1' were one row, the last
+    record written over the others with exit 0. That is exit 2 with the ALTER TABLE. A binary one that pads
+    with spaces (utf8mb4_bin, as an older etl made its tables) only merges 'a1' and 'a1 ': a warning with it."""
+    wanted = key_collation(connection.dialect)
+    found = connection.execute(
+        text("SELECT column_name AS column_name, collation_name AS collation_name, column_type AS column_type "
+             "FROM information_schema.columns "
+             "WHERE table_schema = DATABASE() AND table_name = :table AND collation_name IS NOT NULL"),
+        {"table": resource.table_name},
+    ).all()
+    keyed = [row for row in found if row.column_name in resource.primary_key]
+    loose = [(row.column_name, row.collation_name) for row in keyed if not _binary(row.collation_name)]
+    padded = [(row.column_name, row.collation_name) for row in keyed if _binary(row.collation_name) and not _no_pad(row.collation_name)]
+    if not loose and not (padded and _no_pad(wanted)):
+        return
+    fix = " ".join(_recollate_sql(connection.dialect, resource.table_name, row.column_name, row.column_type, wanted) + ";"
+                   for row in keyed if not _no_pad(row.collation_name))
+    if loose:
+        name, collation = loose[0]
+        raise ConfigError(
+            f"resources.{resource.name}.primary_key: the key column {name!r} of the table {resource.table_name!r} has "
+            f"the collation {collation}, under which keys that differ in case, accents or trailing spaces ('A1', 'a1', "
+            "'á1', 'a1 ') are one row: records the API keeps apart would overwrite each other",
+            hint=f"make the key binary, then run again: {fix} or point `table` at a new table for etl to create",
+        )
+    name, collation = padded[0]
+    log.warning("%s: the key column %r of the table %r has the collation %s, under which keys that differ only in "
+                "trailing spaces ('a1', 'a1 ') are one row, the last loaded kept; %s makes them two",
+                resource.name, name, resource.table_name, collation, fix)
+
+
+def _binary(collation: str) -> bool:
+    return collation == "binary" or collation.endswith("_bin")
+
+
+def _no_pad(collation: str) -> bool:
+    """MariaDB's `_nopad_` collations, MySQL 8's `_0900_` ones, and `binary` compare trailing spaces."""
+    return collation == "binary" or "_nopad_" in collation or "_0900_" in collation
+
+
+def _recollate_sql(dialect: Dialect, table_name: str, name: str, column_type: str, collation: str) -> str:
+    """MODIFY to the binary NO PAD collation; a CHAR becomes a VARCHAR, since a CHAR drops trailing spaces as it stores."""
+    quote = dialect.identifier_preparer.quote
+    column_type = re.sub(r"^char\(", "varchar(", column_type, flags=re.IGNORECASE)
+    return (f"ALTER TABLE {quote(table_name)} MODIFY {quote(name)} {column_type} "
+            f"CHARACTER SET utf8mb4 COLLATE {collation} NOT NULL")
 
 
 def _has_key(inspector: Inspector, resource: ResourceConfig) -> bool:

@@ -187,3 +187,45 @@ async def test_a_column_added_to_a_loaded_table_says_its_old_rows_are_null_until
     assert grown.returncode == 0, grown.stderr
     assert "column 'total' added to table 'orders'" in grown.stderr and "backfill --restart" in grown.stderr, grown.stderr
     assert "added" not in again.stderr
+
+
+CASED_KEYS = [{"id": key, "status": key, "updated_at": "2024-02-01T00:00:00Z"} for key in ("A1", "a1", "a1 ", "é1", "e1")]
+STRING_KEYED = {"id": "string", "status": "string", "updated_at": "datetime"}
+
+
+async def test_a_mariadb_table_whose_key_ignores_case_is_exit_2_and_loads_every_key_once_altered(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A DBA's table keyed on a VARCHAR of the database's default collation (utf8mb4_general_ci): 'A1', 'a1', 'a1 ',
+    'é1' and 'e1' were one row to MariaDB, 5 loaded and 2 rows, exit 0. Now exit 2 with the ALTER TABLE that makes the
+    key binary; once it ran, five keys are five rows."""
+    database_url = await fresh_database("mysql")
+    await _execute(database_url, ["CREATE TABLE orders (id VARCHAR(100) PRIMARY KEY, status VARCHAR(20), updated_at DATETIME(6))"])
+    async with api(CASED_KEYS) as served:
+        refused = await etl(tmp_path, served, database_url, STRING_KEYED)
+        assert refused.returncode == 2, refused.stderr
+        assert "resources.orders.primary_key" in refused.stderr and "utf8mb4_general_ci" in refused.stderr, refused.stderr
+        await _execute(database_url, _statements(refused.stderr))
+        done = await etl(tmp_path, served, database_url, STRING_KEYED)
+    assert done.returncode == 0, done.stderr
+    assert sorted(row.id for row in await rows(database_url, "SELECT id FROM orders")) == ["A1", "a1", "a1 ", "e1", "é1"]
+
+
+async def test_a_mariadb_key_that_pads_with_spaces_is_warned_about_with_the_alter_that_fixes_it(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A table of an older etl keyed under utf8mb4_bin (PAD SPACE): 'a1' and 'a1 ' were one row without a word.
+    It is still loaded (etl does not rewrite a table), with a warning and the statement that fixes it."""
+    database_url = await fresh_database("mysql")
+    await _execute(database_url, [
+        "CREATE TABLE orders (id VARCHAR(255) PRIMARY KEY, status VARCHAR(255), updated_at DATETIME(6)) "
+        "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    ])
+    async with api(CASED_KEYS) as served:
+        warned = await etl(tmp_path, served, database_url, STRING_KEYED)
+        assert warned.returncode == 0, warned.stderr
+        assert "trailing spaces" in warned.stderr and "utf8mb4_bin" in warned.stderr, warned.stderr
+        await _execute(database_url, _statements(warned.stderr))
+        done = await etl(tmp_path, served, database_url, STRING_KEYED)
+    assert done.returncode == 0 and "trailing spaces" not in done.stderr, done.stderr
+    assert len(await rows(database_url, "SELECT id FROM orders")) == 5
