@@ -252,7 +252,18 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     if tls is not None and tls.required_by is not None:
         event.listen(engine.sync_engine, "connect", partial(_require_tls, tls.required_by))
+    if target.get_backend_name() == "mysql":
+        event.listen(engine.sync_engine, "connect", _mysql_strict)
     return engine
+
+
+def _mysql_strict(dbapi_connection: Any, _record: Any) -> None:
+    """STRICT_ALL_TABLES on every session, whatever the server's sql_mode: without it (RDS's default, an old my.cnf)
+    MySQL stores a value too long or out of range for a column cut or clipped, with a warning no one reads: a DBA's
+    VARCHAR(3) kept 'shi' of 'shipped', exit 0. Strict, the database refuses the row and it is a reject."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')")
+    cursor.close()
 
 
 def _require_tls(required_by: str, dbapi_connection: Any, _record: Any) -> None:

@@ -229,3 +229,23 @@ async def test_a_mariadb_key_that_pads_with_spaces_is_warned_about_with_the_alte
         done = await etl(tmp_path, served, database_url, STRING_KEYED)
     assert done.returncode == 0 and "trailing spaces" not in done.stderr, done.stderr
     assert len(await rows(database_url, "SELECT id FROM orders")) == 5
+
+
+async def test_a_value_too_long_for_a_dbas_column_is_a_reject_on_a_mariadb_server_without_strict_mode(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A server whose sql_mode lacks STRICT_* (the URL's sql_mode stands in for a server's global one here) cut
+    'shipped' to 'shi' in a DBA's VARCHAR(3) with a warning no one saw: exit 0, the value altered for good.
+    etl's sessions are strict now: the database refuses it, and it is a reject saying why."""
+    database_url = await fresh_database("mysql") + "?sql_mode=NO_ENGINE_SUBSTITUTION"
+    await _execute(database_url, [
+        "CREATE TABLE orders (id INT PRIMARY KEY, status VARCHAR(3), updated_at DATETIME(6))",
+    ])
+    records = [{"id": 1, "status": "new", "updated_at": "2024-02-01T00:00:00Z"},
+               {"id": 2, "status": "shipped", "updated_at": "2024-02-01T00:00:00Z"}]
+    async with api(records) as served:
+        done = await etl(tmp_path, served, database_url, BASE)
+    assert done.returncode == 1 and "1 rejected" in done.stdout, done.stdout + done.stderr
+    assert [tuple(row) for row in await rows(database_url, "SELECT id, status FROM orders")] == [(1, "new")]
+    [(key, error)] = await rows(database_url, "SELECT record_key, error FROM etl_rejects")
+    assert key == "2" and "too long" in error.lower(), error
