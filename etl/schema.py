@@ -195,8 +195,7 @@ def _extend(
     _check_case_renames(resource, columns.keys())
     if not any(row.key_position is not None for row in declared.values()):
         _check_key_usable(inspector, resource)
-    if connection.dialect.name == "mysql":
-        _check_key_collation(connection, resource)
+    _check_key_collation(connection, resource)
     added = [column for column in table.columns if column.name not in columns]
     for column in added:
         _add_column(connection, table, column)
@@ -375,10 +374,18 @@ def _check_key_usable(inspector: Inspector, resource: ResourceConfig) -> None:
 
 
 def _check_key_collation(connection: Connection, resource: ResourceConfig) -> None:
-    """A text key column must compare as the API does, byte for byte: under a collation that ignores case or accents
-    (a DBA's table in the database's default, utf8mb4_general_ci) 'A1', 'a1' and 'é1' were one row, the last
-    record written over the others with exit 0. That is exit 2 with the ALTER TABLE. A binary one that pads
-    with spaces (utf8mb4_bin, as an older etl made its tables) only merges 'a1' and 'a1 ': a warning with it."""
+    """A text key column must compare as the API does, byte for byte, or records the API keeps apart overwrite
+    each other (a DBA's table keyed under a case-insensitive collation or citext): exit 2 with the ALTER TABLE."""
+    if connection.dialect.name == "mysql":
+        _check_mysql_key_collation(connection, resource)
+    elif connection.dialect.name == "postgresql":
+        _check_postgresql_key_collation(connection, resource)
+
+
+def _check_mysql_key_collation(connection: Connection, resource: ResourceConfig) -> None:
+    """Under a collation that ignores case or accents (a DBA's table in the database's default, utf8mb4_general_ci)
+    'A1', 'a1' and 'é1' were one row, the last record written over the others with exit 0: exit 2. A binary one
+    that pads with spaces (utf8mb4_bin, as an older etl made its tables) only merges 'a1' and 'a1 ': a warning."""
     wanted = key_collation(connection.dialect)
     found = connection.execute(
         text("SELECT column_name AS column_name, collation_name AS collation_name, column_type AS column_type "
@@ -394,17 +401,45 @@ def _check_key_collation(connection: Connection, resource: ResourceConfig) -> No
     fix = " ".join(_recollate_sql(connection.dialect, resource.table_name, row.column_name, row.column_type, wanted) + ";"
                    for row in keyed if not _no_pad(row.collation_name))
     if loose:
-        name, collation = loose[0]
-        raise ConfigError(
-            f"resources.{resource.name}.primary_key: the key column {name!r} of the table {resource.table_name!r} has "
-            f"the collation {collation}, under which keys that differ in case, accents or trailing spaces ('A1', 'a1', "
-            "'á1', 'a1 ') are one row: records the API keeps apart would overwrite each other",
-            hint=f"make the key binary, then run again: {fix} or point `table` at a new table for etl to create",
-        )
+        raise _loose_key(resource, *loose[0], fix)
     name, collation = padded[0]
     log.warning("%s: the key column %r of the table %r has the collation %s, under which keys that differ only in "
                 "trailing spaces ('a1', 'a1 ') are one row, the last loaded kept; %s makes them two",
                 resource.name, name, resource.table_name, collation, fix)
+
+
+def _check_postgresql_key_collation(connection: Connection, resource: ResourceConfig) -> None:
+    """A citext key, or one under a nondeterministic collation (ICU's `und-u-ks-level2`), took 'A1' and 'a1' for one
+    key: in one batch every run failed on "ON CONFLICT DO UPDATE command cannot affect row a second time", and in two
+    runs the second overwrote the first without a word."""
+    deterministic = "c.collisdeterministic" if (connection.dialect.server_version_info or (0,)) >= (12,) else "true"
+    found = connection.execute(
+        text(f"SELECT a.attname AS name, t.typname AS type_name, c.collname AS collation, {deterministic} AS exact "
+             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid LEFT JOIN pg_collation c ON c.oid = a.attcollation "
+             "WHERE a.attrelid = to_regclass(quote_ident(:table)) AND a.attnum > 0 AND NOT a.attisdropped"),
+        {"table": resource.table_name},
+    ).all()
+    loose = [row for row in found if row.name in resource.primary_key and (row.type_name == "citext" or row.exact is False)]
+    if not loose:
+        return
+    quote = connection.dialect.identifier_preparer.quote
+    fix = " ".join(
+        f"ALTER TABLE {quote(resource.table_name)} ALTER COLUMN {quote(row.name)} TYPE "
+        f"{column_type(resource.columns[row.name].type).compile(dialect=connection.dialect)} COLLATE \"default\";"
+        for row in loose
+    )
+    row = loose[0]
+    raise _loose_key(resource, row.name, "type citext" if row.type_name == "citext" else f"collation {row.collation}", fix)
+
+
+def _loose_key(resource: ResourceConfig, name: str, comparison: str, fix: str) -> ConfigError:
+    comparison = comparison if " " in comparison else f"collation {comparison}"
+    return ConfigError(
+        f"resources.{resource.name}.primary_key: the key column {name!r} of the table {resource.table_name!r} has "
+        f"the {comparison}, under which keys that differ in case, accents or trailing spaces ('A1', 'a1', "
+        "'á1', 'a1 ') can be one row: records the API keeps apart would overwrite each other",
+        hint=f"make the key compare exactly, then run again: {fix} or point `table` at a new table for etl to create",
+    )
 
 
 def _binary(collation: str) -> bool:
