@@ -380,6 +380,8 @@ def _check_key_collation(connection: Connection, resource: ResourceConfig) -> No
         _check_mysql_key_collation(connection, resource)
     elif connection.dialect.name == "postgresql":
         _check_postgresql_key_collation(connection, resource)
+    elif connection.dialect.name == "sqlite":
+        _check_sqlite_key_collation(connection, resource)
 
 
 def _check_mysql_key_collation(connection: Connection, resource: ResourceConfig) -> None:
@@ -432,13 +434,30 @@ def _check_postgresql_key_collation(connection: Connection, resource: ResourceCo
     raise _loose_key(resource, row.name, "type citext" if row.type_name == "citext" else f"collation {row.collation}", fix)
 
 
+def _check_sqlite_key_collation(connection: Connection, resource: ResourceConfig) -> None:
+    """A key column under NOCASE (or a unique index on the key under RTRIM), in a table of one's own: 'A1' and 'a1'
+    (or 'a1 ') were one row, exit 0. The upsert's conflict target is the index on the key: its collations decide."""
+    quote = connection.dialect.identifier_preparer.quote
+    for index in connection.exec_driver_sql(f"PRAGMA index_list({quote(resource.table_name)})").all():
+        if not index.unique:
+            continue
+        columns = [row for row in connection.exec_driver_sql(f"PRAGMA index_xinfo({quote(index.name)})").all() if row.key]
+        if sorted(row.name or "" for row in columns) != sorted(resource.primary_key):
+            continue
+        for row in columns:
+            if row.coll.upper() != "BINARY" and resource.columns[row.name].type in ("string", "text"):
+                raise _loose_key(resource, row.name, f"collation {row.coll}", "")
+
+
 def _loose_key(resource: ResourceConfig, name: str, comparison: str, fix: str) -> ConfigError:
     comparison = comparison if " " in comparison else f"collation {comparison}"
     return ConfigError(
         f"resources.{resource.name}.primary_key: the key column {name!r} of the table {resource.table_name!r} has "
         f"the {comparison}, under which keys that differ in case, accents or trailing spaces ('A1', 'a1', "
         "'á1', 'a1 ') can be one row: records the API keeps apart would overwrite each other",
-        hint=f"make the key compare exactly, then run again: {fix} or point `table` at a new table for etl to create",
+        hint=f"make the key compare exactly, then run again: {fix} or point `table` at a new table for etl to create"
+        if fix else "SQLite cannot change a column's collation: point `table` at a new table (etl creates it and loads "
+        "the resource again from its start)",
     )
 
 

@@ -275,3 +275,21 @@ async def test_a_postgresql_key_that_ignores_case_is_exit_2_and_loads_every_key_
         done = await etl(tmp_path, served, database_url, STRING_KEYED)
     assert done.returncode == 0, done.stderr
     assert sorted(row.id for row in await rows(database_url, "SELECT id FROM orders")) == ["A1", "a1", "a1 ", "e1", "é1"]
+
+
+@pytest.mark.parametrize("setup", [
+    ["CREATE TABLE orders (id TEXT COLLATE NOCASE PRIMARY KEY, status TEXT, updated_at TEXT)"],
+    ["CREATE TABLE orders (id TEXT NOT NULL, status TEXT, updated_at TEXT)", "CREATE UNIQUE INDEX orders_id ON orders (id COLLATE RTRIM)"],
+])
+async def test_a_sqlite_key_under_nocase_or_rtrim_is_exit_2(
+    tmp_path: Path, fresh_database: Callable[[str], Any], setup: list[str]
+) -> None:
+    """A table of one's own keyed under NOCASE (or a unique index under RTRIM): 'A1' and 'a1' (or 'a1 ') were one row,
+    exit 0. SQLite cannot change a column's collation: exit 2, hinting at a new `table`."""
+    database_url = await fresh_database("sqlite")
+    await _execute(database_url, setup)
+    async with api(CASED_KEYS) as served:
+        refused = await etl(tmp_path, served, database_url, STRING_KEYED)
+    assert refused.returncode == 2, refused.stderr
+    assert "resources.orders.primary_key" in refused.stderr and "`table`" in refused.stderr, refused.stderr
+    assert await rows(database_url, "SELECT id FROM orders") == []
