@@ -21,6 +21,7 @@ import json
 import logging
 import operator
 import os
+import re
 import socket
 from abc import ABC, abstractmethod
 from bisect import bisect_right
@@ -81,6 +82,7 @@ from etl.windows import Window
 
 log = logging.getLogger(__name__)
 REFUSED = "the database refused this record"
+MARIADB_CHECK_FAILED = 4025  # ER_CONSTRAINT_FAILED: a CHECK constraint, such as a json column's JSON_VALID
 STATEMENT_HEADROOM = 1024  # bytes of a MySQL statement kept for what a row estimate leaves out
 
 
@@ -704,6 +706,8 @@ class RowWriter(ABC):
 
     def __init__(self, dialect: Dialect, resource: ResourceConfig, names: list[str]) -> None:
         self.names = names  # the order in which the statement takes the resource's values
+        self._resource = resource.name
+        self._json_columns = {name for name, spec in resource.columns.items() if spec.type == "json"}
         self._primary_key = resource.primary_key
         self._key = operator.itemgetter(*resource.primary_key)
         self._cursor = _cursor_column(resource)
@@ -736,7 +740,21 @@ class RowWriter(ABC):
     def reject(self, row: Row, refusal: BaseException) -> Reject:
         """A row the database refused, as a reject: its key as records.Reject gives it, the row as JSON."""
         key = key_text(row.get(name) for name in self._primary_key)
-        return Reject(key=key, raw=jsonnumbers.dumps(row).decode(), error=f"{REFUSED}: {driver_message(refusal)}")
+        reason = driver_message(refusal) + self._json_check_reason(refusal)
+        return Reject(key=key, raw=jsonnumbers.dumps(row).decode(), error=f"{REFUSED}: {reason}")
+
+    def _json_check_reason(self, refusal: BaseException) -> str:
+        """What MariaDB's "CONSTRAINT `items.doc` failed" (4025) means on a json column: its JSON_VALID check, which
+        refuses only JSON nested too deep, as etl writes valid JSON. Its own words named neither that nor a remedy."""
+        original = getattr(refusal, "orig", None) or refusal
+        if not original.args or original.args[0] != MARIADB_CHECK_FAILED:
+            return ""
+        found = re.search(r"CONSTRAINT `(?:[^`]*\.)?([^`.]+)` failed", str(original.args[-1]))
+        column = found.group(1) if found else None
+        if column not in self._json_columns:
+            return ""
+        return (f" (MariaDB checks a json column with JSON_VALID, which refuses JSON nested 32 levels or more; declare "
+                f"resources.{self._resource}.columns.{column} as text to keep such values as they come)")
 
     def _latest_values(self, rows: list[Row], values: list[Values] | None) -> list[Values]:
         """The values of one version per key: those made already when no key came twice."""

@@ -491,6 +491,8 @@ async def test_a_record_the_database_refuses_is_a_reject_counted_against_max_rej
     refused = CASES[dialect]["refused"](13)
     assert key == "|".join(str(refused[name]) for name in CASES[dialect]["primary_key"])[:255]
     assert ("CONSTRAINT `items.doc` failed" if dialect == "mysql" else "index row size") in error
+    if dialect == "mysql":  # MariaDB's words alone did not say why, nor what to do about it
+        assert "nested 32 levels or more" in error and "resources.items.columns.doc" in error, error
     ((fetched, loaded, rejected),) = await rows(url, "SELECT records_fetched, records_loaded, records_rejected FROM etl_runs")
     assert (fetched, loaded, rejected) == (25, 24, 1)
 
