@@ -373,7 +373,7 @@ async def test_a_postgresql_database_that_does_not_exist(
 
     assert code == 1
     assert 'database "etl_no_such_database" does not exist' in line_of(out, "✘ database connect")
-    assert "hint: check [database].url (or $ETL_DATABASE_URL), that the server is up" in out
+    assert "hint: the server has no database of that name: create it (CREATE DATABASE etl_no_such_database)" in out
 
 
 async def test_the_database_steps_leave_nothing_behind(
