@@ -316,8 +316,9 @@ _CONNECTION_WORDS = ("connect", "refused", "could not translate host", "unable t
 _DATA_SQLSTATE_CLASSES = ("22", "23", "54")
 # MySQL/MariaDB numbers for the same, where the SQLSTATE is the generic HY000: column cannot be null (1048),
 # duplicate entry (1062), out of range (1264), truncated (1265), incorrect value (1292, 1366), too long (1406),
-# invalid JSON (3140), CHECK failed (3819 on MySQL, 4025 on MariaDB, e.g. JSON_VALID on a json column).
-_MYSQL_DATA_ERRORS = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 3140, 3819, 4025})
+# invalid JSON (3140), JSON nested deeper than MySQL 8's 100 levels (3157), CHECK failed (3819 on MySQL, 4025 on
+# MariaDB, e.g. JSON_VALID on a json column).
+_MYSQL_DATA_ERRORS = frozenset({1048, 1062, 1264, 1265, 1292, 1366, 1406, 3140, 3157, 3819, 4025})
 
 
 def refused_data(exc: BaseException) -> bool:

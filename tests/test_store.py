@@ -865,3 +865,16 @@ async def test_a_batch_larger_than_mariadbs_max_allowed_packet_loads_in_statemen
     assert [row.id for row in loaded] == list(range(1, 101))
     assert loaded[41].body == "42'\\" * 4000 and loaded[41].doc == {"n": 42, "pad": "é" * 2000}
     assert [orjson.loads(row.raw)["id"] for row in stored] == list(range(101, 141))
+
+
+@pytest.mark.parametrize(
+    ("number", "refused"),
+    [(3157, True), (4025, True), (1406, True), (2013, False), (1213, False)],
+    ids=["mysql8-json-too-deep", "mariadb-check", "too-long", "lost-connection", "deadlock"],
+)
+def test_mysql_errors_about_a_row_are_told_from_errors_about_the_statement(number: int, refused: bool) -> None:
+    """MySQL 8 refuses JSON nested deeper than 100 levels with 3157: that row is a reject, as MariaDB's 4025 makes
+    it, and the batch loads; a lost connection or a deadlock is no row's fault and fails the batch."""
+    from etl.db import refused_data
+
+    assert refused_data(Exception(number, "the server's words")) is refused
