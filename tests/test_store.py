@@ -21,7 +21,7 @@ from sqlalchemy import Row, Text, cast, func, select, text
 
 from etl import jsonnumbers
 from etl.config import ResourceConfig
-from etl.db import async_url, create_engine
+from etl.db import async_url, create_engine, refused_data
 from etl.errors import ConfigError, LoadError, LockHeld
 from etl.locks import ResourceLocks
 from etl.mysqltls import mysql_tls
@@ -875,6 +875,4 @@ async def test_a_batch_larger_than_mariadbs_max_allowed_packet_loads_in_statemen
 def test_mysql_errors_about_a_row_are_told_from_errors_about_the_statement(number: int, refused: bool) -> None:
     """MySQL 8 refuses JSON nested deeper than 100 levels with 3157: that row is a reject, as MariaDB's 4025 makes
     it, and the batch loads; a lost connection or a deadlock is no row's fault and fails the batch."""
-    from etl.db import refused_data
-
     assert refused_data(Exception(number, "the server's words")) is refused
