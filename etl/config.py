@@ -214,6 +214,7 @@ class FilterConfig(_Section):
     from_param: str = Field(min_length=1)
     to_param: str = Field(min_length=1)
     format: str = "iso"
+    from_inclusive: bool = True  # extension: false for an API whose start is exclusive (`updated_after`, `[gt]`)
     to_inclusive: bool = False
 
     @field_validator("format")

@@ -112,12 +112,18 @@ def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
     window's end itself: `end - 1s` would ask for nothing after 23:59:59.000, and
     a record at 23:59:59.5 would fall between two windows. A record exactly at the
     end is then read by both windows and stored once.
+
+    Without `from_inclusive` (an API whose start is exclusive, `updated_after`),
+    `from` is one step of the grid before the window's start: `> start - step`
+    holds for every record at or after the start, so one stamped on the bound
+    between two windows is not left out of both.
     """
     if window.start is None or window.end is None:
         return {}
     step = granularity(filter_.format)
+    start = window.start if filter_.from_inclusive else window.start - step
     end = window.end - step if filter_.to_inclusive and step >= WHOLE_DAY else window.end
     return {
-        filter_.from_param: format_bound(window.start, filter_.format),
+        filter_.from_param: format_bound(start, filter_.format),
         filter_.to_param: format_bound(end, filter_.format),
     }

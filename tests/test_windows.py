@@ -103,6 +103,16 @@ def test_an_inclusive_end_finer_than_a_day_is_the_windows_end(fmt: str, to: str)
     assert filter_params(Window(JAN_1, JAN_1 + timedelta(days=1)), filter_)["to"] == to
 
 
+@pytest.mark.parametrize(
+    ("fmt", "since"),
+    [("epoch", "1704067199"), ("epoch_ms", "1704067199999"), ("iso", "2023-12-31T23:59:59.999999Z"), ("date", "2023-12-31")],
+)
+def test_an_exclusive_start_is_one_step_before_the_window(fmt: str, since: str) -> None:
+    """`> start - step` is `>= start` on the grid: a record stamped on the bound is not left out of both windows."""
+    filter_ = FilterConfig(from_param="from", to_param="to", format=fmt, from_inclusive=False)
+    assert filter_params(Window(JAN_1, JAN_1 + timedelta(days=1)), filter_)["from"] == since
+
+
 def _days(params: dict[str, str]) -> list[date]:
     """The days an inclusive from/to pair asks for."""
     first, last = date.fromisoformat(params["from"]), date.fromisoformat(params["to"])
