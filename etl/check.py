@@ -209,13 +209,14 @@ def probe_windows(resource: ResourceConfig, lag: timedelta, now: datetime) -> li
     """The latest window a sync would load, then the first one from `start` (read when the latest is empty)."""
     if resource.filter is None or resource.start is None:
         return [FULL_REFRESH]
-    step = granularity(resource.filter.format)
+    step, zone = granularity(resource.filter.format), resource.filter.zone
     end = now - lag
     begin = max(resource.start, end - resource.window)
     if begin >= end:
         begin = end - resource.window
-    latest = Window(floor_to(begin, step), ceil_to(end, step))
-    first_start, first_end = floor_to(resource.start, step), ceil_to(min(resource.start + resource.window, end), step)
+    latest = Window(floor_to(begin, step, zone), ceil_to(end, step, zone))
+    first_start = floor_to(resource.start, step, zone)
+    first_end = ceil_to(min(resource.start + resource.window, end), step, zone)
     if first_start == latest.start or first_start >= first_end:
         return [latest]
     return [latest, Window(first_start, first_end)]

@@ -14,10 +14,11 @@ import logging
 import re
 import stat
 import tomllib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -216,6 +217,32 @@ class FilterConfig(_Section):
     format: str = "iso"
     from_inclusive: bool = True  # extension: false for an API whose start is exclusive (`updated_after`, `[gt]`)
     to_inclusive: bool = False
+    timezone: str = ""  # extension: the IANA zone whose wall clock a date or strftime bound is written in
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        if name:
+            try:
+                ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError, OSError):
+                raise ValueError(f"{name!r} is no IANA time zone: write one such as 'America/New_York' or 'UTC'") from None
+        return name
+
+    @model_validator(mode="after")
+    def _zone_for_wall_clocks(self) -> FilterConfig:
+        """An iso or epoch bound names an instant already: a zone there would change nothing the API reads."""
+        if self.timezone and self.format in ("iso", "epoch", "epoch_ms"):
+            raise ValueError(
+                f"timezone: format {self.format!r} names an instant whatever the zone; timezone is for format = "
+                "\"date\" or a strftime pattern such as '%Y-%m-%d %H:%M:%S' read by the API in its local time"
+            )
+        return self
+
+    @property
+    def zone(self) -> tzinfo:
+        """The zone whose wall clock the API reads its bounds in (UTC unless `timezone` names one)."""
+        return ZoneInfo(self.timezone) if self.timezone else UTC
 
     @field_validator("format")
     @classmethod

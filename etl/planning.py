@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from etl.config import ResourceConfig
@@ -72,19 +72,19 @@ async def _dated_sync(
 ) -> tuple[list[Window], set[Window]]:
     """The windows of a sync with date filters, and which of them an earlier, stopped sync left to take up."""
     assert resource.filter is not None and resource.start is not None  # the config requires start with a filter
-    step = granularity(resource.filter.format)
+    step, zone = granularity(resource.filter.format), resource.filter.zone
     # never before `start`: a lookback longer than the time since it loaded what `start` kept out of the first sync
     start = max(base.synced_until - resource.lookback, resource.start) if base and base.synced_until else resource.start
-    end = floor_to(now - lag, step)
+    end = floor_to(now - lag, step, zone)
     if base is None and start >= end:
         _nothing_yet(resource, start, end, now)
     resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
-    if any(floor_to(bound, step) != bound for bounds in resumed for bound in bounds):
+    if any(floor_to(bound, step, zone) != bound for bounds in resumed for bound in bounds):
         resumed = []  # cut for another filter format: the API could not be asked for them as they are
     if resumed:
         log.info("%s: taking up the %d windows from %s on that an earlier sync left unfinished",
                  resource.name, len(resumed), isoformat_utc(resumed[0][0]))
-    planned = _around(resumed, start, end, resource.window, step, f"resources.{resource.name}.window")
+    planned = _around(resumed, start, end, resource.window, step, zone, f"resources.{resource.name}.window")
     return planned, {Window(*bounds) for bounds in resumed}
 
 
@@ -99,14 +99,15 @@ def _nothing_yet(resource: ResourceConfig, start: datetime, end: datetime, now: 
 
 
 def _around(
-    resumed: list[tuple[datetime, datetime]], start: datetime, end: datetime, size: timedelta, step: timedelta, key: str
+    resumed: list[tuple[datetime, datetime]], start: datetime, end: datetime, size: timedelta, step: timedelta,
+    zone: tzinfo, key: str,
 ) -> list[Window]:
     """`[start, end)` cut into windows, keeping the resumed ones as they are (they follow on from each other)."""
     if not resumed:
-        return _cut(start, end, size, step, key) if start < end else []
+        return _cut(start, end, size, step, zone, key) if start < end else []
     (first, _), (_, last) = resumed[0], resumed[-1]
-    before = _cut(start, first, size, step, key) if start < first else []
-    after = _cut(last, end, size, step, key) if last < end else []
+    before = _cut(start, first, size, step, zone, key) if start < first else []
+    after = _cut(last, end, size, step, zone, key) if last < end else []
     return before + [Window(*bounds) for bounds in resumed] + after
 
 
@@ -128,14 +129,14 @@ async def plan_backfill(
         windows = await store.open_windows("backfill", resource.name, [FULL_REFRESH], run_id, reuse=not restart)
         await store.supersede_windows("backfill", resource.name, run_id, full_refresh_only=True)
     else:
-        step = granularity(resource.filter.format)
-        planned = _cut(start, end, window or resource.window, step, _window_key(resource, window))
+        step, zone = granularity(resource.filter.format), resource.filter.zone
+        planned = _cut(start, end, window or resource.window, step, zone, _window_key(resource, window))
         loads = (planned[0].start, planned[-1].end) if planned else (start, end)
         if loads != (start, end) and loads[0] and loads[1]:
             log.info("%s: the API's filter (format %r) takes whole steps of %s, so the backfill loads %s to %s",
                      resource.name, resource.filter.format, format_duration(step), isoformat_utc(loads[0]), isoformat_utc(loads[1]))
         if restart:
-            await store.forget_windows("backfill", resource.name, floor_to(start, step), ceil_to(end, step))
+            await store.forget_windows("backfill", resource.name, floor_to(start, step, zone), ceil_to(end, step, zone))
         windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True, settled_after=lag)
         if planned:
             await store.supersede_windows("backfill", resource.name, run_id, within=Window(planned[0].start, planned[-1].end))
@@ -158,9 +159,9 @@ def _window_key(resource: ResourceConfig, window: timedelta | None) -> str:
     return "--window" if window else f"resources.{resource.name}.window"
 
 
-def _cut(start: datetime, end: datetime, size: timedelta, step: timedelta, key: str) -> list[Window]:
+def _cut(start: datetime, end: datetime, size: timedelta, step: timedelta, zone: tzinfo, key: str) -> list[Window]:
     _require_few(start, end, size, step, key)
-    return cut(start, end, size, step)
+    return cut(start, end, size, step, zone)
 
 
 def _require_few(start: datetime, end: datetime, size: timedelta, step: timedelta, key: str) -> None:

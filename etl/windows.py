@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from etl.config import STRFTIME_DIRECTIVE, FilterConfig
 from etl.durations import isoformat_utc
@@ -66,41 +66,69 @@ def granularity(fmt: str) -> timedelta:
     return WHOLE_DAY
 
 
-def floor_to(moment: datetime, step: timedelta) -> datetime:
-    """The grid point of `step` at or before `moment` (the grid starts at the Unix epoch)."""
-    return moment - (moment - EPOCH) % step
+def floor_to(moment: datetime, step: timedelta, zone: tzinfo = UTC) -> datetime:
+    """The grid point of `step` at or before `moment`: the grid starts at the Unix epoch of `zone`'s wall clock
+    (its midnights, for a day), since that is what an API reading its bounds in that zone can be asked for."""
+    if zone is UTC:
+        return moment - (moment - EPOCH) % step
+    wall = _wall(moment, zone)
+    wall -= (wall - EPOCH) % step
+    while _instant(wall, zone) > moment:  # a wall clock the zone skipped (DST) maps after it
+        wall -= step
+    return _instant(wall, zone)
 
 
-def ceil_to(moment: datetime, step: timedelta) -> datetime:
+def ceil_to(moment: datetime, step: timedelta, zone: tzinfo = UTC) -> datetime:
     """The grid point of `step` at or after `moment`."""
-    floored = floor_to(moment, step)
-    return floored if floored == moment else floored + step
+    floored = floor_to(moment, step, zone)
+    return floored if floored == moment else _shift(floored, step, zone)
 
 
-def cut(start: datetime, end: datetime, size: timedelta, step: timedelta) -> list[Window]:
-    """`[start, end)` as consecutive windows of `size`, bounds on the `step` grid."""
-    start, end = floor_to(start, step), ceil_to(end, step)
+def cut(start: datetime, end: datetime, size: timedelta, step: timedelta, zone: tzinfo = UTC) -> list[Window]:
+    """`[start, end)` as consecutive windows of `size`, bounds on the `step` grid (of `zone`'s wall clock: a
+    window of a day in a zone with DST is 23 or 25 hours on the days its clocks change)."""
+    start, end = floor_to(start, step, zone), ceil_to(end, step, zone)
     size = max(ceil_to(EPOCH + size, step) - EPOCH, step)
     windows = []
     while start < end:
-        windows.append(Window(start, min(start + size, end)))
-        start += size
+        following = _shift(start, size, zone)
+        if following <= start:  # never backwards, where DST repeats an hour
+            following = start + size
+        windows.append(Window(start, min(following, end)))
+        start = following
     return windows
 
 
-def format_bound(moment: datetime, fmt: str) -> str:
-    """One bound as the API wants it; a strftime pattern sees the UTC wall clock."""
+def _shift(moment: datetime, delta: timedelta, zone: tzinfo) -> datetime:
+    """`moment` moved by `delta` on `zone`'s wall clock: a day later is the next local midnight, DST or not."""
+    if zone is UTC:
+        return moment + delta
+    return _instant(_wall(moment, zone) + delta, zone)
+
+
+def _wall(moment: datetime, zone: tzinfo) -> datetime:
+    """`moment`'s wall clock in `zone`, written as a UTC datetime so that the epoch grid applies to it."""
+    return moment.astimezone(zone).replace(tzinfo=UTC)
+
+
+def _instant(wall: datetime, zone: tzinfo) -> datetime:
+    """The instant (UTC) that `zone`'s wall clock shows as `wall`: the first, when DST's end shows it twice."""
+    return wall.replace(tzinfo=zone).astimezone(UTC)
+
+
+def format_bound(moment: datetime, fmt: str, zone: tzinfo = UTC) -> str:
+    """One bound as the API wants it; a date or strftime pattern sees `zone`'s wall clock (UTC's by default)."""
     if fmt == "iso":
         return isoformat_utc(moment)
     if fmt == "date":
-        return moment.date().isoformat()
+        return moment.astimezone(zone).date().isoformat()
     seconds = str((moment - EPOCH) // timedelta(seconds=1))
     if fmt == "epoch":
         return seconds
     if fmt == "epoch_ms":
         return str((moment - EPOCH) // timedelta(milliseconds=1))
     # %s is the C library's, which reads the wall clock as local time: write the epoch seconds ourselves
-    return moment.strftime(EPOCH_DIRECTIVE.sub(lambda m: seconds if m.group() == "%s" else m.group(), fmt))
+    return moment.astimezone(zone).strftime(EPOCH_DIRECTIVE.sub(lambda m: seconds if m.group() == "%s" else m.group(), fmt))
 
 
 def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
@@ -120,10 +148,10 @@ def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
     """
     if window.start is None or window.end is None:
         return {}
-    step = granularity(filter_.format)
-    start = window.start if filter_.from_inclusive else window.start - step
-    end = window.end - step if filter_.to_inclusive and step >= WHOLE_DAY else window.end
+    step, zone = granularity(filter_.format), filter_.zone
+    start = window.start if filter_.from_inclusive else _shift(window.start, -step, zone)
+    end = _shift(window.end, -step, zone) if filter_.to_inclusive and step >= WHOLE_DAY else window.end
     return {
-        filter_.from_param: format_bound(start, filter_.format),
-        filter_.to_param: format_bound(end, filter_.format),
+        filter_.from_param: format_bound(start, filter_.format, zone),
+        filter_.to_param: format_bound(end, filter_.format, zone),
     }

@@ -3,11 +3,13 @@ loaded once, whatever the API makes of its bounds. etl runs as a subprocess, as 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
@@ -83,3 +85,68 @@ async def test_an_exclusive_start_loses_no_record_stamped_on_a_window_bound(
     assert done.returncode == 0, done.stderr
     loaded = {key for (key,) in sqlite_rows(url, "SELECT id FROM items")}
     assert loaded - {99} == set(api.records) - {99}
+
+
+class LocalTimeApi:
+    """A legacy API that reads its bounds as naive wall-clock times (or dates) of its own zone, as many do."""
+
+    def __init__(self, zone: str, fmt: str) -> None:
+        self.zone = ZoneInfo(zone)
+        self.fmt = fmt
+        self.records: dict[int, datetime] = {}
+
+    def _inside(self, stamp: datetime, since: str, until: str) -> bool:
+        local = stamp.astimezone(self.zone)
+        if self.fmt == "date":
+            return since <= local.date().isoformat() < until
+        return since <= local.strftime(self.fmt) < until
+
+    async def items(self, request: web.Request) -> web.Response:
+        since, until = request.query["since"], request.query["until"]
+        listed = [{"id": key, "updated_at": stamp.astimezone(self.zone).isoformat()}
+                  for key, stamp in sorted(self.records.items()) if self._inside(stamp, since, until)]
+        return web.json_response({"data": listed})
+
+    @asynccontextmanager
+    async def config(self, directory: Path, database_url: str, start: str, **filter_: Any) -> AsyncIterator[Path]:
+        routes = {("POST", "/oauth2/token"): AfterApi("iso", False).token, ("GET", "/api/v1/items"): self.items}
+        async with serving(routes) as base:
+            document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
+            document["sync"] = {"lag": "0s"}
+            document["resources"] = [{
+                "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+                "cursor_field": "updated_at", "start": start, "window": "1d", "pagination": {"style": "none"},
+                "filter": {"from_param": "since", "to_param": "until", "format": self.fmt, **filter_},
+                "columns": {"id": "integer", "updated_at": "datetime"},
+            }]
+            yield tomlwriter.write(directory / "config.toml", document)
+
+
+async def test_bounds_in_the_apis_local_time_lose_no_record_written_between_syncs(tmp_path: Path) -> None:
+    """`timezone`: an API in New York read etl's UTC wall clock as its own, five hours ahead, so each sync asked
+    up to five hours into the future and the next one started there: what was written in between was lost, exit 0."""
+    api = LocalTimeApi("America/New_York", "%Y-%m-%d %H:%M:%S")
+    api.records[1] = datetime.now(UTC) - timedelta(hours=1)
+    url = f"sqlite:///{tmp_path / 'local.db'}"
+    start = (datetime.now(UTC) - timedelta(days=2)).date().isoformat()
+    async with api.config(tmp_path, url, start, timezone="America/New_York") as config:
+        first = await run_etl("--config", str(config), "sync")
+        api.records[2] = datetime.now(UTC)
+        await asyncio.sleep(1.1)  # the second's grid: the next sync's end is after the record
+        second = await run_etl("--config", str(config), "sync")
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    assert {key for (key,) in sqlite_rows(url, "SELECT id FROM items")} == {1, 2}
+
+
+async def test_a_backfill_of_dates_in_the_apis_zone_covers_its_whole_utc_interval(tmp_path: Path) -> None:
+    """Day windows follow the zone's midnights, so the local days asked for cover `[from, to)` in UTC, the 23-hour
+    day of a DST change included: a record at 23:00Z on the last day is the next local day in Berlin."""
+    api = LocalTimeApi("Europe/Berlin", "date")
+    stamps = [datetime(2024, 3, 30, 0, 30, tzinfo=UTC), datetime(2024, 3, 31, 22, 30, tzinfo=UTC),
+              datetime(2024, 4, 1, 23, 0, tzinfo=UTC), datetime(2024, 4, 1, 23, 59, tzinfo=UTC)]
+    api.records = dict(enumerate(stamps))
+    url = f"sqlite:///{tmp_path / 'dates.db'}"
+    async with api.config(tmp_path, url, "2024-01-01", timezone="Europe/Berlin") as config:
+        done = await run_etl("--config", str(config), "backfill", "--from", "2024-03-30", "--to", "2024-04-02")
+    assert done.returncode == 0, done.stderr
+    assert {key for (key,) in sqlite_rows(url, "SELECT id FROM items")} == set(api.records)

@@ -113,6 +113,32 @@ def test_an_exclusive_start_is_one_step_before_the_window(fmt: str, since: str) 
     assert filter_params(Window(JAN_1, JAN_1 + timedelta(days=1)), filter_)["from"] == since
 
 
+def test_day_windows_in_a_zone_follow_its_midnights_through_dst() -> None:
+    """With `timezone`, a day window is the zone's day (23 hours when clocks go forward): each asks for one date,
+    none twice, none skipped, and the first starts at the local midnight before `from`."""
+    filter_ = FilterConfig(from_param="from", to_param="to", format="date", timezone="Europe/Berlin", to_inclusive=True)
+    windows = cut(datetime(2024, 3, 30, tzinfo=UTC), datetime(2024, 4, 1, tzinfo=UTC), timedelta(days=1),
+                  granularity("date"), filter_.zone)
+    assert [(w.start, w.end) for w in windows] == [
+        (datetime(2024, 3, 29, 23, tzinfo=UTC), datetime(2024, 3, 30, 23, tzinfo=UTC)),
+        (datetime(2024, 3, 30, 23, tzinfo=UTC), datetime(2024, 3, 31, 22, tzinfo=UTC)),
+        (datetime(2024, 3, 31, 22, tzinfo=UTC), datetime(2024, 4, 1, 22, tzinfo=UTC)),
+    ]
+    assert [filter_params(w, filter_)["to"] for w in windows] == ["2024-03-30", "2024-03-31", "2024-04-01"]
+
+
+def test_a_strftime_bound_is_the_zones_wall_clock() -> None:
+    filter_ = FilterConfig(from_param="from", to_param="to", format="%Y-%m-%d %H:%M:%S", timezone="America/New_York")
+    assert filter_params(Window(JAN_1, JAN_1 + timedelta(hours=1)), filter_) == {
+        "from": "2023-12-31 19:00:00", "to": "2023-12-31 20:00:00"}
+
+
+@pytest.mark.parametrize(("fmt", "zone"), [("iso", "Europe/Berlin"), ("epoch", "UTC"), ("date", "Europe/Berln")])
+def test_a_timezone_that_cannot_apply_is_refused(fmt: str, zone: str) -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        FilterConfig(from_param="from", to_param="to", format=fmt, timezone=zone)
+
+
 def _days(params: dict[str, str]) -> list[date]:
     """The days an inclusive from/to pair asks for."""
     first, last = date.fromisoformat(params["from"]), date.fromisoformat(params["to"])
