@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 5000
 FLUSH_SECONDS = 1.0
 QUEUE_PAGES = 64
+# an ISO-8601 time whose offset is not UTC's: a zone's offset changes with DST, and its text with it
+LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*[+-](?!00(?::?00)?$)\d\d(?::?\d\d)?$")
 API_CLOCK_WARNING = timedelta(minutes=1)  # clocks kept by NTP are never this far apart
 GRACE_SECONDS = 15.0
 RUN_WIDE_ERRORS = (AuthError, UnreachableError, LoadError, ConfigError)
@@ -71,6 +74,7 @@ class ResourceStats:
     windows: int = 0
     windows_done: int = 0
     cursors_seen: bool = False  # a record carried cursor_field: else the watermark cannot move
+    local_time_cursor: str | None = None  # a text cursor holding a time with an offset: text order is not time order
     cursor_path_found: bool = False  # a page carried next_cursor_path (cursor style)
     cursor_path_absent: str | None = None  # where next_cursor_path left a full page, when one did
     error: str | None = None
@@ -251,6 +255,7 @@ class Pipeline:
             stats.finished = stats.finished or time.monotonic()
             resource = self._plans[stats.name].resource
             self._warn_if_no_cursor(resource, stats)
+            self._warn_if_local_time_text(resource, stats)
             self._warn_if_no_next_cursor(resource, stats)
             self._warn_of_unseen_columns(resource, stats)
         self._warn_of_api_clock()
@@ -273,6 +278,18 @@ class Pipeline:
                 "%s: cursor_field %r was in none of the %d records loaded: the watermark's highest cursor "
                 "does not move; check resources.%s.cursor_field against the API's records",
                 resource.name, resource.cursor_field, stats.loaded, resource.name,
+            )
+
+    @staticmethod
+    def _warn_if_local_time_text(resource: ResourceConfig, stats: ResourceStats) -> None:
+        """A text cursor compares as text: where the API's offset changes (DST), a newer time sorts before an older
+        one, and "latest wins" kept the older version for good, without a word."""
+        if stats.local_time_cursor is not None:
+            log.warning(
+                "%s: cursor %r is text holding times with an offset (%r): \"latest wins\" compares them as text, "
+                "which puts a newer time before an older one when the offset changes (DST), and keeps the older "
+                "version; declare resources.%s.columns.%s = \"datetime\"",
+                resource.name, resource.cursor_field, stats.local_time_cursor, resource.name, resource.cursor_field,
             )
 
     @staticmethod
@@ -462,6 +479,8 @@ class Pipeline:
         stats.pages += 1
         stats.fetched += len(records)
         stats.cursors_seen = stats.cursors_seen or page.max_cursor is not None
+        if isinstance(page.max_cursor, str) and stats.local_time_cursor is None and LOCAL_TIME.match(page.max_cursor):
+            stats.local_time_cursor = page.max_cursor  # one test a page, on its highest cursor
         await self._queue.put(_Page(window, page, values, position, finished, len(records)))
 
     async def _close_window(self, window: WindowRecord, position: dict[str, Any]) -> None:

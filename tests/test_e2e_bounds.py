@@ -108,7 +108,9 @@ class LocalTimeApi:
         return web.json_response({"data": listed})
 
     @asynccontextmanager
-    async def config(self, directory: Path, database_url: str, start: str, **filter_: Any) -> AsyncIterator[Path]:
+    async def config(
+        self, directory: Path, database_url: str, start: str, cursor_type: str = "datetime", **filter_: Any
+    ) -> AsyncIterator[Path]:
         routes = {("POST", "/oauth2/token"): AfterApi("iso", False).token, ("GET", "/api/v1/items"): self.items}
         async with serving(routes) as base:
             document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
@@ -117,7 +119,7 @@ class LocalTimeApi:
                 "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
                 "cursor_field": "updated_at", "start": start, "window": "1d", "pagination": {"style": "none"},
                 "filter": {"from_param": "since", "to_param": "until", "format": self.fmt, **filter_},
-                "columns": {"id": "integer", "updated_at": "datetime"},
+                "columns": {"id": "integer", "updated_at": cursor_type},
             }]
             yield tomlwriter.write(directory / "config.toml", document)
 
@@ -150,3 +152,15 @@ async def test_a_backfill_of_dates_in_the_apis_zone_covers_its_whole_utc_interva
         done = await run_etl("--config", str(config), "backfill", "--from", "2024-03-30", "--to", "2024-04-02")
     assert done.returncode == 0, done.stderr
     assert {key for (key,) in sqlite_rows(url, "SELECT id FROM items")} == set(api.records)
+
+
+async def test_a_text_cursor_holding_local_times_is_warned_about(tmp_path: Path) -> None:
+    """A cursor column declared `string` compares as text: when Berlin's clocks went back, 02:10+01:00 (01:10Z), a
+    newer version, sorted before 02:30+02:00 (00:30Z), and "latest wins" kept the older one for good, exit 0."""
+    api = LocalTimeApi("Europe/Berlin", "%Y-%m-%d %H:%M:%S")
+    api.records[1] = datetime(2024, 10, 27, 0, 30, tzinfo=UTC)
+    url = f"sqlite:///{tmp_path / 'text.db'}"
+    async with api.config(tmp_path, url, "2024-01-01", cursor_type="string", timezone="Europe/Berlin") as config:
+        done = await run_etl("--config", str(config), "backfill", "--from", "2024-10-27", "--to", "2024-10-28")
+    assert done.returncode == 0, done.stderr
+    assert "resources.items.columns.updated_at" in done.stderr and '"datetime"' in done.stderr, done.stderr
