@@ -137,12 +137,14 @@ async def plan_backfill(
                      resource.name, resource.filter.format, format_duration(step), isoformat_utc(loads[0]), isoformat_utc(loads[1]))
         if restart:
             await store.forget_windows("backfill", resource.name, floor_to(start, step, zone), ceil_to(end, step, zone))
-        windows = await store.open_windows("backfill", resource.name, planned, run_id, reuse=True, settled_after=lag)
+        windows = await store.open_windows(
+            "backfill", resource.name, planned, run_id, reuse=True, settled_after=lag, stopped_only=True
+        )
         if planned:
             await store.supersede_windows("backfill", resource.name, run_id, within=Window(planned[0].start, planned[-1].end))
         finished = sum(window.state == "done" for window in windows)
         if finished:
-            log.info("%s: %d of %d windows were finished by an earlier backfill and are not fetched again; "
+            log.info("%s: %d of %d windows were finished by an earlier backfill that stopped early and are not fetched again; "
                      "--restart reloads them", resource.name, finished, len(windows))
     return ResourcePlan(resource, windows, WatermarkTracker(resource, windows, base, now - lag))
 

@@ -319,18 +319,24 @@ class Store:
 
     async def open_windows(
         self, kind: str, resource: str, planned: list[Window], run_id: int, reuse: bool, only: set[Window] | None = None,
-        settled_after: timedelta = timedelta(0),
+        settled_after: timedelta = timedelta(0), stopped_only: bool = False,
     ) -> list[WindowRecord]:
         """etl_windows rows for the planned windows; with `reuse`, rows of an earlier run of the same plan are taken up.
 
         `only` limits what is taken up to those windows, and a finished one is taken up (not read again)
         only when it finished at least `settled_after` after its end: a window finished too close to its
         end (or before it, by a backfill into the future) may since have received records stamped within it.
+        With `stopped_only`, a finished one is taken up only from a run that did not succeed (a backfill
+        stopped early, run again), and becomes this run's: once a run has them all, it finished them.
         """
         existing: dict[Window, Any] = {}
         async with self._transaction() as connection:
             if reuse and planned:
-                query = select(windows).where(windows.c.kind == kind, windows.c.resource == resource)
+                query = (
+                    select(windows, runs.c.status.label("run_status"))
+                    .select_from(windows.outerjoin(runs, runs.c.id == windows.c.run_id))
+                    .where(windows.c.kind == kind, windows.c.resource == resource)
+                )
                 if planned[0].start is not None:
                     query = query.where(windows.c.window_start >= planned[0].start, windows.c.window_start < planned[-1].end)
                 else:  # a full refresh: an unfinished one resumes; a finished one is not this load, which reads everything again
@@ -338,6 +344,8 @@ class Store:
                 for stored in await connection.execute(query.order_by(windows.c.id)):
                     window = Window(stored.window_start, stored.window_end)
                     existing.pop(window, None)  # the newest row of a window decides
+                    if stopped_only and stored.state == "done" and stored.run_status == "succeeded":
+                        continue  # a backfill that finished is one to read again, not to resume
                     if (only is None or window in only) and _resumable(stored, settled_after):
                         existing[window] = stored
             records = []
@@ -357,6 +365,8 @@ class Store:
                     await connection.execute(
                         update(windows).where(windows.c.id == row.id).values(run_id=run_id, updated_at=now, pages=0, records=0, rejects=0)
                     )
+                elif stopped_only:  # this run's now (its finish time kept): this run's success closes it
+                    await connection.execute(update(windows).where(windows.c.id == row.id).values(run_id=run_id))
                 position = orjson.loads(row.position) if row.position else None
                 pages, counted = (row.pages, row.records) if row.state == "done" else (0, 0)
                 records.append(

@@ -164,3 +164,18 @@ async def test_a_text_cursor_holding_local_times_is_warned_about(tmp_path: Path)
         done = await run_etl("--config", str(config), "backfill", "--from", "2024-10-27", "--to", "2024-10-28")
     assert done.returncode == 0, done.stderr
     assert "resources.items.columns.updated_at" in done.stderr and '"datetime"' in done.stderr, done.stderr
+
+
+async def test_a_backfill_reloads_a_range_an_earlier_backfill_finished(tmp_path: Path) -> None:
+    """A backfill that finished is not one to resume: a late writer's record stamped inside its range, and a
+    backdated correction, were "finished by an earlier backfill and not fetched again" by the backfill run to
+    reload that range (0 loaded, exit 0). Resuming is for a backfill that stopped before it finished."""
+    api = LocalTimeApi("UTC", "%Y-%m-%dT%H:%M:%S")
+    api.records = {key: MARCH_1 + timedelta(hours=7 * key) for key in range(10)}
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    async with api.config(tmp_path, url, "2024-01-01") as config:
+        first = await run_etl("--config", str(config), "backfill", "--from", "2024-03-01", "--to", "2024-03-04")
+        api.records[50] = MARCH_1 + timedelta(days=1, hours=6)
+        again = await run_etl("--config", str(config), "backfill", "--from", "2024-03-02", "--to", "2024-03-03")
+    assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
+    assert (50,) in sqlite_rows(url, "SELECT id FROM items"), again.stdout + again.stderr

@@ -9,6 +9,7 @@ served exactly once.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -199,20 +200,25 @@ async def test_backfilling_day_by_day_serves_every_record_exactly_once(
 async def test_a_backfill_says_what_it_loads_on_a_coarse_filter_and_which_windows_it_skips(
     fresh_database: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """6:00 to 6:00 on a day-granular filter loads two whole days, and says so; run again, it says what it skips and why."""
+    """6:00 to 6:00 on a day-granular filter loads two whole days, and says so; run again after it stopped (its run
+    not succeeded, as a kill leaves it), it says what it skips and why."""
     monkeypatch.setenv("ETL_CLIENT_SECRET", "demo-secret")
     monkeypatch.delenv("ETL_DATABASE_URL", raising=False)
     async with Simulator() as sim:
-        config = _day_by_day(sim, await fresh_database("sqlite"), "1d")
+        url = await fresh_database("sqlite")
+        config = _day_by_day(sim, url, "1d")
         start, end = JAN_1 + timedelta(hours=6), JAN_1 + timedelta(days=1, hours=6)
         for _ in range(2):
             outcome = await runs.backfill(config, start, end, ["payments"], None, False, asyncio.Event(), NoProgress())
             assert outcome.exit_code == 0, outcome.error
+            with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+                connection.execute("UPDATE etl_runs SET status = 'running'")
     messages = [record.getMessage() for record in caplog.records if record.name == "etl.planning"]
     assert messages.count(
         "payments: the API's filter (format 'date') takes whole steps of 1d, "
         "so the backfill loads 2024-01-01T00:00:00Z to 2024-01-03T00:00:00Z"
     ) == 2
     assert messages[-1] == (
-        "payments: 2 of 2 windows were finished by an earlier backfill and are not fetched again; --restart reloads them"
+        "payments: 2 of 2 windows were finished by an earlier backfill that stopped early and are not fetched again; "
+        "--restart reloads them"
     )
