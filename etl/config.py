@@ -323,7 +323,7 @@ class ResourceConfig(_Section):
     primary_key: list[str] = Field(min_length=1)
     cursor_field: str | None = None
     start: Instant | None = None
-    lookback: NonNegativeDuration = timedelta(0)
+    lookback: NonNegativeDuration = timedelta(hours=1)
     window: Duration = timedelta(days=1)
     params: dict[str, Annotated[ParamScalar | list[ParamScalar], BeforeValidator(_param_value)]] = {}
     filter: FilterConfig | None = None

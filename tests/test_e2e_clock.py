@@ -43,7 +43,7 @@ class SinceOnlyApi:
         return web.json_response({"data": listed}, headers={"Date": format_datetime(self.now(), usegmt=True)})
 
     @asynccontextmanager
-    async def config(self, directory: Path, database_url: str, start: datetime, lookback: str = "1h") -> AsyncIterator[Path]:
+    async def config(self, directory: Path, database_url: str, start: datetime, lookback: str | None = "1h") -> AsyncIterator[Path]:
         async with serving({("POST", "/oauth2/token"): self.token, ("GET", "/api/v1/items"): self.items}) as base:
             document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
             document["sync"] = {"lag": "0s"}
@@ -53,6 +53,8 @@ class SinceOnlyApi:
                 "filter": {"from_param": "updated_since", "to_param": "updated_until"},
                 "columns": {"id": "integer", "updated_at": "datetime", "version": "integer"},
             }]
+            if lookback is None:
+                del document["resources"][0]["lookback"]
             yield tomlwriter.write(directory / "config.toml", document)
 
 
@@ -72,6 +74,25 @@ async def test_a_future_stamp_the_api_corrects_is_replaced_by_the_correction(tmp
 
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     assert [tuple(row) for row in await rows(database_url, "SELECT id, version FROM items ORDER BY id")] == [(1, 1), (2, 2)]
+
+
+async def test_a_record_committed_late_is_read_by_the_next_sync_without_a_lookback_set(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A legacy job stamps a record when it starts and commits it 20 minutes later, after a sync had read past
+    that stamp. With lookback unset the next sync started where the last one ended and never saw it (exit 0).
+    lookback defaults to SPEC.md's 1h, as every other key defaults to the value its example shows."""
+    url = await fresh_database("sqlite")
+    api = SinceOnlyApi()
+    now = datetime.now(UTC)
+    api.put(1, now - timedelta(hours=2), version=1)
+    async with api.config(tmp_path, url, now - timedelta(days=1), lookback=None) as config:
+        first = await run_etl("sync", "--config", str(config))
+        api.put(2, now - timedelta(minutes=20), version=1)  # stamped before the first sync's end, visible after it
+        second = await run_etl("sync", "--config", str(config))
+
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert [tuple(row) for row in await rows(url, "SELECT id FROM items ORDER BY id")] == [(1,), (2,)]
 
 
 async def test_a_lookback_longer_than_the_time_since_start_reads_nothing_before_start(
