@@ -93,8 +93,8 @@ class RefusedRequest(SourceError):
 class RetryableError(SourceError):
     """A transient failure worth another attempt; `retry_after` in seconds when the server said."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: float | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
         self.retry_after = retry_after
 
 

@@ -56,6 +56,10 @@ METHOD_HINT = (
     "etl POSTs the form (application/x-www-form-urlencoded) a token endpoint takes, so this address may be "
     "no token endpoint: check that auth.token_url is the token endpoint itself (Cognito's ends in /oauth2/token)"
 )
+FAILING_HINT = (
+    "the token endpoint failed on its side on every attempt (or kept asking to slow down): run again later; if it "
+    "lasts, check the identity provider's status, and that auth.token_url is the token endpoint itself"
+)
 REFUSED_HINT = (
     "the token endpoint refused this app client for the reason it gives: check the client's settings there "
     "(the grants, APIs and scopes it is allowed) and auth.scopes"
@@ -232,7 +236,8 @@ class TokenManager:
         if 200 <= status < 300:
             return self._issued_token(status, answer, issued)
         if transient(status):
-            raise RetryableError(f"the token endpoint {self._url} answered {status}", retry_after=retry_after)
+            said = f": {answer_excerpt(answer)!r}" if answer.strip() else ""
+            raise RetryableError(f"the token endpoint {self._url} answered {status}{said}", retry_after=retry_after, hint=FAILING_HINT)
         raise self._refusal(status, answer, location)
 
     def _issued_token(self, status: int, answer: bytes, issued: float) -> Token:

@@ -477,6 +477,22 @@ async def test_method_or_content_type_problems_get_a_method_hint(
     assert str(status) in str(excinfo.value)
 
 
+async def test_a_token_endpoint_failing_on_its_side_every_time_says_so_with_its_words(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """A 500 on every attempt ended the run with "the token endpoint ... answered 500" and nothing more: not the
+    endpoint's own words, nor whether the config could be at fault (exit 1, as a failed run; not 3 nor 5)."""
+    for _ in range(4):
+        http_mock.post(TOKEN_URL, status=500, body='{"code":"InternalErrorException","message":"An error occurred"}')
+
+    with pytest.raises(RetryableError) as excinfo:
+        await make_manager(session).token()
+
+    assert excinfo.value.exit_code == 1
+    assert "InternalErrorException" in str(excinfo.value)
+    assert "on its side" in (excinfo.value.hint or "") and "auth.token_url" in (excinfo.value.hint or "")
+
+
 async def test_503_twice_then_200_succeeds_counting_every_attempt(
     session: aiohttp.ClientSession, http_mock: aioresponses
 ) -> None:
