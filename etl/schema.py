@@ -196,11 +196,27 @@ def _extend(
     if not any(row.key_position is not None for row in declared.values()):
         _check_key_usable(inspector, resource)
     _check_key_collation(connection, resource)
+    _forget_removed(connection, resource, declared, columns.keys())
     added = [column for column in table.columns if column.name not in columns]
     for column in added:
         _add_column(connection, table, column)
     if added and resource.filter is not None and _has_rows(connection, table):
         _warn_added(resource, [column.name for column in added if column.name in resource.columns])
+
+
+def _forget_removed(connection: Connection, resource: ResourceConfig, declared: dict[str, Row[Any]], in_table: Collection[str]) -> None:
+    """A column taken out of `columns` stays in the table as it is: said once, on the run that no longer declares it,
+    and forgotten as declared (declared again, it is compared with the table as a column the table already has)."""
+    removed = [name for name, row in declared.items()
+               if row.key_position is None and name not in resource.columns and name in in_table]
+    for name in removed:
+        log.warning("%s: column %r of table %r is no longer in resources.%s.columns: etl leaves it as it is, new rows "
+                    "hold NULL in it and rows loaded again keep their old value; if it is not wanted, "
+                    "ALTER TABLE %s DROP COLUMN %s", resource.name, name, resource.table_name, resource.name,
+                    resource.table_name, name)
+    if removed:
+        connection.execute(delete(resource_columns).where(
+            resource_columns.c.table_name == resource.table_name, resource_columns.c.column_name.in_(removed)))
 
 
 def _has_rows(connection: Connection, table: Table) -> bool:

@@ -190,6 +190,23 @@ async def test_a_column_added_to_a_loaded_table_says_its_old_rows_are_null_until
     assert "added" not in again.stderr
 
 
+async def test_a_column_removed_from_the_config_is_said_once_with_what_becomes_of_it(
+    tmp_path: Path, sqlite_or_postgres_url: str
+) -> None:
+    """A column taken out of `columns` stayed in the table without a word: its old values went stale and new rows
+    held NULL there, and the user was left to find out. Said once, on the run that no longer declares it."""
+    async with api() as served:
+        assert (await etl(tmp_path, served, sqlite_or_postgres_url, BASE | {"total": "decimal"})).returncode == 0
+        shrunk = await etl(tmp_path, served, sqlite_or_postgres_url, BASE)
+        again = await etl(tmp_path, served, sqlite_or_postgres_url, BASE)
+        declared_again = await etl(tmp_path, served, sqlite_or_postgres_url, BASE | {"total": "decimal"})
+    assert shrunk.returncode == again.returncode == declared_again.returncode == 0, shrunk.stderr + declared_again.stderr
+    assert "column 'total' of table 'orders' is no longer in resources.orders.columns" in shrunk.stderr, shrunk.stderr
+    assert "DROP COLUMN" in shrunk.stderr
+    assert "no longer in" not in again.stderr + declared_again.stderr
+    assert [str(row[0]) for row in await rows(sqlite_or_postgres_url, "SELECT total FROM orders ORDER BY id")] == ["1.50"] * 3
+
+
 CASED_KEYS = [{"id": key, "status": key, "updated_at": "2024-02-01T00:00:00Z"} for key in ("A1", "a1", "a1 ", "é1", "e1")]
 STRING_KEYED = {"id": "string", "status": "string", "updated_at": "datetime"}
 
