@@ -9,6 +9,7 @@ whatever happened between.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -107,11 +108,32 @@ async def execute(
             await store.prepare(resources, config.database.auto_migrate)
             run_id = await store.start_run(command, arguments, names)
             run_id_var.set(run_id)
-            await store.mark_abandoned(names, run_id)
             log.info("run %d: %s of %s", run_id, command, ", ".join(names))
+            _report_abandoned(await store.mark_abandoned(names, run_id))
             return await _run_recorded(config, store, run_id, resources, plan_one, stop, progress, secret)
     finally:
         await engine.dispose()
+
+
+def _report_abandoned(dead: list[Any]) -> None:
+    """A re-run after a kill -9 (or OOM, or a reboot) said nothing of the run it took over: at 3 a.m. the killed
+    run's work looked lost, and the new one like a fresh start rather than the resumption it is."""
+    for run in dead:
+        log.warning("run %d (%s, pid %s on %s, started %s) ended without recording its end (killed or crashed): "
+                    "what it committed is kept, and running the same command again takes up its unfinished windows",
+                    run.id, _command_line(run.command, run.arguments), run.pid, run.host, isoformat_utc(run.started_at))
+
+
+def _command_line(command: str, arguments: str) -> str:
+    """`backfill --from ... --to ...`: a killed backfill is finished by the same interval, which a sync does not load."""
+    if command != "backfill":
+        return command
+    try:
+        given = json.loads(arguments)
+        flags = [f"--from {given['from']}", f"--to {given['to']}", *(f"--resource {name}" for name in given.get("resources") or [])]
+        return " ".join(["backfill", *flags, *([f"--window {given['window']}"] if given.get("window") else [])])
+    except (ValueError, KeyError, TypeError):
+        return command
 
 
 async def _run_recorded(

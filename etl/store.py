@@ -273,17 +273,21 @@ class Store:
                 update(runs).where(runs.c.id == run_id).values(status=status, ended_at=utc_now(), error=error, **counts)
             )
 
-    async def mark_abandoned(self, resource_names: list[str], current_run: int) -> None:
-        """Runs still 'running' on resources whose lock we now hold died without saying so."""
+    async def mark_abandoned(self, resource_names: list[str], current_run: int) -> list[Any]:
+        """Runs still 'running' on resources whose lock we now hold died without saying so; returns them, oldest first."""
         async with self._transaction() as connection:
-            rows = await connection.execute(select(runs.c.id, runs.c.resources).where(runs.c.status == "running", runs.c.id != current_run))
-            dead = [row.id for row in rows if set(row.resources.split(",")) & set(resource_names)]
+            rows = await connection.execute(
+                select(runs.c.id, runs.c.resources, runs.c.command, runs.c.arguments, runs.c.pid, runs.c.host, runs.c.started_at)
+                .where(runs.c.status == "running", runs.c.id != current_run).order_by(runs.c.id)
+            )
+            dead = [row for row in rows if set(row.resources.split(",")) & set(resource_names)]
             if dead:
                 await connection.execute(
-                    update(runs).where(runs.c.id.in_(dead)).values(
+                    update(runs).where(runs.c.id.in_([row.id for row in dead])).values(
                         status="abandoned", error="the process ended without recording its end (killed or crashed)"
                     )
                 )
+        return dead
 
     # -- windows and watermarks ----------------------------------------------------------------------
 
