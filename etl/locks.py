@@ -44,6 +44,15 @@ def process_gone(host: str, pid: int | None) -> bool:
     return False
 
 
+async def _outside_a_transaction(connection: AsyncConnection, sql: str, parameters: dict[str, Any]) -> Any:
+    """Run a lock statement and commit: the lock is the session's and outlives the transaction, while a connection
+    left idle in one for the whole run was closed by PostgreSQL's idle_in_transaction_session_timeout (a usual
+    setting on managed servers), and the lock went with it: the next cron run started beside this one."""
+    value = await connection.scalar(text(sql), parameters)
+    await connection.commit()
+    return value
+
+
 class ResourceLocks:
     """`async with ResourceLocks(engine, ["orders"]):` or LockHeld (exit 4) naming the holder."""
 
@@ -76,11 +85,11 @@ class ResourceLocks:
                 # advisory locks are per database: the schema etl's tables are in (search_path) is part of the key
                 schema = await connection.scalar(text("SELECT current_schema()")) or ""
                 key = advisory_key(f"{schema}.{resource}")
-                return bool(await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
+                return bool(await _outside_a_transaction(connection, "SELECT pg_try_advisory_lock(:key)", {"key": key}))
             if dialect == "mysql":
                 connection = await self._lock_connection()
                 name = mysql_lock_name(self._engine.url.database or "", resource)
-                return await connection.scalar(text("SELECT GET_LOCK(:name, 0)"), {"name": name}) == 1
+                return await _outside_a_transaction(connection, "SELECT GET_LOCK(:name, 0)", {"name": name}) == 1
             return self._flock(resource)
         except DRIVER_ERRORS as exc:
             raise database_error(exc, self._engine.url) from exc

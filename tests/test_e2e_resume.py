@@ -1,4 +1,4 @@
-"""kill -9 at a known point, then the same command again, against an API etl did not write (page-numbered, on loopback).
+"""kill -9 or a second run at a known point, against an API etl did not write (page-numbered, on loopback).
 
 The API stalls after a set number of pages; the test waits until etl_windows shows that the pages before the
 stall are committed, kills etl with SIGKILL, lets the API go on, and runs the same command again. The kill point
@@ -18,8 +18,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import POSTGRES_URL
 from loopback import serving
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from etl.db import async_url
 from etl.demo import demo_document
 
 import tomlwriter
@@ -147,3 +151,40 @@ async def test_a_sync_killed_mid_window_is_resumed_and_says_the_run_it_takes_ove
     assert "reading this unfinished window again from its first page (an earlier run stopped after 20 records)" in again.stderr
     top = await scalar(resume_url, "SELECT watermark FROM etl_watermarks WHERE resource = 'items'")
     assert datetime.fromisoformat(top) == max(datetime.fromisoformat(r["updated_at"]) for r in api.records.values())
+
+
+async def test_a_second_run_is_refused_while_the_first_outlives_the_servers_idle_in_transaction_timeout(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """The connection that holds a run's PostgreSQL advisory lock sat idle in an open transaction for the whole run:
+    a server with idle_in_transaction_session_timeout (a usual setting of managed PostgreSQL) closed it after that
+    long, the lock went with it, and the next cron run started beside the first (exit 0 for both), calling the first
+    one "killed or crashed" while it was still loading. The lock's connection now commits once it has the lock."""
+    url = await fresh_database("postgresql")
+    engine = create_async_engine(async_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(f"ALTER DATABASE {make_url(url).database} SET idle_in_transaction_session_timeout = '500ms'"))
+    finally:
+        await engine.dispose()
+    api = StallingApi(stall_after=PER_DAY // PAGE_SIZE + 1 + 2)
+    async with api.config(tmp_path, url) as config:
+        args = ("backfill", "--from", "2024-03-01", "--to", "2024-03-05", "--config", str(config))
+        first = await start_etl(*args)
+        await asyncio.wait_for(api.stalled.wait(), 60)
+        await asyncio.sleep(1.5)  # three times the server's timeout
+        started = await start_etl(*args)
+        await asyncio.wait([asyncio.ensure_future(started.wait())], timeout=20)  # refused at once; else it too waits on the API
+        api.release.set()
+        second, finished = await finish(started), await finish(first)
+
+    assert second.returncode == 4, second.stderr
+    assert "another run holds the lock for resource 'items'" in second.stderr
+    assert finished.returncode == 0, finished.stderr
+    await _assert_all_loaded_once_by_one_run(url, api)
+
+
+async def _assert_all_loaded_once_by_one_run(url: str, api: StallingApi) -> None:
+    stored = await rows(url, "SELECT id, version FROM items")
+    assert sorted(stored) == sorted((key, record["version"]) for key, record in api.records.items())
+    assert await rows(url, "SELECT status FROM etl_runs ORDER BY id") == [("succeeded",)]
