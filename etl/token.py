@@ -232,7 +232,7 @@ class TokenManager:
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
                 location = response.headers.get("Location")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _at_token_endpoint(exc, self._url) from exc
+            raise _at_token_endpoint(exc, self._url, self._session.timeout.total) from exc
         if 200 <= status < 300:
             return self._issued_token(status, answer, issued)
         if transient(status):
@@ -417,11 +417,12 @@ def refresh_after(lifetime: float, margin: float) -> float:
     return lifetime * (1 - SHORT_TOKEN_MARGIN)
 
 
-def _at_token_endpoint(exc: BaseException, url: str) -> EtlError:
+def _at_token_endpoint(exc: BaseException, url: str, timeout_s: float | None) -> EtlError:
     """The transport's error, saying it was the token endpoint: "cannot connect to host:port" alone reads as the API."""
     error = translate(exc, url)
     if type(error) is RetryableError and isinstance(exc, TimeoutError):  # translate's words are about pages
-        return RetryableError(f"the token endpoint {url} did not answer within [api].timeout_s")
+        within = f"{timeout_s:g}s ([api].timeout_s)" if timeout_s else "[api].timeout_s"
+        return RetryableError(f"the token endpoint {url} did not answer within {within}")
     error.message = f"the token endpoint {url}: {error.message}"
     error.args = (error.message,)
     if error.hint == CONNECT_HINT:
