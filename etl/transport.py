@@ -13,6 +13,7 @@ import email.utils
 import functools
 import logging
 import os
+import random
 import re
 import ssl
 import time
@@ -26,7 +27,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_random_exponential
 
 from etl.config import ApiConfig
 from etl.errors import (
@@ -330,14 +330,12 @@ class RetryPolicy:
 
     def retrying(self, on_retry: Callable[[RetryCallState], None] | None = None) -> AsyncRetrying:
         """Exponential backoff with jitter, or the server's Retry-After when it gave one (capped)."""
-        backoff = wait_random_exponential(multiplier=self.backoff_s, max=max(self.backoff_s, 30))
-
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             retry_after = getattr(exc, "retry_after", None)
             if retry_after is not None:
                 return min(float(retry_after), self.retry_after_max_s)
-            return backoff(state)
+            return self.backoff(state.attempt_number)
 
         return AsyncRetrying(
             retry=retry_if_exception(_is_retryable),
@@ -347,6 +345,16 @@ class RetryPolicy:
             reraise=True,
             before_sleep=on_retry,
         )
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after the `attempt`-th attempt: `backoff_s` doubled per attempt (at most 30 s), its upper half at random.
+
+        Jitter spreads the retries of many workers; drawn from the upper half only, the wait still grows per attempt.
+        Drawn from zero up (full jitter), a fourth attempt could follow the third at once ("retrying in 0.0s"), and a
+        short outage used up every retry.
+        """
+        ceiling = min(self.backoff_s * 2 ** (attempt - 1), max(self.backoff_s, 30))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, or end at once with Interrupted when the run is stopped meanwhile."""

@@ -99,3 +99,22 @@ async def test_a_reset_connection_is_attempted_exactly_max_retries_plus_one_time
         assert result.returncode == 1, result.stderr
         assert len(api.attempts_at(BAD_DAY)) == max_retries + 1, result.stderr
         assert f"{3 + max_retries} requests, {max_retries} retried" in result.stdout
+
+
+async def failing_500(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"message": "boom"}, status=500)
+
+
+async def test_the_backoff_between_attempts_grows(tmp_path: Path) -> None:
+    """retry_backoff_s = 0.2 is documented as the first backoff, doubling per retry, with jitter. The waits were drawn
+    from 0 up to that (full jitter): a fourth attempt could follow the third at once ("retrying in 0.0s"), so an
+    outage of a few seconds used up every retry. Now each wait is at least half its doubled backoff."""
+    api = Api(on_bad_day(failing_500))
+    result = await api.backfill(tmp_path, max_retries=4, retry_backoff_s=0.2)
+    assert result.returncode == 1, result.stderr
+    times = api.attempts_at(BAD_DAY)
+    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    assert len(gaps) == 4, result.stderr
+    assert all(gap >= 0.1 * 2**n for n, gap in enumerate(gaps)), gaps
+    assert all(gap <= 0.2 * 2**n + 0.3 for n, gap in enumerate(gaps)), gaps
+    assert "retrying in 0.0s" not in result.stderr
