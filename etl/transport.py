@@ -289,21 +289,29 @@ def _connect_reason(exc: BaseException) -> str:
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date (RFC 9110 §10.2.3); None when absent or unreadable."""
+    """Retry-After as delta-seconds or an HTTP date (RFC 9110 §10.2.3); None when absent, unreadable, or nothing to
+    wait for (0, negative, NaN, a date already past): the backoff applies then. Taken as 0, they were retried at
+    once every time, max_retries + 1 requests within milliseconds at an API that had said it was overloaded."""
     if not value:
         return None
     value = value.strip()
+    seconds: float | None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
+        seconds = _seconds_until(value)
+    return seconds if seconds is not None and seconds > 0 else None  # NaN > 0 is False; inf is capped by the caller
+
+
+def _seconds_until(http_date: str) -> float | None:
+    """Seconds from now to an HTTP date; None when it is no date."""
     try:
-        moment = email.utils.parsedate_to_datetime(value)
+        moment = email.utils.parsedate_to_datetime(http_date)
     except (TypeError, ValueError, IndexError):
         return None
     if moment.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT
         moment = moment.replace(tzinfo=UTC)
-    return max(0.0, moment.timestamp() - time.time())
+    return moment.timestamp() - time.time()
 
 
 def _is_retryable(exc: BaseException) -> bool:

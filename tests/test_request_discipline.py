@@ -118,3 +118,20 @@ async def test_the_backoff_between_attempts_grows(tmp_path: Path) -> None:
     assert all(gap >= 0.1 * 2**n for n, gap in enumerate(gaps)), gaps
     assert all(gap <= 0.2 * 2**n + 0.3 for n, gap in enumerate(gaps)), gaps
     assert "retrying in 0.0s" not in result.stderr
+
+
+async def test_a_retry_after_of_zero_or_in_the_past_does_not_end_the_backoff(tmp_path: Path) -> None:
+    """A 429 whose Retry-After is 0, negative, NaN or a date already past was retried at once, every time: max_retries
+    + 1 requests within milliseconds at an API that said it was overloaded. Such a value says nothing to wait for:
+    the backoff applies, as for a 429 without Retry-After."""
+    for value in ("0", "-5", "nan", "Wed, 21 Oct 2015 07:28:00 GMT"):
+
+        async def too_many(request: web.Request, value: str = value) -> web.StreamResponse:
+            return web.json_response({"message": "slow down"}, status=429, headers={"Retry-After": value})
+
+        api = Api(on_bad_day(too_many))
+        result = await api.backfill(tmp_path / str(len(value)), max_retries=2, retry_backoff_s=0.2)
+        assert result.returncode == 1, result.stderr
+        times = api.attempts_at(BAD_DAY)
+        assert len(times) == 3, result.stderr
+        assert times[-1] - times[0] >= 0.1 + 0.2, (value, times)
