@@ -192,6 +192,44 @@ class RetryAfterGate:
             self._settled.set()
 
 
+class ThrottledCap:
+    """How many requests may be in flight while the API answers 429: halved by each 429, grown back by one per
+    that many answers (TCP's congestion avoidance), never above `[api].concurrency`.
+
+    After a 429 every worker sent again once its wait was over, `concurrency` requests at once at an API that had
+    just said it takes fewer: most were 429 again, one and a half for every page read.
+    """
+
+    def __init__(self, most: int) -> None:
+        self._most = most
+        self._cap = float(most)
+        self._busy = 0
+        self._waiting = 0
+        self._free = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        if self._busy >= int(self._cap):
+            self._waiting += 1
+            try:
+                async with self._free:
+                    await self._free.wait_for(lambda: self._busy < int(self._cap))
+            finally:
+                self._waiting -= 1
+        self._busy += 1
+
+    async def __aexit__(self, *_: object) -> None:
+        self._busy -= 1
+        if self._waiting:
+            async with self._free:
+                self._free.notify_all()
+
+    def throttled(self) -> None:
+        self._cap = max(1.0, self._cap / 2)
+
+    def answered(self) -> None:
+        self._cap = min(float(self._most), self._cap + 1 / self._cap)
+
+
 class ApiClient:
     """Sends GETs with the shared token; retries what is transient, fails fast on what is not."""
 
@@ -217,6 +255,7 @@ class ApiClient:
         self._in_flight = asyncio.Semaphore(api.concurrency)
         self._limiter = rate_limiter(api.requests_per_second)
         self._gate = RetryAfterGate(self._retry)
+        self._cap = ThrottledCap(api.concurrency)
 
     async def get(self, request: PageRequest) -> PageResponse:
         """One page, retried on 429, 5xx, timeouts, resets and cut bodies; a 401 renews the token once."""
@@ -228,6 +267,10 @@ class ApiClient:
                     try:
                         response = await self._send(request, first_attempt=not owed)
                     except RetryableError as exc:
+                        if exc.throttled:
+                            self._cap.throttled()
+                        if exc.throttled and exc.retry_after is None:  # a 429 holds every request for its backoff
+                            exc.retry_after = self._retry.backoff(attempt.retry_state.attempt_number)
                         if exc.retry_after is not None:
                             self._gate.hold(exc.retry_after)
                             if not owed:
@@ -246,6 +289,7 @@ class ApiClient:
             if owed:
                 self._gate.repaid()
         assert response is not None  # tenacity ends with a result or re-raises the last error
+        self._cap.answered()
         return response
 
     async def _send(self, request: PageRequest, first_attempt: bool) -> PageResponse:
@@ -255,7 +299,7 @@ class ApiClient:
         while True:
             await self._gate.passage(first_attempt)
             await self._token_at_hand()
-            async with self._in_flight:
+            async with self._cap, self._in_flight:
                 if self._gate.is_open(first_attempt):
                     return await self._tokens.authorized(
                         lambda token: self._attempt(request, token), before=self._before_token
@@ -413,8 +457,13 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
 
 
 def _retry_later(message: str, resp: aiohttp.ClientResponse) -> RetryableError:
-    """An answer that may heal, with the Retry-After it asks for (the client's gate holds every request for it)."""
-    return RetryableError(message, retry_after=retry_after_seconds(resp.headers.get("Retry-After")))
+    """An answer that may heal, with the Retry-After it asks for (the client's gate holds every request for it).
+
+    A 429 is `throttled`: without a Retry-After, its backoff holds every request too. Each request used to back
+    off on its own while the other workers went on sending, at 3 to 4 times the rate the API takes.
+    """
+    retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+    return RetryableError(message, retry_after=retry_after, throttled=resp.status == HTTPStatus.TOO_MANY_REQUESTS)
 
 
 def not_found_hint(base_url: str, name: str, path: str) -> str:

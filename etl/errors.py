@@ -91,11 +91,15 @@ class RefusedRequest(SourceError):
 
 
 class RetryableError(SourceError):
-    """A transient failure worth another attempt; `retry_after` in seconds when the server said."""
+    """A transient failure worth another attempt; `retry_after` in seconds when the server said;
+    `throttled` when it said the client is too fast (429), which concerns every request, not only this one."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, hint: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, throttled: bool = False, hint: str | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.retry_after = retry_after
+        self.throttled = throttled
 
 
 class TokenRejected(RetryableError):

@@ -135,3 +135,32 @@ async def test_a_retry_after_of_zero_or_in_the_past_does_not_end_the_backoff(tmp
         times = api.attempts_at(BAD_DAY)
         assert len(times) == 3, result.stderr
         assert times[-1] - times[0] >= 0.1 + 0.2, (value, times)
+
+
+def throttled(per_second: float) -> Fault:
+    """An API that takes `per_second` requests a second (a bucket that holds one second's worth) and answers 429
+    without Retry-After to the others, as API gateways commonly do."""
+    bucket = {"tokens": per_second, "at": time.monotonic()}
+
+    async def fault(request: web.Request) -> web.StreamResponse | None:
+        now = time.monotonic()
+        bucket["tokens"] = min(per_second, bucket["tokens"] + (now - bucket["at"]) * per_second)
+        bucket["at"] = now
+        if bucket["tokens"] >= 1:
+            bucket["tokens"] -= 1
+            return None
+        return web.json_response({"message": "Too Many Requests"}, status=429)
+
+    return fault
+
+
+async def test_a_429_storm_without_retry_after_slows_every_worker_and_the_run_finishes(tmp_path: Path) -> None:
+    """8 workers at an API that takes 4 requests a second and says 429 without Retry-After: each request backed off on
+    its own while the other workers went on sending new ones, 3 to 4 times the API's rate, until a page ran out of
+    its retries (exit 1). A 429 now holds every request of the run for its backoff, as a Retry-After does."""
+    api = Api(throttled(4))
+    result = await api.backfill(tmp_path, page_size=3, concurrency=8)
+    pages = 3 * 8
+    assert result.returncode == 0, result.stderr
+    assert api.statuses.count(200) == pages
+    assert api.statuses.count(429) < 1.5 * pages, api.statuses  # it was 2.5 times the pages
