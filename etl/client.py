@@ -367,12 +367,27 @@ class ApiClient:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0
         log.warning(
-            "retrying in %.1fs (attempt %d of %d): %s",
+            "retrying in %.1fs (attempt %d of %d%s): %s",
             wait,
             state.attempt_number + 1,
             self._retry.max_retries + 1,
+            self._why_this_wait(exc),
             exc,
         )
+
+    def _why_this_wait(self, exc: BaseException | None) -> str:
+        """Where a wait other than the backoff comes from: the API's Retry-After (and the key that cut it), or a 429
+        that holds every request. Without it, `retrying in 60.0s` six times did not say that the API asked for hours."""
+        if not isinstance(exc, RetryableError):
+            return ""
+        asked, cap = (exc.asked or "").strip()[:40], self._retry.retry_after_max_s
+        if asked and exc.retry_after is not None and exc.retry_after > cap:
+            return f"; the API's Retry-After: {asked}, cut to [api].retry_after_max_s = {cap:g}"
+        if asked and retry_after_seconds(asked) is not None:
+            return f"; as the API's Retry-After: {asked} asks"
+        if asked:
+            return f"; the API's Retry-After: {asked} names no wait, the backoff applies"
+        return "; every request waits: a 429 without Retry-After" if exc.throttled else ""
 
 
 def _with_accept(headers: dict[str, str]) -> dict[str, str]:
@@ -462,8 +477,9 @@ def _retry_later(message: str, resp: aiohttp.ClientResponse) -> RetryableError:
     A 429 is `throttled`: without a Retry-After, its backoff holds every request too. Each request used to back
     off on its own while the other workers went on sending, at 3 to 4 times the rate the API takes.
     """
-    retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-    return RetryableError(message, retry_after=retry_after, throttled=resp.status == HTTPStatus.TOO_MANY_REQUESTS)
+    asked = resp.headers.get("Retry-After")
+    throttled = resp.status == HTTPStatus.TOO_MANY_REQUESTS
+    return RetryableError(message, retry_after=retry_after_seconds(asked), throttled=throttled, asked=asked)
 
 
 def not_found_hint(base_url: str, name: str, path: str) -> str:

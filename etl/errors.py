@@ -92,14 +92,17 @@ class RefusedRequest(SourceError):
 
 class RetryableError(SourceError):
     """A transient failure worth another attempt; `retry_after` in seconds when the server said;
-    `throttled` when it said the client is too fast (429), which concerns every request, not only this one."""
+    `throttled` when it said the client is too fast (429), which concerns every request, not only this one;
+    `asked` the Retry-After header as it came, for the log line of the retry."""
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, throttled: bool = False, hint: str | None = None
+        self, message: str, *, retry_after: float | None = None, throttled: bool = False, asked: str | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
         self.retry_after = retry_after
         self.throttled = throttled
+        self.asked = asked
 
 
 class TokenRejected(RetryableError):

@@ -164,3 +164,18 @@ async def test_a_429_storm_without_retry_after_slows_every_worker_and_the_run_fi
     assert result.returncode == 0, result.stderr
     assert api.statuses.count(200) == pages
     assert api.statuses.count(429) < 1.5 * pages, api.statuses  # it was 2.5 times the pages
+
+
+async def test_the_retry_line_says_when_the_wait_is_the_apis_retry_after_cut_to_the_cap(tmp_path: Path) -> None:
+    """A 503 with Retry-After: 7200 was retried with `retrying in 0.2s` and no word of why that long, nor that the API
+    had asked for two hours: the log now names the Retry-After and the key that capped it."""
+
+    async def unavailable(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"message": "maintenance"}, status=503, headers={"Retry-After": "7200"})
+
+    api = Api(on_bad_day(unavailable))
+    result = await api.backfill(tmp_path, max_retries=1, retry_after_max_s=0.2)
+    assert result.returncode == 1, result.stderr
+    retry = next(line for line in result.stderr.splitlines() if "retrying in" in line)
+    assert "retrying in 0.2s (attempt 2 of 2;" in retry
+    assert "the API's Retry-After: 7200, cut to [api].retry_after_max_s = 0.2" in retry, retry
