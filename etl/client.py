@@ -346,7 +346,8 @@ class ApiClient:
                 ) as resp:
                     body = await resp.read()
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise translate(exc, request.page_url() if came_from is None else str(url)) from exc
+                where = request.page_url() if came_from is None else str(url)
+                raise translate(exc, where, self._session.timeout.total) from exc
             if log.isEnabledFor(logging.DEBUG):  # -v: every request, for an API that behaves oddly
                 log.debug("GET %s -> %d, %d bytes in %.0f ms", display_url(resp.url), resp.status, len(body), (time.monotonic() - sent) * 1000)
             location = resp.headers.get("Location") if resp.status in REDIRECT_STATUS else None

@@ -176,13 +176,14 @@ def display_url(url: str | aiohttp.client.URL) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*/:"), ""))
 
 
-def translate(exc: BaseException, url: str) -> EtlError:
+def translate(exc: BaseException, url: str, timeout_s: float | None = None) -> EtlError:
     """aiohttp's and asyncio's exceptions as etl's, naming the host.
 
     Only what may heal by itself is retryable: timeouts, resets, cut bodies, and a
     refused or timed-out connection (ConnectionFailed, exit 5 once retries run out).
     DNS and TLS failures will not heal within a run, so they end it at once (exit 5).
-    `url` is what was requested, a page's query included, so that a message names the page.
+    `url` is what was requested, a page's query included, so that a message names the page; `timeout_s` the
+    limit a timeout met, named in its message (the user raises it from there).
     """
     host = urlsplit(url).hostname or url
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
@@ -216,8 +217,9 @@ def translate(exc: BaseException, url: str) -> EtlError:
             f"cannot connect to {_host_port(url)}: {_connect_reason(exc)}", host=host, hint=CONNECT_HINT
         )
     if isinstance(exc, asyncio.TimeoutError):
+        within = f"no complete answer within {timeout_s:g} s " if timeout_s else ""
         return RetryableError(
-            f"timed out waiting for {display_url(url)}: [api].timeout_s is the limit for the whole response; "
+            f"timed out waiting for {display_url(url)}: {within}([api].timeout_s, the limit for the whole response); "
             "raise it if pages are large or the API is slow"
         )
     if isinstance(exc, aiohttp.ClientPayloadError):

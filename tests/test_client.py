@@ -457,7 +457,7 @@ async def test_requests_in_flight_never_exceed_concurrency() -> None:
         (
             aiohttp.SocketTimeoutError("read"),
             RetryableError,
-            "timed out waiting for https://api.example.test/v1: [api].timeout_s is the limit for the whole response",
+            "timed out waiting for https://api.example.test/v1: ([api].timeout_s, the limit for the whole response)",
         ),
         (
             _cut_body(ContentLengthError("Not enough data to satisfy content length header.")),

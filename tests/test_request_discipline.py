@@ -179,3 +179,21 @@ async def test_the_retry_line_says_when_the_wait_is_the_apis_retry_after_cut_to_
     retry = next(line for line in result.stderr.splitlines() if "retrying in" in line)
     assert "retrying in 0.2s (attempt 2 of 2;" in retry
     assert "the API's Retry-After: 7200, cut to [api].retry_after_max_s = 0.2" in retry, retry
+
+
+async def test_a_page_that_never_answers_is_abandoned_after_timeout_s_and_the_message_says_how_long(
+    tmp_path: Path,
+) -> None:
+    """A hung page: each attempt is abandoned after [api].timeout_s (the whole response), and the error names the
+    limit it met, so that the user knows what to raise it from."""
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3)  # longer than any attempt waits; the server's shutdown waits for it
+        return web.Response()
+
+    api = Api(on_bad_day(hang))
+    result = await api.backfill(tmp_path, max_retries=1, retry_backoff_s=0.01, timeout_s=0.5)
+    assert result.returncode == 1, result.stderr
+    times = api.attempts_at(BAD_DAY)
+    assert len(times) == 2 and 0.5 <= times[1] - times[0] < 1.5, times
+    assert "no complete answer within 0.5 s ([api].timeout_s" in result.stdout, result.stdout
