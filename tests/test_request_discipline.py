@@ -51,7 +51,9 @@ class Api:
         """Arrival times of the requests for the window starting at `since` (its first page)."""
         return next(times for query, times in self.arrivals.items() if f"since={since}" in query and "page=1&" in query)
 
-    async def backfill(self, tmp_path: Path, days: int = 3, page_size: int = 30, **api: Any) -> Finished:
+    async def backfill(
+        self, tmp_path: Path, days: int = 3, page_size: int = 30, names: tuple[str, ...] = ("items",), **api: Any
+    ) -> Finished:
         tmp_path.mkdir(exist_ok=True)
         routes = {("POST", "/oauth2/token"): self.token, ("GET", "/api/items"): self.items}
         async with serving(routes) as origin:
@@ -60,13 +62,13 @@ class Api:
                 "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "c", "scopes": ["r"]},
                 "database": {"url": f"sqlite:///{tmp_path / 'etl.db'}"},
                 "resources": [{
-                    "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+                    "name": name, "path": "/items", "params": {"r": name}, "records_path": "data", "primary_key": ["id"],
                     "cursor_field": "updated_at", "start": "2024-01-01", "window": "1d",
                     "filter": {"from_param": "since", "to_param": "until", "format": "iso"},
                     "pagination": {"style": "page", "page_param": "page", "size_param": "page_size",
                                    "page_size": page_size, "total_path": "total"},
                     "columns": {"id": "integer", "updated_at": "datetime"},
-                }],
+                } for name in names],
             }
             config = tomlwriter.write(tmp_path / "config.toml", document)
             end = (T0 + timedelta(days=days)).date().isoformat()
@@ -197,3 +199,14 @@ async def test_a_page_that_never_answers_is_abandoned_after_timeout_s_and_the_me
     times = api.attempts_at(BAD_DAY)
     assert len(times) == 2 and 0.5 <= times[1] - times[0] < 1.5, times
     assert "no complete answer within 0.5 s ([api].timeout_s" in result.stdout, result.stdout
+
+
+async def test_requests_per_second_holds_over_any_second_across_resources(tmp_path: Path) -> None:
+    """requests_per_second = 10, three resources, 8 workers: no span of one second sees more than 10 requests."""
+    api = Api()
+    result = await api.backfill(tmp_path, page_size=6, names=("a", "b", "c"), concurrency=8, requests_per_second=10)
+    assert result.returncode == 0, result.stderr
+    arrivals = sorted(moment for times in api.arrivals.values() for moment in times)
+    assert len(arrivals) == 3 * 3 * 4
+    busiest = max(sum(1 for later in arrivals if moment <= later < moment + 1) for moment in arrivals)
+    assert busiest <= 10, busiest
