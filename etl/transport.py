@@ -128,23 +128,13 @@ def open_session(api: ApiConfig) -> aiohttp.ClientSession:
     """
     connector = aiohttp.TCPConnector(ssl=_session_trust(api), limit=api.concurrency + 2, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=api.timeout_s, sock_connect=min(api.timeout_s, 15))
-    session = aiohttp.ClientSession(
+    return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
         raise_for_status=False,
         max_line_size=MAX_HEADER_LINE,
         max_field_size=MAX_HEADER_LINE,
     )
-    _no_hidden_retry(session)
-    return session
-
-
-def _no_hidden_retry(session: aiohttp.ClientSession) -> None:
-    """aiohttp sends a GET whose connection dropped once more by itself, at once: a reset request reached the API
-    2 x ([api].max_retries + 1) times, unlogged and uncounted, and max_retries = 0 still retried. etl's own retries
-    (backoff, the log line, the counts) take that case too. A private switch: aiohttp's test client turns it off so."""
-    if hasattr(session, "_retry_connection"):
-        session._retry_connection = False
 
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
