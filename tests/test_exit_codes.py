@@ -610,7 +610,8 @@ async def test_a_408_from_the_token_endpoint_is_retried_not_an_authentication_fa
         check = await run_etl("check", "--config", str(config))
 
     assert sync.returncode == 0, sync.stderr
-    assert "answered 408; retrying" in sync.stderr and "2 token request(s)" in sync.stdout
+    assert "answered 408: " in sync.stderr and "Request Time-out" in sync.stderr and "; retrying in" in sync.stderr
+    assert "2 token request(s)" in sync.stdout
     assert check.returncode == 1, check.stdout
     assert "hint: the token endpoint is overloaded or down: check again later" in check.stdout
 
