@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
@@ -38,6 +38,7 @@ from etl.errors import (
     SourceError,
     UnreachableError,
 )
+from etl.logs import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,20 @@ def _proxy(scheme: str, host: str, _environment: tuple[str | None, ...]) -> str 
     proxy = urllib.request.getproxies_environment().get(scheme)
     if not proxy or urllib.request.proxy_bypass_environment(host):  # type: ignore[attr-defined]
         return None
+    _register_proxy_credentials(proxy)
     return proxy
+
+
+def _register_proxy_credentials(proxy: str) -> None:
+    """Mask the proxy's password and the Proxy-Authorization aiohttp makes of it: a proxy that forwards that
+    header to a server echoing its request put them in the error, on stdout and in etl_runs.error."""
+    parts = urlsplit(proxy)
+    if parts.password is None:
+        return
+    user, password = unquote(parts.username or ""), unquote(parts.password)
+    register_secret(parts.password)
+    register_secret(password)
+    register_secret(aiohttp.BasicAuth(user, password).encode().removeprefix("Basic "))
 
 
 def display_url(url: str | aiohttp.client.URL) -> str:

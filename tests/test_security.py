@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -148,3 +150,29 @@ async def test_a_token_url_in_cleartext_off_this_machine_is_warned_about(tmp_pat
     warning = "auth.token_url is http://: the client secret goes to localhost.localdomain.invalid unencrypted"
     assert warning in remote.stderr and warning in check.stdout + check.stderr
     assert "unencrypted" not in local.stderr
+
+
+PROXY_PASSWORD = "Pr0xy-pa55:word"
+
+
+async def test_proxy_credentials_echoed_by_a_server_are_masked(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """$HTTP_PROXY=http://user:password@proxy:port: aiohttp sends the credentials as a Proxy-Authorization header, and a
+    proxy that forwards it to a token endpoint echoing its request put them on stderr, stdout and in etl_runs.error."""
+    url = await fresh_database("sqlite")
+
+    async def token(request: web.Request) -> web.Response:
+        sent = request.headers.get("Proxy-Authorization")
+        return web.json_response({"error": "invalid_client", "error_description": f"refused: {sent}"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): token}) as origin:  # the server is its own forwarding proxy
+        document = demo_document({"url": url}, f"{origin}/api/v1", f"{origin}/oauth2/token")
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        proxy = origin.replace("http://", f"http://proxy-user:{quote(PROXY_PASSWORD, safe='')}@")
+        result = await run_etl("sync", "--config", str(config), env=etl_env(HTTP_PROXY=proxy, NO_PROXY=""))
+
+    assert result.returncode == 3, result.stderr
+    assert "refused: Basic ***" in result.stderr
+    stored = [row.error for row in await rows(url, "SELECT error FROM etl_runs")]
+    basic = base64.b64encode(f"proxy-user:{PROXY_PASSWORD}".encode()).decode()
+    for where in (result.stdout, result.stderr, *stored):
+        assert basic not in where and PROXY_PASSWORD not in where
