@@ -41,7 +41,7 @@ from etl.config import (
     ResourceConfig,
 )
 from etl.errors import SourceError
-from etl.transport import display_url
+from etl.transport import display_url, register_query_credentials
 from etl.windows import Window, filter_params
 
 log = logging.getLogger(__name__)
@@ -734,6 +734,7 @@ def window_paginator(resource: ResourceConfig, base_url: str, window: Window) ->
     params = {key: _query_value(value) for key, value in resource.params.items()}
     if resource.filter is not None:
         params |= filter_params(window, resource.filter)
+    register_query_credentials(base_url + resource.path, params)
     paginator = paginator_for(resource.pagination, base_url + resource.path, params)
     paginator.key = f"resources.{resource.name}.pagination"
     return paginator

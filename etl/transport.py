@@ -18,15 +18,16 @@ import re
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from yarl import URL
 
 from etl.config import ApiConfig
 from etl.errors import (
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # query parameters whose values are credentials: masked wherever a URL is shown
 SECRET_PARAM = re.compile(
-    r"secret|passw|api[-_]?key|(access|id|refresh)[-_]?token|auth|signature|credential|^(key|token|sig)$",
+    r"secret|passw|api[-_]?key|(subscription|access|private|client)[-_]?key|(access|id|refresh)[-_]?token|auth|signature"
+    r"|credential|^(key|token|sig|code)$",
     re.IGNORECASE,
 )
 MASK = "***"
@@ -167,6 +169,18 @@ def _register_proxy_credentials(proxy: str) -> None:
     register_secret(parts.password)
     register_secret(password)
     register_secret(aiohttp.BasicAuth(user, password).encode().removeprefix("Basic "))
+
+
+def register_query_credentials(url: str, params: Mapping[str, str | list[str]]) -> None:
+    """Mask the values of credential-named parameters in `url`'s query and in `params` wherever they would appear:
+    display_url hid them in the URL, but an API answering 400 with the query string it was sent showed them."""
+    pairs = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    pairs += [(name, item) for name, value in params.items() for item in ([value] if isinstance(value, str) else value)]
+    for name, value in pairs:
+        if SECRET_PARAM.search(name):
+            register_secret(value)
+            register_secret(quote(value, safe=""))
+            register_secret(URL.build(query={name: value}).raw_query_string.partition("=")[2])  # as it was sent
 
 
 def display_url(url: str | aiohttp.client.URL) -> str:

@@ -6,7 +6,7 @@ import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import pytest
 from aiohttp import web
@@ -176,3 +176,37 @@ async def test_proxy_credentials_echoed_by_a_server_are_masked(tmp_path: Path, f
     basic = base64.b64encode(f"proxy-user:{PROXY_PASSWORD}".encode()).decode()
     for where in (result.stdout, result.stderr, *stored):
         assert basic not in where and PROXY_PASSWORD not in where
+
+
+QUERY_KEY = "QueryKey-9f8e7d/6c+5b"
+
+
+@pytest.mark.parametrize(("name", "in_path"), [("api_key", False), ("subscription-key", False), ("code", True)])
+async def test_a_key_in_a_query_parameter_echoed_by_the_api_is_masked(
+    name: str, in_path: bool, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """An API key sent as a query parameter (Azure API Management's `subscription-key`, Azure Functions' `code`) was
+    masked in the URL of a message, or not at all, but an API answering 400 with the query string it was sent put it
+    on stderr, stdout and in etl_runs.error; `check` printed it too."""
+    url = await fresh_database("sqlite")
+
+    async def products(request: web.Request) -> web.Response:
+        return web.json_response({"message": f"invalid query {request.query_string}"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): _echoing_servers(False)[("POST", "/oauth2/token")],
+                        ("GET", "/api/v1/products"): products}) as origin:
+        document = demo_document({"url": url}, f"{origin}/api/v1", f"{origin}/oauth2/token")
+        document["resources"] = [r for r in document["resources"] if r["name"] == "products"]
+        if in_path:
+            document["resources"][0]["path"] = f"/products?{urlencode({name: QUERY_KEY})}"
+        else:
+            document["resources"][0]["params"] = {name: QUERY_KEY}
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        result = await run_etl("sync", "--config", str(config))
+        check = await run_etl("check", "--config", str(config))
+
+    assert result.returncode == 1, result.stderr
+    assert "invalid query" in result.stderr and "invalid query" in check.stdout
+    stored = [row.error for row in await rows(url, "SELECT error FROM etl_runs")]
+    for where in (result.stdout, result.stderr, check.stdout, check.stderr, *stored):
+        assert "QueryKey" not in where
