@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -211,10 +212,16 @@ AIOMYSQL_PARAMETERS = frozenset({
 
 
 
+# a query parameter holding a credential: libpq's and aiomysql's `password`, `sslpassword`, `passwd`
+CREDENTIAL_QUERY_VALUE = re.compile(r"([?&][^=&]*(?:passw|secret|token)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
 def safe_url(url: str | URL) -> str:
-    """The URL for messages: password hidden."""
+    """The URL for messages: password hidden, in the user info and in a `?password=` alike (SQLAlchemy hides only the first)."""
     parsed = _parsed_or_none(url)
-    return "<unparseable database URL>" if parsed is None else parsed.render_as_string(hide_password=True)
+    if parsed is None:
+        return "<unparseable database URL>"
+    return CREDENTIAL_QUERY_VALUE.sub(r"\1***", parsed.render_as_string(hide_password=True))
 
 
 def _parsed_or_none(url: str | URL) -> URL | None:

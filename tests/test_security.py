@@ -22,7 +22,7 @@ from etl.store import LoadBatch, Store
 
 import tomlwriter
 from dbquery import rows
-from etlproc import SECRET, etl_env, run_etl, write_config
+from etlproc import SECRET, etl_env, finish, run_etl, start_etl, write_config
 
 HOSTILE = "x'); DROP TABLE probe; -- \" ; DELETE FROM etl_runs; \\\\ \u0000 ☃ 🎉"
 
@@ -210,3 +210,17 @@ async def test_a_key_in_a_query_parameter_echoed_by_the_api_is_masked(
     stored = [row.error for row in await rows(url, "SELECT error FROM etl_runs")]
     for where in (result.stdout, result.stderr, check.stdout, check.stderr, *stored):
         assert "QueryKey" not in where
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+async def test_a_database_password_given_as_a_url_parameter_is_masked(scheme: str, tmp_path: Path) -> None:
+    """`postgresql://user@host/db?password=...` (libpq's form; aiomysql takes it too) connects like the password in
+    the user info, but every database error and check's `database url` step showed it, as SQLAlchemy hides only the latter."""
+    url = f"{scheme}://etl@127.0.0.1:1/etl?password=Db-Pa55word-in-query" + ("&sslpassword=Key-Pa55word" if scheme == "postgresql" else "")
+    results = [
+        await finish(await start_etl(command, env=etl_env(ETL_DATABASE_URL=url), cwd=tmp_path))  # no config: the URL will do
+        for command in ("migrate", "status")
+    ]
+    for result in results:
+        assert result.returncode == 1 and "cannot use the database" in result.stderr, result.stderr
+        assert "Pa55word" not in result.stderr + result.stdout and "password=***" in result.stderr
