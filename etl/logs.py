@@ -9,6 +9,7 @@ line of defence behind the code that never logs them.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -50,11 +51,17 @@ class _ContextFilter(logging.Filter):
 _CONTEXT = (("run", "run_id"), ("resource", "resource"), ("window", "window"))
 
 
+_UNINDENTED_LINE = re.compile(r"\n(?=\S)")
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        """One event per line that starts with its time; its further lines (several config errors, a traceback) are
+        indented: at column 0, with no time or level, a reader took them for events of their own."""
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         where = " ".join(f"{label}={value}" for label, attr in _CONTEXT if (value := getattr(record, attr, None)))
-        return f"{stamp} {record.levelname:<7} {record.getMessage()}" + (f"  [{where}]" if where else "")
+        message = _UNINDENTED_LINE.sub("\n  ", record.getMessage())
+        return f"{stamp} {record.levelname:<7} {message}" + (f"  [{where}]" if where else "")
 
 
 class JsonFormatter(logging.Formatter):

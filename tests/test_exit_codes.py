@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
@@ -676,3 +677,19 @@ async def test_a_secret_in_quotes_is_pointed_out_when_the_endpoint_refuses_it(
     note = "the client secret starts and ends with a quote, which is sent as part of it"
     assert note in sync.stderr and note in check.stdout
     assert "s3cr3t-in-quotes" not in sync.stderr + sync.stdout + check.stdout + check.stderr
+
+
+TEXT_EVENT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+
+
+async def test_a_message_of_many_lines_continues_indented_in_text_logs(tmp_path: Path) -> None:
+    """A config with several errors logged them as one event whose later lines started at column 0, like events of
+    their own without a time or level. Every line of an event after its first is indented now, so a line either
+    starts an event or belongs to the one above."""
+    config = tmp_path / "config.toml"
+    config.write_text('[api]\nbase_url = 5\ntimeout_s = "soon"\n')
+    result = await run_etl("sync", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4 and re.match(TEXT_EVENT, lines[0]), result.stderr
+    assert all(line.startswith("  ") and "Field required" in line for line in lines[2:]), result.stderr
