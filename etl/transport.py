@@ -230,6 +230,8 @@ def translate(exc: BaseException, url: str, timeout_s: float | None = None) -> E
             hint="check the proxy's address and credentials in $HTTPS_PROXY (http://user:password@proxy:port) and "
             f"that it allows {host}; or exclude the host with $NO_PROXY",
         )
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return _proxy_down(exc, url)
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return ConnectionFailed(
             f"cannot connect to {_host_port(url)}: {_connect_reason(exc)}", host=host, hint=CONNECT_HINT
@@ -249,6 +251,16 @@ def translate(exc: BaseException, url: str, timeout_s: float | None = None) -> E
     if isinstance(exc, EtlError):
         return exc
     return RetryableError(f"request to {display_url(url)} failed: {type(exc).__name__}: {exc}")
+
+
+def _proxy_down(exc: aiohttp.ClientProxyConnectionError, url: str) -> ConnectionFailed:
+    """The proxy, not the host behind it: "cannot connect to <the API>" sent a reader to a host that was up."""
+    variable, host = f"${urlsplit(url).scheme.upper()}_PROXY", urlsplit(url).hostname or url
+    return ConnectionFailed(
+        f"cannot connect to the proxy {exc.host}:{exc.port} ({variable}) on the way to {_host_port(url)}: {_connect_reason(exc)}",
+        host=host,
+        hint=f"check that the proxy is up and that {variable} names it; or exclude {host} with $NO_PROXY",
+    )
 
 
 def _payload_error(exc: aiohttp.ClientPayloadError, url: str) -> EtlError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -274,3 +275,22 @@ async def test_a_proxy_that_refuses_the_tunnel_exits_5_naming_it(
     assert "407 Proxy Authentication Required" in refused.stderr
     assert "ClientHttpProxyError" not in refused.stderr
     assert "credentials" in refused.stderr and "$NO_PROXY" in refused.stderr
+
+
+async def test_a_proxy_that_is_down_is_named_not_the_host_behind_it(
+    tls_sim: Simulator, tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """$HTTPS_PROXY at a port where nothing listens: sync said "cannot connect to <the token host>: Connection
+    refused", a host that was up, and the hint did not name the proxy that was down."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+    config = write_config(
+        tmp_path, tls_sim, await fresh_database("sqlite"), resources=["products"], api={"ca_bundle": tls_sim.ca_pem_path}
+    )
+    env = {k: v for k, v in etl_env().items() if "proxy" not in k.lower()} | {"HTTPS_PROXY": f"http://user:pw@{dead}"}
+    result = await run_etl("sync", "--config", str(config), env=env)
+
+    assert result.returncode == 5, result.stderr
+    assert f"cannot connect to the proxy {dead} ($HTTPS_PROXY)" in result.stderr
+    assert "$NO_PROXY" in result.stderr
