@@ -693,3 +693,26 @@ async def test_a_message_of_many_lines_continues_indented_in_text_logs(tmp_path:
     lines = result.stderr.splitlines()
     assert len(lines) == 4 and re.match(TEXT_EVENT, lines[0]), result.stderr
     assert all(line.startswith("  ") and "Field required" in line for line in lines[2:]), result.stderr
+
+
+async def test_a_library_warning_is_one_line_of_the_log(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A column etl did not make, of a type SQLAlchemy does not know (PostgreSQL's xml), makes it warn on every run.
+    The warning came as etl's source file, the warning, a line of etl's code and an empty line: three lines of a
+    text log for one event, one of them blank, and the code line meant nothing to the reader."""
+    url = await fresh_database("postgresql")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["products"])
+        assert (await run_etl("sync", "--config", str(config))).returncode == 0
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql("ALTER TABLE products ADD COLUMN notes_xml xml")
+        finally:
+            await engine.dispose()
+        result = await run_etl("sync", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "notes_xml" in line]
+    assert len(warned) == 1 and re.match(TEXT_EVENT, warned[0]), result.stderr
+    assert "Did not recognize type 'xml'" in warned[0]
+    assert all(re.match(TEXT_EVENT, line) for line in result.stderr.splitlines()), result.stderr
