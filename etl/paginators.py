@@ -420,8 +420,15 @@ def warn_if_short(response: PageResponse, total: int, received: int, config: Pag
 
 
 def _page_content(records: list[Any]) -> bytes:
-    """What tells pages apart: first and last record stand for the page, as serialising every record costs too much."""
-    return jsonnumbers.dumps([len(records), records[0], records[-1]])
+    """What tells pages apart: first and last record stand for the page, as serialising every record costs too much.
+
+    A lone UTF-16 surrogate (valid JSON, and a reject once validated) is written as its escape: orjson refused it
+    here, before validation, and the run ended as an internal error."""
+    sample = [len(records), records[0], records[-1]]
+    try:
+        return jsonnumbers.dumps(sample)
+    except TypeError:
+        return jsonnumbers.dumps(sample, as_read=True)
 
 
 class PagePaginator(_NumberedPaginator):

@@ -128,3 +128,24 @@ async def test_an_api_that_ignores_the_paging_parameter_fails_naming_the_key_to_
     assert finished.returncode == 1
     assert loaded_ids(database) == list(range(1, 51))
     assert f"hint: if the API reads another name, set resources.items.pagination.{key}" in finished.stderr
+
+
+@pytest.mark.parametrize("style", ["page", "offset"])
+async def test_a_lone_surrogate_on_a_numbered_page_is_a_reject_not_an_internal_error(tmp_path: Path, style: str) -> None:
+    """A JavaScript API that cuts a string inside an emoji writes "\\ud83d" alone, which is valid JSON. Records are
+    rejected for it, but the page's fingerprint (for the repeated-page check) was made first and raised TypeError:
+    "internal error" and a traceback, the run failed at its first page with nothing loaded or rejected."""
+    page = '{"data": [{"id": 1, "name": "cut \\ud83d", "updated_at": "2024-01-02T00:00:00Z"}, ' \
+           '{"id": 2, "name": "whole", "updated_at": "2024-01-02T00:00:00Z"}]}'
+
+    async def served(request: web.Request) -> web.Response:
+        first = request.query.get("page", "1") == "1" and request.query.get("offset", "0") == "0"
+        return web.Response(text=page if first else '{"data": []}', content_type="application/json")
+
+    finished, database = await sync(tmp_path, served, items({"style": style, "page_size": 50}))
+
+    assert finished.returncode == 1, finished.stderr
+    assert "internal error" not in finished.stderr and "Traceback" not in finished.stderr
+    assert loaded_ids(database) == [2]
+    assert "items: 1 loaded, 1 rejected" in finished.stdout
+    assert "lone UTF-16 surrogate" in sqlite_rows(database, "SELECT error FROM etl_rejects")[0][0]
