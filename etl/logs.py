@@ -8,6 +8,8 @@ line of defence behind the code that never logs them.
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import re
 import sys
@@ -77,7 +79,31 @@ class JsonFormatter(logging.Formatter):
             "resource": getattr(record, "resource", None),
             "window": getattr(record, "window", None),
         }
-        return orjson.dumps(document).decode()
+        try:
+            text = orjson.dumps(document).decode()
+        except TypeError:  # orjson refused the line: the formatter raised and logging printed its traceback instead
+            document = {key: _no_lone_surrogate(value) for key, value in document.items()}
+            text = orjson.dumps(document).decode()
+        return text if text.isascii() or _stderr_takes_utf8() else _ascii_json(document)
+
+
+def _no_lone_surrogate(value: object) -> object:
+    """A lone surrogate (a file name that is not UTF-8, as Python reads it) as the text `\\udce9`, as text logs show it."""
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
+def _ascii_json(document: dict[str, object]) -> str:
+    """JSON in ASCII, anything else as JSON's own \\u escapes: on a stderr that is not UTF-8, `backslashreplace`
+    wrote é as `\\xe9` and 😀 as `\\U0001f600`, escapes JSON does not have, and the line did not parse."""
+    return json.dumps(document, separators=(",", ":"))
+
+
+def _stderr_takes_utf8() -> bool:
+    encoding = getattr(sys.stderr, "encoding", None)
+    try:
+        return encoding is not None and codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ from etl.simulator import Faults, Simulator, SimulatorSettings
 
 import tomlwriter
 from dbquery import rows, scalar
-from etlproc import Finished, etl_env, run_etl, write_config
+from etlproc import Finished, etl_env, finish, run_etl, write_config
 from refusals import CASES
 
 
@@ -716,3 +718,31 @@ async def test_a_library_warning_is_one_line_of_the_log(tmp_path: Path, fresh_da
     assert len(warned) == 1 and re.match(TEXT_EVENT, warned[0]), result.stderr
     assert "Did not recognize type 'xml'" in warned[0]
     assert all(re.match(TEXT_EVENT, line) for line in result.stderr.splitlines()), result.stderr
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+async def test_json_logs_stay_json_on_a_stderr_that_is_not_utf8(encoding: str, tmp_path: Path) -> None:
+    """Under PYTHONIOENCODING=ascii (or a Latin-1 locale), é was written as `\\xe9` and 😀 as `\\U0001f600`, escapes
+    JSON does not have, or as a Latin-1 byte: that line no longer parsed. It is written with JSON's own escapes."""
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    result = await run_etl(
+        "--log-format", "json", "sync", "--resource", "café😀", "--config", str(config), env=etl_env(PYTHONIOENCODING=encoding)
+    )
+    assert result.returncode == 2, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert len(events) == 1 and "café😀" in events[0]["message"], result.stderr
+
+
+async def test_a_file_name_that_is_not_utf8_is_one_json_line(tmp_path: Path) -> None:
+    """A --config path with a Latin-1 byte in it reaches Python as a lone surrogate, which orjson refuses: the JSON
+    formatter raised, and stderr got "--- Logging error ---" and two tracebacks in plain text, the error itself lost."""
+    path = os.fsencode(tmp_path) + b"/caf\xe9.toml"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "etl", "--log-format", "json", "--config", path, "sync",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=etl_env(),
+    )
+    result = await finish(process)
+    assert result.returncode == 2, result.stderr
+    events = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert len(events) == 1 and "not found" in events[0]["message"] and "caf" in events[0]["message"], result.stderr
