@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import time
 import urllib.request
 import uuid
@@ -69,7 +70,7 @@ from etl.errors import (
     SourceError,
     UnreachableError,
 )
-from etl.logs import redact, register_secret
+from etl.logs import redact, register_secret, takes_utf8
 from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
 from etl.token import (
@@ -901,7 +902,8 @@ def usage_error_document(error: ConfigError) -> str:
 def _json_report(exit_code: int, config: str | None, steps: Sequence[Step]) -> str:
     """`check --format json`'s one document."""
     document = {"ok": exit_code == 0, "exit_code": exit_code, "config": config, "steps": [asdict(step) for step in steps]}
-    return json.dumps(document, ensure_ascii=False, indent=2)
+    # on a stdout that is not UTF-8, `backslashreplace` wrote é as `\xe9`, which no JSON reader takes
+    return json.dumps(document, ensure_ascii=not takes_utf8(sys.stdout), indent=2)
 
 
 async def _stopped_by_signal(steps: Awaitable[None]) -> bool:

@@ -84,7 +84,7 @@ class JsonFormatter(logging.Formatter):
         except TypeError:  # orjson refused the line: the formatter raised and logging printed its traceback instead
             document = {key: _no_lone_surrogate(value) for key, value in document.items()}
             text = orjson.dumps(document).decode()
-        return text if text.isascii() or _stderr_takes_utf8() else _ascii_json(document)
+        return text if text.isascii() or takes_utf8(sys.stderr) else _ascii_json(document)
 
 
 def _no_lone_surrogate(value: object) -> object:
@@ -98,8 +98,9 @@ def _ascii_json(document: dict[str, object]) -> str:
     return json.dumps(document, separators=(",", ":"))
 
 
-def _stderr_takes_utf8() -> bool:
-    encoding = getattr(sys.stderr, "encoding", None)
+def takes_utf8(stream: object) -> bool:
+    """Whether text written to `stream` reaches it as UTF-8; if not, JSON is better written in ASCII."""
+    encoding = getattr(stream, "encoding", None)
     try:
         return encoding is not None and codecs.lookup(encoding).name == "utf-8"
     except LookupError:

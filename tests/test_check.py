@@ -970,3 +970,13 @@ async def test_a_usage_error_of_check_format_json_is_still_one_json_document(arg
     document = json.loads(result.stdout)
     assert document["ok"] is False and document["exit_code"] == 2
     assert document["steps"][0]["step"] == "arguments" and document["steps"][0]["hint"]
+
+
+async def test_the_json_report_parses_on_a_stdout_that_is_not_utf8(tmp_path: Path) -> None:
+    """Under PYTHONIOENCODING=ascii the report's é came out as `\\xe9`, an escape JSON does not have: `jq` refused
+    the whole document. It is written with JSON's own \\u escapes when stdout is not UTF-8."""
+    missing = tmp_path / "café😀.toml"
+    result = await run_etl("check", "--format", "json", "--config", str(missing), env=etl_env(PYTHONIOENCODING="ascii"))
+    assert result.returncode == 2, result.stderr
+    report = json.loads(result.stdout)
+    assert "café😀.toml" in report["steps"][0]["summary"]
