@@ -35,10 +35,14 @@ def register_secret(value: str) -> None:
 
 
 def redact(text: str) -> str:
+    """Text safe to show and to store: every registered secret masked, and a lone surrogate as its escape.
+
+    aiohttp reads a header byte that is not UTF-8 (WWW-Authenticate: Bearer realm="caf\\xe9") as a lone
+    surrogate; an error quoting it could not be written to etl_runs, and the run ended as an internal error."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
-    return text
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 class _ContextFilter(logging.Filter):

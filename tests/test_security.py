@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,3 +227,43 @@ async def test_a_database_password_given_as_a_url_parameter_is_masked(scheme: st
     for result in results:
         assert result.returncode == 1 and "cannot use the database" in result.stderr, result.stderr
         assert "Pa55word" not in result.stderr + result.stdout and "password=***" in result.stderr
+
+
+LATIN1_TOKEN = b'{"access_token": "latin1-token", "expires_in": 3600, "token_type": "Bearer"}'
+LATIN1_FORBIDDEN = b'{"message": "Forbidden"}'
+
+
+async def _latin1_challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A token endpoint, and an API answering 403 with a Latin-1 byte in WWW-Authenticate (aiohttp cannot send one)."""
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            if b"/oauth2/token" in head.split(b"\r\n")[0]:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(LATIN1_TOKEN), LATIN1_TOKEN))
+            else:
+                writer.write(b'HTTP/1.1 403 Forbidden\r\nWWW-Authenticate: Bearer realm="caf\xe9"\r\n'
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(LATIN1_FORBIDDEN), LATIN1_FORBIDDEN))
+            await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+async def test_a_header_that_is_not_utf8_in_an_error_is_recorded(dialect: str, tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A 403 whose WWW-Authenticate holds a Latin-1 byte (realm="café"): aiohttp reads it as a lone surrogate, and
+    the error quoting it could not be written to etl_runs: SQLite's run ended as "internal error: UnicodeEncodeError",
+    PostgreSQL's as "the database refused a statement", the 403 itself never said. The byte is shown as its escape."""
+    url = await fresh_database(dialect)
+    server = await asyncio.start_server(_latin1_challenge, "127.0.0.1", 0)
+    origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server:
+        document = demo_document({"url": url}, f"{origin}/api/v1", f"{origin}/oauth2/token")
+        document["resources"] = [r for r in document["resources"] if r["name"] == "products"]
+        result = await run_etl("--log-format", "json", "sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
+
+    assert result.returncode == 1, result.stderr
+    assert "internal error" not in result.stderr and "refused a statement" not in result.stderr, result.stderr
+    [run] = await rows(url, "SELECT status, error FROM etl_runs")
+    assert run.status == "failed" and "403" in run.error and 'realm="caf\\udce9"' in run.error, run.error
