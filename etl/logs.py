@@ -156,7 +156,17 @@ def setup_logging(log_format: str, verbosity: int) -> None:
 
 def option_given(argv: list[str], option: str, value: str) -> bool:
     """Whether the command line holds `option value` or `option=value`, read before (or without) argparse."""
-    return f"{option}={value}" in argv or any(a == option and b == value for a, b in zip(argv, argv[1:], strict=False))
+    for token, following in zip(argv, [*argv[1:], None], strict=False):  # [] has no token and one None
+        name, equals, attached = token.partition("=")
+        if _abbreviates(name, option) and (attached if equals else following) == value:
+            return True
+    return False
+
+
+def _abbreviates(token: str, option: str) -> bool:
+    """`--log` for `--log-format`, as argparse takes it (no other option of etl starts so): a run given `--log json`
+    logged JSON, but a refused command line was reported in text."""
+    return len(token) >= 3 and token.startswith("--") and option.startswith(token)
 
 
 def wants_json(argv: list[str]) -> bool:

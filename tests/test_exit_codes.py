@@ -746,3 +746,20 @@ async def test_a_file_name_that_is_not_utf8_is_one_json_line(tmp_path: Path) -> 
     assert result.returncode == 2, result.stderr
     events = [orjson.loads(line) for line in result.stderr.splitlines()]
     assert len(events) == 1 and "not found" in events[0]["message"] and "caf" in events[0]["message"], result.stderr
+
+
+@pytest.mark.parametrize("log_format", [["--log", "json"], ["--log-f=json"]])
+async def test_an_abbreviated_log_format_option_makes_usage_errors_json_too(log_format: list[str]) -> None:
+    """argparse takes `--log json` for `--log-format json`, so runs logged JSON, but a refused command line was
+    reported in text: the one line a JSON reader met that did not parse."""
+    result = await run_etl(*log_format, "sync", "--bogus")
+    assert result.returncode == 2
+    [event] = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert "unrecognized arguments: --bogus" in event["message"]
+
+
+async def test_no_arguments_at_all_is_a_usage_error() -> None:
+    """`python -m etl` alone: exit 2 and the missing COMMAND named, not a traceback from reading the command line."""
+    result = await run_etl()
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "required: COMMAND" in result.stderr
