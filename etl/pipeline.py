@@ -248,7 +248,10 @@ class Pipeline:
                 retry = RetryPolicy.from_api(self.config.api, self.stop)
                 self._tokens = TokenManager(self.config.auth, secret, session, retry)
                 client = ApiClient(self.config.api, session, self._tokens, self.counters, retry, self.api_clock)
-                await self._fetch_and_load(client, plans)
+                try:
+                    await self._fetch_and_load(client, plans)
+                finally:
+                    await self._tokens.close()
         finally:
             self.progress.stop()
         for stats in self.stats.values():

@@ -98,6 +98,10 @@ class Token:
     def is_valid(self, now: float) -> bool:
         return now < self.expires_at
 
+    def is_sendable_while_renewing(self, now: float) -> bool:
+        """Before the middle of the renewal margin: sent meanwhile, it keeps half the margin against the API's clock."""
+        return now < (self.refresh_at + self.expires_at) / 2
+
     def __repr__(self) -> str:
         return f"Token(expires in {self.expires_at - self._clock():.0f}s)"
 
@@ -134,17 +138,31 @@ class TokenManager:
         )
 
     async def token(self) -> Token:
-        """A token fresh enough to send. Renewal is single-flight: every caller waits on the same request."""
+        """A token fresh enough to send. Renewal is single-flight: every caller waits on the same request.
+
+        While a renewal is under way, the current token is still sent until the middle of its margin: every
+        worker waited on the renewal, and a slow or failing token endpoint stalled the run for its whole retry
+        cycle, though the token had the margin to live.
+        """
         current, now = self._current, self._clock()
-        if current is not None and (
-            current.is_fresh(now) or (current.is_valid(now) and now < self._keep_stale_until)
-        ):
+        if current is not None and current.is_fresh(now):
+            return current
+        if current is not None and current.is_valid(now) and now < self._keep_stale_until:
             return current
         if self._renewal is None or self._renewal.done():
             self._renewal = asyncio.create_task(self._renew())
             self._renewal.add_done_callback(_seen)
+        if current is not None and current.is_sendable_while_renewing(now):
+            return current
         # shielded: a worker cancelled while waiting must not cancel the request the others wait on
         return await asyncio.shield(self._renewal)
+
+    async def close(self) -> None:
+        """Cancel a renewal no worker waits on any more (begun in a token's margin as the run ended)."""
+        renewal = self._renewal
+        if renewal is not None and not renewal.done():
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
 
     async def invalidate(self, token: Token) -> None:
         """Drop `token` if it is still the current one; a newer token another worker obtained stays."""

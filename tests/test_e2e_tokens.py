@@ -199,3 +199,59 @@ async def test_a_resource_whose_scope_the_token_lacks_fails_alone(tmp_path: Path
     assert "customers: 0 loaded" in result.stdout and "FAILED: the API rejected a freshly issued token" in result.stdout
     assert await scalar(url, "SELECT COUNT(*) FROM orders") == 300
     assert len(tokens) == 2
+
+
+class _SlowRenewal:
+    """A token endpoint whose renewal answers only once the API has served a request meanwhile (3 s at most), and an
+    API that refuses a token past its own expiry and ends its pages once the renewed token has come."""
+
+    def __init__(self) -> None:
+        self.issued: dict[str, float] = {}  # token -> when the API considers it expired (the loop's clock)
+        self.served_during_renewal = asyncio.Event()
+        self.renewing = False
+        self.stalled = False
+        self.expired_sent = 0
+
+    async def token(self, _request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        if self.issued:  # the renewal: every worker that waits for it sends nothing meanwhile
+            self.renewing = True
+            try:
+                await asyncio.wait_for(self.served_during_renewal.wait(), 3)
+            except TimeoutError:
+                self.stalled = True
+        value = f"slow-renewal-token-{len(self.issued)}"
+        self.issued[value] = loop.time() + 8
+        return web.json_response({"access_token": value, "expires_in": 8, "token_type": "Bearer"})
+
+    async def items(self, request: web.Request) -> web.Response:
+        value = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if asyncio.get_running_loop().time() >= self.issued.get(value, 0):
+            self.expired_sent += 1
+            return web.json_response({"message": "The incoming token has expired"}, status=401)
+        if self.renewing:
+            self.served_during_renewal.set()
+        await asyncio.sleep(0.05)
+        page = int(request.query["page"])
+        size = 5 if value != "slow-renewal-token-0" else 10  # the renewed token's page is the last one
+        return web.json_response({"data": [{"id": page * 10 + n} for n in range(size)]})
+
+
+async def test_workers_keep_the_valid_token_while_a_renewal_is_slow(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """An 8 s token with refresh_margin_s = 4: renewal begins at 4 s, and the token endpoint takes its time.
+
+    Every worker waited on that renewal, though the token had 4 s left: a slow token endpoint stalled the run, and
+    one that failed for good stalled it for its whole retry cycle and then failed it, the token's rest unused."""
+    url, mock = await fresh_database("sqlite"), _SlowRenewal()
+    async with serving({("POST", "/oauth2/token"): mock.token, ("GET", "/api/items"): mock.items}) as origin:
+        document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
+        document["auth"]["refresh_margin_s"] = 4
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        }]
+        result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
+
+    assert result.returncode == 0, result.stderr
+    assert len(mock.issued) == 2 and mock.expired_sent == 0
+    assert not mock.stalled, "no request was sent while the token endpoint renewed a token still valid for 4 s"

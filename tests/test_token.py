@@ -135,7 +135,8 @@ async def test_64_concurrent_callers_make_one_token_request(
 async def test_short_lived_token_renews_once_per_lifetime_not_in_a_loop(
     session: aiohttp.ClientSession, endpoint: TokenEndpoint
 ) -> None:
-    """A 2 s token with a 60 s margin renews at 95% of its life: <= 11 requests in 20 s, only fresh tokens go out."""
+    """A 2 s token with a 60 s margin renews at 95% of its life: <= 11 requests in 20 s, and no token goes out
+    past the middle of its margin (it may while its renewal is under way)."""
     endpoint.lifetime_s = 2
     clock = FakeClock()
     manager = make_manager(session, url=endpoint.url, clock=clock, refresh_margin_s=60)
@@ -145,7 +146,7 @@ async def test_short_lived_token_renews_once_per_lifetime_not_in_a_loop(
         nonlocal handed_out
         while clock.now < 20:
             token = await manager.token()
-            assert token.is_fresh(clock()), f"stale token handed out at {clock.now:.3f}"
+            assert token.is_sendable_while_renewing(clock()), f"stale token handed out at {clock.now:.3f}"
             handed_out += 1
             clock.now += 0.005
             await asyncio.sleep(0)
@@ -160,9 +161,15 @@ async def test_short_lived_token_renews_once_per_lifetime_not_in_a_loop(
 async def test_token_is_reused_until_refresh_margin_before_expiry(
     session: aiohttp.ClientSession, http_mock: aioresponses
 ) -> None:
-    """A 3600 s token is served until 60 s before it expires, then renewed."""
+    """A 3600 s token is served until 60 s before it expires, then renewed; while the renewal is under way it is
+    still served until 30 s before it expires, and after that the callers wait for the new one."""
+    renewal_may_answer = asyncio.Event()
+
+    async def answer_when_allowed(_url: URL, **_kwargs: Any) -> None:
+        await renewal_may_answer.wait()
+
     http_mock.post(TOKEN_URL, payload=grant("tok-1"))
-    http_mock.post(TOKEN_URL, payload=grant("tok-2"))
+    http_mock.post(TOKEN_URL, payload=grant("tok-2"), callback=answer_when_allowed)
     clock = FakeClock()
     manager = make_manager(session, clock=clock, refresh_margin_s=60)
 
@@ -170,7 +177,17 @@ async def test_token_is_reused_until_refresh_margin_before_expiry(
     clock.now = 3539.9
     assert await manager.token() is first
     clock.now = 3540.1
-    second = await manager.token()
+    assert await manager.token() is first
+    await asyncio.sleep(0.01)
+    assert manager.token_requests == 2  # the renewal is under way
+    clock.now = 3569.9
+    assert await manager.token() is first
+    clock.now = 3570.1
+    waiting = asyncio.create_task(manager.token())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    renewal_may_answer.set()
+    second = await waiting
 
     assert second is not first
     assert manager.token_requests == 2
@@ -185,14 +202,14 @@ async def test_renewal_failure_keeps_serving_a_valid_token(
     clock = FakeClock()
     manager = make_manager(session, clock=clock, refresh_margin_s=60)
     first = await manager.token()
-    clock.now = 150
+    clock.now = 175  # past the middle of the margin: callers wait on the renewal
 
     with caplog.at_level(logging.WARNING, logger="etl.token"):
         kept = await manager.token()
 
     assert kept is first
     assert kept.is_valid(clock()) and not kept.is_fresh(clock())
-    assert "token renewal failed, keeping the current Token(expires in 50s)" in caplog.text
+    assert "token renewal failed, keeping the current Token(expires in 25s)" in caplog.text
     assert manager.token_requests == 1 + 4
 
 
@@ -205,14 +222,14 @@ async def test_failed_renewal_is_not_retried_on_every_call(
     clock = FakeClock()
     manager = make_manager(session, clock=clock, refresh_margin_s=60)
     await manager.token()
-    clock.now = 150
+    clock.now = 175
     await manager.token()
     requests_after_failure = manager.token_requests
 
-    clock.now = 174
+    clock.now = 187
     await manager.token()
     assert manager.token_requests == requests_after_failure
-    clock.now = 176
+    clock.now = 188
     await manager.token()
     assert manager.token_requests == requests_after_failure + 1
 
@@ -739,7 +756,7 @@ async def test_no_secret_or_token_in_logs_and_errors_of_a_failing_flow(
     clock = FakeClock()
     manager = make_manager(session, clock=clock)
     await manager.token()
-    clock.now = 150
+    clock.now = 175
     await manager.token()  # renewal fails, the valid token is kept
     clock.now = 200
     with pytest.raises(AuthError) as refused:
