@@ -105,6 +105,11 @@ class RetryableError(SourceError):
         self.asked = asked
 
 
+class TokenEndpointFailed(SourceError):
+    """The token endpoint failed every retry (5xx, timeouts) with no valid token left: no worker of the run can
+    send a request, so the run stops rather than retry the endpoint again for each resource."""
+
+
 class TokenRejected(RetryableError):
     """The API answered 401 to the token a request carried."""
 

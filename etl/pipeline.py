@@ -39,6 +39,7 @@ from etl.errors import (
     Interrupted,
     LoadError,
     RefusedRequest,
+    TokenEndpointFailed,
     TokenRefusedByApi,
     UnreachableError,
 )
@@ -60,7 +61,7 @@ QUEUE_PAGES = 64
 LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*[+-](?!00(?::?00)?$)\d\d(?::?\d\d)?$")
 API_CLOCK_WARNING = timedelta(minutes=1)  # clocks kept by NTP are never this far apart
 GRACE_SECONDS = 15.0
-RUN_WIDE_ERRORS = (AuthError, UnreachableError, LoadError, ConfigError)
+RUN_WIDE_ERRORS = (AuthError, UnreachableError, LoadError, ConfigError, TokenEndpointFailed)
 
 
 @dataclass

@@ -31,7 +31,14 @@ from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from etl.config import AuthConfig
-from etl.errors import AuthError, EtlError, RetryableError, TokenRefusedByApi, TokenRejected
+from etl.errors import (
+    AuthError,
+    EtlError,
+    RetryableError,
+    TokenEndpointFailed,
+    TokenRefusedByApi,
+    TokenRejected,
+)
 from etl.logs import MASK, redact, register_secret
 from etl.transport import CONNECT_HINT, RetryPolicy, display_url, proxy_for, retry_after_seconds, translate
 
@@ -220,7 +227,7 @@ class TokenManager:
         except EtlError as exc:
             kept = self._keep_current()
             if kept is None:
-                raise
+                raise self._gave_up(exc) from exc
             log.warning("token renewal failed, keeping the current %r: %s", kept, exc.message)
             return kept
         else:
@@ -228,6 +235,13 @@ class TokenManager:
             return token
         finally:
             self._renewal = None
+
+    def _gave_up(self, exc: EtlError) -> EtlError:
+        """A transient failure that outlasted its retries is final for the run: every worker needs this token."""
+        if type(exc) is not RetryableError:
+            return exc
+        tries = self._retry.max_retries
+        return TokenEndpointFailed(f"{exc.message} (gave up after {tries + 1} attempts, [api].max_retries = {tries})")
 
     def _keep_current(self) -> Token | None:
         """The current token if still valid, then served a while without renewing, to spare the endpoint."""

@@ -30,7 +30,14 @@ from yarl import URL
 
 from etl.client import ApiClient, PageRequest, RequestCounters, rate_limiter, same_site
 from etl.config import ApiConfig, AuthConfig
-from etl.errors import AuthError, ConnectionFailed, RetryableError, SourceError, UnreachableError
+from etl.errors import (
+    AuthError,
+    ConnectionFailed,
+    RetryableError,
+    SourceError,
+    TokenEndpointFailed,
+    UnreachableError,
+)
 from etl.simulator import Faults, Simulator, SimulatorSettings
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, display_url, open_session, retry_after_seconds, translate
@@ -254,7 +261,7 @@ async def test_a_renewal_after_a_401_that_fails_is_not_retried_again_per_request
     config = ApiConfig(base_url=BASE, retry_backoff_s=0.001, max_retries=2)
     async with open_session(config) as session:
         client, counters = _client(config, session, TOKEN_URL)
-        with pytest.raises(RetryableError, match="answered 503"):
+        with pytest.raises(TokenEndpointFailed, match="answered 503"):
             await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
     assert len(http_mock.requests[("POST", URL(TOKEN_URL))]) == 1 + 3  # the first token, then one renewal of 3 attempts
     assert counters.retries == 0
@@ -367,7 +374,7 @@ async def test_a_failing_token_endpoint_is_not_retried_again_per_request(http_mo
     api = ApiConfig(base_url=BASE, retry_backoff_s=0.001, max_retries=2)
     async with open_session(api) as session:
         client, counters = _client(api, session, TOKEN_URL)
-        with pytest.raises(RetryableError, match="the token endpoint .* answered 503"):
+        with pytest.raises(TokenEndpointFailed, match="the token endpoint .* answered 503"):
             await client.get(PageRequest(BASE + "/orders"))
     assert len(http_mock.requests[("POST", URL(TOKEN_URL))]) == 3
     assert counters.requests == 0

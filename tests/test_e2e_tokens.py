@@ -255,3 +255,41 @@ async def test_workers_keep_the_valid_token_while_a_renewal_is_slow(tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert len(mock.issued) == 2 and mock.expired_sent == 0
     assert not mock.stalled, "no request was sent while the token endpoint renewed a token still valid for 4 s"
+
+
+async def test_a_token_endpoint_failing_for_good_stops_the_run_after_one_retry_cycle(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A 2 s token, then a token endpoint that answers 500 to every renewal: one worker, four resources.
+
+    The renewal's failure after all its retries failed only the resource whose worker met it: the next resource's
+    first request began a whole new retry cycle on the same dead endpoint, one cycle per resource (with timeouts,
+    minutes each), though no resource could get a token. Now one cycle while the token is valid (it may end
+    before the token does, which is then kept) and one after, whatever the number of resources."""
+    url, token_requests = await fresh_database("sqlite"), []
+
+    async def token(_request: web.Request) -> web.Response:
+        token_requests.append(1)
+        if len(token_requests) > 1:
+            return web.json_response({"message": "Internal server error"}, status=500)
+        return web.json_response({"access_token": "short-lived-token", "expires_in": 2, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        page = int(request.query["page"])
+        return web.json_response({"data": [{"id": page * 10 + n} for n in range(10)]})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/items"): items}) as origin:
+        document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
+        document["api"] |= {"concurrency": 1, "max_retries": 2, "retry_backoff_s": 0.01}
+        document["resources"] = [{
+            "name": name, "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        } for name in ("first", "second", "third", "fourth")]
+        result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
+
+    assert result.returncode == 1, result.stderr
+    assert len(token_requests) <= 1 + 2 * 3, "at most two renewals, each retried twice, for the whole run"
+    assert result.stderr.count("ERROR") == 1
+    assert "the token endpoint" in result.stdout.split("second:")[1].splitlines()[0]
+    assert "gave up after 3 attempts, [api].max_retries = 2" in result.stderr

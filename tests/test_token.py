@@ -26,7 +26,13 @@ from pydantic import SecretStr
 from yarl import URL
 
 from etl.config import AuthConfig
-from etl.errors import AuthError, ConnectionFailed, RetryableError, SourceError, TokenRejected
+from etl.errors import (
+    AuthError,
+    ConnectionFailed,
+    SourceError,
+    TokenEndpointFailed,
+    TokenRejected,
+)
 from etl.token import Token, TokenManager, refresh_after
 from etl.transport import RetryPolicy
 
@@ -555,20 +561,23 @@ async def test_a_token_endpoint_that_times_out_is_named_without_words_about_page
     http_mock.post(TOKEN_URL, exception=TimeoutError(), repeat=True)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=7)) as session:
-        with pytest.raises(RetryableError) as excinfo:
+        with pytest.raises(TokenEndpointFailed) as excinfo:
             await make_manager(session).token()
 
-    assert str(excinfo.value) == f"the token endpoint {TOKEN_URL} did not answer within 7s ([api].timeout_s)"
+    assert str(excinfo.value) == (
+        f"the token endpoint {TOKEN_URL} did not answer within 7s ([api].timeout_s) (gave up after 4 attempts, [api].max_retries = 3)"
+    )
 
 
 async def test_5xx_after_all_retries_is_not_an_auth_error(
     session: aiohttp.ClientSession, http_mock: aioresponses
 ) -> None:
-    """An endpoint that keeps failing is a transient failure (exit 1), not a refusal of our credentials."""
+    """An endpoint that keeps failing is a transient failure (exit 1), not a refusal of our credentials; after all
+    its retries, final for the run (TokenEndpointFailed stops it), since every worker needs the token."""
     http_mock.post(TOKEN_URL, status=502, repeat=True)
     manager = make_manager(session)
 
-    with pytest.raises(RetryableError) as excinfo:
+    with pytest.raises(TokenEndpointFailed) as excinfo:
         await manager.token()
 
     assert excinfo.value.exit_code == 1
