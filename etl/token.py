@@ -135,6 +135,7 @@ class TokenManager:
         self._current: Token | None = None
         self._renewal: asyncio.Task[Token] | None = None
         self._keep_stale_until = float("-inf")
+        self._other_token_type: str | None = None  # a token_type other than Bearer the endpoint answered
         self.token_requests = 0
         self.retried_after_401 = 0  # requests the API answered 401 and that went again with a new token
 
@@ -200,7 +201,7 @@ class TokenManager:
         except TokenRejected as exc:
             raise TokenRefusedByApi(
                 f"the API rejected a freshly issued token from {self._url}: {exc.message}",
-                hint=FRESH_TOKEN_HINT,
+                hint=FRESH_TOKEN_HINT + self._token_type_note(),
             ) from exc
         raise AssertionError("tenacity ends with a result or re-raises the last error")
 
@@ -291,9 +292,31 @@ class TokenManager:
             )
         register_secret(value)
         refuse_unsendable(value, self._url, status)
+        self._note_token_type(fields.get("token_type"))
         lifetime = self._lifetime(fields.get("expires_in"))
         log.info("token obtained from %s, lifetime %.0fs", self._host, lifetime)
         return Token(value, issued + lifetime, issued + refresh_after(lifetime, self._auth.refresh_margin_s), self._clock)
+
+    def _note_token_type(self, token_type: Any) -> None:
+        """etl sends every token as Bearer (SPEC): another type (mac, DPoP) is warned about once a run, and named
+        if the API refuses the token. Absent, or bearer in any case (RFC 6749 §5.1), it is no news."""
+        if token_type is None or str(token_type).lower() == "bearer" or self._other_token_type is not None:
+            return
+        self._other_token_type = str(token_type)[:40]
+        log.warning(
+            'the token endpoint %s answered token_type "%s", not Bearer; etl sends the token as a Bearer token, '
+            "which the API may refuse",
+            self._url,
+            self._other_token_type,
+        )
+
+    def _token_type_note(self) -> str:
+        if self._other_token_type is None:
+            return ""
+        return (
+            f'; the token endpoint answered token_type "{self._other_token_type}" and etl sends tokens as Bearer: '
+            "the API may want another kind of token than this app client is issued"
+        )
 
     def _lifetime(self, expires_in: Any) -> float:
         lifetime = lifetime_of(expires_in)

@@ -360,6 +360,38 @@ async def test_authorized_two_401s_is_auth_error_about_a_fresh_token(
     assert manager.retried_after_401 == 1, "the second 401 ends the request: it is no retry"
 
 
+async def test_a_token_type_other_than_bearer_is_warned_about_and_named_when_the_api_refuses_it(
+    session: aiohttp.ClientSession, http_mock: aioresponses, caplog: pytest.LogCaptureFixture
+) -> None:
+    """etl sends every token as Bearer (SPEC): a "mac" or "DPoP" token went out so without a word, and the API's
+    refusal was hinted at the audience and scopes only."""
+    http_mock.post(TOKEN_URL, payload=grant("tok-1") | {"token_type": "mac"}, repeat=True)
+    manager = make_manager(session)
+
+    async def send(token: Token) -> str:
+        raise TokenRejected(REJECTED)
+
+    with caplog.at_level(logging.WARNING, logger="etl.token"), pytest.raises(AuthError) as excinfo:
+        await manager.authorized(send)
+
+    assert caplog.text.count('answered token_type "mac", not Bearer') == 1, "once a run, not once a token"
+    assert 'token_type "mac"' in (excinfo.value.hint or "")
+
+
+async def test_a_bearer_token_type_in_any_case_is_no_warning(
+    session: aiohttp.ClientSession, http_mock: aioresponses, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6749 §5.1: the type is case-insensitive (Keycloak once answered "bearer"); an absent one is no warning either."""
+    http_mock.post(TOKEN_URL, payload=grant("tok-1") | {"token_type": "bearer"})
+    http_mock.post(TOKEN_URL, payload={"access_token": "tok-2"})
+    manager = make_manager(session)
+    with caplog.at_level(logging.WARNING, logger="etl.token"):
+        first = await manager.token()
+        await manager.invalidate(first)
+        await manager.token()
+    assert "token_type" not in caplog.text
+
+
 async def test_authorized_403_does_not_renew(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
     """A 403 is about permissions, not the token: it passes through untouched and no token is requested."""
     http_mock.post(TOKEN_URL, payload=grant("tok-1"))
