@@ -293,3 +293,37 @@ async def test_a_token_endpoint_failing_for_good_stops_the_run_after_one_retry_c
     assert result.stderr.count("ERROR") == 1
     assert "the token endpoint" in result.stdout.split("second:")[1].splitlines()[0]
     assert "gave up after 3 attempts, [api].max_retries = 2" in result.stderr
+
+
+async def test_a_renewal_under_way_when_the_run_ends_is_dropped_without_a_word(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A 4 s token renewed from 3 s on, by an endpoint that takes 2.5 s, and an API whose last page comes at 3.4 s.
+
+    The workers do not wait on that renewal (the token is still good): the run ends while it is under way, and it
+    must not outlive the session, which logged "token request 1 failed: ... Server disconnected" after the summary."""
+    url, issued_at = await fresh_database("sqlite"), []
+
+    async def token(_request: web.Request) -> web.Response:
+        issued_at.append(asyncio.get_running_loop().time())
+        if len(issued_at) > 1:
+            await asyncio.sleep(2.5)
+        return web.json_response({"access_token": f"ending-token-{len(issued_at)}", "expires_in": 4, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)
+        page, age = int(request.query["page"]), asyncio.get_running_loop().time() - issued_at[0]
+        return web.json_response({"data": [{"id": page * 10 + n} for n in range(10 if age < 3.4 else 5)]})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/items"): items}) as origin:
+        document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
+        document["auth"]["refresh_margin_s"] = 1
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+        }]
+        result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
+
+    assert result.returncode == 0, result.stderr
+    assert len(issued_at) == 2, "the renewal began while the last pages were read"
+    assert "WARNING" not in result.stderr and "Task" not in result.stderr
