@@ -74,6 +74,7 @@ from etl.logs import redact, register_secret, takes_utf8
 from etl.paginators import Paginator, window_paginator
 from etl.records import RecordValidator, records_at
 from etl.token import (
+    EXPIRES_IN_HINT,
     METHOD_HINT,
     REFUSED_HINT,
     Token,
@@ -556,8 +557,7 @@ class Checker:
         expires_in = fields.get("expires_in")
         lifetime = lifetime_of(expires_in)
         if lifetime is None:
-            hint = "this is not a standard OAuth2 token answer: check that auth.token_url is the token endpoint"
-            return Verdict(f"{status}, but expires_in={expires_in!r} is not a positive number", "failed", [], hint, 3)
+            return Verdict(f"{status}, but expires_in={expires_in!r} is not a positive number", "failed", [], EXPIRES_IN_HINT, 3)
         now = time.monotonic()
         self.token = Token(value, now + lifetime, now + lifetime)
         granted = fields.get("scope")

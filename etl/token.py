@@ -79,6 +79,7 @@ LOGIN_REDIRECT_HINT = (
     "the address it redirects to is no token endpoint (a login page, or a proxy's): check that auth.token_url is "
     "the token endpoint itself (Cognito's ends in /oauth2/token) and that no proxy in between wants a sign-in"
 )
+EXPIRES_IN_HINT = "this is not a standard OAuth2 token answer: check that auth.token_url is the token endpoint"
 FRESH_TOKEN_HINT = (
     "the token endpoint issues tokens this API does not accept: check that auth.token_url is the user pool "
     "the API trusts (audience), that auth.scopes are the ones the API requires, and that auth.client_id is "
@@ -322,7 +323,8 @@ class TokenManager:
         lifetime = lifetime_of(expires_in)
         if lifetime is None:
             raise AuthError(
-                f"the token endpoint {self._url} answered expires_in={expires_in!r}, not a positive number of seconds"
+                f"the token endpoint {self._url} answered expires_in={expires_in!r}, not a positive number of seconds",
+                hint=EXPIRES_IN_HINT,
             )
         return lifetime
 

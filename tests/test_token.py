@@ -721,6 +721,7 @@ async def test_an_expires_in_that_is_not_a_lifetime_is_refused(
         await make_manager(session).token()
 
     assert "expires_in" in str(excinfo.value)
+    assert "check that auth.token_url is the token endpoint" in str(excinfo.value), "check's hint, in sync too"
 
 
 async def test_a_bare_401_gets_the_credentials_hint(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
