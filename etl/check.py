@@ -83,6 +83,7 @@ from etl.token import (
     json_object,
     lifetime_of,
     other_client_auth,
+    other_token_type,
     quoted_secret_note,
     redirect_hint,
     redirect_text,
@@ -566,6 +567,8 @@ class Checker:
         missing = set(self.config.auth.scopes) - set(str(granted).split()) if granted else set()
         if missing:
             verdict.status, verdict.hint = "warning", f"the endpoint did not grant {', '.join(sorted(missing))}"
+        if (token_type := other_token_type(fields.get("token_type"))) is not None:
+            verdict.details.append(f'warning: token_type "{token_type}", not Bearer: etl sends the token as a Bearer token')
         if not urlsplit(self.config.auth.token_url).path.endswith(TOKEN_PATH):
             verdict.details.append(f"warning: auth.token_url does not end in {TOKEN_PATH} (Cognito's token endpoint)")
         return verdict

@@ -301,9 +301,9 @@ class TokenManager:
     def _note_token_type(self, token_type: Any) -> None:
         """etl sends every token as Bearer (SPEC): another type (mac, DPoP) is warned about once a run, and named
         if the API refuses the token. Absent, or bearer in any case (RFC 6749 §5.1), it is no news."""
-        if token_type is None or str(token_type).lower() == "bearer" or self._other_token_type is not None:
+        if self._other_token_type is not None or (other := other_token_type(token_type)) is None:
             return
-        self._other_token_type = str(token_type)[:40]
+        self._other_token_type = other
         log.warning(
             'the token endpoint %s answered token_type "%s", not Bearer; etl sends the token as a Bearer token, '
             "which the API may refuse",
@@ -390,6 +390,13 @@ class TokenManager:
             exc,
             wait,
         )
+
+
+def other_token_type(token_type: Any) -> str | None:
+    """The token_type, cut short, when it is not Bearer (in any case, RFC 6749 §5.1); None when absent or Bearer."""
+    if token_type is None or str(token_type).lower() == "bearer":
+        return None
+    return str(token_type)[:40]
 
 
 def quoted_secret_note(secret: SecretStr) -> str:

@@ -787,6 +787,25 @@ async def test_a_token_without_expires_in_says_the_lifetime_is_assumed(
     assert "200, no expires_in, taken as 3600s" in line_of(out, "✔ token")
 
 
+async def test_a_token_type_other_than_bearer_is_a_warning_of_the_token_step(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sync warns that a "mac" token goes out as Bearer; check, where a user looks first, passed it without a word."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "mac-token", "token_type": "mac", "expires_in": 600})
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", token)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        _, out = await check(capsys, write_config(simulator.base_url, str(server.make_url("/oauth2/token")), resources=["products"]))
+    finally:
+        await server.close()
+    assert 'warning: token_type "mac", not Bearer: etl sends the token as a Bearer token' in out
+
+
 async def test_a_token_with_a_line_break_fails_the_token_step_not_with_a_traceback(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
