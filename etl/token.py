@@ -28,7 +28,7 @@ from urllib.parse import quote_plus, urljoin, urlsplit
 
 import aiohttp
 from pydantic import SecretStr
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from etl.config import AuthConfig
 from etl.errors import (
@@ -95,6 +95,7 @@ class Token:
     expires_at: float  # on the manager's (monotonic) clock
     refresh_at: float
     _clock: Callable[[], float] = field(default=time.monotonic)
+    requested_at: float = -math.inf  # when its request went to the token endpoint
 
     def authorization(self) -> str:
         """The Authorization header value; the only way the token leaves this object."""
@@ -184,21 +185,25 @@ class TokenManager:
     ) -> T:
         """`send(token)`; after a TokenRejected (401), once more with a new token.
 
+        The new token must have been asked for after the 401: one another worker obtained while the refused
+        request was in flight may have been revoked with the old one (a key rotation), and its refusal says
+        nothing of the tokens the endpoint issues now, so it is dropped too and the request goes once more.
         `before` is awaited before each token is taken (the client's rate limit): what waits,
         waits without a token in hand. Other exceptions pass through untouched: the API client
         retries 429 and 5xx itself.
         """
+        refusal = _Refusal()
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(API_TOKEN_ATTEMPTS),
-            retry=retry_if_exception_type(TokenRejected),
+            stop=stop_after_attempt(API_TOKEN_ATTEMPTS + 1),
+            retry=retry_if_exception(refusal.retry_follows),
             reraise=True,
             before_sleep=_log_rejected,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    retry_follows = attempt.retry_state.attempt_number < API_TOKEN_ATTEMPTS
-                    return await self._send_once(send, before, drop_if_rejected=retry_follows)
+                    last = attempt.retry_state.attempt_number > API_TOKEN_ATTEMPTS
+                    return await self._send_once(send, before, refusal, last)
         except TokenRejected as exc:
             raise TokenRefusedByApi(
                 f"the API rejected a freshly issued token from {self._url}: {exc.message}",
@@ -207,17 +212,17 @@ class TokenManager:
         raise AssertionError("tenacity ends with a result or re-raises the last error")
 
     async def _send_once(
-        self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None, drop_if_rejected: bool
+        self, send: Callable[[Token], Awaitable[T]], before: Callable[[], Awaitable[None]] | None, refusal: _Refusal, last: bool
     ) -> T:
-        """`drop_if_rejected` is false for the last attempt: a fresh token the API refuses may be one resource's
-        lack of scope, and the other resources go on with it."""
+        """A refused token is dropped when a retry follows. The last refusal's token is kept: a fresh token the API
+        refuses may be one resource's lack of scope, and the other resources go on with it."""
         if before is not None:
             await before()
         token = await self.token()
         try:
             return await send(token)
-        except TokenRejected:
-            if drop_if_rejected:  # a retry follows: the last 401 ends the request, and is no retry
+        except TokenRejected as exc:
+            if refusal.note(exc, token, self._clock(), last):  # the last 401 ends the request, and is no retry
                 self.retried_after_401 += 1
                 await self.invalidate(token)
             raise
@@ -296,7 +301,8 @@ class TokenManager:
         self._note_token_type(fields.get("token_type"))
         lifetime = self._lifetime(fields.get("expires_in"))
         log.info("token obtained from %s, lifetime %.0fs", self._host, lifetime)
-        return Token(value, issued + lifetime, issued + refresh_after(lifetime, self._auth.refresh_margin_s), self._clock)
+        refresh_at = issued + refresh_after(lifetime, self._auth.refresh_margin_s)
+        return Token(value, issued + lifetime, refresh_at, self._clock, requested_at=issued)
 
     def _note_token_type(self, token_type: Any) -> None:
         """etl sends every token as Bearer (SPEC): another type (mac, DPoP) is warned about once a run, and named
@@ -548,6 +554,27 @@ def answer_excerpt(answer: bytes) -> str:
     text = redact(answer.decode("utf-8", "replace"))
     text = _TOKEN_FIELD.sub(lambda field: field.group(1) + MASK, text)
     return _JWT.sub(MASK, text)[:EXCERPT_CHARS]
+
+
+class _Refusal:
+    """The 401s one request met: it goes once more after each, until a token asked for after the first is refused."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+        self._final: set[int] = set()  # ids of the TokenRejected that end the request
+
+    def note(self, exc: TokenRejected, token: Token, now: float, last: bool) -> bool:
+        """Whether a retry follows this refusal of `token`."""
+        fresh = self.first_at is not None and token.requested_at >= self.first_at
+        if self.first_at is None:
+            self.first_at = now
+        if fresh or last:
+            self._final.add(id(exc))
+            return False
+        return True
+
+    def retry_follows(self, exc: BaseException) -> bool:
+        return isinstance(exc, TokenRejected) and id(exc) not in self._final
 
 
 def _seen(renewal: asyncio.Task[Token]) -> None:

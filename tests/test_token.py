@@ -392,6 +392,59 @@ async def test_a_bearer_token_type_in_any_case_is_no_warning(
     assert "token_type" not in caplog.text
 
 
+async def test_a_token_renewed_while_the_refused_request_was_in_flight_is_no_fresh_token(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """The API revokes every token it issued so far (a key rotation) while a request with tok-1 is in flight, and
+    just after another worker renewed tok-1 into tok-2 at the margin. That request's 401 was retried with tok-2,
+    revoked too, and the run stopped with exit 3, "the API rejected a freshly issued token": tok-2 predates the
+    401, and only a token asked for after it tells whether the API refuses new tokens."""
+    for value in ("tok-1", "tok-2", "tok-3"):
+        http_mock.post(TOKEN_URL, payload=grant(value, 200))
+    clock = FakeClock()
+    manager = make_manager(session, clock=clock, refresh_margin_s=60)
+    revoked: set[str] = set()
+    await manager.token()
+
+    async def send(token: Token) -> str:
+        if token.authorization() == "Bearer tok-1":  # in flight while another worker renews, then the rotation
+            clock.now = 175
+            await manager.token()
+            clock.now = 176  # the 401 comes after the renewal
+            revoked.update({"Bearer tok-1", "Bearer tok-2"})
+        if token.authorization() in revoked:
+            raise TokenRejected(REJECTED)
+        return token.authorization()
+
+    assert await manager.authorized(send) == "Bearer tok-3"
+    assert manager.token_requests == 3
+
+
+async def test_a_token_asked_for_after_the_401_and_refused_too_ends_the_request(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """Only once: a token asked for after the 401 and refused as well is the API refusing this client's tokens."""
+    for value in ("tok-1", "tok-2", "tok-3", "tok-4"):
+        http_mock.post(TOKEN_URL, payload=grant(value, 200))
+    clock = FakeClock()
+    manager = make_manager(session, clock=clock, refresh_margin_s=60)
+    sent: list[str] = []
+    await manager.token()
+
+    async def send(token: Token) -> str:
+        sent.append(token.authorization())
+        if token.authorization() == "Bearer tok-1":
+            clock.now = 175
+            await manager.token()
+            clock.now = 176
+        raise TokenRejected(REJECTED)
+
+    with pytest.raises(AuthError, match="freshly issued token"):
+        await manager.authorized(send)
+    assert sent == ["Bearer tok-1", "Bearer tok-2", "Bearer tok-3"]
+    assert manager.token_requests == 3
+
+
 async def test_authorized_403_does_not_renew(session: aiohttp.ClientSession, http_mock: aioresponses) -> None:
     """A 403 is about permissions, not the token: it passes through untouched and no token is requested."""
     http_mock.post(TOKEN_URL, payload=grant("tok-1"))
