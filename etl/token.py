@@ -5,7 +5,8 @@ run. It asks the token endpoint (RFC 6749 §4.4) once per lifetime, renews
 `refresh_margin_s` before expiry, or at 95% of a lifetime too short for that
 margin (never before half the lifetime, so it cannot renew in a loop), and makes one request however
 many workers need a token at once. A 401 from the API drops exactly the token
-that request carried and sends it once more with a new one (`authorized`); a new
+that request carried and sends it once more with a new one (`authorized`: one asked
+for after the 401, as another worker's may have been revoked with it); a new
 token refused too is kept, and fails only that request's resource. The endpoint's explicit refusals are
 AuthError (exit 3); its transient failures are retried with the shared
 RetryPolicy and end as `transport.translate` says. Neither the secret nor a
@@ -55,7 +56,7 @@ _TOKEN_FIELD = re.compile(r"""(token["']?\s*[:=]\s*["']?)[^"'&\s,;}]+""", re.IGN
 _JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 OTHER_CAUSES_AT_401 = ("invalid_scope", "unsupported_grant_type")
-API_TOKEN_ATTEMPTS = 2  # a request the API answers 401 goes once more, with a new token
+API_TOKEN_ATTEMPTS = 3  # a 401 sends a request once more, with a new token; twice if that token predates the 401
 SHORT_TOKEN_MARGIN = 0.05  # of the lifetime, when refresh_margin_s does not fit in half of it
 
 # etl sends what RFC 6749 asks for (a form POST): an answer like this one means another address, not another request
@@ -194,7 +195,7 @@ class TokenManager:
         """
         refusal = _Refusal()
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(API_TOKEN_ATTEMPTS + 1),
+            stop=stop_after_attempt(API_TOKEN_ATTEMPTS),
             retry=retry_if_exception(refusal.retry_follows),
             reraise=True,
             before_sleep=_log_rejected,
@@ -202,7 +203,7 @@ class TokenManager:
         try:
             async for attempt in retrying:
                 with attempt:
-                    last = attempt.retry_state.attempt_number > API_TOKEN_ATTEMPTS
+                    last = attempt.retry_state.attempt_number == API_TOKEN_ATTEMPTS
                     return await self._send_once(send, before, refusal, last)
         except TokenRejected as exc:
             raise TokenRefusedByApi(
@@ -561,7 +562,7 @@ class _Refusal:
 
     def __init__(self) -> None:
         self.first_at: float | None = None
-        self._final: set[int] = set()  # ids of the TokenRejected that end the request
+        self._final: BaseException | None = None  # the TokenRejected that ends the request
 
     def note(self, exc: TokenRejected, token: Token, now: float, last: bool) -> bool:
         """Whether a retry follows this refusal of `token`."""
@@ -569,12 +570,12 @@ class _Refusal:
         if self.first_at is None:
             self.first_at = now
         if fresh or last:
-            self._final.add(id(exc))
+            self._final = exc
             return False
         return True
 
     def retry_follows(self, exc: BaseException) -> bool:
-        return isinstance(exc, TokenRejected) and id(exc) not in self._final
+        return isinstance(exc, TokenRejected) and exc is not self._final
 
 
 def _seen(renewal: asyncio.Task[Token]) -> None:
