@@ -138,6 +138,7 @@ class TokenManager:
         self._current: Token | None = None
         self._renewal: asyncio.Task[Token] | None = None
         self._keep_stale_until = float("-inf")
+        self._kept: Token | None = None  # the current token, kept after a failed renewal
         self._other_token_type: str | None = None  # a token_type other than Bearer the endpoint answered
         self.token_requests = 0
         self.retried_after_401 = 0  # requests the API answered 401 and that went again with a new token
@@ -163,10 +164,14 @@ class TokenManager:
         if self._renewal is None or self._renewal.done():
             self._renewal = asyncio.create_task(self._renew())
             self._renewal.add_done_callback(_seen)
-        if current is not None and current.is_sendable_while_renewing(now):
+        if current is not None and self._sendable_while_renewing(current, now):
             return current
         # shielded: a worker cancelled while waiting must not cancel the request the others wait on
         return await asyncio.shield(self._renewal)
+
+    def _sendable_while_renewing(self, current: Token, now: float) -> bool:
+        """Until the middle of its margin; to its end once a renewal failed and kept it, as the keeping is for."""
+        return current.is_sendable_while_renewing(now) or (current is self._kept and current.is_valid(now))
 
     async def close(self) -> None:
         """Cancel a renewal no worker waits on any more (begun in a token's margin as the run ended)."""
@@ -257,6 +262,7 @@ class TokenManager:
         if current is None or not current.is_valid(now):
             return None
         self._keep_stale_until = now + max((current.expires_at - now) / 2, MIN_RENEWAL_PAUSE_S)
+        self._kept = current
         return current
 
     async def _request_token(self) -> Token:

@@ -236,8 +236,38 @@ async def test_failed_renewal_is_not_retried_on_every_call(
     await manager.token()
     assert manager.token_requests == requests_after_failure
     clock.now = 188
-    await manager.token()
+    await manager.token()  # still the kept token, while the renewal runs
+    await asyncio.sleep(0.01)
     assert manager.token_requests == requests_after_failure + 1
+
+
+async def test_a_token_kept_after_a_failed_renewal_is_served_while_the_next_renewal_runs(
+    session: aiohttp.ClientSession, http_mock: aioresponses
+) -> None:
+    """A renewal failed and the token, valid 25 s more, was kept; the next renewal, past the middle of the margin,
+    made every worker wait on it: the run stalled for a whole retry cycle while it still had a token to send."""
+    renewal_may_answer = asyncio.Event()
+
+    async def hang(_url: URL, **_kwargs: Any) -> None:
+        await renewal_may_answer.wait()
+
+    http_mock.post(TOKEN_URL, payload=grant("tok-1", 200))
+    http_mock.post(TOKEN_URL, status=400, payload={"error": "invalid_client"})
+    http_mock.post(TOKEN_URL, payload=grant("tok-2", 200), callback=hang)
+    clock = FakeClock()
+    manager = make_manager(session, clock=clock, refresh_margin_s=60)
+    first = await manager.token()
+    clock.now = 175
+    assert await manager.token() is first  # the renewal failed: kept until 187.5
+
+    clock.now = 190  # the next renewal hangs
+    served = await asyncio.wait_for(manager.token(), 1)
+    assert served is first
+    renewal_may_answer.set()
+    await asyncio.sleep(0.05)
+    clock.now = 199
+    assert (await manager.token()).authorization() == "Bearer tok-2"
+    assert manager.token_requests == 3
 
 
 async def test_renewal_failure_with_an_expired_token_raises(
