@@ -623,7 +623,7 @@ async def test_a_token_endpoint_failing_on_its_side_every_time_says_so_with_its_
     for _ in range(4):
         http_mock.post(TOKEN_URL, status=500, body='{"code":"InternalErrorException","message":"An error occurred"}')
 
-    with pytest.raises(RetryableError) as excinfo:
+    with pytest.raises(TokenEndpointFailed) as excinfo:
         await make_manager(session).token()
 
     assert excinfo.value.exit_code == 1
