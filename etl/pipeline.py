@@ -48,7 +48,7 @@ from etl.paginators import PagePlan, Paginator, PlannedPage, window_paginator
 from etl.planning import ResourcePlan
 from etl.progress import NoProgress, ProgressDisplay
 from etl.records import RecordValidator, ValidatedPage, records_at
-from etl.store import LoadBatch, Store, Values, WindowProgress, WindowRecord
+from etl.store import LoadBatch, Store, WindowProgress, WindowRecord
 from etl.token import TokenManager
 from etl.transport import RetryPolicy, open_session
 
@@ -117,7 +117,6 @@ class _Page:
 
     window: WindowRecord
     page: ValidatedPage
-    values: list[Values]  # the page's rows as the database takes them (RowWriter.values)
     position: dict[str, Any]
     finished: bool
     fetched: int | None
@@ -475,21 +474,19 @@ class Pipeline:
     async def _queue_page(
         self, resource: ResourceConfig, window: WindowRecord, records: list[Any], position: dict[str, Any], finished: bool
     ) -> None:
-        """Validate a fetched page, convert its rows for the database, count it, and queue it for the loader;
-        a full queue holds the fetcher back."""
+        """Validate a fetched page, count it, and queue it for the loader; a full queue holds the fetcher back."""
         page = self._validators[resource.name].validate(records)
-        values = self.store.values(resource.name, page.rows)
         stats = self.stats[resource.name]
         stats.pages += 1
         stats.fetched += len(records)
         stats.cursors_seen = stats.cursors_seen or page.max_cursor is not None
         if isinstance(page.max_cursor, str) and stats.local_time_cursor is None and LOCAL_TIME.match(page.max_cursor):
             stats.local_time_cursor = page.max_cursor  # one test a page, on its highest cursor
-        await self._queue.put(_Page(window, page, values, position, finished, len(records)))
+        await self._queue.put(_Page(window, page, position, finished, len(records)))
 
     async def _close_window(self, window: WindowRecord, position: dict[str, Any]) -> None:
         """Mark a window finished with no page to load (resumed after its last page, or ended by a refusal)."""
-        await self._queue.put(_Page(window, ValidatedPage([], [], None), [], position, True, None))
+        await self._queue.put(_Page(window, ValidatedPage([], [], None), position, True, None))
 
     def _fail(self, resource: ResourceConfig, exc: EtlError) -> None:
         if isinstance(exc, ConnectionFailed) and any(stats.pages for stats in self.stats.values()):
@@ -544,7 +541,7 @@ class Pipeline:
     def _add(self, batch: LoadBatch, item: _Page) -> None:
         name = item.window.resource
         plan = self._plans[name]
-        batch.add_rows(name, item.window.id, item.page.rows, item.values)
+        batch.add_rows(name, item.window.id, item.page.rows)
         batch.rejects.extend((name, reject) for reject in item.page.rejects)
         progress = batch.windows.setdefault(item.window.id, WindowProgress())
         progress.pages += 0 if item.fetched is None else 1

@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from itertools import repeat
 from typing import Any, TypeVar
 from typing import cast as cast_to
 
@@ -166,8 +167,6 @@ class LoadBatch:
     retries: int | None = None
     # per resource, (rows so far, window) after each page: whose window a row the database refuses was in
     row_windows: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    # per resource, the rows as driver values (RowWriter.values), made page by page; kept while every page brought them
-    values: dict[str, list[Values]] = field(default_factory=dict)
 
     @property
     def row_count(self) -> int:
@@ -176,18 +175,11 @@ class LoadBatch:
     def is_empty(self) -> bool:
         return not (self.rows or self.rejects or self.windows or self.watermarks)
 
-    def add_rows(self, resource: str, window_id: int, rows: list[dict[str, Any]], values: list[Values] | None = None) -> None:
-        """A page's rows (and their driver values, if made), remembering their window once per page (not per row)."""
+    def add_rows(self, resource: str, window_id: int, rows: list[dict[str, Any]]) -> None:
+        """A page's rows, remembering their window once per page (not per row)."""
         kept = self.rows.setdefault(resource, [])
-        if values is not None and len(self.values.setdefault(resource, [])) == len(kept):
-            self.values[resource].extend(values)
         kept.extend(rows)
         self.row_windows.setdefault(resource, []).append((len(kept), window_id))
-
-    def values_of(self, resource: str) -> list[Values] | None:
-        """The driver values of all the resource's rows, when every page brought them; None: convert the rows."""
-        values = self.values.get(resource)
-        return values if values is not None and len(values) == len(self.rows[resource]) else None
 
     def window_of(self, resource: str, index: int) -> int | None:
         """The window of the resource's row at `index`; None for rows added without one."""
@@ -208,9 +200,7 @@ class LoadBatch:
             for resource, rows in self.rows.items()
         }
         new_rejects = [(resource, reject) for resource, found in refused.items() for reject in found.values()]
-        return dataclasses.replace(
-            self, rows=rows, rejects=self.rejects + new_rejects, windows=windows, row_windows={}, values={}
-        )
+        return dataclasses.replace(self, rows=rows, rejects=self.rejects + new_rejects, windows=windows, row_windows={})
 
 
 class Store:
@@ -246,10 +236,6 @@ class Store:
 
     def _register(self, resource: ResourceConfig, table: Table) -> None:
         self._writers[resource.name] = row_writer(self.engine.dialect, resource, table, self._max_statement)
-
-    def values(self, resource: str, rows: list[Row]) -> list[Values]:
-        """A page's rows as the resource's writer hands them to the driver, for LoadBatch.add_rows."""
-        return self._writers[resource].values(rows)
 
     # -- runs --------------------------------------------------------------------------------------
 
@@ -426,7 +412,7 @@ class Store:
             async with self.engine.begin() as connection:
                 for resource, rows in batch.rows.items():
                     if rows:
-                        await self._write_rows(connection, resource, rows, now, run_id, batch.values_of(resource))
+                        await self._write_rows(connection, resource, rows, now, run_id)
                 await self._write_bookkeeping(connection, batch, run_id, now)
         except DRIVER_ERRORS as exc:
             if not refused_data(exc):
@@ -512,11 +498,9 @@ class Store:
             )
         )
 
-    async def _write_rows(
-        self, connection: AsyncConnection, resource: str, rows: list[Row], now: datetime, run_id: int, values: list[Values] | None
-    ) -> None:
+    async def _write_rows(self, connection: AsyncConnection, resource: str, rows: list[dict[str, Any]], now: datetime, run_id: int) -> None:
         """Upsert one resource's rows of the batch, with the writer made for its table and database."""
-        await self._writers[resource].write(connection, rows, now, run_id, values=values)
+        await self._writers[resource].write(connection, rows, now, run_id)
 
     async def _advance_window(self, connection: AsyncConnection, window_id: int, progress: WindowProgress, run_id: int, now: datetime) -> None:
         values: dict[str, Any] = {
@@ -648,7 +632,6 @@ def _newer(old: ColumnElement[Any], new: ColumnElement[Any], loaded_at: ColumnEl
 
 
 Row = dict[str, Any]
-Values = tuple[Any, ...]  # a row as the driver takes it, in the writer's column order
 Item = TypeVar("Item")
 
 
@@ -712,14 +695,10 @@ class RowWriter(ABC):
     Whole columns converted by plain functions (etl.sqltypes.driver_column),
     then sent as tuples with a statement compiled once: SQLAlchemy's per-row,
     per-value bind processing would otherwise be most of a load's time.
-    The pipeline converts each page as it is validated (`values`), while its
-    rows are fresh in the CPU's cache: a 5,000-row batch converted at commit cost
-    twice as much per row. Rows without values (a key twice in one batch, a
-    batch that isolates refused rows) are converted at commit.
     """
 
     def __init__(self, dialect: Dialect, resource: ResourceConfig, names: list[str]) -> None:
-        self.names = names  # the order in which the statement takes the resource's values
+        self.names = names  # the order in which the statement takes its values
         self._resource = resource.name
         self._json_columns = {name for name, spec in resource.columns.items() if spec.type == "json"}
         self._primary_key = resource.primary_key
@@ -736,16 +715,8 @@ class RowWriter(ABC):
         }
 
     @abstractmethod
-    async def write(
-        self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False,
-        values: list[Values] | None = None,
-    ) -> None:
-        """Upsert the rows inside the caller's transaction; `again` when it has written rows before;
-        `values` the rows' own `values`, when the caller made them."""
-
-    def values(self, rows: list[Row]) -> list[Values]:
-        """The rows as driver values, a tuple per row in `names` order."""
-        return list(zip(*(self._column(rows, name) for name in self.names), strict=True))
+    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
+        """Upsert the rows inside the caller's transaction; `again` when it has written rows before."""
 
     def latest(self, rows: list[Row]) -> list[Row]:
         """One row per key, the version an upsert of them all would keep."""
@@ -770,10 +741,14 @@ class RowWriter(ABC):
         return (f" (MariaDB checks a json column with JSON_VALID, which refuses JSON nested 32 levels or more; declare "
                 f"resources.{self._resource}.columns.{column} as text to keep such values as they come)")
 
-    def _latest_values(self, rows: list[Row], values: list[Values] | None) -> list[Values]:
-        """The values of one version per key: those made already when no key came twice."""
-        kept = self.latest(rows)
-        return values if values is not None and kept is rows else self.values(kept)
+    def parameters(self, rows: list[Row], now: datetime, run_id: int) -> list[tuple[Any, ...]]:
+        """One tuple per key (its latest version) in `names` order, etl's columns included."""
+        rows = self.latest(rows)
+        constants = {LOADED_AT: self._stamp(now), RUN_ID: run_id}
+        columns = [
+            repeat(constants[name], len(rows)) if name in constants else self._column(rows, name) for name in self.names
+        ]
+        return list(zip(*columns, strict=True))
 
     def _column(self, rows: list[Row], name: str) -> list[Any]:
         values = [row.get(name) for row in rows]
@@ -791,23 +766,12 @@ class ExecutemanyWriter(RowWriter):
     def __init__(self, dialect: Dialect, resource: ResourceConfig, table: Table, max_statement: int | None = None) -> None:
         upsert = upsert_statement(dialect.name, table, resource.primary_key, _cursor_column(resource), instant=_instant_cursor(resource))
         compiled = upsert.compile(dialect=dialect)
-        positions = list(compiled.positiontup or [])
-        if positions[-2:] != [LOADED_AT, RUN_ID]:  # resource_table puts them last; parameters appends them
-            raise AssertionError(f"etl's columns are not the last values of the upsert: {positions}")
-        super().__init__(dialect, resource, positions[:-2])
+        super().__init__(dialect, resource, list(compiled.positiontup or []))
         self._sql = str(compiled)
         self._row_limit = None if max_statement is None else max_statement - len(self._sql.encode()) - STATEMENT_HEADROOM
 
-    def parameters(self, rows: list[Row], now: datetime, run_id: int, values: list[Values] | None = None) -> list[Values]:
-        """One tuple per key (its latest version), etl's two columns last."""
-        constants = (self._stamp(now), run_id)
-        return [row + constants for row in self._latest_values(rows, values)]
-
-    async def write(
-        self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False,
-        values: list[Values] | None = None,
-    ) -> None:
-        for part in bounded(self.parameters(rows, now, run_id, values), statement_bytes, self._row_limit):
+    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
+        for part in bounded(self.parameters(rows, now, run_id), statement_bytes, self._row_limit):
             await connection.exec_driver_sql(self._sql, part)
 
 
@@ -849,11 +813,8 @@ class CopyWriter(RowWriter):
         self._merge = str(merge)
         self._merge_parameters = list(merge.positiontup or [])
 
-    async def write(
-        self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False,
-        values: list[Values] | None = None,
-    ) -> None:
-        records = self._latest_values(rows, values)
+    async def write(self, connection: AsyncConnection, rows: list[Row], now: datetime, run_id: int, again: bool = False) -> None:
+        records = self.parameters(rows, now, run_id)
         await connection.exec_driver_sql(self._create)
         if again:
             await connection.exec_driver_sql(self._empty)

@@ -116,60 +116,6 @@ async def test_every_type_round_trips_exactly(database_url: str) -> None:
     assert first._etl_run_id == second._etl_run_id and first._etl_loaded_at.utcoffset() == timedelta(0)
 
 
-async def _load_by_pages(store: Store, resource: ResourceConfig, pages: list[list[Any]], run_id: int) -> None:
-    """Validate and convert each page as the pipeline does (Store.values), and commit them in one batch."""
-    window_id = (await store.open_windows("sync", resource.name, [Window(T0, T0 + timedelta(days=1))], run_id, reuse=False))[0].id
-    batch = LoadBatch()
-    validator = RecordValidator(resource)
-    for records in pages:
-        rows = validator.validate(records).rows
-        batch.add_rows(resource.name, window_id, rows, store.values(resource.name, rows))
-    await store.commit(batch, run_id)
-
-
-async def test_rows_converted_page_by_page_are_stored_as_rows_converted_at_commit(database_url: str) -> None:
-    """The pipeline's driver values, made as each page is validated, store every type as the rows themselves do."""
-    resource = _resource("things", TYPES)
-    records = [
-        {"id": 1, "big": 2**63 - 1, "name": UNICODE, "body": UNICODE, "price": "123.40", "ratio": 0.5, "flag": "true",
-         "day": "2024-02-29", "at": "2024-02-29T23:59:59.123456+02:00", "doc": {"a": [1, "x😀"]}, "meta": {"label": "ok"}},
-        {"id": 2, "big": -(2**63), "price": "-1234567890123456789012345678.0123456789", "flag": 0, "at": 1700000000},
-        {"id": 3},
-    ]
-    async with _store(database_url, resource) as store:
-        await _load_by_pages(store, resource, [records[:2], records[2:]], await _run(store))
-        by_pages = [row._asdict() for row in await _rows(store, resource)]
-    async with _store(database_url, resource) as store:
-        async with store.engine.begin() as connection:
-            await connection.execute(resource_table(resource).delete())
-        await _load(store, resource, records, await _run(store))
-        at_commit = [row._asdict() for row in await _rows(store, resource)]
-    ignored = ("_etl_loaded_at", "_etl_run_id")
-    assert [{k: v for k, v in row.items() if k not in ignored} for row in by_pages] == [
-        {k: v for k, v in row.items() if k not in ignored} for row in at_commit
-    ]
-    assert by_pages[0]["price"] == Decimal("123.40") and by_pages[0]["doc"] == {"a": [1, "x😀"]}
-
-
-async def test_a_key_on_two_pages_of_a_batch_keeps_its_newest_version(database_url: str) -> None:
-    """Values made page by page are not sent as they are when a key comes twice: one statement must not meet a key
-    twice, and the version with the newest cursor is kept, whichever page it was on."""
-    async with _store(database_url, ORDERS) as store:
-        await _load_by_pages(store, ORDERS, [[_order(1, "2.00", 60), _order(2, "5.00", 0)], [_order(1, "1.00", 30)]], await _run(store))
-        rows = await _rows(store, ORDERS)
-    assert [(row.id, row.total) for row in rows] == [(1, Decimal("2.00")), (2, Decimal("5.00"))]
-
-
-def test_a_page_without_values_makes_the_batch_convert_its_rows() -> None:
-    """Values are used only when every page of the resource brought them, so that they line up with the rows."""
-    batch = LoadBatch()
-    batch.add_rows("orders", 1, [{"id": 1}], [(1,)])
-    assert batch.values_of("orders") == [(1,)]
-    batch.add_rows("orders", 1, [{"id": 2}])
-    batch.add_rows("orders", 1, [{"id": 3}], [(3,)])
-    assert batch.values_of("orders") is None
-
-
 async def test_sqlite_shows_decimals_and_datetimes_as_they_are(fresh_database: Callable[[str], Any]) -> None:
     """In `sqlite3 etl.db` a decimal is the text 123.40 (not a float) and a datetime is ISO-8601 UTC text."""
     async with _store(await fresh_database("sqlite"), ORDERS) as store:
