@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from loopback import serving
+from loopback import Handler, serving
 from sqlalchemy import make_url
 
 from etl.db import create_engine
@@ -29,6 +29,15 @@ from etlproc import Finished, run_etl, write_config
 def failed_block(out: str, start: str) -> str:
     """The report's failed step that starts with `start` (`✘ tls`), with its detail and hint lines."""
     return next(block for block in re.split(r"\n(?=[✔!✘–] |check )", out) if block.startswith(start))
+
+
+async def check_against_products(simulator: Simulator, tmp_path: Path, products: Handler) -> Finished:
+    """`check` of the products resource, its API answered by `products` (the token from the simulator)."""
+    async with serving({("GET", "/api/v1/products"): products}) as origin:
+        config = write_config(
+            tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"base_url": f"{origin}/api/v1"}
+        )
+        return await run_check(config)
 
 
 async def run_check(config: Path) -> Finished:
@@ -135,11 +144,7 @@ async def test_a_resource_the_api_fails_on_is_not_blamed_on_its_request(
             request.transport.close()
         return web.json_response({"message": "no"}, status=429 if failure == "429" else 500)
 
-    async with serving({("GET", "/api/v1/products"): broken}) as origin:
-        config = write_config(
-            tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"base_url": f"{origin}/api/v1"}
-        )
-        result = await run_check(config)
+    result = await check_against_products(simulator, tmp_path, broken)
 
     block = failed_block(result.stdout, "✘ resource products")
     assert result.returncode == 1
@@ -179,11 +184,7 @@ async def test_a_400_is_compared_with_the_documentation_without_a_word_of_403(si
     async def refuse(request: web.Request) -> web.Response:
         return web.json_response({"error": "unknown parameter: page_size"}, status=400)
 
-    async with serving({("GET", "/api/v1/products"): refuse}) as origin:
-        config = write_config(
-            tmp_path, simulator, f"sqlite:///{tmp_path / 'etl.db'}", ["products"], api={"base_url": f"{origin}/api/v1"}
-        )
-        result = await run_check(config)
+    result = await check_against_products(simulator, tmp_path, refuse)
 
     block = failed_block(result.stdout, "✘ resource products")
     assert result.returncode == 1

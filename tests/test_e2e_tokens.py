@@ -90,6 +90,14 @@ async def test_neither_secret_nor_any_token_appears_in_any_output(
         assert secret not in everything
 
 
+def _paged(name: str, path: str = "/items") -> dict[str, Any]:
+    """A resource of integer ids under `data`, 10 a page, read until a short page: what these token tests page through."""
+    return {
+        "name": name, "path": path, "records_path": "data", "primary_key": ["id"],
+        "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
+    }
+
+
 def _env_with_secret(secret: str) -> dict[str, str]:
     from etlproc import etl_env
 
@@ -136,10 +144,7 @@ async def test_auth_params_are_sent_with_the_token_request(tmp_path: Path, fresh
     async with serving(_audience_servers(sent)) as origin:
         document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth/token")
         document["auth"] |= {"client_auth": "body", "params": {"audience": "https://api.example.com"}}
-        document["resources"] = [{
-            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
-            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
-        }]
+        document["resources"] = [_paged("items")]
         config = tomlwriter.write(tmp_path / "config.toml", document)
         result = await run_etl("sync", "--config", str(config))
         check = await run_etl("check", "--config", str(config))
@@ -187,10 +192,7 @@ async def test_a_resource_whose_scope_the_token_lacks_fails_alone(tmp_path: Path
     async with serving(_gateway_with_a_scope_per_path(tokens)) as origin:
         document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
         document["api"]["concurrency"] = 2
-        document["resources"] = [{
-            "name": name, "path": f"/{name}", "records_path": "data", "primary_key": ["id"],
-            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
-        } for name in ("customers", "orders")]
+        document["resources"] = [_paged(name, f"/{name}") for name in ("customers", "orders")]
         config = tomlwriter.write(tmp_path / "config.toml", document)
         result = await run_etl("sync", "--config", str(config))
 
@@ -246,10 +248,7 @@ async def test_workers_keep_the_valid_token_while_a_renewal_is_slow(tmp_path: Pa
     async with serving({("POST", "/oauth2/token"): mock.token, ("GET", "/api/items"): mock.items}) as origin:
         document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
         document["auth"]["refresh_margin_s"] = 4
-        document["resources"] = [{
-            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
-            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
-        }]
+        document["resources"] = [_paged("items")]
         result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
 
     assert result.returncode == 0, result.stderr
@@ -282,10 +281,7 @@ async def test_a_token_endpoint_failing_for_good_stops_the_run_after_one_retry_c
     async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/items"): items}) as origin:
         document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
         document["api"] |= {"concurrency": 1, "max_retries": 2, "retry_backoff_s": 0.01}
-        document["resources"] = [{
-            "name": name, "path": "/items", "records_path": "data", "primary_key": ["id"],
-            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
-        } for name in ("first", "second", "third", "fourth")]
+        document["resources"] = [_paged(name) for name in ("first", "second", "third", "fourth")]
         result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
 
     assert result.returncode == 1, result.stderr
@@ -318,10 +314,7 @@ async def test_a_renewal_under_way_when_the_run_ends_is_dropped_without_a_word(
     async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/items"): items}) as origin:
         document = demo_document({"url": url}, f"{origin}/api", f"{origin}/oauth2/token")
         document["auth"]["refresh_margin_s"] = 1
-        document["resources"] = [{
-            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
-            "pagination": {"style": "page", "page_size": 10}, "columns": {"id": "integer"},
-        }]
+        document["resources"] = [_paged("items")]
         result = await run_etl("sync", "--config", str(tomlwriter.write(tmp_path / "config.toml", document)))
 
     assert result.returncode == 0, result.stderr
