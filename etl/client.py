@@ -364,6 +364,9 @@ class ApiClient:
         raise SourceError(f"{display_url(request.page_url())} redirected more than {MAX_REDIRECTS} times")
 
     def _log_retry(self, state: RetryCallState) -> None:
+        """Count and announce the retry; none is announced once the run stops, as none follows."""
+        if self._retry.stopping:
+            return
         self._counters.retries += 1
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0

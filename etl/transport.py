@@ -368,6 +368,11 @@ class RetryPolicy:
     def from_api(cls, api: ApiConfig, stop: asyncio.Event | None = None) -> RetryPolicy:
         return cls(api.max_retries, api.retry_backoff_s, api.retry_after_max_s, stop)
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the run was asked to stop: no retry follows then (the wait before it ends with Interrupted)."""
+        return self.stop is not None and self.stop.is_set()
+
     def retrying(self, on_retry: Callable[[RetryCallState], None] | None = None) -> AsyncRetrying:
         """Exponential backoff with jitter, or the server's Retry-After when it gave one (capped)."""
         def wait(state: RetryCallState) -> float:

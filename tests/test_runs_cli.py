@@ -719,6 +719,22 @@ async def test_sigterm_cuts_short_a_wait_before_a_retry(tmp_path: Path, fresh_da
     assert sqlite_rows(url, "SELECT status FROM etl_runs") == [("interrupted",)]
 
 
+async def test_no_retry_is_announced_once_a_stop_was_asked_for(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """After "SIGTERM received: finishing the requests in flight", answers that came back 429 still logged
+    "retrying in 1.0s (attempt 2 of 7)", which read as if the run went on; no retry follows a stop."""
+    url = await fresh_database("sqlite")
+    async with Simulator(SimulatorSettings(counts={"orders": 2000}, faults=Faults(rate_429=0.5, retry_after_s=1, delay_ms=300))) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"])
+        process = await start_etl("sync", "--config", str(config))
+        while not sim.counters.api_status.get(429):
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process)
+    after_stop = stopped.stderr.split("SIGTERM", 1)[-1]
+    assert "SIGTERM" in stopped.stderr, stopped.stderr
+    assert "retrying in" not in after_stop, after_stop
+
+
 @pytest.mark.parametrize("from_env", [False, True], ids=["config", "env"])
 async def test_status_on_a_sqlite_file_that_does_not_exist_says_so_and_creates_nothing(tmp_path: Path, from_env: bool) -> None:
     """status on a mistyped SQLite path created an empty file and said "etl's tables are not in this database yet", exit 0."""
