@@ -48,13 +48,15 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
             state = case((and_(windows.c.state == "running", ended), "stopped"), else_=windows.c.state)
             open_windows = await connection.execute(
                 select(
+                    windows.c.run_id, runs.c.command, runs.c.arguments, runs.c.status.label("run_status"),
                     windows.c.resource, windows.c.kind, state.label("state"), func.count().label("count"),
                     func.min(windows.c.window_start).label("first_start"), func.max(windows.c.window_end).label("last_end"),
                 )
                 .select_from(windows.outerjoin(runs, runs.c.id == windows.c.run_id))
                 .where(windows.c.state.not_in(["done", "superseded"]))
-                .group_by(windows.c.resource, windows.c.kind, state)
-                .order_by(windows.c.resource, windows.c.kind, state)
+                # by run: two backfills' windows in one line spanned both intervals and the gap between them
+                .group_by(windows.c.run_id, runs.c.command, runs.c.arguments, runs.c.status, windows.c.resource, windows.c.kind, state)
+                .order_by(windows.c.run_id, windows.c.resource, windows.c.kind, state)
             )
             reject_counts = await connection.execute(
                 select(rejects.c.resource, func.count().label("count"), func.count(rejects.c.record_key.distinct()).label("keys"),
@@ -67,11 +69,16 @@ async def read_status(engine: AsyncEngine) -> StatusReport:
                 HEAD_REVISION,
                 [dict(row._mapping) for row in recent],
                 [dict(row._mapping) for row in marks],
-                [dict(row._mapping) for row in open_windows],
+                [_with_liveness(dict(row._mapping), dead) for row in open_windows],
                 [dict(row._mapping) for row in reject_counts],
             )
     except DBAPIError as exc:
         raise database_error(exc, engine.url) from exc
+
+
+def _with_liveness(group: dict[str, Any], dead: list[int]) -> dict[str, Any]:
+    """Whether the run that holds these windows is at work on them now (its row says running, its process is there)."""
+    return {**group, "run_alive": group["run_status"] == "running" and group["run_id"] not in dead}
 
 
 def _when(value: Any) -> str:
@@ -124,6 +131,29 @@ def _flags(command: str, arguments: str) -> str:
     return " ".join(flags)
 
 
+def _unfinished_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """Each run's unfinished windows, then the command that takes them up: at 3 a.m. the next step, not a puzzle."""
+    lines: list[str] = []
+    for run_id in dict.fromkeys(group["run_id"] for group in groups):
+        own = [group for group in groups if group["run_id"] == run_id]
+        lines += [
+            f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}"
+            f"  from {_when(group['first_start'])} to {_when(group['last_end'])}  (run #{run_id})"
+            for group in own
+        ]
+        lines.append(f"    run #{run_id} is still running: it is loading them" if own[0]["run_alive"] else f"    next: {_resume_hint(own[0])}")
+    return lines
+
+
+def _resume_hint(group: dict[str, Any]) -> str:
+    """A backfill's windows are taken up by the same backfill; a sync's (or a demo's) by the next run of that command."""
+    if group["kind"] != "backfill":
+        return f"the next `python -m etl {group['command'] or 'sync'}` takes them up"
+    if group["command"] != "backfill":
+        return "run the backfill of this interval again: finished windows are not fetched again"
+    return f"python -m etl backfill {_flags('backfill', group['arguments'])}"
+
+
 def format_status(report: StatusReport) -> str:
     if report.revision is None:
         return "etl's tables are not in this database yet: run `python -m etl migrate` or a first sync."
@@ -134,11 +164,7 @@ def format_status(report: StatusReport) -> str:
         f"  loaded up to {_when(mark['synced_until'])}"
         for mark in report.watermarks
     ])
-    lines += _section("unfinished windows:", [
-        f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}"
-        f"  from {_when(group['first_start'])} to {_when(group['last_end'])}"
-        for group in report.unfinished_windows
-    ])
+    lines += _section("unfinished windows:", _unfinished_lines(report.unfinished_windows))
     lines += _section("rejected records (etl_rejects):", [
         f"  {group['resource']:<20} {group['count']:>7}  ({group['keys']} distinct keys; latest in run #{group['last_run']})"
         for group in report.rejects

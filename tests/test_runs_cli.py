@@ -872,3 +872,22 @@ def test_a_stop_after_the_last_window_finished_is_a_finished_run(windows_done: i
     pipeline = Pipeline(config_from_document(document), cast(Store, None), 1, stop, NoProgress())
     pipeline.stats = {"orders": ResourceStats("orders", windows=3, windows_done=windows_done)}
     assert pipeline._outcome(1.0).status == status
+
+
+async def test_status_shows_each_unfinished_backfill_apart_with_the_command_that_resumes_it(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """Two failed backfills of one resource were one line spanning both intervals, with no word of how to resume them."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"max_retries": 0})
+        sim.faults.update({"outage": True})
+        for start, end in (("2024-01-01", "2024-01-03"), ("2024-01-07", "2024-01-09")):
+            failed = await run_etl("backfill", "--config", str(config), "--from", start, "--to", end)
+            assert failed.returncode != 0
+        result = await run_etl("status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    unfinished = result.stdout.split("unfinished windows:")[1].split("rejected records")[0]
+    assert "from 2024-01-01T00:00:00Z to 2024-01-09T00:00:00Z" not in unfinished
+    assert "python -m etl backfill --from 2024-01-01T00:00:00Z --to 2024-01-03T00:00:00Z" in unfinished
+    assert "python -m etl backfill --from 2024-01-07T00:00:00Z --to 2024-01-09T00:00:00Z" in unfinished
