@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from etl.db import HEAD_REVISION, current_revision, database_error
+from etl.db import HEAD_REVISION, current_revision, database_error, newer_schema_error
 from etl.durations import isoformat_utc
 from etl.locks import process_gone
 from etl.schema import rejects, runs, watermarks, windows
@@ -154,10 +154,20 @@ def _resume_hint(group: dict[str, Any]) -> str:
     return f"python -m etl backfill {_flags('backfill', group['arguments'])}"
 
 
+def _revision_line(revision: str) -> str:
+    """Whether the schema needs a step: "0002 (newest 0003)" left that to the reader, and 9999 read as a typo."""
+    if revision == HEAD_REVISION:
+        return f"schema revision {revision} (current)"
+    if newer_schema_error(revision, "") is not None:
+        return f"schema revision {revision}: a newer etl migrated it (this one knows up to {HEAD_REVISION}): run that etl here"
+    return (f"schema revision {revision}, this etl's is {HEAD_REVISION}: run `python -m etl migrate` "
+            "(a sync or backfill does it unless [database].auto_migrate = false)")
+
+
 def format_status(report: StatusReport) -> str:
     if report.revision is None:
         return "etl's tables are not in this database yet: run `python -m etl migrate` or a first sync."
-    lines = [f"schema revision {report.revision} (newest {report.head})"]
+    lines = [_revision_line(report.revision), "(times are UTC)"]
     lines += _section("recent runs:", [_run_line(run) for run in report.runs])
     lines += _section("watermarks:", [
         f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}{_future_note(mark['watermark'])}"

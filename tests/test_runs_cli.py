@@ -891,3 +891,18 @@ async def test_status_shows_each_unfinished_backfill_apart_with_the_command_that
     assert "from 2024-01-01T00:00:00Z to 2024-01-09T00:00:00Z" not in unfinished
     assert "python -m etl backfill --from 2024-01-01T00:00:00Z --to 2024-01-03T00:00:00Z" in unfinished
     assert "python -m etl backfill --from 2024-01-07T00:00:00Z --to 2024-01-09T00:00:00Z" in unfinished
+
+
+@pytest.mark.parametrize(("revision", "said"), [("0002", "run `python -m etl migrate`"), ("9999", "a newer etl migrated")])
+async def test_status_of_a_schema_not_at_this_etls_revision_says_what_that_means(
+    tmp_path: Path, fresh_database: Callable[[str], Any], revision: str, said: str
+) -> None:
+    """`schema revision 0002 (newest 0003)` left the reader to guess whether to act; 9999 (newest 0003) read as a typo."""
+    url = await fresh_database("sqlite")
+    env = etl_env(ETL_DATABASE_URL=url)
+    assert (await finish(await start_etl("migrate", env=env, cwd=str(tmp_path)))).returncode == 0
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+        connection.execute("UPDATE etl_alembic_version SET version_num = ?", (revision,))
+    result = await finish(await start_etl("status", env=env, cwd=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert said in result.stdout.splitlines()[0]
