@@ -365,7 +365,7 @@ class Checker:
         return Verdict(f"found in {self.secret_source}")
 
     async def _parse_database_url(self) -> Verdict:
-        self.engine = create_engine(self.config.database.url)
+        self.engine = create_engine(self.config.database.url, reading=True)
         return Verdict(f"{safe_url(self.engine.url)} (from {database_url_key()})")
 
     async def _load_trust(self) -> Verdict:

@@ -280,7 +280,7 @@ async def _status(args: argparse.Namespace) -> int:
     url = _database_url(args)
     require_lasting(url)
     _require_sqlite_file(url)
-    engine = create_engine(url)
+    engine = create_engine(url, reading=True)
     try:
         print(format_status(await read_status(engine)))
     finally:

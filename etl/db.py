@@ -232,8 +232,12 @@ def _parsed_or_none(url: str | URL) -> URL | None:
         return None
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets WAL and a busy timeout so a reader never blocks a run."""
+def create_engine(url: str, reading: bool = False) -> AsyncEngine:
+    """An async engine; SQLite gets WAL and a busy timeout so a reader never blocks a run.
+
+    `reading` (status, check) leaves the journal mode alone: WAL is written into the file's header for good,
+    and a command that only reads had switched another program's SQLite database to it.
+    """
     target = async_url(url)
     options: dict[str, Any] = {"json_serializer": json_text, "pool_pre_ping": target.get_backend_name() != "sqlite"}
     tls = mysqltls.mysql_tls(target, database_url_key()) if target.drivername == "mysql+aiomysql" else None
@@ -256,7 +260,7 @@ def create_engine(url: str) -> AsyncEngine:
             hint="install it, or leave the driver out of the URL (postgresql://, mysql://, sqlite://) to use etl's own",
         ) from None
     if target.get_backend_name() == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_reading_pragmas if reading else _sqlite_pragmas)
     if tls is not None and tls.required_by is not None:
         event.listen(engine.sync_engine, "connect", partial(_require_tls, tls.required_by))
     if target.get_backend_name() == "mysql":
@@ -306,6 +310,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+def _sqlite_reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
 

@@ -906,3 +906,17 @@ async def test_status_of_a_schema_not_at_this_etls_revision_says_what_that_means
     result = await finish(await start_etl("status", env=env, cwd=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert said in result.stdout.splitlines()[0]
+
+
+async def test_status_leaves_a_sqlite_database_etl_never_touched_byte_for_byte_as_it_was(tmp_path: Path) -> None:
+    """status switched any SQLite file it opened to WAL, for good: a write to another program's database."""
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    connection.close()
+    before = path.read_bytes()
+    result = await finish(await start_etl("status", env=etl_env(ETL_DATABASE_URL=f"sqlite:///{path}"), cwd=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "not in this database yet" in result.stdout
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
