@@ -230,7 +230,9 @@ async def _backfill(args: argparse.Namespace) -> int:
         print(f"{', '.join(whole)}: no [resources.filter], so the API cannot be asked for an interval: "
               "loading all of it (a full refresh)", flush=True)
     outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal(args.log_format))
-    return report(outcome)
+    flags = [f"--from {args.start}", f"--to {args.end}", *([f"--window {args.window}"] if args.window else [])]
+    flags += [f"--resource {name}" for name in args.resources or []]
+    return report(outcome, continued_by=f"the same backfill ({' '.join(flags)}) run again")
 
 
 def _window(value: str) -> timedelta:
@@ -309,8 +311,11 @@ async def _demo(args: argparse.Namespace) -> int:
     return report(outcome)
 
 
-def report(outcome: RunOutcome) -> int:
-    """One line per resource on stdout (what cron mails), then the verdict; returns the exit code."""
+def report(outcome: RunOutcome, continued_by: str = "the next run") -> int:
+    """One line per resource on stdout (what cron mails), then the verdict; returns the exit code.
+
+    `continued_by` is what takes up unfinished windows: a backfill's are not the nightly sync's to take up.
+    """
     lines = []
     for stats in outcome.resources.values():
         rate = stats.loaded / stats.seconds if stats.seconds > 0 else 0.0
@@ -321,7 +326,7 @@ def report(outcome: RunOutcome) -> int:
         if stats.error:
             line += f" — FAILED: {stats.error}"
         elif stats.windows_done < stats.windows and outcome.error is not None:
-            line += " — NOT FINISHED: the next run continues it"
+            line += f" — NOT FINISHED: {continued_by} continues it"
         lines.append(line)
     lines.append(
         f"run {outcome.run_id} {outcome.status} in {outcome.seconds:.1f}s: {outcome.requests} requests, "

@@ -585,9 +585,9 @@ class Pipeline:
         rejected = sum(stats.rejected for stats in self.stats.values())
         unfinished = [stats.name for stats in self.stats.values() if stats.windows_done < stats.windows]
         if error is None and not self.stop.is_set() and unfinished:  # a bug, never a silent success
-            error = EtlError(f"windows of {', '.join(unfinished)} ended unfinished; the next run continues them")
+            error = EtlError(f"windows of {', '.join(unfinished)} ended unfinished; the same command run again continues them")
         if error is None and self.stop.is_set() and unfinished:  # a stop after the last window is a finished run
-            error = Interrupted("the run was interrupted; what was in flight is committed and the next run continues from there")
+            error = Interrupted("the run was interrupted; what was in flight is committed, and the same command run again continues from there")
         if error is None and rejected > self.config.sync.max_rejects:
             error = self._too_many_rejects(rejected)
         status = "succeeded" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"

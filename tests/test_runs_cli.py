@@ -276,6 +276,21 @@ async def test_sigterm_cancels_requests_still_in_flight_after_the_grace_period(
     assert "— NOT FINISHED: the next run continues it" in stopped.stdout
 
 
+async def test_a_stopped_backfill_says_the_same_backfill_continues_it(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """"NOT FINISHED: the next run continues it" sent the user to wait for the nightly sync, which does not take up
+    a backfill's windows: the same backfill run again does, and the summary names its interval."""
+    url = await fresh_database("sqlite")
+    async with Simulator(_settings(orders=20000, delay_ms=50)) as sim:
+        config = write_config(tmp_path, sim, url, resources=["orders"], api={"concurrency": 2})
+        process = await start_etl("backfill", "--config", str(config), "--from", "2024-01-01", "--to", "2024-03-01", "--window", "5d")
+        await _wait_for_done_windows(url, process, at_least=1)
+        process.send_signal(signal.SIGTERM)
+        stopped = await finish(process, timeout=GRACE_SECONDS + 10)
+    assert stopped.returncode == 1, stopped.stderr
+    assert "NOT FINISHED: the same backfill (--from 2024-01-01 --to 2024-03-01 --window 5d) run again continues it" in stopped.stdout
+    assert "the same command run again continues from there" in stopped.stderr, stopped.stderr
+
+
 CTRL_C_WHILE_LOADING = """
 import sys
 
