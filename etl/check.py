@@ -659,10 +659,8 @@ class Checker:
             return not_found_hint(self.config.api.base_url, resource.name, resource.path)
         if isinstance(exc.__cause__, TimeoutError):
             return TIMEOUT_HINT
-        if isinstance(exc, RetryableError) and exc.message.startswith(f"{HTTPStatus.TOO_MANY_REQUESTS} "):
-            return RATE_LIMITED_HINT
-        if isinstance(exc, RetryableError):  # a 5xx, a dropped connection, a broken answer: not the request's fault
-            return SERVER_HINT
+        if isinstance(exc, RetryableError):  # a 429, a 5xx, a dropped connection, a broken answer: not the request's fault
+            return RATE_LIMITED_HINT if exc.throttled else SERVER_HINT
         return REQUEST_HINT
 
     async def _page_size_cap(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:

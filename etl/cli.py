@@ -217,6 +217,7 @@ async def _sync(args: argparse.Namespace) -> int:
 
 async def _backfill(args: argparse.Namespace) -> int:
     from etl import runs
+    from etl.status import command_flags
 
     start, end = _instant("--from", args.start), _instant("--to", args.end)
     if start >= end:
@@ -230,9 +231,8 @@ async def _backfill(args: argparse.Namespace) -> int:
         print(f"{', '.join(whole)}: no [resources.filter], so the API cannot be asked for an interval: "
               "loading all of it (a full refresh)", flush=True)
     outcome = await runs.backfill(config, start, end, args.resources, window, args.restart, stop_on_signals(), progress_for_terminal(args.log_format))
-    flags = [f"--from {args.start}", f"--to {args.end}", *([f"--window {args.window}"] if args.window else [])]
-    flags += [f"--resource {name}" for name in args.resources or []]
-    return report(outcome, continued_by=f"the same backfill ({' '.join(flags)}) run again")
+    given = {"from": args.start, "to": args.end, "window": args.window, "resources": args.resources}
+    return report(outcome, continued_by=f"the same backfill ({command_flags('backfill', given)}) run again")
 
 
 def _window(value: str) -> timedelta:

@@ -193,8 +193,8 @@ class RetryAfterGate:
 
 
 class ThrottledCap:
-    """How many requests may be in flight while the API answers 429: halved by each 429, grown back by one per
-    that many answers (TCP's congestion avoidance), never above `[api].concurrency`.
+    """How many requests may be in flight: `[api].concurrency`, halved by each 429, grown back by one per
+    that many answers (TCP's congestion avoidance).
 
     After a 429 every worker sent again once its wait was over, `concurrency` requests at once at an API that had
     just said it takes fewer: most were 429 again, one and a half for every page read.
@@ -252,10 +252,9 @@ class ApiClient:
         self._tokens = tokens
         self._counters = counters
         self._retry = retry or RetryPolicy.from_api(api)
-        self._in_flight = asyncio.Semaphore(api.concurrency)
+        self._in_flight = ThrottledCap(api.concurrency)
         self._limiter = rate_limiter(api.requests_per_second)
         self._gate = RetryAfterGate(self._retry)
-        self._cap = ThrottledCap(api.concurrency)
 
     async def get(self, request: PageRequest) -> PageResponse:
         """One page, retried on 429, 5xx, timeouts, resets and cut bodies; a 401 renews the token once."""
@@ -268,7 +267,7 @@ class ApiClient:
                         response = await self._send(request, first_attempt=not owed)
                     except RetryableError as exc:
                         if exc.throttled:
-                            self._cap.throttled()
+                            self._in_flight.throttled()
                         if exc.throttled and exc.retry_after is None:  # a 429 holds every request for its backoff
                             exc.retry_after = self._retry.backoff(attempt.retry_state.attempt_number)
                         if exc.retry_after is not None:
@@ -289,7 +288,7 @@ class ApiClient:
             if owed:
                 self._gate.repaid()
         assert response is not None  # tenacity ends with a result or re-raises the last error
-        self._cap.answered()
+        self._in_flight.answered()
         return response
 
     async def _send(self, request: PageRequest, first_attempt: bool) -> PageResponse:
@@ -299,7 +298,7 @@ class ApiClient:
         while True:
             await self._gate.passage(first_attempt)
             await self._token_at_hand()
-            async with self._cap, self._in_flight:
+            async with self._in_flight:
                 if self._gate.is_open(first_attempt):
                     return await self._tokens.authorized(
                         lambda token: self._attempt(request, token), before=self._before_token

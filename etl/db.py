@@ -260,7 +260,8 @@ def create_engine(url: str, reading: bool = False) -> AsyncEngine:
             hint="install it, or leave the driver out of the URL (postgresql://, mysql://, sqlite://) to use etl's own",
         ) from None
     if target.get_backend_name() == "sqlite":
-        event.listen(engine.sync_engine, "connect", _sqlite_reading_pragmas if reading else _sqlite_pragmas)
+        pragmas = SQLITE_READING_PRAGMAS if reading else SQLITE_LOADING_PRAGMAS
+        event.listen(engine.sync_engine, "connect", partial(_sqlite_pragmas, pragmas))
     if tls is not None and tls.required_by is not None:
         event.listen(engine.sync_engine, "connect", partial(_require_tls, tls.required_by))
     if target.get_backend_name() == "mysql":
@@ -306,17 +307,14 @@ async def _open_sqlite(args: Sequence[Any], kwargs: Mapping[str, Any]) -> aiosql
         raise
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=60000")
-    cursor.close()
+SQLITE_READING_PRAGMAS = ("busy_timeout=60000",)
+SQLITE_LOADING_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", *SQLITE_READING_PRAGMAS)
 
 
-def _sqlite_reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(pragmas: Sequence[str], dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=60000")
+    for pragma in pragmas:
+        cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 
 

@@ -42,6 +42,12 @@ def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, MASK)
+    return escape_lone_surrogates(text)
+
+
+def escape_lone_surrogates(text: str) -> str:
+    """The text with a lone UTF-16 surrogate (`\udce9`, what Python makes of a byte that is not UTF-8) as its
+    escape: no encoder, database or JSON writer takes one. Other text comes back as it is."""
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
@@ -93,7 +99,7 @@ class JsonFormatter(logging.Formatter):
 
 def _no_lone_surrogate(value: object) -> object:
     """A lone surrogate (a file name that is not UTF-8, as Python reads it) as the text `\\udce9`, as text logs show it."""
-    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+    return escape_lone_surrogates(value) if isinstance(value, str) else value
 
 
 def _ascii_json(document: dict[str, object]) -> str:

@@ -9,7 +9,6 @@ whatever happened between.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from etl.logs import redact, run_id_var
 from etl.pipeline import Pipeline, RunOutcome
 from etl.planning import ResourcePlan, check_backfill_windows, plan_backfill, plan_sync
 from etl.progress import ProgressDisplay
+from etl.status import run_flags
 from etl.store import Store
 from etl.transport import require_ca_bundle
 
@@ -121,19 +121,7 @@ def _report_abandoned(dead: list[Any]) -> None:
     for run in dead:
         log.warning("run %d (%s, pid %s on %s, started %s) ended without recording its end (killed or crashed): "
                     "what it committed is kept, and running the same command again takes up its unfinished windows",
-                    run.id, _command_line(run.command, run.arguments), run.pid, run.host, isoformat_utc(run.started_at))
-
-
-def _command_line(command: str, arguments: str) -> str:
-    """`backfill --from ... --to ...`: a killed backfill is finished by the same interval, which a sync does not load."""
-    if command != "backfill":
-        return command
-    try:
-        given = json.loads(arguments)
-        flags = [f"--from {given['from']}", f"--to {given['to']}", *(f"--resource {name}" for name in given.get("resources") or [])]
-        return " ".join(["backfill", *flags, *([f"--window {given['window']}"] if given.get("window") else [])])
-    except (ValueError, KeyError, TypeError):
-        return command
+                    run.id, " ".join(filter(None, [run.command, run_flags(run.command, run.arguments)])), run.pid, run.host, isoformat_utc(run.started_at))
 
 
 async def _run_recorded(

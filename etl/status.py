@@ -111,21 +111,25 @@ def _run_line(run: dict[str, Any]) -> str:
         f"  ended {_when(run['ended_at'])}  pages {run['pages']}  loaded {run['records_loaded']}"
         f"  rejected {run['records_rejected']}  token requests {run['token_requests']}"
     )
-    flags = _flags(run["command"], run["arguments"])
+    flags = run_flags(run["command"], run["arguments"])
     line += f"\n         {flags}" if flags else ""
     return line + (f"\n         error: {run['error'].splitlines()[0]}" if run["error"] else "")
 
 
-def _flags(command: str, arguments: str) -> str:
+def run_flags(command: str, arguments: str) -> str:
+    """The flags of a run as etl_runs keeps its arguments (JSON); the arguments as they are when they do not read."""
+    try:
+        return command_flags(command, json.loads(arguments))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return f"arguments: {arguments}"
+
+
+def command_flags(command: str, given: dict[str, Any]) -> str:
     """A backfill's interval as its flags: the same flags resume it (another --window plans other windows).
 
     Any run's `--resource`s too: a sync of one resource looked like a sync of all of them.
     """
-    try:
-        given = json.loads(arguments)
-        flags = [f"--from {given['from']}", f"--to {given['to']}"] if command == "backfill" else []
-    except (ValueError, TypeError, KeyError):
-        return f"arguments: {arguments}"
+    flags = [f"--from {given['from']}", f"--to {given['to']}"] if command == "backfill" else []
     flags += [f"--window {given['window']}"] if given.get("window") else []
     flags += [f"--resource {name}" for name in given.get("resources") or []]
     return " ".join(flags)
@@ -151,7 +155,7 @@ def _resume_hint(group: dict[str, Any]) -> str:
         return f"the next `python -m etl {group['command'] or 'sync'}` takes them up"
     if group["command"] != "backfill":
         return "run the backfill of this interval again: finished windows are not fetched again"
-    return f"python -m etl backfill {_flags('backfill', group['arguments'])}"
+    return f"python -m etl backfill {run_flags('backfill', group['arguments'])}"
 
 
 def _revision_line(revision: str) -> str:

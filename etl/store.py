@@ -76,6 +76,7 @@ from etl.db import (
 )
 from etl.durations import isoformat_utc, parse_instant
 from etl.errors import ConfigError, LoadError
+from etl.logs import escape_lone_surrogates
 from etl.records import Reject, key_text
 from etl.schema import LOADED_AT, RUN_ID, ensure_resource_table, rejects, runs, watermarks, windows
 from etl.sqltypes import ExactDecimal, driver_column, driver_value, key_column, to_utc
@@ -843,7 +844,7 @@ def _shortened(text: str, limit: int = 80) -> str:
 def _storable(text: str, limit: int) -> str:
     """Text every database stores, within the column's length: U+0000 and a lone surrogate as their
     escapes (\\u0000, \\ud800). A reject's key or error the database refused failed the batch of every run."""
-    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")[:limit]
+    return escape_lone_surrogates(text).replace("\x00", "\\u0000")[:limit]
 
 
 def _new_id(result: CursorResult[Any]) -> int:

@@ -70,27 +70,25 @@ async def _server_reachable(url: str) -> str | None:
         await engine.dispose()
 
 
-async def _create_database(server_url: str, name: str) -> str:
-    """A new empty database on the server; returns its URL."""
+async def on_server(server_url: str, statement: str) -> None:
+    """One statement outside any transaction (CREATE DATABASE, ALTER DATABASE cannot run in one)."""
     engine = create_async_engine(async_url(server_url), isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as connection:
-            await connection.execute(text(f"CREATE DATABASE {name}"))
+            await connection.execute(text(statement))
     finally:
         await engine.dispose()
+
+
+async def _create_database(server_url: str, name: str) -> str:
+    """A new empty database on the server; returns its URL."""
+    await on_server(server_url, f"CREATE DATABASE {name}")
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
 async def _drop_database(server_url: str, name: str) -> None:
-    engine = create_async_engine(async_url(server_url), isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            if engine.dialect.name == "postgresql":
-                await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            else:
-                await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-    finally:
-        await engine.dispose()
+    force = " WITH (FORCE)" if make_url(server_url).get_backend_name() == "postgresql" else ""
+    await on_server(server_url, f"DROP DATABASE IF EXISTS {name}{force}")
 
 
 _unreachable: dict[str, str | None] = {}

@@ -18,12 +18,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, on_server
 from loopback import serving
-from sqlalchemy import make_url, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import make_url
 
-from etl.db import async_url
 from etl.demo import demo_document
 
 import tomlwriter
@@ -161,12 +159,7 @@ async def test_a_second_run_is_refused_while_the_first_outlives_the_servers_idle
     long, the lock went with it, and the next cron run started beside the first (exit 0 for both), calling the first
     one "killed or crashed" while it was still loading. The lock's connection now commits once it has the lock."""
     url = await fresh_database("postgresql")
-    engine = create_async_engine(async_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(f"ALTER DATABASE {make_url(url).database} SET idle_in_transaction_session_timeout = '500ms'"))
-    finally:
-        await engine.dispose()
+    await on_server(POSTGRES_URL, f"ALTER DATABASE {make_url(url).database} SET idle_in_transaction_session_timeout = '500ms'")
     api = StallingApi(stall_after=PER_DAY // PAGE_SIZE + 1 + 2)
     async with api.config(tmp_path, url) as config:
         args = ("backfill", "--from", "2024-03-01", "--to", "2024-03-05", "--config", str(config))
