@@ -517,8 +517,9 @@ def forbidden_hint(challenge: str | None) -> str:
 def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
     """The parsed body; HTML, XML or other non-JSON is an error (not an empty page), cut-off JSON is retried.
 
-    A body in another charset than UTF-8 is read as its Content-Type declares; one that declares
-    none and is not UTF-8 is an error, not retried: another attempt brings the same bytes.
+    A body in another charset than UTF-8 is read as its Content-Type declares; in one that declares
+    none, a byte that is not UTF-8 inside a string rejects that record (etl.records), and anywhere
+    else is an error, not retried: another attempt brings the same bytes.
     JSON is read whatever the Content-Type says: PHP labels it `text/html` unless told otherwise.
 
     etl.jsonnumbers (orjson, and the standard library for a body with numbers orjson would round);
@@ -539,6 +540,13 @@ def parse_json(status: int, resp: aiohttp.ClientResponse, body: bytes) -> Any:
         return jsonnumbers.loads_lenient(body)
     except RecursionError:  # orjson stops at 1,024 levels, the standard library at Python's recursion limit
         raise SourceError(f"{status} from {url} is JSON nested too deep to read (over 1,000 levels): the API is at fault") from None
+    except UnicodeDecodeError as exc:
+        if exc.end == len(body):  # cut inside a character: the body came short
+            raise _not_json(status, url, body, exc) from None
+        try:
+            return jsonnumbers.loads_with_bad_bytes(body)
+        except ValueError:
+            raise _not_json(status, url, body, exc) from None
     except ValueError as exc:
         raise _not_json(status, url, body, exc) from None
 

@@ -42,7 +42,11 @@ INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 NO_NUL = r"^[^\x00]*$"
 NUL_MESSAGE = "contains the character U+0000 (NUL), which PostgreSQL cannot store"
-SURROGATE_MESSAGE = "holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), which is not text"
+SURROGATE_MESSAGE = (
+    "holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair), which is not text, or a byte that "
+    "is not UTF-8 (shown as \\udce9 for 0xE9: the API sent another character set without declaring it as "
+    "Content-Type: application/json; charset=...)"
+)
 NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
 COMPACT_LENGTHS = (len("20240301"), len("20240301103000"))  # digit strings that are a date, or a date and time
 

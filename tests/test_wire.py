@@ -328,3 +328,24 @@ async def test_json_encoded_twice_is_read(tmp_path: Path) -> None:
         json.dumps(page_body(page).decode()).encode(), "Content-Type: application/json"
     ))
     assert_all_loaded_once(tmp_path, finished)
+
+
+async def test_a_byte_that_is_not_utf8_rejects_its_record_not_the_page(tmp_path: Path) -> None:
+    """One customer name stored in Latin-1 by a legacy API that declares no charset: the whole page failed,
+    "is not UTF-8", and every nightly run after stopped at that page with nothing past it loaded and no
+    setting to get by. The record goes to etl_rejects with the byte visible (\\udce9 for 0xE9); the rest loads."""
+    def one_bad_byte(page: int) -> bytes:
+        body = page_body(page)
+        if page == 2:
+            body = body.replace("Café 12".encode(), "Café 12".encode("latin-1"))
+        return response(body, "Content-Type: application/json")
+
+    finished, asked = await sync(tmp_path, one_bad_byte)
+
+    assert finished.returncode == 1, finished.stderr  # max_rejects = 0
+    assert "Traceback" not in finished.stderr and "internal error" not in finished.stderr, finished.stderr
+    assert [row[0] for row in loaded(tmp_path)] == [i for i in range(1, RECORDS + 1) if i != 12]
+    [(key, raw, error)] = sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT record_key, raw, error FROM etl_rejects")
+    assert "12" in key and "Caf\\udce9 12" in raw, raw
+    assert "not UTF-8" in error and "charset" in error, error
+    assert "items: 24 loaded, 1 rejected" in finished.stdout, finished.stdout
