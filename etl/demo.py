@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from etl.config import LOOPBACK_HOSTS, config_from_document, config_named_by, config_path, read_document
-from etl.db import create_engine, safe_url
+from etl.db import create_engine, safe_url, sqlite_file
 from etl.errors import ConfigError
 from etl.pipeline import RunOutcome
 from etl.progress import ProgressDisplay
@@ -93,4 +93,18 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
         config = config_from_document(document, user_path)
         await _refuse_a_real_database(config.database.url, user.get("api"))
         print(f"demo: simulator on {simulator.base_url}, loading into {safe_url(config.database.url)}", flush=True)
-        return await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret), command="demo")
+        outcome = await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret), command="demo")
+    if outcome.run_id > 1 and outcome.error is None:
+        print(_after_an_earlier_run(config.database.url), flush=True)
+    return outcome
+
+
+def _after_an_earlier_run(url: str) -> str:
+    """Why a second demo loads almost nothing: the first moved each resource's watermark to now."""
+    file = sqlite_file(url)
+    again = f"delete {file}" if file is not None else "point [database].url at an empty database"
+    return (
+        "demo: this database holds an earlier run, so each resource loaded only what is new since its watermark "
+        f"(one without a date filter, products, loads whole each time); `python -m etl status` shows them; {again} "
+        "to see a first run again"
+    )

@@ -860,6 +860,19 @@ async def test_demo_without_any_config_loads_into_etl_db_in_the_working_director
     assert sqlite_rows(f"sqlite:///{tmp_path / 'etl.db'}", "SELECT COUNT(*) FROM orders")[0][0] > 0
 
 
+async def test_a_second_demo_says_why_it_loads_almost_nothing(tmp_path: Path) -> None:
+    """A newcomer who runs the demo twice saw "orders: 0 loaded" for most resources and no word why: the first
+    demo moved their watermarks to now. The second says so, and how to see a first run again."""
+    first = await finish(await start_etl("demo", env=etl_env(), cwd=tmp_path), timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "earlier run" not in first.stdout
+    second = await finish(await start_etl("demo", env=etl_env(), cwd=tmp_path), timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "orders: 0 loaded" in second.stdout
+    assert "this database holds an earlier run" in second.stdout, second.stdout
+    assert f"delete {tmp_path / 'etl.db'}" in second.stdout, second.stdout
+
+
 async def test_status_after_a_demo_without_a_config_file_needs_only_the_database(tmp_path: Path) -> None:
     """The demo needs no config file, but `status` then had none to read and said only 'config.toml not found'."""
     assert (await finish(await start_etl("demo", env=etl_env(), cwd=tmp_path), timeout=120)).returncode == 0
