@@ -649,6 +649,8 @@ class Checker:
         verdict = self._judge_page(resource, page, tried)
         if verdict.status != "failed" and (capped := await self._page_size_cap(client, resource, page)) is not None:
             return capped
+        if verdict.status != "failed" and (misnumbered := await self._page_numbering(client, resource, page)) is not None:
+            return misnumbered
         return verdict
 
     def _page_hint(self, exc: EtlError, resource: ResourceConfig) -> str:
@@ -696,6 +698,48 @@ class Checker:
             [f"GET {_request_text(page.request)}  → {served} records", f"GET {_request_text(following)}  → {len(more)} records"],
             f"set [resources.pagination].page_size = {served} for {resource.name!r} (or lower): without a total, "
             "a short page ends a window, and sync would keep the first page of each window and skip the rest",
+            1,
+        )
+
+    async def _page_numbering(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:
+        """A failure when first_page is not where the API numbers its pages from, told by the page beside it.
+
+        first_page = 1 against an API that starts at 0: page 0 holds other records, which each window skipped.
+        first_page = 0 against one that reads 0 as 1: page 1 repeats a full page 0, taken as the window's end, so
+        each window stopped after its first page. Both lose records with exit 0. A page 0 of more records than
+        page_size (every record: paging off) says nothing of the numbering.
+        """
+        pagination = resource.pagination
+        if not isinstance(pagination, PagePagination) or pagination.first_page not in (0, 1) or not page.records:
+            return None
+        other = 1 - pagination.first_page
+        if other == 1 and len(page.records) < pagination.page_size:
+            return None  # a short page 0 ends the window whatever page 1 holds
+        beside = resource.model_copy(update={"pagination": pagination.model_copy(update={"first_page": other})})
+        request = window_paginator(beside, self.config.api.base_url, page.window).request()
+        assert request is not None  # a new paginator always has a first page
+        try:
+            response = await client.get(request)
+            records = records_at(response.body, resource.records_path, response.url)
+        except EtlError:
+            return None  # a 1-based API may refuse page 0: that is its numbering, and not an error
+        if not records or len(records) > pagination.page_size:
+            return None
+        same = records == page.records
+        if (other == 0 and (same or any(record in page.records for record in records))) or (other == 1 and not same):
+            return None
+        finding = (
+            f"page 0 holds {len(records)} other records: the API numbers its pages from 0, and each window skipped its first"
+            if other == 0 else
+            "page 1 repeats page 0: the API numbers its pages from 1 and reads 0 as 1, and each window would end "
+            "after its first page (a repeated page is taken as the end)"
+        )
+        return Verdict(
+            f"{page.response.status}, {len(page.records)} records; but {finding}",
+            "failed",
+            [f"GET {_request_text(page.request)}  → {len(page.records)} records", f"GET {_request_text(request)}  → {len(records)} records"],
+            f"set [resources.pagination].first_page = {other} for {resource.name!r}: sync would load records with exit 0 "
+            "and skip others",
             1,
         )
 

@@ -876,6 +876,39 @@ async def test_an_api_that_caps_its_pages_below_page_size_fails_with_the_size_to
         assert f"hint: set [resources.pagination].page_size = {cap} for 'products'" in out
 
 
+@pytest.mark.parametrize(
+    ("api_first", "first_page", "expected_code"),
+    [(0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 0), ("all", 1, 0)],
+    ids=["0-based-read-from-1", "1-based-read-from-0", "1-based", "0-based", "page-0-is-everything"],
+)
+async def test_first_page_that_misses_the_apis_own_numbering_fails_with_the_value_to_set(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str],
+    api_first: int | str, first_page: int, expected_code: int,
+) -> None:
+    """first_page = 1 against an API that numbers pages from 0 skipped each window's first page, and first_page = 0
+    against one that reads page 0 as page 1 stopped each window after its first page (the repeat is taken as the end):
+    a sync lost records with exit 0, and check passed. An API whose page 0 is every record is not taken for 0-based."""
+    products = [{"sku": f"S{n:03}", "name": "thing", "price": "1.50", "tags": [], "updated_at": "2024-01-02T00:00:00Z"} for n in range(25)]
+
+    async def numbered(request: web.Request) -> web.Response:
+        page, size = int(request.query["page"]), int(request.query["page_size"])
+        if api_first == "all" and page == 0:
+            return web.json_response({"products": products})
+        index = max(page - (api_first if isinstance(api_first, int) else 1), 0)  # a 1-based API reads 0 as 1
+        return web.json_response({"products": products[index * size:(index + 1) * size]})
+
+    async with serving({("GET", "/api/v1/products"): numbered}) as api:
+        path = write_config(f"{api}/api/v1", simulator.token_url, resources=["products"])
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document["resources"][0]["pagination"] = {"style": "page", "page_size": 10, "first_page": first_page}
+        tomlwriter.write(path, document)
+        code, out = await check(capsys, path)
+
+    assert code == expected_code, out
+    if expected_code:
+        assert f"hint: set [resources.pagination].first_page = {api_first} for 'products'" in out, out
+
+
 async def test_a_certificate_for_another_name_from_an_untrusted_ca_says_both(
     simulator: Simulator,
     ca_chain: dict[str, Path],
