@@ -111,6 +111,13 @@ def _not_a_boolean(value: Any) -> Any:
     return value
 
 
+def _not_null(value: Any) -> Any:
+    """A json column with `nullable = false` takes any JSON value but null, as every other type refuses it."""
+    if value is None:
+        raise ValueError("Input should not be null: the column is nullable = false")
+    return value
+
+
 def _any_leaf(value: Any, test: Callable[[Any], bool]) -> bool:
     """Whether `test` holds for a key or a value anywhere in a JSON value."""
     if isinstance(value, dict):
@@ -159,6 +166,8 @@ def _field(name: str, spec: ColumnSpec, required: bool, key: bool) -> Any:
     python_type = _python_type(spec.type)
     if key and spec.type in NUMBER_TYPES:
         python_type = Annotated[python_type, BeforeValidator(_not_a_boolean)]
+    if required and spec.type == "json":  # the one type whose values include null
+        python_type = Annotated[python_type, AfterValidator(_not_null)]
     if required:
         return Annotated[python_type, Field(validation_alias=alias)]
     return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]

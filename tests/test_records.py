@@ -214,6 +214,18 @@ def test_a_missing_primary_key_is_rejected_without_a_key() -> None:
     assert reject.error.startswith("id: ")
 
 
+@pytest.mark.parametrize("record", [{"id": 2, "doc": None}, {"id": 2}, {"id": 2, "a": {"b": None}}, {"id": 2, "a": None}])
+def test_a_null_json_value_of_a_column_not_nullable_is_a_reject(record: dict[str, Any]) -> None:
+    """`nullable = false` on a json column refuses null as on any other: pydantic's Any took it, and the row
+    was loaded with NULL there, exit 0."""
+    columns = {"doc": {"type": "json", "source": "a.b" if "a" in record else "doc", "nullable": False}}
+    page = _validator(columns).validate([{"id": 1, "doc": [], "a": {"b": {}}}, record])
+    assert [row["id"] for row in page.rows] == [1]
+    assert [reject.key for reject in page.rejects] == ["2"]
+    assert page.rejects[0].error.startswith("doc")
+    assert _one({"doc": "json"}, {"id": 3, "doc": None})["doc"] is None
+
+
 @pytest.mark.parametrize("value", [True, False])
 @pytest.mark.parametrize("column", ["integer", "bigint", "float", "decimal"])
 def test_a_boolean_key_is_a_reject_not_record_1(column: str, value: bool) -> None:
