@@ -93,6 +93,14 @@ def _future_note(watermark: str | None) -> str:
     return ""
 
 
+def _loaded(mark: dict[str, Any]) -> str:
+    """How far a resource is loaded; one without date filters has no such point (every run reads it whole), only when
+    its last full refresh finished: "loaded up to -" after every sync read as if nothing had ever loaded."""
+    if mark["synced_until"] is None:
+        return f"full refresh last finished {_when(mark['updated_at'])} (run #{mark['run_id']})"
+    return f"loaded up to {_when(mark['synced_until'])}"
+
+
 def _section(title: str, lines: list[str]) -> list[str]:
     return ["", title, *(lines or ["  none"])]
 
@@ -141,12 +149,17 @@ def _unfinished_lines(groups: list[dict[str, Any]]) -> list[str]:
     for run_id in dict.fromkeys(group["run_id"] for group in groups):
         own = [group for group in groups if group["run_id"] == run_id]
         lines += [
-            f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}"
-            f"  from {_when(group['first_start'])} to {_when(group['last_end'])}  (run #{run_id})"
+            f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}  {_span(group)}  (run #{run_id})"
             for group in own
         ]
         lines.append(f"    run #{run_id} is still running: it is loading them" if own[0]["run_alive"] else f"    next: {_resume_hint(own[0])}")
     return lines
+
+
+def _span(group: dict[str, Any]) -> str:
+    if group["first_start"] is None and group["last_end"] is None:
+        return "full refresh"
+    return f"from {_when(group['first_start'])} to {_when(group['last_end'])}"
 
 
 def _resume_hint(group: dict[str, Any]) -> str:
@@ -174,8 +187,7 @@ def format_status(report: StatusReport) -> str:
     lines = [_revision_line(report.revision), "(times are UTC)"]
     lines += _section("recent runs:", [_run_line(run) for run in report.runs])
     lines += _section("watermarks:", [
-        f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}{_future_note(mark['watermark'])}"
-        f"  loaded up to {_when(mark['synced_until'])}"
+        f"  {mark['resource']:<20} highest cursor {mark['watermark'] or '-'}{_future_note(mark['watermark'])}  {_loaded(mark)}"
         for mark in report.watermarks
     ])
     lines += _section("unfinished windows:", _unfinished_lines(report.unfinished_windows))

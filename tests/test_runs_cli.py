@@ -921,6 +921,29 @@ async def test_status_shows_each_unfinished_backfill_apart_with_the_command_that
     assert "python -m etl backfill --from 2024-01-07T00:00:00Z --to 2024-01-09T00:00:00Z" in unfinished
 
 
+async def test_status_says_when_a_full_refresh_last_finished_and_names_an_unfinished_one(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """A resource without date filters showed "highest cursor -  loaded up to -" after every sync, as if nothing had
+    ever loaded, and its unfinished window "from - to -"."""
+    url = await fresh_database("sqlite")
+    async with Simulator() as sim:
+        config = write_config(tmp_path, sim, url, resources=["products"], api={"max_retries": 0})
+        loaded = await run_etl("sync", "--config", str(config))
+        sim.faults.update({"outage": True})
+        failed = await run_etl("sync", "--config", str(config))
+        result = await run_etl("status", "--config", str(config))
+    assert loaded.returncode == 0 and failed.returncode == 1, loaded.stderr + failed.stderr
+    assert result.returncode == 0, result.stderr
+    finished = sqlite_rows(url, "SELECT updated_at FROM etl_watermarks WHERE resource = 'products'")[0][0]
+    marks = result.stdout.split("watermarks:")[1].split("unfinished windows:")[0]
+    assert "loaded up to -" not in marks
+    assert f"full refresh last finished {finished[:19].replace(' ', 'T')}" in marks, marks
+    assert "(run #1)" in marks
+    unfinished = result.stdout.split("unfinished windows:")[1].split("rejected records")[0]
+    assert "from - to -" not in unfinished and "full refresh" in unfinished, unfinished
+
+
 @pytest.mark.parametrize(("revision", "said"), [("0002", "run `python -m etl migrate`"), ("9999", "a newer etl migrated")])
 async def test_status_of_a_schema_not_at_this_etls_revision_says_what_that_means(
     tmp_path: Path, fresh_database: Callable[[str], Any], revision: str, said: str
