@@ -426,6 +426,11 @@ class ResourceConfig(_Section):
         return self.table or self.name
 
 
+def _names(first: str, second: str) -> str:
+    """A name, and how the other spells it when that differs in case (one name to SQLite and MySQL)."""
+    return repr(first) if first == second else f"{first!r} (as {second!r}: one name to SQLite and MySQL)"
+
+
 class Config(_Section):
     api: ApiConfig
     auth: AuthConfig
@@ -436,13 +441,19 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
-        for attr in ("name", "table_name"):
-            seen: set[str] = set()
-            for resource in self.resources:
-                value = getattr(resource, attr).lower()
-                if value in seen:
-                    raise ValueError(f"two resources share the {attr.replace('_name', '')} {value!r}")
-                seen.add(value)
+        """Each resource its own name (its watermark, windows and lock) and table: "two resources share the
+        table 'orders'" named neither of them nor what to change."""
+        names: dict[str, int] = {}
+        for index, resource in enumerate(self.resources):
+            if (first := names.setdefault(resource.name.lower(), index)) != index:
+                raise ValueError(f"resources[{index}].name: {_names(resource.name, self.resources[first].name)} is also the "
+                                 f"name of resources[{first}]: give each resource its own name")
+        tables: dict[str, ResourceConfig] = {}
+        for resource in self.resources:
+            owner = tables.setdefault(resource.table_name.lower(), resource)
+            if owner is not resource:
+                raise ValueError(f"resources.{resource.name}.table: {_names(resource.table_name, owner.table_name)} is also "
+                                 f"the table of resource {owner.name!r}: give one of them its own table = \"...\"")
         return self
 
     @model_validator(mode="after")

@@ -158,6 +158,19 @@ def test_columns_that_differ_only_in_case_are_refused_naming_both() -> None:
     assert "resources[0].columns: columns 'v' and 'V' differ only in case" in _error(document)
 
 
+@pytest.mark.parametrize(("attr", "value", "said"), [
+    ("table", "Orders", "resources.customers.table: 'Orders' (as 'orders': one name to SQLite and MySQL) is also the table of resource 'orders'"),
+    ("name", "orders", "resources[1].name: 'orders' is also the name of resources[0]"),
+])
+def test_two_resources_on_one_table_or_name_are_refused_naming_both_and_the_fix(attr: str, value: str, said: str) -> None:
+    """"two resources share the table 'orders'" named neither resource nor what to change."""
+    document = _document()
+    document["resources"][1][attr] = value
+    message = _error(document)
+    assert said in message, message
+    assert ("give one of them its own table" if attr == "table" else "give each resource its own name") in message
+
+
 def test_primary_key_must_be_a_declared_column() -> None:
     document = _document()
     document["resources"][0]["primary_key"] = ["order_id"]
