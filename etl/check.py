@@ -776,9 +776,12 @@ class Checker:
             details = [*tried, _body_shape(page.response.body)]
             return Verdict(summary, "warning", details, "no records in these windows to check the columns against")
         details = [] if len(tried) == 1 else [f"no records in the latest window; this page is from the first, {page.window}"]
+        if page.paginator.more_pages:  # style none: sync would load this page alone
+            details.append(f'pagination.style is "none", but the API says that more pages follow: {page.paginator.more_pages}; '
+                           "set [resources.pagination] to the way the API pages, or sync loads the first page alone")
         if not rejects:
             unseen = validator.unseen_warnings(len(page.records))
-            return Verdict(summary, "warning" if unseen else "ok", details + unseen)
+            return Verdict(summary, "warning" if unseen or page.paginator.more_pages else "ok", details + unseen)
         details += [f"invalid record {r.key or '(no key)'}: {_excerpt(r.error)}" for r in rejects[:SHOWN_REJECTS]]
         max_rejects = self.config.sync.max_rejects
         hint = (

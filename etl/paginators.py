@@ -150,6 +150,7 @@ class Paginator(ABC):
         self.key = "[resources.pagination]"  # the config table, named in hints: window_paginator names the resource
         self.cursor_path_found = False  # cursor style: a page carried next_cursor_path, null included
         self.cursor_path_absent: str | None = None  # cursor style: where next_cursor_path left a page of page_size records
+        self.more_pages: str | None = None  # style none: where the API said that another page follows
 
     @abstractmethod
     def request(self) -> PageRequest | None:
@@ -704,6 +705,29 @@ def canonical_url(url: str) -> str:
     return str(parsed.with_query(sorted(parsed.query.items())).with_fragment(None))
 
 
+# where a paging API says that another page follows: a key of the body, or of an object in it (`meta`, `links`, `paging`)
+NEXT_KEYS = frozenset({
+    "next", "nextLink", "@odata.nextLink", "next_link", "next_page", "nextPage", "next_page_url", "nextPageUrl", "next_url",
+    "nextUrl", "next_page_token", "nextPageToken", "next_cursor", "nextCursor", "nextRecordsUrl",
+})
+MORE_KEYS = frozenset({"has_more", "hasMore", "has_next", "hasNext", "has_next_page", "hasNextPage"})
+
+
+def more_to_come(body: Any) -> str | None:
+    """Where a body says that another page follows (`'next' holds '/items?page=2'`, `'meta.has_more' is true`), if it does."""
+    if not isinstance(body, dict):
+        return None
+    places = [("", body)] + [(f"{key}.", value) for key, value in body.items() if isinstance(value, dict)]
+    for prefix, place in places:
+        for key, value in place.items():
+            link = value.get("href") if isinstance(value, dict) else value
+            if key in NEXT_KEYS and isinstance(link, str | int) and not isinstance(link, bool) and link != "":
+                return f"{prefix + key!r} holds {str(link)[:80]!r}"
+            if key in MORE_KEYS and value is True:
+                return f"{prefix + key!r} is true"
+    return None
+
+
 class SinglePagePaginator(Paginator):
     """`style = "none"`: the body holds every record."""
 
@@ -713,7 +737,15 @@ class SinglePagePaginator(Paginator):
         return None if self.finished else PageRequest(self.url, dict(self.params))
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
+        """One request a window: a paging API's first page would be all that is loaded, so what says there is more is kept."""
         self.finished = True
+        total = self._total(response)
+        if response.next_link is not None:
+            self.more_pages = 'its Link header has rel="next"'
+        elif total is not None and total > len(records):
+            self.more_pages = f"its total ({total}) is above the {len(records)} records of the page"
+        else:
+            self.more_pages = more_to_come(response.body)
 
     def _position(self) -> dict[str, Any]:
         return {}

@@ -78,6 +78,7 @@ class ResourceStats:
     local_time_cursor: str | None = None  # a text cursor holding a time with an offset: text order is not time order
     cursor_path_found: bool = False  # a page carried next_cursor_path (cursor style)
     cursor_path_absent: str | None = None  # where next_cursor_path left a full page, when one did
+    more_pages: str | None = None  # style none: where the API said that another page follows, when it did
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -86,10 +87,12 @@ class ResourceStats:
     def seconds(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
-    def note_cursor_path(self, paginator: Paginator) -> None:
-        """What a window's paginator saw of next_cursor_path, kept over the run's windows for the warning at its end."""
+    def note_paginator(self, paginator: Paginator) -> None:
+        """What a window's paginator saw of next_cursor_path and of further pages, kept over the run's windows for
+        the warnings at its end."""
         self.cursor_path_found = self.cursor_path_found or paginator.cursor_path_found
         self.cursor_path_absent = self.cursor_path_absent or paginator.cursor_path_absent
+        self.more_pages = self.more_pages or paginator.more_pages
 
 
 @dataclass
@@ -260,6 +263,7 @@ class Pipeline:
             self._warn_if_no_cursor(resource, stats)
             self._warn_if_local_time_text(resource, stats)
             self._warn_if_no_next_cursor(resource, stats)
+            self._warn_if_more_pages(resource, stats)
             self._warn_of_unseen_columns(resource, stats)
         self._warn_of_api_clock()
         self._blame_run_wide_cause()
@@ -309,6 +313,20 @@ class Pipeline:
             "each such window ended after its first page. %s; check resources.%s.pagination.next_cursor_path, "
             "then backfill what was missed",
             resource.name, pagination.next_cursor_path, pagination.page_size, stats.cursor_path_absent, resource.name,
+        )
+
+    @staticmethod
+    def _warn_if_more_pages(resource: ResourceConfig, stats: ResourceStats) -> None:
+        """Without [resources.pagination] (style "none") a paging API's first page was all that was loaded, exit 0 and
+        no word. A warning, not exit 1, as for next_cursor_path: what says "more" is read from keys etl guesses at."""
+        if stats.more_pages is None:
+            return
+        then = "the next sync reads it all again" if resource.filter is None else "backfill what was missed"
+        log.warning(
+            "%s: resources.%s.pagination.style is \"none\" (one request a window), but the API said that more pages "
+            "follow: %s; only the first page was loaded. Set [resources.pagination] to the way the API pages (page, "
+            "offset, cursor or link_header); %s",
+            resource.name, resource.name, stats.more_pages, then,
         )
 
     def _warn_of_unseen_columns(self, resource: ResourceConfig, stats: ResourceStats) -> None:
@@ -414,7 +432,7 @@ class Pipeline:
                 return
             records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
             records = paginator.advance(response, records)
-            self.stats[resource.name].note_cursor_path(paginator)
+            self.stats[resource.name].note_paginator(paginator)
             total = paginator.known_total(response)  # after advance: a total the page already exceeded is None
             if first and total is not None:
                 self.progress.add_total(resource.name, total)

@@ -149,3 +149,65 @@ async def test_a_lone_surrogate_on_a_numbered_page_is_a_reject_not_an_internal_e
     assert loaded_ids(database) == [2]
     assert "items: 1 loaded, 1 rejected" in finished.stdout
     assert "lone UTF-16 surrogate" in sqlite_rows(database, "SELECT error FROM etl_rejects")[0][0]
+
+
+@pytest.mark.parametrize(("marker", "said"), [
+    ({"next": "/api/items?page=2"}, "'next' holds '/api/items?page=2'"),
+    ({"meta": {"has_more": True}}, "'meta.has_more' is true"),
+    ({"links": {"next": {"href": "/api/items?page=2"}}}, "'links.next' holds"),
+    ({"total": 250}, "its total (250) is above the 100 records"),
+    ({"link": True}, 'Link header has rel="next"'),
+])
+async def test_a_single_page_resource_whose_api_says_there_is_more_is_a_warning(
+    tmp_path: Path, marker: dict[str, Any], said: str
+) -> None:
+    """Without [resources.pagination] (style "none") a paging API's first page was all that was loaded, exit 0
+    and no word, though the body, its Link header or its total said that more pages followed."""
+
+    async def first_page(request: web.Request) -> web.Response:
+        body = {"data": RECORDS[:100], **{key: value for key, value in marker.items() if key != "link"}}
+        headers = {"Link": '</api/items?page=2>; rel="next"'} if "link" in marker else {}
+        return web.json_response(body, headers=headers)
+
+    resource = items({"style": "none", **({"total_path": "total"} if "total" in marker else {})})
+    finished, database = await sync(tmp_path, first_page, resource)
+
+    assert finished.returncode == 0, finished.stderr
+    assert len(loaded_ids(database)) == 100
+    warning = next((line for line in finished.stderr.splitlines() if "pagination.style" in line), "")
+    assert "items: resources.items.pagination.style is \"none\"" in warning, finished.stderr
+    assert said in warning and "the next sync reads it all again" in warning
+
+
+async def test_a_single_page_resource_whose_api_says_this_is_all_is_no_warning(tmp_path: Path) -> None:
+    """A null next, a false has_more and a total that the page holds are what a one-page API answers."""
+
+    async def whole(request: web.Request) -> web.Response:
+        return web.json_response({"data": RECORDS, "next": None, "has_more": False, "meta": {"total": 250}})
+
+    finished, database = await sync(tmp_path, whole, items({"style": "none", "total_path": "meta.total"}))
+
+    assert finished.returncode == 0, finished.stderr
+    assert len(loaded_ids(database)) == 250
+    assert "WARNING" not in finished.stderr, finished.stderr
+
+
+async def test_check_warns_of_a_single_page_resource_whose_api_says_there_is_more(tmp_path: Path) -> None:
+    """`check` read the first page of a paging API with style "none" and passed: sync would load that page alone."""
+
+    async def first_page(request: web.Request) -> web.Response:
+        return web.json_response({"data": RECORDS[:100], "nextLink": "/api/items?skip=100"})
+
+    async with serving({("POST", "/oauth2/token"): token, ("GET", "/api/items"): first_page}) as origin:
+        config = tomlwriter.write(tmp_path / "config.toml", {
+            "api": {"base_url": f"{origin}/api", "max_retries": 0},
+            "auth": {"token_url": f"{origin}/oauth2/token", "client_id": "probe"},
+            "database": {"url": f"sqlite:///{tmp_path / 'etl.db'}"},
+            "resources": [items({"style": "none"})],
+        })
+        finished = await run_etl("--config", str(config), "check")
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    line = next(line for line in finished.stdout.splitlines() if "resource items" in line)
+    assert line.startswith("!"), finished.stdout
+    assert "'nextLink' holds '/api/items?skip=100'" in finished.stdout
