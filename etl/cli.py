@@ -217,6 +217,7 @@ async def _sync(args: argparse.Namespace) -> int:
 
 async def _backfill(args: argparse.Namespace) -> int:
     from etl import runs
+    from etl.planning import check_backfill_windows
     from etl.status import command_flags
 
     start, end = _instant("--from", args.start), _instant("--to", args.end)
@@ -225,6 +226,7 @@ async def _backfill(args: argparse.Namespace) -> int:
     window = None if args.window is None else _window(args.window)
     config = _load(args)
     resources = runs.select_resources(config, args.resources)  # an unknown --resource is exit 2 before the interval is announced
+    check_backfill_windows(resources, start, end, window)  # so are windows that cannot be planned
     print(f"backfill from {isoformat_utc(start)} to {isoformat_utc(end)} (UTC, end excluded)", flush=True)
     whole = [resource.name for resource in resources if resource.filter is None]
     if whole:  # the interval above is not what they load: say so before a large one is read

@@ -72,7 +72,10 @@ def parse_instant(value: str | date | datetime) -> datetime:
             moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
         except ValueError:
             raise ValueError(f"{value!r} is not a date YYYY-MM-DD or an ISO-8601 datetime") from None
-    return as_utc(moment)
+    try:
+        return as_utc(moment)
+    except OverflowError:  # `9999-12-31T23:00-05:00` is in year 10000 in UTC
+        raise ValueError(f"{value!r} is outside the years 1 to 9999 once in UTC") from None
 
 
 def as_utc(moment: datetime) -> datetime:

@@ -16,7 +16,7 @@ from etl.config import ResourceConfig
 from etl.durations import format_duration, isoformat_utc
 from etl.errors import ConfigError
 from etl.store import Store, Watermark, WindowRecord, newest_cursor
-from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularity
+from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularity, outside_calendar
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,12 @@ def check_backfill_windows(resources: list[ResourceConfig], start: datetime, end
     etl_runs for a configuration error (exit 2), and the windows of the resources planned before it pending."""
     for resource in resources:
         if resource.filter is not None:
-            _require_few(start, end, window or resource.window, granularity(resource.filter.format), _window_key(resource, window))
+            size, step, zone = window or resource.window, granularity(resource.filter.format), resource.filter.zone
+            if edge := outside_calendar(start, end, size, step, zone):  # `--to 9999-12-31` was a traceback, exit 1
+                flag = "--from" if edge == start else "--to"
+                raise ConfigError(f"{flag} {isoformat_utc(edge)}: the windows of {resource.name} ({format_duration(size)}) and the "
+                                  f"bounds sent to its API would reach outside the years 1 to 9999: give a {flag} nearer to now")
+            _require_few(start, end, size, step, _window_key(resource, window))
 
 
 def _window_key(resource: ResourceConfig, window: timedelta | None) -> str:

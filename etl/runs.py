@@ -23,7 +23,7 @@ from etl.errors import EtlError
 from etl.locks import ResourceLocks
 from etl.logs import redact, run_id_var
 from etl.pipeline import Pipeline, RunOutcome
-from etl.planning import ResourcePlan, check_backfill_windows, plan_backfill, plan_sync
+from etl.planning import ResourcePlan, plan_backfill, plan_sync
 from etl.progress import ProgressDisplay
 from etl.status import run_flags
 from etl.store import Store
@@ -81,7 +81,6 @@ async def backfill(
         return plan_backfill(store, resource, run_id, start, end, window, restart, now, config.sync.lag)
 
     resources = select_resources(config, names)
-    check_backfill_windows(resources, start, end, window)
     arguments = {"from": isoformat_utc(start), "to": isoformat_utc(end), "resources": names or [],
                  "window": format_duration(window) if window else "", "restart": restart}
     return await execute(config, "backfill", arguments, resources, plan, stop, progress)

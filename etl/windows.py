@@ -99,6 +99,17 @@ def cut(start: datetime, end: datetime, size: timedelta, step: timedelta, zone: 
     return windows
 
 
+def outside_calendar(start: datetime, end: datetime, size: timedelta, step: timedelta, zone: tzinfo = UTC) -> datetime | None:
+    """The end of `[start, end)` from which `cut` or `filter_params` would leave the years 1 to 9999, else None: they go
+    a step of the grid before `start` and up to a window of `size` after `end`."""
+    for moment, delta in ((start, -step), (end, max(size, step))):
+        try:
+            _shift(floor_to(moment, step, zone) if delta < timedelta(0) else ceil_to(moment, step, zone), delta, zone)
+        except OverflowError:
+            return moment
+    return None
+
+
 def _shift(moment: datetime, delta: timedelta, zone: tzinfo) -> datetime:
     """`moment` moved by `delta` on `zone`'s wall clock: a day later is the next local midnight, DST or not."""
     if zone is UTC:

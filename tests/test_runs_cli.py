@@ -593,6 +593,28 @@ async def test_a_negative_window_reaches_the_check_that_names_it(tmp_path: Path,
     assert "expected one argument" not in result.stderr
 
 
+@pytest.mark.parametrize(("flags", "named"), [
+    (("--from", "2024-01-01", "--to", "9999-12-31T23:00:00-05:00"), "--to"),
+    (("--from", "0001-01-01T00:00:00+01:00", "--to", "2024-01-01"), "--from"),
+    (("--from", "9999-12-01", "--to", "9999-12-31", "--window", "60d"), "--to"),
+    (("--from", "2024-01-01", "--to", "9999-12-31T23:59:59Z", "--resource", "payments"), "--to"),
+    (("--from", "0001-01-01", "--to", "2024-01-01", "--resource", "customers"), "--from"),
+])
+async def test_an_interval_at_the_calendars_edge_is_exit_2_naming_the_flag(
+    tmp_path: Path, flags: tuple[str, ...], named: str
+) -> None:
+    """`--to 9999-12-31` ("forever") was a traceback, exit 1: its last window, or the UTC form of an offset, passed the
+    year 9999, the last a datetime holds; so did a `--from` in year 1 that a filter's step or an offset moved before it."""
+    document = demo_document({"url": f"sqlite:///{tmp_path / 'etl.db'}"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
+    document["resources"][1]["filter"]["from_inclusive"] = False  # customers: `from` is one step before the window
+    config = tomlwriter.write(tmp_path / "config.toml", document)
+    result = await run_etl("backfill", "--config", str(config), *flags, env=etl_env())
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and f"ERROR   {named}" in result.stderr and "9999" in result.stderr
+    assert "backfill from" not in result.stdout  # refused before it announces an interval it will not load
+    assert not (tmp_path / "etl.db").exists()
+
+
 async def test_a_backfill_that_starts_in_the_future_says_so(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
     """`--from 2062-01-01` (for 2026) loaded nothing and succeeded, saying only that the watermark stops at now less lag."""
     url = await fresh_database("sqlite")
