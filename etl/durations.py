@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, timedelta
 
-_SHORT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_SHORT_PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)"
+_SHORT = re.compile(rf"^\s*(?:{_SHORT_PART}\s*)+$")  # `1h30m` is the sum of its parts
 _ISO = re.compile(
     r"^P(?:(?P<w>\d+(?:\.\d+)?)W)?(?:(?P<d>\d+(?:\.\d+)?)D)?"
     r"(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
@@ -17,7 +18,7 @@ MAX_DURATION = timedelta(days=36525)
 
 
 def parse_duration(text: str | int | float) -> timedelta:
-    """`30s`, `5m`, `1h`, `1d`, ISO-8601 `PT1H`, or a number of seconds; at most a century either way."""
+    """`30s`, `5m`, `1h`, `1d` (or several, `1h30m`), ISO-8601 `PT1H`, or a number of seconds; at most a century either way."""
     try:
         duration = _duration(text)
     except OverflowError:
@@ -34,8 +35,8 @@ def _duration(text: str | int | float) -> timedelta:
         return timedelta(seconds=text)
     if not isinstance(text, str):
         raise ValueError("a duration like '30s', '5m', '1h', '1d' or 'PT1H'")
-    if match := _SHORT.match(text):
-        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    if _SHORT.match(text):
+        return timedelta(seconds=sum(float(number) * _UNIT_SECONDS[unit] for number, unit in re.findall(_SHORT_PART, text)))
     if (match := _ISO.match(text.strip().upper())) and text.strip().upper() not in ("P", "PT"):
         parts = {k: float(v) for k, v in match.groupdict().items() if v}
         return timedelta(

@@ -15,6 +15,7 @@ import pytest
 import etl
 from etl.config import config_from_document, load_config
 from etl.demo import demo_document
+from etl.durations import parse_duration
 from etl.errors import ConfigError
 
 import tomlwriter
@@ -224,6 +225,14 @@ def test_negative_lag_or_lookback_is_refused_and_zero_is_fine(section: str, key:
     assert message in _error(document)
     table[key] = "0s"
     config_from_document(document)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1h30m", timedelta(minutes=90)), ("1d12h", timedelta(hours=36)), ("2m 30s", timedelta(seconds=150)), ("1s500ms", timedelta(seconds=1.5)),
+])
+def test_a_duration_of_several_units_is_their_sum(text: str, expected: timedelta) -> None:
+    """`--window 1h30m` (Go's and Prometheus's form, what users type for PT1H30M) was exit 2, not a duration."""
+    assert parse_duration(text) == expected
 
 
 def test_bad_duration_is_named() -> None:
