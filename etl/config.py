@@ -40,6 +40,10 @@ from etl.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+SYSTEM_PREFIXES = {
+    "sqlite_": "SQLite keeps names starting with sqlite_ for itself",
+    "pg_": "PostgreSQL finds its own pg_ tables and views (pg_user, pg_settings) before any of that name",
+}
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # with fullmatch: `$` also matches before a final newline
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -399,6 +403,19 @@ class ResourceConfig(_Section):
             )
         if self.filter is not None and self.start is None:
             raise ValueError("start is required when [resources.filter] is set: it is where the first sync begins")
+        return self
+
+    @model_validator(mode="after")
+    def _table_outside_system_names(self) -> ResourceConfig:
+        """`sqlite_orders` failed every run on SQLite, exit 1; PostgreSQL searches its catalog first, so `pg_user` was
+        created and every insert went to the catalog's view of that name, failing the batch of every resource."""
+        prefix = next((prefix for prefix in SYSTEM_PREFIXES if self.table_name.lower().startswith(prefix)), None)
+        if prefix is not None:
+            key = "table" if self.table else "name"
+            raise ValueError(
+                f"{key} {self.table_name!r} is the table's name, and {SYSTEM_PREFIXES[prefix]}: "
+                f"set table to a name that does not start with {prefix}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -136,6 +136,22 @@ def test_unsafe_or_reserved_table_names_are_refused(name: str) -> None:
     assert "resources[0].name:" in _error(document)
 
 
+@pytest.mark.parametrize(("key", "name"), [("name", "pg_user"), ("table", "PG_settings"), ("name", "sqlite_orders"), ("table", "SQLite_x")])
+def test_table_names_in_a_databases_own_prefix_are_refused(key: str, name: str) -> None:
+    """`sqlite_orders` failed every run on SQLite ("object name reserved for internal use"), exit 1; `pg_user` was
+    created but PostgreSQL's catalog view of that name took every insert, failing the batch of every resource."""
+    document = _document()
+    document["resources"][0][key] = name
+    message = _error(document)
+    assert f"resources[0]: {key} {name!r} is the table's name" in message and "set table" in message
+
+
+def test_a_resource_named_in_a_databases_prefix_may_set_another_table() -> None:
+    document = _document()
+    document["resources"][0] |= {"name": "pg_orders", "table": "orders"}
+    assert config_from_document(document).resources[0].table_name == "orders"
+
+
 @pytest.mark.parametrize("name", ['a"; DROP TABLE orders; --', "note\n"])
 def test_unsafe_column_names_are_refused(name: str) -> None:
     """A final newline passed too (`$` matches before it): a column "note\\n" that no record field would ever fill."""
