@@ -209,11 +209,12 @@ def _forget_removed(connection: Connection, resource: ResourceConfig, declared: 
     and forgotten as declared (declared again, it is compared with the table as a column the table already has)."""
     removed = [name for name, row in declared.items()
                if row.key_position is None and name not in resource.columns and name in in_table]
+    quote = connection.dialect.identifier_preparer.quote  # `ALTER TABLE Group DROP COLUMN from` ran nowhere
     for name in removed:
         log.warning("%s: column %r of table %r is no longer in resources.%s.columns: etl leaves it as it is, new rows "
                     "hold NULL in it and rows loaded again keep their old value; if it is not wanted, "
-                    "ALTER TABLE %s DROP COLUMN %s", resource.name, name, resource.table_name, resource.name,
-                    resource.table_name, name)
+                    "ALTER TABLE %s DROP COLUMN %s;", resource.name, name, resource.table_name, resource.name,
+                    quote(resource.table_name), quote(name))
     if removed:
         connection.execute(delete(resource_columns).where(
             resource_columns.c.table_name == resource.table_name, resource_columns.c.column_name.in_(removed)))
@@ -379,12 +380,12 @@ def _check_key_usable(inspector: Inspector, resource: ResourceConfig) -> None:
     """A table etl did not create must have a primary key or unique index on exactly primary_key: the upsert stands
     on it. Without one MySQL's ON DUPLICATE KEY inserted every record again on every run, and PostgreSQL and SQLite
     failed every batch, with the rows of every other resource in it."""
-    table_name = resource.table_name
+    table_name, quote = resource.table_name, inspector.dialect.identifier_preparer.quote
     if not _has_key(inspector, resource):
         raise ConfigError(
             f"resources.{resource.name}.primary_key: the existing table {table_name!r} has no primary key or unique index "
             f"on {resource.primary_key}, which etl's upsert needs to store a record seen twice once",
-            hint=f"add one (CREATE UNIQUE INDEX ... ON {table_name} ({', '.join(resource.primary_key)})), "
+            hint=f"add one (CREATE UNIQUE INDEX ... ON {quote(table_name)} ({', '.join(map(quote, resource.primary_key))})), "
             "or point `table` at a new table for etl to create",
         )
 

@@ -275,6 +275,18 @@ async def test_a_table_made_elsewhere_without_the_declared_key_stops_with_exit_2
     assert "resources.orders.primary_key" in caught.value.message and "'orders'" in caught.value.message
 
 
+async def test_the_index_hinted_for_a_keyless_table_quotes_its_names(fresh_database: Callable[[str], Any]) -> None:
+    """`CREATE UNIQUE INDEX ... ON Group (Key)` was a syntax error, and PostgreSQL would have folded Group to group."""
+    async with _engine(await fresh_database("postgresql")) as engine:
+        async with engine.begin() as connection:
+            await connection.execute(text('CREATE TABLE "Group" ("Key" integer, line integer, total decimal(38, 10))'))
+        resource = ResourceConfig.model_validate({"name": "orders", "table": "Group", "path": "/orders", "primary_key": ["Key"],
+                                                  "columns": {"Key": "integer", "line": "integer", "total": "decimal"}})
+        with pytest.raises(ConfigError) as caught:
+            await _prepare(engine, resource)
+    assert 'ON "Group" ("Key")' in (caught.value.hint or ""), caught.value.hint
+
+
 async def test_a_table_made_elsewhere_with_the_declared_key_is_loaded(database_url: str) -> None:
     """A key made as a unique index (a DBA's own table) is one etl's upsert can use: records are stored once."""
     async with _engine(database_url) as engine:

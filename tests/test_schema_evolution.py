@@ -15,7 +15,7 @@ from aiohttp import web
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from loopback import serving
-from sqlalchemy import Connection
+from sqlalchemy import Connection, inspect
 
 from etl.db import MIGRATIONS_DIR, create_engine
 
@@ -205,6 +205,27 @@ async def test_a_column_removed_from_the_config_is_said_once_with_what_becomes_o
     assert "DROP COLUMN" in shrunk.stderr
     assert "no longer in" not in again.stderr + declared_again.stderr
     assert [str(row[0]) for row in await rows(sqlite_or_postgres_url, "SELECT total FROM orders ORDER BY id")] == ["1.50"] * 3
+
+
+async def test_the_statement_that_drops_a_removed_column_runs_as_given_on_names_sql_reserves(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The warning's `ALTER TABLE Group DROP COLUMN from` was a syntax error on every database (and PostgreSQL would
+    have folded Group to group): its names are quoted as the database quotes them, so it runs as written."""
+    async with api([record | {"from": "web"} for record in RECORDS]) as served:
+        assert (await etl(tmp_path, served, database_url, BASE | {"from": "string"}, table="Group")).returncode == 0
+        shrunk = await etl(tmp_path, served, database_url, BASE, table="Group")
+    assert shrunk.returncode == 0, shrunk.stderr
+    statements = re.findall(r"(ALTER TABLE \S+ DROP COLUMN [^;]+);", shrunk.stderr)
+    assert len(statements) == 1, shrunk.stderr
+    await _execute(database_url, statements)
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda sync: [column["name"] for column in inspect(sync).get_columns("Group")])
+    finally:
+        await engine.dispose()
+    assert "from" not in columns and "status" in columns
 
 
 CASED_KEYS = [{"id": key, "status": key, "updated_at": "2024-02-01T00:00:00Z"} for key in ("A1", "a1", "a1 ", "é1", "e1")]
