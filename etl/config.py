@@ -319,6 +319,19 @@ def _param_value(value: Any) -> Any:
     raise ValueError("must be a string, a number, a boolean or a list of them (a list sends the parameter once per value)")
 
 
+def identifier_problem(name: str) -> str | None:
+    """What keeps `name` from being a table or column name on every database, None if nothing: "must be a letter
+    or _ followed by letters, digits or _" was all a 64-letter name, or one with an `ö`, was told."""
+    if IDENTIFIER.fullmatch(name):
+        return None
+    wrong = next((char for char in name if not (char.isascii() and (char.isalnum() or char == "_"))), None)
+    if wrong is not None:
+        return f"{wrong!r} is not allowed: a name is ASCII letters, digits and _"
+    if not name or name[0].isdigit():
+        return "must start with a letter or _"
+    return f"{len(name)} characters, at most 63 (PostgreSQL cuts a longer name short, MySQL refuses one over 64)"
+
+
 class ResourceConfig(_Section):
     name: str
     table: str | None = None
@@ -337,8 +350,8 @@ class ResourceConfig(_Section):
     @field_validator("name", "table")
     @classmethod
     def _identifier(cls, name: str | None) -> str | None:
-        if name is not None and not IDENTIFIER.fullmatch(name):
-            raise ValueError("must be a letter or _ followed by letters, digits or _ (at most 63)")
+        if name is not None and (problem := identifier_problem(name)) is not None:
+            raise ValueError(problem)
         if name is not None and name.lower().startswith("etl_"):
             raise ValueError("names starting with etl_ are reserved for etl's own tables")
         return name
@@ -379,8 +392,9 @@ class ResourceConfig(_Section):
         """
         seen: dict[str, str] = {}
         for name in columns:
-            if not IDENTIFIER.fullmatch(name):
-                raise ValueError(f"column {name!r}: must be a letter or _ followed by letters, digits or _")
+            if (problem := identifier_problem(name)) is not None:
+                raise ValueError(f"column {name!r}: {problem}; to read an API field of that name, give the column "
+                                 'another and a source: order_id = { type = "string", source = "order-id" }')
             if name.lower().startswith("_etl_"):
                 raise ValueError(f"column {name!r}: names starting with _etl_ are reserved for etl's own _etl_loaded_at and _etl_run_id")
             if name.lower() in seen:

@@ -160,6 +160,24 @@ def test_unsafe_column_names_are_refused(name: str) -> None:
     assert "resources[0].columns:" in _error(document)
 
 
+@pytest.mark.parametrize(("key", "name", "said"), [
+    ("columns", "c" * 64, "64 characters, at most 63"),
+    ("name", "o" * 64, "64 characters, at most 63"),
+    ("columns", "order-id", "'-' is not allowed"),
+    ("table", "sales.orders", "'.' is not allowed"),
+    ("columns", "größe", "'ö' is not allowed"),
+    ("name", "2024_orders", "must start with a letter or _"),
+])
+def test_a_name_that_is_no_identifier_says_what_in_it_is_wrong(key: str, name: str, said: str) -> None:
+    """A 64-letter column was told "must be a letter or _ followed by letters, digits or _", which it was."""
+    document = _document()
+    if key == "columns":
+        document["resources"][0]["columns"][name] = "string"
+    else:
+        document["resources"][0][key] = name
+    assert said in _error(document)
+
+
 @pytest.mark.parametrize("name", ["_etl_loaded_at", "_ETL_run_id", "_Etl_note"])
 def test_column_names_in_etls_own_prefix_are_refused_whatever_their_case(name: str) -> None:
     """Each table has _etl_loaded_at and _etl_run_id; `_ETL_run_id` is the same column to SQLite and MySQL."""

@@ -455,7 +455,7 @@ def test_names_that_are_not_identifiers_are_refused_before_any_sql(field: str) -
         document["columns"] = {"id": "integer", evil: "string"}
     else:
         document[field] = evil
-    with pytest.raises(ValueError, match="letter or _"):
+    with pytest.raises(ValueError, match="'\"' is not allowed"):
         ResourceConfig.model_validate(document)
 
 
