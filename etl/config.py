@@ -44,6 +44,7 @@ SYSTEM_PREFIXES = {
     "sqlite_": "SQLite keeps names starting with sqlite_ for itself",
     "pg_": "PostgreSQL finds its own pg_ tables and views (pg_user, pg_settings) before any of that name",
 }
+POSTGRESQL_SYSTEM_COLUMNS = ("tableoid", "xmin", "cmin", "xmax", "cmax", "ctid")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")  # with fullmatch: `$` also matches before a final newline
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -395,6 +396,11 @@ class ResourceConfig(_Section):
             if (problem := identifier_problem(name)) is not None:
                 raise ValueError(f"column {name!r}: {problem}; to read an API field of that name, give the column "
                                  'another and a source: order_id = { type = "string", source = "order-id" }')
+            if name.lower() in POSTGRESQL_SYSTEM_COLUMNS:
+                raise ValueError(
+                    f"column {name!r}: PostgreSQL has a system column of that name in every table and refuses one more; "
+                    f'read the field into a column named otherwise: {name}_ = {{ type = "{columns[name].type}", source = "{name}" }}'
+                )
             if name.lower().startswith("_etl_"):
                 raise ValueError(f"column {name!r}: names starting with _etl_ are reserved for etl's own _etl_loaded_at and _etl_run_id")
             if name.lower() in seen:

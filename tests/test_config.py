@@ -178,6 +178,16 @@ def test_a_name_that_is_no_identifier_says_what_in_it_is_wrong(key: str, name: s
     assert said in _error(document)
 
 
+@pytest.mark.parametrize("name", ["xmin", "xmax", "cmin", "cmax", "ctid", "tableoid", "XMin"])
+def test_column_names_postgresql_keeps_for_its_system_columns_are_refused(name: str) -> None:
+    """A bounding box's `xmin` loaded on SQLite and MariaDB but failed every run on PostgreSQL ("conflicts with a
+    system column name"), exit 1: refused on every database, with the source that reads the field anyway."""
+    document = _document()
+    document["resources"][0]["columns"][name] = "float"
+    message = _error(document)
+    assert f"resources[0].columns: column {name!r}: PostgreSQL" in message and f'source = "{name}"' in message
+
+
 @pytest.mark.parametrize("name", ["_etl_loaded_at", "_ETL_run_id", "_Etl_note"])
 def test_column_names_in_etls_own_prefix_are_refused_whatever_their_case(name: str) -> None:
     """Each table has _etl_loaded_at and _etl_run_id; `_ETL_run_id` is the same column to SQLite and MySQL."""
