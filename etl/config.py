@@ -428,13 +428,16 @@ class ResourceConfig(_Section):
     @model_validator(mode="after")
     def _table_outside_system_names(self) -> ResourceConfig:
         """`sqlite_orders` failed every run on SQLite, exit 1; PostgreSQL searches its catalog first, so `pg_user` was
-        created and every insert went to the catalog's view of that name, failing the batch of every resource."""
-        prefix = next((prefix for prefix in SYSTEM_PREFIXES if self.table_name.lower().startswith(prefix)), None)
-        if prefix is not None:
+        created and every insert went to the catalog's view of that name, failing the batch of every resource. The
+        upsert's `excluded.status` is the table itself when it is named excluded: on SQLite nothing was updated, exit 0."""
+        name = self.table_name.lower()
+        prefix = next((prefix for prefix in SYSTEM_PREFIXES if name.startswith(prefix)), None)
+        if prefix is not None or name == "excluded":
             key = "table" if self.table else "name"
             raise ValueError(
-                f"{key} {self.table_name!r} is the table's name, and {SYSTEM_PREFIXES[prefix]}: "
-                f"set table to a name that does not start with {prefix}"
+                f"{key} {self.table_name!r} is the table's name, and "
+                + (f"{SYSTEM_PREFIXES[prefix]}: set table to a name that does not start with {prefix}" if prefix else
+                   "PostgreSQL and SQLite call the row an upsert brings `excluded`: set table to another name")
             )
         return self
 

@@ -146,6 +146,16 @@ def test_table_names_in_a_databases_own_prefix_are_refused(key: str, name: str) 
     assert f"resources[0]: {key} {name!r} is the table's name" in message and "set table" in message
 
 
+@pytest.mark.parametrize(("key", "name"), [("name", "excluded"), ("table", "Excluded")])
+def test_a_table_named_excluded_is_refused(key: str, name: str) -> None:
+    """The upsert's `excluded.status` named the table itself: on SQLite a record's new version set each column to its
+    old value, exit 0 and nothing updated; PostgreSQL failed every batch, "table reference "excluded" is ambiguous"."""
+    document = _document()
+    document["resources"][0][key] = name
+    message = _error(document)
+    assert f"resources[0]: {key} {name!r} is the table's name" in message and "set table" in message
+
+
 def test_a_resource_named_in_a_databases_prefix_may_set_another_table() -> None:
     document = _document()
     document["resources"][0] |= {"name": "pg_orders", "table": "orders"}
