@@ -15,7 +15,7 @@ from aiohttp import web
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from loopback import serving
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, MetaData, Table, inspect, select
 
 from etl.db import MIGRATIONS_DIR, create_engine
 
@@ -205,6 +205,31 @@ async def test_a_column_removed_from_the_config_is_said_once_with_what_becomes_o
     assert "DROP COLUMN" in shrunk.stderr
     assert "no longer in" not in again.stderr + declared_again.stderr
     assert [str(row[0]) for row in await rows(sqlite_or_postgres_url, "SELECT total FROM orders ORDER BY id")] == ["1.50"] * 3
+
+
+async def test_names_sql_reserves_or_cases_load_upsert_and_grow_on_every_database(tmp_path: Path, database_url: str) -> None:
+    """Table `order`, mixed-case and reserved columns, a composite string key whose parts differ only in case: the
+    second sync updates in place, a reserved column added later is filled, and `status` reads it all."""
+    records = [{"order": "A-1", "Key": key, "Status": "new", "updatedAt": "2024-02-01T00:00:00Z", "from": "web", "select": 1}
+               for key in ("k", "K")]
+    columns = {"order": "string", "Key": "string", "Status": "string", "updatedAt": "datetime", "from": "string"}
+    shape = {"table": "order", "primary_key": ["order", "Key"], "cursor_field": "updatedAt"}
+    async with api(records) as served:
+        assert (await etl(tmp_path, served, database_url, columns, **shape)).returncode == 0
+        for record in records:
+            record |= {"Status": "shipped", "updatedAt": "2024-02-02T00:00:00Z"}
+        again = await etl(tmp_path, served, database_url, columns, **shape)
+        grown = await etl(tmp_path, served, database_url, columns | {"select": "integer"}, **shape)
+        status = await etl(tmp_path, served, database_url, columns, "status", **shape)
+    assert again.returncode == grown.returncode == status.returncode == 0, again.stderr + grown.stderr + status.stderr
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            table = await connection.run_sync(lambda sync: Table("order", MetaData(), autoload_with=sync))
+            loaded = (await connection.execute(select(table.c.Key, table.c.Status, table.c["select"]))).all()
+    finally:
+        await engine.dispose()
+    assert sorted(map(tuple, loaded)) == [("K", "shipped", 1), ("k", "shipped", 1)]
 
 
 async def test_the_statement_that_drops_a_removed_column_runs_as_given_on_names_sql_reserves(
