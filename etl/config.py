@@ -453,6 +453,29 @@ class ResourceConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _params_leave_etls_parameters(self) -> ResourceConfig:
+        """`params = { page_size = 500 }` went out as page_size=100 without a word: etl's own value replaced it."""
+        taken = sorted(set(self.params) & self.parameters_sent())
+        if taken:
+            instead = "; ".join(f"{name!r} comes from {self._source_of(name)}" for name in taken)
+            raise ValueError(
+                f"params sets {', '.join(map(repr, taken))}, which etl sends itself for each page or window, "
+                f"so the value here would never be sent: remove it from params ({instead})"
+            )
+        return self
+
+    def _source_of(self, name: str) -> str:
+        """The key that sets a parameter etl sends itself, for the message that refuses it in params."""
+        pagination = self.pagination
+        if name in (getattr(pagination, "size_param", ""), getattr(pagination, "limit_param", "")):
+            return "pagination.page_size"
+        if name == getattr(pagination, "page_param", ""):
+            return "pagination.first_page, then counts up"
+        if self.filter is not None and name in (self.filter.from_param, self.filter.to_param):
+            return "the window: start, lookback and window for sync, --from and --to for backfill"
+        return "each page the API answers"  # offset_param, cursor_param
+
     def parameters_sent(self) -> set[str]:
         """The query parameters etl sets on every request: the filter's bounds and the paging ones."""
         pagination = self.pagination

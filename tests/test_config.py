@@ -641,6 +641,18 @@ def test_a_path_whose_query_sets_a_parameter_etl_sends_itself_is_refused(query: 
     assert "sets " in message and "which etl sends itself" in message and "static parameters go in params" in message
 
 
+@pytest.mark.parametrize(
+    ("param", "instead"),
+    [("page_size", "pagination.page_size"), ("page", "pagination.first_page"), ("updated_since", "start"), ("updated_until", "start")],
+)
+def test_a_static_param_that_etl_sends_itself_is_refused_naming_the_key_to_set(param: str, instead: str) -> None:
+    """`params = { page_size = 500 }` went out as page_size=100 without a word: etl's own value replaced it."""
+    document = _document()
+    document["resources"][0]["params"] = {"status": "all", param: "500"}
+    message = _error(document)
+    assert f"resources[0]: params sets {param!r}, which etl sends itself" in message and instead in message
+
+
 def test_a_path_with_a_query_of_other_parameters_is_taken() -> None:
     document = _document()
     document["resources"][0]["path"] = "/orders?type=a"
