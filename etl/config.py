@@ -454,8 +454,12 @@ class ResourceConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _params_leave_etls_parameters(self) -> ResourceConfig:
-        """`params = { page_size = 500 }` went out as page_size=100 without a word: etl's own value replaced it."""
+    def _params_set_each_parameter_once(self) -> ResourceConfig:
+        """`params = { page_size = 500 }` went out as page_size=100 without a word: etl's own value replaced it;
+        a parameter also in path's query went out twice."""
+        twice = sorted(set(self.params) & set(parse_qs(urlsplit(self.path).query, keep_blank_values=True)))
+        if twice:  # both went out (type=a&type=b), and which one counts is the API's choice
+            raise ValueError(f"path {self.path!r} and params both set {', '.join(map(repr, twice))}: keep it in params only")
         taken = sorted(set(self.params) & self.parameters_sent())
         if taken:
             instead = "; ".join(f"{name!r} comes from {self._source_of(name)}" for name in taken)

@@ -653,6 +653,14 @@ def test_a_static_param_that_etl_sends_itself_is_refused_naming_the_key_to_set(p
     assert f"resources[0]: params sets {param!r}, which etl sends itself" in message and instead in message
 
 
+def test_a_parameter_set_both_in_path_and_in_params_is_refused() -> None:
+    """`path = "/orders?type=a"` with `params = { type = "b" }` went out as type=a&type=b: which one the API reads is its choice."""
+    document = _document()
+    document["resources"][0]["path"] = "/orders?type=a"
+    document["resources"][0]["params"] = {"type": "b"}
+    assert "resources[0]: path '/orders?type=a' and params both set 'type'" in _error(document)
+
+
 def test_a_path_with_a_query_of_other_parameters_is_taken() -> None:
     document = _document()
     document["resources"][0]["path"] = "/orders?type=a"
