@@ -59,6 +59,20 @@ XML_HINT = (
     "many take a query parameter instead: add it to the resource's params as the API's documentation names it "
     '(format = "json"; OData: "$format" = "json")'
 )
+STATUS_HINTS: dict[int, str] = {
+    HTTPStatus.GONE: (
+        "the API says this endpoint is gone for good, as APIs answer for a version they retired: compare the "
+        "version in [api].base_url and the resource's path with the API's current documentation"
+    ),
+    HTTPStatus.REQUEST_URI_TOO_LONG: (
+        "the URL is longer than the API takes: a list in params is sent as the parameter repeated, once per "
+        "value; send fewer values (two resources, each with a part of the list)"
+    ),
+    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: (
+        "the request's headers are larger than the API takes: shorten [api].headers; if they are short, the token "
+        "is what is too long (fewer auth.scopes, or fewer groups on the app client, make it shorter)"
+    ),
+}
 SNIPPET_BYTES = 200
 MASKED_BYTES = 16_384  # masked before the cut: a token that starts within the snippet ends within this
 GZIP_MAGIC = b"\x1f\x8b"  # starts every gzip stream, and no JSON text in any charset
@@ -494,12 +508,20 @@ def not_found_hint(base_url: str, name: str, path: str) -> str:
 
 
 def refusal_hint(status: int, headers: CIMultiDictProxy[str]) -> str | None:
-    """What to change for a refusal etl knows the cure of: a 403's scopes, a 406's Accept."""
+    """What to change for a refusal etl knows the cure of: a 403's scopes, a 406's Accept, and the statuses that
+    name what is wrong with the request (cron's log said only '405 from URL: <body>')."""
     if status == HTTPStatus.FORBIDDEN:
         return forbidden_hint(headers.get("WWW-Authenticate"))
     if status == HTTPStatus.NOT_ACCEPTABLE:
         return NOT_ACCEPTABLE_HINT
-    return None
+    if status == HTTPStatus.METHOD_NOT_ALLOWED:
+        allow = headers.get("Allow")
+        return (
+            "the endpoint does not answer GET, the only method etl reads with"
+            + (f" (it answered Allow: {allow})" if allow else "")
+            + ": path may name an endpoint that writes, or searches with POST; compare path with the API's documentation"
+        )
+    return STATUS_HINTS.get(status)
 
 
 def forbidden_hint(challenge: str | None) -> str:

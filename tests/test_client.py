@@ -243,6 +243,26 @@ async def test_a_403_points_at_the_scopes_with_the_apis_challenge(http_mock: aio
     assert f"WWW-Authenticate: {challenge}" in raised.value.hint
 
 
+@pytest.mark.parametrize(
+    ("status", "headers", "hinted"),
+    [
+        (405, {"Allow": "POST"}, ["GET", "Allow: POST", "path"]),
+        (410, {}, ["[api].base_url", "version", "path"]),
+        (414, {}, ["params", "list"]),
+        (431, {}, ["[api].headers"]),
+    ],
+)
+async def test_a_refusal_whose_cause_the_status_names_has_a_hint(
+    http_mock: aioresponses, make_client: MakeClient, status: int, headers: dict[str, str], hinted: list[str]
+) -> None:
+    """A 405, 410, 414 or 431 in cron's log said only '<status> from URL: <body>', no word of what to change."""
+    client, _ = make_client()
+    http_mock.get(PAGE, status=status, payload={"message": "no"}, headers=headers)
+    with pytest.raises(SourceError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert raised.value.hint is not None and all(word in raised.value.hint for word in hinted), raised.value.hint
+
+
 async def test_a_fresh_token_refused_twice_quotes_the_apis_challenge(http_mock: aioresponses, make_client: MakeClient) -> None:
     """The API's WWW-Authenticate says why it refuses a token (a wrong audience, an expired key); it was dropped."""
     client, _ = make_client()
