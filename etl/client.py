@@ -33,7 +33,7 @@ from tenacity import RetryCallState
 from yarl import URL
 
 from etl import jsonnumbers
-from etl.config import ApiConfig
+from etl.config import ApiConfig, ResourceConfig
 from etl.errors import ConnectionFailed, EtlError, RefusedRequest, RetryableError, SourceError, TokenRejected
 from etl.logs import redact, register_secret
 from etl.token import Token, TokenManager
@@ -504,6 +504,28 @@ def not_found_hint(base_url: str, name: str, path: str) -> str:
     return (
         f"no such endpoint: the URL is [api].base_url ({display_url(base_url)}) + the path of "
         f"{name!r} ({path!r}); compare both with the API's documentation"
+    )
+
+
+def bad_request_hint(resource: ResourceConfig) -> str:
+    """A 400 or 422 on a window's first page: the request is made of keys the API's documentation names otherwise."""
+    filter_ = resource.filter
+    bounds = (
+        f", [resources.filter]'s from_param, to_param and format = {filter_.format!r} (the bounds above are written so)"
+        if filter_ is not None
+        else ""
+    )
+    return (
+        f"the API refused the request (its answer above may name what): compare resources.{resource.name}.params{bounds} "
+        "and the parameter names in [resources.pagination] with the API's documentation; python -m etl check sends one such request"
+    )
+
+
+def too_deep_hint(resource: ResourceConfig) -> str:
+    """A 400 or 422 on a later page of a window whose first page the same parameters got: most often a paging depth."""
+    return (
+        "the API answered this window's first pages and refused a later one: many APIs refuse to page past a depth "
+        f"(an offset of 10,000); a smaller resources.{resource.name}.window (backfill --window) puts fewer records in each window"
     )
 
 

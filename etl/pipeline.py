@@ -28,7 +28,15 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from etl.client import ApiClient, ApiClock, PageResponse, RequestCounters, not_found_hint
+from etl.client import (
+    ApiClient,
+    ApiClock,
+    PageResponse,
+    RequestCounters,
+    bad_request_hint,
+    not_found_hint,
+    too_deep_hint,
+)
 from etl.config import Config, ResourceConfig
 from etl.durations import format_duration
 from etl.errors import (
@@ -427,7 +435,7 @@ class Pipeline:
                 response = await client.get(request)
             except RefusedRequest as refused:
                 if not paginator.ends_at(refused.status):
-                    raise self._endpoint_hinted(refused, resource, first) from None
+                    raise self._refusal_hinted(refused, resource, first) from None
                 await self._close_window(window, paginator.position())
                 return
             records = records_at(response.body, resource.records_path, response.url, _records_key(resource))
@@ -445,13 +453,22 @@ class Pipeline:
                     return
                 paginator.restore(beyond)  # the total was understated: page on one by one
 
-    def _endpoint_hinted(self, refused: RefusedRequest, resource: ResourceConfig, first_page: bool) -> RefusedRequest:
-        """A 404 on a window's first page is a wrong base_url or path: cron's log said only "404: Not Found"."""
-        if not first_page or refused.status != HTTPStatus.NOT_FOUND or refused.hint:
+    def _refusal_hinted(self, refused: RefusedRequest, resource: ResourceConfig, first_page: bool) -> RefusedRequest:
+        """A refusal the status alone has no hint for, hinted at the keys the request is made of: a 404 on a window's
+        first page is a wrong base_url or path, a 400 there a parameter, and a 400 after pages were served a depth
+        the API does not page to. Cron's log said only "404: Not Found", or quoted the 400's body."""
+        if refused.hint:
             return refused
-        return RefusedRequest(
-            refused.message, status=refused.status, hint=not_found_hint(self.config.api.base_url, resource.name, resource.path)
-        )
+        bad_request = refused.status in (HTTPStatus.BAD_REQUEST, HTTPStatus.UNPROCESSABLE_ENTITY)
+        if first_page and refused.status == HTTPStatus.NOT_FOUND:
+            hint = not_found_hint(self.config.api.base_url, resource.name, resource.path)
+        elif first_page and bad_request:
+            hint = bad_request_hint(resource)
+        elif bad_request and resource.pagination.style in ("page", "offset"):
+            hint = too_deep_hint(resource)
+        else:
+            return refused
+        return RefusedRequest(refused.message, status=refused.status, hint=hint)
 
     async def _fetch_planned(
         self, client: ApiClient, resource: ResourceConfig, window: WindowRecord, plan: PagePlan

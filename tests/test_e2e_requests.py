@@ -1,0 +1,69 @@
+"""Requests as an API etl did not write receives them, and what `sync` says when it refuses one: run as cron runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loopback import serving
+
+import tomlwriter
+from etlproc import etl_env, run_etl
+
+TOKEN = {"access_token": "requests-token", "expires_in": 3600, "token_type": "Bearer"}
+
+
+def _config(directory: Path, base: str, **resource: Any) -> Path:
+    document = {
+        "api": {"base_url": f"{base}/api/v1", "max_retries": 0},
+        "auth": {"token_url": f"{base}/oauth2/token", "client_id": "requests-client"},
+        "database": {"url": f"sqlite:///{directory / 'etl.db'}"},
+        "resources": [{
+            "name": "orders", "path": "/orders", "records_path": "data", "primary_key": ["id"],
+            "start": "2024-01-01", "window": "400d", "columns": {"id": "integer", "updated_at": "datetime"},
+            "filter": {"from_param": "since", "to_param": "until"}, **resource,
+        }],
+    }
+    return tomlwriter.write(directory / "config.toml", document)
+
+
+async def _token(_request: web.Request) -> web.Response:
+    return web.json_response(TOKEN)
+
+
+async def test_a_400_on_a_windows_first_page_points_at_the_params_and_the_filter_format(tmp_path: Path) -> None:
+    """An API that wants dates refused `since=2024-01-01T00:00:00Z` with a 400: cron's log quoted its body and
+    said nothing of which keys make the request."""
+
+    async def orders(request: web.Request) -> web.Response:
+        return web.json_response({"error": f"invalid date: {request.query['since']}"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): _token, ("GET", "/api/v1/orders"): orders}) as base:
+        finished = await run_etl("--config", str(_config(tmp_path, base)), "sync", env=etl_env(ETL_CLIENT_SECRET="s3cret"))
+
+    assert finished.returncode == 1
+    assert "invalid date: 2024-01-01T00:00:00Z" in finished.stderr
+    hint = finished.stderr.split("hint: ", 1)[-1]
+    assert "resources.orders.params" in hint and "format = 'iso'" in hint and "check" in hint, finished.stderr
+
+
+async def test_a_400_after_pages_were_served_points_at_a_smaller_window(tmp_path: Path) -> None:
+    """Many APIs refuse a page past a depth (Elasticsearch: offset + size over 10,000, a 400): the first pages loaded,
+    and the hint blamed the params and the filter, which the API had just taken."""
+
+    async def orders(request: web.Request) -> web.Response:
+        offset = int(request.query["offset"])
+        if offset >= 4:
+            return web.json_response({"error": "Result window is too large"}, status=400)
+        return web.json_response({"data": [{"id": offset + n, "updated_at": "2024-01-02T00:00:00Z"} for n in range(2)]})
+
+    pagination = {"style": "offset", "page_size": 2}
+    async with serving({("POST", "/oauth2/token"): _token, ("GET", "/api/v1/orders"): orders}) as base:
+        config = _config(tmp_path, base, pagination=pagination)
+        finished = await run_etl("--config", str(config), "sync", env=etl_env(ETL_CLIENT_SECRET="s3cret"))
+
+    assert finished.returncode == 1
+    hint = finished.stderr.split("hint: ", 1)[-1]
+    assert "Result window is too large" in finished.stderr and "resources.orders.window" in hint, finished.stderr
+    assert "format" not in hint
