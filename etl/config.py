@@ -17,7 +17,7 @@ import tomllib
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -158,7 +158,9 @@ class ApiConfig(_Section):
     def _base_url(cls, url: str) -> str:
         _http_url(url)
         if "?" in url or "#" in url:  # each resource's path is appended to it: the query would swallow the path
-            raise ValueError("must not carry a query string or fragment: put query parameters in each resource's params")
+            names = ", ".join(repr(name) for name in dict(parse_qsl(urlsplit(url).query, keep_blank_values=True)))
+            moved = f"put {names} in the params of each [[resources]]" if names else "remove it"
+            raise ValueError(f"must not carry a query string or fragment, as each path is appended to it: {moved}")
         return url.rstrip("/")
 
 

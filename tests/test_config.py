@@ -333,6 +333,15 @@ def test_a_base_url_with_a_query_string_is_refused() -> None:
     assert "api.base_url:" in _error(document) and "params" in _error(document)
 
 
+def test_a_base_url_with_a_query_string_names_the_parameters_to_move_not_their_values() -> None:
+    """Azure's `?api-version=2024-01-01` (or a function key, `?code=...`) at 3 a.m.: which parameters go where, no secret shown."""
+    document = _document()
+    document["api"]["base_url"] = "https://legacy.example.com/api?api-version=2024-01-01&code=F4ncTi0nK3y"
+    message = _error(document)
+    assert "'api-version', 'code'" in message and "params of each [[resources]]" in message
+    assert "F4ncTi0nK3y" not in message and "2024-01-01" not in message
+
+
 @pytest.mark.parametrize(
     ("section", "key", "url"),
     [("api", "base_url", "http://legacy.example.com:99999/api"), ("auth", "token_url", "https://auth.example.com:x/oauth2/token")],
