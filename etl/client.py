@@ -517,7 +517,8 @@ def bad_request_hint(resource: ResourceConfig) -> str:
     )
     return (
         f"the API refused the request (its answer above may name what): compare resources.{resource.name}.params{bounds} "
-        "and the parameter names in [resources.pagination] with the API's documentation; python -m etl check sends one such request"
+        "and [resources.pagination]'s parameter names and page_size (an API may cap it) with the API's documentation; "
+        "python -m etl check sends one such request"
     )
 
 
