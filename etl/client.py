@@ -51,8 +51,8 @@ FOREIGN_REDIRECT_HINT = (
     "if that host is the API now, set [api].base_url to it"
 )
 NOT_ACCEPTABLE_HINT = (
-    "the API refuses the media type etl asks for (Accept: application/json): set the one it serves in [api].headers, "
-    'as headers = { Accept = "application/vnd.api+json" } for a JSON:API server'
+    "the API refuses the media type etl asks for (Accept: {accept}): set the one it serves in [api].headers, "
+    'as headers = {{ Accept = "application/vnd.api+json" }} for a JSON:API server'
 )
 XML_HINT = (
     "the API answers XML though etl asks for JSON (Accept: application/json, or the Accept in [api].headers); "
@@ -485,7 +485,7 @@ def verdict(resp: aiohttp.ClientResponse, body: bytes, redirected_from: URL | No
         raise TokenRejected(f"401 from {url}: the API refused the token" + (f" (WWW-Authenticate: {challenge})" if challenge else ""))
     if status in RETRYABLE_STATUS:
         raise _retry_later(f"{status} from {url}: {snippet(body)}", resp)
-    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=refusal_hint(status, resp.headers))
+    raise RefusedRequest(f"{status} from {url}: {snippet(body)}", status=status, hint=refusal_hint(status, resp))
 
 
 def _retry_later(message: str, resp: aiohttp.ClientResponse) -> RetryableError:
@@ -530,13 +530,14 @@ def too_deep_hint(resource: ResourceConfig) -> str:
     )
 
 
-def refusal_hint(status: int, headers: CIMultiDictProxy[str]) -> str | None:
-    """What to change for a refusal etl knows the cure of: a 403's scopes, a 406's Accept, and the statuses that
-    name what is wrong with the request (cron's log said only '405 from URL: <body>')."""
+def refusal_hint(status: int, resp: aiohttp.ClientResponse) -> str | None:
+    """What to change for a refusal etl knows the cure of: a 403's scopes, a 406's Accept (the one sent: [api].headers
+    may name its own), and the statuses that name what is wrong with the request (cron's log said only '405 from URL')."""
+    headers = resp.headers
     if status == HTTPStatus.FORBIDDEN:
         return forbidden_hint(headers.get("WWW-Authenticate"))
     if status == HTTPStatus.NOT_ACCEPTABLE:
-        return NOT_ACCEPTABLE_HINT
+        return NOT_ACCEPTABLE_HINT.format(accept=resp.request_info.headers.get("Accept", "application/json"))
     if status == HTTPStatus.METHOD_NOT_ALLOWED:
         allow = headers.get("Allow")
         return (

@@ -263,6 +263,20 @@ async def test_a_refusal_whose_cause_the_status_names_has_a_hint(
     assert raised.value.hint is not None and all(word in raised.value.hint for word in hinted), raised.value.hint
 
 
+@pytest.mark.parametrize(
+    ("headers", "sent"), [({}, "application/json"), ({"accept": "application/vnd.legacy.v2+json"}, "application/vnd.legacy.v2+json")]
+)
+async def test_a_406_names_the_accept_that_was_sent(
+    http_mock: aioresponses, make_client: MakeClient, headers: dict[str, str], sent: str
+) -> None:
+    """With an Accept of its own in [api].headers, a 406's hint said etl had asked for application/json."""
+    client, _ = make_client(headers=headers)
+    http_mock.get(PAGE, status=406, payload={"message": "Not Acceptable"})
+    with pytest.raises(SourceError) as raised:
+        await client.get(PageRequest(BASE + "/orders", {"page": "1"}))
+    assert raised.value.hint is not None and f"(Accept: {sent})" in raised.value.hint, raised.value.hint
+
+
 async def test_a_fresh_token_refused_twice_quotes_the_apis_challenge(http_mock: aioresponses, make_client: MakeClient) -> None:
     """The API's WWW-Authenticate says why it refuses a token (a wrong audience, an expired key); it was dropped."""
     client, _ = make_client()
