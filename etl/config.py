@@ -55,6 +55,8 @@ ColumnType = Literal[
 ]
 FULL_URL = re.compile(r"/?https?://", re.IGNORECASE)  # a path after _rooted put a slash before it
 STRFTIME_DIRECTIVE = re.compile(r"%[-_0^#]?(.)")  # group 1 is the directive's letter; `%%` is a literal percent
+STRFTIME_TOKEN = re.compile(r"%(?::z|[-_0^#]?.?)", re.DOTALL)  # a directive whole, a trailing lone % too
+OWN_DIRECTIVES = ("%%", "%s", "%:z")  # etl.windows writes these itself, whatever the C library knows
 # a filter pattern must write the year and the day of the year (else a day window asks for a month or nothing)
 WHOLE_DATES = set("DFxcs")
 YEARS, DAYS, WEEKS, WEEKDAYS = set("YyG"), set("dej"), set("UWV"), set("aAwu")
@@ -264,7 +266,27 @@ class FilterConfig(_Section):
                 f"{fmt!r} does not name a single day (it needs a year and a day, as %Y-%m-%d has): "
                 "each window would ask the API for a whole month, a year or nothing"
             )
+        if unknown := _unknown_directives(fmt):
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))} is no strftime directive, and would reach the API as written: "
+                "see the strftime directives in Python's datetime documentation (%:z writes +01:00)"
+            )
         return fmt
+
+
+def _unknown_directives(fmt: str) -> list[str]:
+    """The directives of a pattern that strftime leaves as written (the C library's way with one it does not know):
+    `%Q`, or Python 3.12's `%:z` on 3.11 had they not been etl's own, went to the API literally."""
+    sample = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+    unknown = []
+    for token in STRFTIME_TOKEN.findall(fmt):
+        try:
+            known = token in OWN_DIRECTIVES or sample.strftime(token) != token
+        except ValueError:  # a platform whose strftime refuses it outright
+            known = False
+        if not known:
+            unknown.append(token)
+    return unknown
 
 
 class _Pagination(_Section):

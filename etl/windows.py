@@ -52,7 +52,7 @@ DIRECTIVE_STEPS = (
     ("MR", timedelta(minutes=1)),
     ("HIkl", timedelta(hours=1)),
 )
-EPOCH_DIRECTIVE = re.compile(r"%%|%s")
+OWN_DIRECTIVE = re.compile(r"%%|%s|%:z")  # what format_bound writes itself rather than the C library
 
 
 def granularity(fmt: str) -> timedelta:
@@ -138,8 +138,18 @@ def format_bound(moment: datetime, fmt: str, zone: tzinfo = UTC) -> str:
         return seconds
     if fmt == "epoch_ms":
         return str((moment - EPOCH) // timedelta(milliseconds=1))
-    # %s is the C library's, which reads the wall clock as local time: write the epoch seconds ourselves
-    return moment.astimezone(zone).strftime(EPOCH_DIRECTIVE.sub(lambda m: seconds if m.group() == "%s" else m.group(), fmt))
+    # %s is the C library's, which reads the wall clock as local time: write the epoch seconds ourselves;
+    # %:z (+05:30, RFC 3339's offset) is Python 3.12's, and went out literally on 3.11
+    local = moment.astimezone(zone)
+    own = {"%s": seconds, "%:z": _colon_offset(local)}
+    return local.strftime(OWN_DIRECTIVE.sub(lambda m: own.get(m.group(), m.group()), fmt))
+
+
+def _colon_offset(local: datetime) -> str:
+    """The UTC offset as RFC 3339 writes it, +05:30."""
+    offset = local.utcoffset() or timedelta(0)
+    minutes = abs(offset) // timedelta(minutes=1)
+    return f"{'-' if offset < timedelta(0) else '+'}{minutes // 60:02}:{minutes % 60:02}"
 
 
 def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:

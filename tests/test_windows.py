@@ -134,6 +134,20 @@ def test_a_strftime_bound_is_the_zones_wall_clock() -> None:
         "from": "2023-12-31 19:00:00", "to": "2023-12-31 20:00:00"}
 
 
+def test_an_rfc3339_offset_with_a_colon_is_written_whatever_the_python() -> None:
+    """`%:z` (+01:00, what RFC 3339 APIs read) is Python 3.12's: on 3.11 it went out literally, `since=...T01:00:00%:z`."""
+    filter_ = FilterConfig(from_param="from", to_param="to", format="%Y-%m-%dT%H:%M:%S%:z", timezone="Asia/Kolkata")
+    assert filter_params(Window(JAN_1, JAN_1 + timedelta(hours=1)), filter_) == {
+        "from": "2024-01-01T05:30:00+05:30", "to": "2024-01-01T06:30:00+05:30"}
+
+
+@pytest.mark.parametrize("fmt", ["%Y-%m-%d %Q", "%Y-%m-%dT%H:%M:%S%::z", "%Y-%m-%d%"])
+def test_a_directive_strftime_does_not_know_is_refused(fmt: str) -> None:
+    """The C library leaves a directive it does not know as written: it went to the API literally (`%Q`)."""
+    with pytest.raises(ValueError, match="strftime"):
+        FilterConfig(from_param="from", to_param="to", format=fmt)
+
+
 @pytest.mark.parametrize(("fmt", "zone"), [("iso", "Europe/Berlin"), ("epoch", "UTC"), ("date", "Europe/Berln")])
 def test_a_timezone_that_cannot_apply_is_refused(fmt: str, zone: str) -> None:
     with pytest.raises(ValueError, match="timezone"):
