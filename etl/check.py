@@ -31,7 +31,7 @@ from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 from cryptography import x509
@@ -909,8 +909,8 @@ def _proxy_address(proxy: str) -> tuple[str, int]:
 
 
 def _request_text(request: PageRequest) -> str:
-    query = urlencode(request.params, doseq=True)
-    return display_url(request.url + (f"?{query}" if query else ""))
+    """The request as sent: a path's own query and the params in one (`?` + params after it showed `%3F`)."""
+    return display_url(request.page_url())
 
 
 def _next_page(first: PageRequest, following: PageRequest | None) -> str:

@@ -67,3 +67,21 @@ async def test_a_400_after_pages_were_served_points_at_a_smaller_window(tmp_path
     hint = finished.stderr.split("hint: ", 1)[-1]
     assert "Result window is too large" in finished.stderr and "resources.orders.window" in hint, finished.stderr
     assert "format" not in hint
+
+
+async def test_check_shows_the_request_as_sent_when_path_carries_a_query(tmp_path: Path) -> None:
+    """`path = "/orders?type=a"` with params: check showed `?type=a%3Fapi_key%3D***&since=...`, a request etl never
+    sent, beside the one the API refused (`?type=a&api_key=...`)."""
+    sent: list[str] = []
+
+    async def orders(request: web.Request) -> web.Response:
+        sent.append(request.query_string)
+        return web.json_response({"error": "unknown type"}, status=400)
+
+    async with serving({("POST", "/oauth2/token"): _token, ("GET", "/api/v1/orders"): orders}) as base:
+        config = _config(tmp_path, base, path="/orders?type=a", params={"api_key": "K3yK3yK3y", "region": "eu"})
+        finished = await run_etl("--config", str(config), "check", env=etl_env(ETL_CLIENT_SECRET="s3cret"))
+
+    assert finished.returncode == 1 and sent and sent[0].startswith("type=a&api_key=K3yK3yK3y&region=eu&since=")
+    shown = next(line for line in finished.stdout.splitlines() if "GET http" in line)
+    assert "/api/v1/orders?type=a&api_key=***&region=eu&since=" in shown and "%3F" not in shown, finished.stdout
