@@ -20,6 +20,7 @@ from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularit
 
 log = logging.getLogger(__name__)
 
+SYNC_BOUND_STEP = timedelta(seconds=1)  # the finest a sync's own bounds go: now less lag, the watermark less lookback
 MAX_WINDOWS = 100_000  # each window costs at least one request and one row of etl_windows
 
 
@@ -75,7 +76,10 @@ async def _dated_sync(
     step, zone = granularity(resource.filter.format), resource.filter.zone
     # never before `start`: a lookback longer than the time since it loaded what `start` kept out of the first sync
     start = max(base.synced_until - resource.lookback, resource.start) if base and base.synced_until else resource.start
-    end = floor_to(now - lag, step, zone)
+    # whole seconds at least: `until=...T18:40:35.738436Z` was a 400 from every API that parses yyyy-MM-dd'T'HH:mm:ss'Z'
+    # (the grid stays finer for to_inclusive's end, a step before the next start); the next sync starts at this end
+    whole = max(step, SYNC_BOUND_STEP)
+    start, end = floor_to(start, whole, zone), floor_to(now - lag, whole, zone)
     if base is None and start >= end:
         _nothing_yet(resource, start, end, now)
     resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]

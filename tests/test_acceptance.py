@@ -6,7 +6,7 @@ import base64
 import json
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -114,3 +114,16 @@ async def test_migrate_and_status_never_call_out_and_database_url_env_wins(tmp_p
         assert done.returncode == 0, done.stderr
     assert other.exists() and not (tmp_path / "etl.db").exists()
     assert mock.token_requests == [] and mock.api_requests == []
+
+
+async def test_sync_sends_its_date_bounds_in_whole_seconds(tmp_path: Path, mock: Mock) -> None:
+    """A sync ends at now less lag, which went out as `updated_until=2026-11-25T18:40:35.738436Z`: an API that parses
+    its bounds as yyyy-MM-dd'T'HH:mm:ss'Z' (Java's pattern, many gateways') answered 400 to every sync. The bounds
+    are whole seconds now; the next sync starts where this one ended, so nothing falls between."""
+    start = (datetime.now(UTC) - timedelta(days=2)).date().isoformat()
+    directory = workdir(tmp_path, mock, start=f'"{start}"')
+    for _ in range(2):  # the first sync from start, the second from its end less lookback
+        done = await etl(directory, "sync")
+        assert done.returncode == 0, done.stderr
+    bounds = [request[name] for request in mock.api_requests for name in ("updated_since", "updated_until")]
+    assert bounds and all("." not in bound and bound.endswith("Z") for bound in bounds), bounds
