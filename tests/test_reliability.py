@@ -109,7 +109,7 @@ async def test_an_outage_mid_run_ends_in_bounded_time_and_the_next_run_completes
     async with Simulator(SimulatorSettings(counts={"orders": 4000}, faults=Faults(delay_ms=80))) as sim:
         config = write_config(tmp_path, sim, url, api={"max_retries": 3, "retry_backoff_s": 0.05, "concurrency": 3})
         process = await start_etl("sync", "--config", str(config))
-        await asyncio.sleep(2.0)
+        await _until_orders_committed(url)  # not a fixed sleep: on a loaded machine 2 s went by before the first commit
         sim.faults.update({"outage": True})
         went_down = time.monotonic()
         failed = await finish(process, timeout=60)
@@ -125,6 +125,20 @@ async def test_an_outage_mid_run_ends_in_bounded_time_and_the_next_run_completes
     assert committed > 0
     assert again.returncode == 0, again.stderr
     print(f"outage: exit 1 {stopped_after:.1f}s after the API went down, {committed} orders committed before, next run complete")
+
+
+async def _until_orders_committed(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _orders_committed(url):
+        assert time.monotonic() < deadline, "the sync committed no orders within a minute"
+        await asyncio.sleep(0.1)
+
+
+def _orders_committed(url: str) -> bool:
+    try:
+        return sqlite_rows(url, "SELECT COUNT(*) FROM orders")[0][0] > 0
+    except sqlite3.OperationalError:  # the table is not there yet
+        return False
 
 
 KILLS = 20
