@@ -28,6 +28,7 @@ from pydantic import SecretStr
 from tenacity import RetryCallState
 from yarl import URL
 
+import etl
 from etl.client import ApiClient, PageRequest, RequestCounters, rate_limiter, same_site
 from etl.config import ApiConfig, AuthConfig
 from etl.errors import (
@@ -685,3 +686,26 @@ async def test_a_rate_limited_api_slows_every_worker_down_instead_of_failing_the
             client, counters = _client(api, session, origin + "/oauth2/token")
             pages = await asyncio.gather(*(client.get(PageRequest(origin + "/orders", {"page": str(n)})) for n in range(30)))
     assert [page.body for page in pages] == [OK] * 30
+
+
+@pytest.mark.parametrize(("headers", "expected"), [({}, f"etl/{etl.__version__}"), ({"user-agent": "acme-nightly/2"}, "acme-nightly/2")])
+async def test_requests_name_etl_as_their_user_agent_unless_headers_name_another(headers: dict[str, str], expected: str) -> None:
+    """aiohttp's own `Python/3.11 aiohttp/3.x` went out: WAFs that block HTTP libraries (AWS WAF Bot Control)
+    refused etl with them, and the API's owners could not tell etl's requests from any script's."""
+    seen: list[str | None] = []
+
+    async def api(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("User-Agent"))
+        return web.json_response({"data": []})
+
+    async def token_endpoint(request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "t", "expires_in": 3600, "token_type": "Bearer"})
+
+    async with serving({("GET", "/api/v1/orders"): api, ("POST", "/oauth2/token"): token_endpoint}) as origin:
+        api_config = ApiConfig(base_url=f"{origin}/api/v1", headers=headers)
+        async with open_session(api_config) as session:
+            auth = AuthConfig(token_url=f"{origin}/oauth2/token", client_id="c")
+            client = ApiClient(api_config, session, TokenManager(auth, SecretStr("s"), session, RetryPolicy()), RequestCounters())
+            await client.get(PageRequest(f"{origin}/api/v1/orders", {}))
+
+    assert seen == [expected]
