@@ -59,14 +59,20 @@ def _to_utc(moment: datetime) -> datetime:
         raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
 
 
+def _compact(value: Any) -> Any:
+    """A string of eight digits as the ISO-8601 date it is (`20240301`), of fourteen as that date and time
+    (yyyyMMddHHmmss); anything else as it is. pydantic reads eight digits as epoch seconds: a moment of
+    1970 that no API means; and fourteen as epoch milliseconds: a moment after 2286."""
+    if isinstance(value, str) and len(value) in COMPACT_LENGTHS and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
+    return value
+
+
 def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
     """pydantic's datetime, and the ISO-8601 forms it refuses, read by the standard library: an offset of
-    hours alone (`+00`, PostgreSQL's text output) and the basic format (`20240301T100000Z`).
-    Anything else keeps pydantic's reason. Eight digits are the basic format's date, which pydantic
-    reads as epoch seconds: a moment of 1970 that no API means. Fourteen are yyyyMMddHHmmss, which it
-    reads as epoch milliseconds: a moment after 2286."""
-    if isinstance(value, str) and len(value) in COMPACT_LENGTHS and value.isdigit():
-        value = f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
+    hours alone (`+00`, PostgreSQL's text output) and the basic format (`20240301T100000Z`, `20240301`).
+    Anything else keeps pydantic's reason."""
+    value = _compact(value)
     try:
         moment = cast(datetime, handler(value))
     except ValidationError:
@@ -150,7 +156,7 @@ def _python_type(column_type: str) -> Any:
         "float": Annotated[float, Field(allow_inf_nan=False)],
         "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=DECIMAL_DIGITS, decimal_places=DECIMAL_PLACES)],
         "boolean": bool,
-        "date": date,
+        "date": Annotated[date, BeforeValidator(_compact)],
         "datetime": Annotated[datetime, WrapValidator(_iso_8601)],
         "json": Annotated[Any, AfterValidator(_storable_json)],
     }[column_type]

@@ -96,6 +96,14 @@ def test_fourteen_digits_are_a_compact_date_and_time_not_a_year_after_2286(raw: 
     assert _one({"at": "datetime"}, {"id": 1, "at": raw})["at"] == expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("20240301", date(2024, 3, 1)), ("2024-03-01", date(2024, 3, 1)), (1709251200, date(2024, 3, 1))])
+def test_eight_digits_are_a_date_in_a_date_column_too(raw: Any, expected: date) -> None:
+    """"20240301" (SAP and many legacy systems write dates so) is a datetime's date, but a `date` column
+    read it as epoch seconds and rejected it, saying the value had a time of day: no date of that form loaded."""
+    assert _one({"day": "date"}, {"id": 1, "day": raw})["day"] == expected
+    assert "day: " in _reject({"day": "date"}, {"id": 1, "day": "20240231"}).error
+
+
 def test_a_datetime_that_is_not_iso_8601_keeps_pydantics_reason() -> None:
     reject = _reject({"at": "datetime"}, {"id": 1, "at": "2024-02-30T10:00:00+00"})
     assert reject.error.startswith("at: Input should be a valid datetime")
