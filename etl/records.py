@@ -331,8 +331,16 @@ class RecordValidator:
         return max(values, default=None)
 
 
-# pydantic's words where etl's say more: the pattern is the NUL test, and "unable to parse raw data as a unicode string" is a lone surrogate
-_REASONS = {"string_pattern_mismatch": NUL_MESSAGE, "string_unicode": SURROGATE_MESSAGE}
+# pydantic's words where etl's say more: the pattern is the NUL test, "unable to parse raw data as a unicode string"
+# is a lone surrogate, and a value too long or too precise for its column type names the type that holds it
+_REASONS = {
+    "string_pattern_mismatch": NUL_MESSAGE,
+    "string_unicode": SURROGATE_MESSAGE,
+    "string_too_long": f'is longer than {STRING_MAX} characters, the most a "string" column holds: declare the column '
+    '"text" to load longer values (a primary key column cannot be "text")',
+    "date_from_datetime_inexact": 'is a date and a time of day, which a "date" column does not hold without losing the '
+    'time: declare the column "datetime" to load it',
+}
 
 
 def _errors_by_index(exc: ValidationError, columns_by_source: dict[tuple[str, ...], str]) -> dict[int, list[str]]:

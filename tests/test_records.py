@@ -184,6 +184,17 @@ def test_string_longer_than_255_is_a_reject_and_text_is_not() -> None:
     assert _one({"body": "text"}, {"id": 1, "body": long})["body"] == long
 
 
+@pytest.mark.parametrize(("column", "value", "hint"), [
+    ("string", "x" * 256, 'declare the column "text"'),
+    ("date", "2024-03-01T10:30:00Z", 'declare the column "datetime"'),
+    ("date", 1709289000, 'declare the column "datetime"'),
+])
+def test_a_value_the_column_type_cannot_hold_is_a_reject_naming_the_type_that_can(column: str, value: Any, hint: str) -> None:
+    """A reason says what to change: pydantic's "String should have at most 255 characters" and "Datetimes
+    provided to dates should have zero time" named neither `text` nor `datetime`, the type that loads the value."""
+    assert hint in _reject({"x": column}, {"id": 1, "x": value}).error
+
+
 @pytest.mark.parametrize(("column", "value"), [("float", "NaN"), ("float", float("inf")), ("decimal", "NaN"), ("decimal", "-Infinity")])
 def test_nan_and_infinity_are_rejected(column: str, value: Any) -> None:
     """No database stores NaN or infinity the same way: they are rejects."""
