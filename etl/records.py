@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, NotRequired, cast
 
@@ -49,6 +49,10 @@ SURROGATE_MESSAGE = (
 )
 NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
 COMPACT_LENGTHS = (len("20240301"), len("20240301103000"))  # digit strings that are a date, or a date and time
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DAY_S = 86400
+CALENDAR_ENDS = ((-62135596800, -62135596800 + DAY_S), (253402300800 - DAY_S, 253402300800))  # 0001-01-01, 9999-12-31 in epoch s
+ENDS_LENGTH = len("253402300799")  # and of "-62135596800": the digit strings that can be one of those seconds
 
 
 def _to_utc(moment: datetime) -> datetime:
@@ -60,11 +64,27 @@ def _to_utc(moment: datetime) -> datetime:
 
 
 def _compact(value: Any) -> Any:
-    """A string of eight digits as the ISO-8601 date it is (`20240301`), of fourteen as that date and time
-    (yyyyMMddHHmmss); anything else as it is. pydantic reads eight digits as epoch seconds: a moment of
-    1970 that no API means; and fourteen as epoch milliseconds: a moment after 2286."""
-    if isinstance(value, str) and len(value) in COMPACT_LENGTHS and value.isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
+    """A date or datetime as pydantic should read it, where its reading is not what the API means.
+
+    A string of eight digits is the ISO-8601 date it is (`20240301`), of fourteen that date and time
+    (yyyyMMddHHmmss): pydantic reads eight digits as epoch seconds, a moment of 1970 that no API means,
+    and fourteen as epoch milliseconds, a moment after 2286. An epoch number (or string) on the last day
+    of 9999 or the first of year 1 as seconds is seconds: pydantic reads anything beyond 2e10 as
+    milliseconds, and these are the calendar's ends (.NET's DateTime.MaxValue and MinValue, "valid until
+    forever"), where milliseconds would be an hour of 1978-01-11 or a moment of 1968-01-12.
+    """
+    if isinstance(value, str):
+        if len(value) in COMPACT_LENGTHS and value.isdigit():
+            return f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
+        if len(value) != ENDS_LENGTH or not value.lstrip("-").isdigit():
+            return value
+        number: Any = int(value)
+    elif type(value) in (int, float, Decimal):
+        number = value
+    else:
+        return value
+    if any(first <= number < last for first, last in CALENDAR_ENDS):
+        return EPOCH + timedelta(seconds=float(number))
     return value
 
 

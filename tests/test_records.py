@@ -104,6 +104,22 @@ def test_eight_digits_are_a_date_in_a_date_column_too(raw: Any, expected: date) 
     assert "day: " in _reject({"day": "date"}, {"id": 1, "day": "20240231"}).error
 
 
+@pytest.mark.parametrize(("raw", "expected"), [
+    (253402300799, datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
+    ("253402214400", datetime(9999, 12, 31, tzinfo=UTC)),
+    (-62135596800, datetime(1, 1, 1, tzinfo=UTC)),
+    (168480000000, datetime(1975, 5, 5, tzinfo=UTC)),
+    (253402300799999, datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+])
+def test_epoch_seconds_at_either_end_of_the_calendar_are_not_read_as_milliseconds(raw: Any, expected: datetime) -> None:
+    """pydantic reads a number beyond 2e10 as milliseconds, so 253402300799 (.NET's DateTime.MaxValue in epoch
+    seconds, the "valid until forever" of a slowly changing dimension) was stored as 1978-01-11, exit 0. On the
+    last day of 9999 or the first of year 1 as seconds, it is seconds; other such numbers stay milliseconds."""
+    assert _one({"at": "datetime"}, {"id": 1, "at": raw})["at"] == expected
+    if expected.time() == datetime.min.time():
+        assert _one({"day": "date"}, {"id": 1, "day": raw})["day"] == expected.date()
+
+
 def test_a_datetime_that_is_not_iso_8601_keeps_pydantics_reason() -> None:
     reject = _reject({"at": "datetime"}, {"id": 1, "at": "2024-02-30T10:00:00+00"})
     assert reject.error.startswith("at: Input should be a valid datetime")
