@@ -10,6 +10,7 @@ with its raw payload and the rest of the page is loaded.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -49,6 +50,10 @@ SURROGATE_MESSAGE = (
 )
 NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
 COMPACT_LENGTHS = (len("20240301"), len("20240301103000"))  # digit strings that are a date, or a date and time
+ZERO_DATE = re.compile(r"0000-00-00(?:[ T]00:00:00(?:\.0*)?)?(?:Z|[+-]00:?00)?\Z")
+ZERO_DATE_MESSAGE = (
+    "is MySQL's zero date, which means no date: it is loaded as NULL, but this column is a primary key or nullable = false"
+)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DAY_S = 86400
 CALENDAR_ENDS = ((-62135596800, -62135596800 + DAY_S), (253402300800 - DAY_S, 253402300800))  # 0001-01-01, 9999-12-31 in epoch s
@@ -63,6 +68,12 @@ def _to_utc(moment: datetime) -> datetime:
         raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
 
 
+def _zero_date_as_null(value: Any) -> Any:
+    """MySQL's zero date (`0000-00-00 00:00:00`), which a PHP or MySQL-backed API sends for "no date", as the
+    NULL it means, in a column that may be NULL. No other value of a date or datetime column is null."""
+    return None if isinstance(value, str) and ZERO_DATE.match(value) else value
+
+
 def _compact(value: Any) -> Any:
     """A date or datetime as pydantic should read it, where its reading is not what the API means.
 
@@ -74,6 +85,8 @@ def _compact(value: Any) -> Any:
     forever"), where milliseconds would be an hour of 1978-01-11 or a moment of 1968-01-12.
     """
     if isinstance(value, str):
+        if ZERO_DATE.match(value):
+            raise ValueError(ZERO_DATE_MESSAGE)
         if len(value) in COMPACT_LENGTHS and value.isdigit():
             return f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
         if len(value) != ENDS_LENGTH or not value.lstrip("-").isdigit():
@@ -196,6 +209,8 @@ def _field(name: str, spec: ColumnSpec, required: bool, key: bool) -> Any:
         python_type = Annotated[python_type, AfterValidator(_not_null)]
     if required:
         return Annotated[python_type, Field(validation_alias=alias)]
+    if spec.type in ("date", "datetime"):
+        return NotRequired[Annotated[python_type | None, BeforeValidator(_zero_date_as_null), Field(default=None, validation_alias=alias)]]
     return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]
 
 

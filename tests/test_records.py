@@ -120,6 +120,16 @@ def test_epoch_seconds_at_either_end_of_the_calendar_are_not_read_as_millisecond
         assert _one({"day": "date"}, {"id": 1, "day": raw})["day"] == expected.date()
 
 
+@pytest.mark.parametrize("column", ["date", "datetime"])
+@pytest.mark.parametrize("raw", ["0000-00-00 00:00:00", "0000-00-00", "0000-00-00T00:00:00.000000Z"])
+def test_mysqls_zero_date_is_null_where_the_column_may_be_null_and_a_reject_that_says_so_elsewhere(column: str, raw: str) -> None:
+    """A PHP or MySQL-backed API sends "0000-00-00 00:00:00" for "no date": every such record was a reject
+    saying "month value is outside expected range of 1-12", and nothing in config.toml loaded it."""
+    assert _one({"at": column}, {"id": 1, "at": raw})["at"] is None
+    reject = _reject({"at": {"type": column, "nullable": False}}, {"id": 1, "at": raw})
+    assert reject.error.startswith("at: is MySQL's zero date") and "nullable = false" in reject.error
+
+
 def test_a_datetime_that_is_not_iso_8601_keeps_pydantics_reason() -> None:
     reject = _reject({"at": "datetime"}, {"id": 1, "at": "2024-02-30T10:00:00+00"})
     assert reject.error.startswith("at: Input should be a valid datetime")
