@@ -57,6 +57,7 @@ ZERO_DATE_MESSAGE = (
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DAY_S = 86400
 CALENDAR_ENDS = ((-62135596800, -62135596800 + DAY_S), (253402300800 - DAY_S, 253402300800))  # 0001-01-01, 9999-12-31 in epoch s
+MILLISECONDS_FROM = 2e10  # pydantic reads an epoch number beyond this as milliseconds
 ENDS_LENGTH = len("253402300799")  # and of "-62135596800": the digit strings that can be one of those seconds
 
 
@@ -68,14 +69,9 @@ def _to_utc(moment: datetime) -> datetime:
         raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
 
 
-def _zero_date_as_null(value: Any) -> Any:
-    """MySQL's zero date (`0000-00-00 00:00:00`), which a PHP or MySQL-backed API sends for "no date", as the
-    NULL it means, in a column that may be NULL. No other value of a date or datetime column is null."""
-    return None if isinstance(value, str) and ZERO_DATE.match(value) else value
-
-
-def _compact(value: Any) -> Any:
-    """A date or datetime as pydantic should read it, where its reading is not what the API means.
+def _as_meant(value: Any) -> Any:
+    """A date or datetime as pydantic should read it, where its reading is not what the API means; the
+    tests are cheap, as every value of such a column passes here before pydantic.
 
     A string of eight digits is the ISO-8601 date it is (`20240301`), of fourteen that date and time
     (yyyyMMddHHmmss): pydantic reads eight digits as epoch seconds, a moment of 1970 that no API means,
@@ -84,36 +80,77 @@ def _compact(value: Any) -> Any:
     milliseconds, and these are the calendar's ends (.NET's DateTime.MaxValue and MinValue, "valid until
     forever"), where milliseconds would be an hour of 1978-01-11 or a moment of 1968-01-12.
     """
-    if isinstance(value, str):
-        if ZERO_DATE.match(value):
-            raise ValueError(ZERO_DATE_MESSAGE)
-        if len(value) in COMPACT_LENGTHS and value.isdigit():
-            return f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if len(value) > 8 else "")
-        if len(value) != ENDS_LENGTH or not value.lstrip("-").isdigit():
+    kind = type(value)
+    if kind is str:
+        length = len(value)
+        if length in COMPACT_LENGTHS and value.isdigit():
+            return f"{value[:4]}-{value[4:6]}-{value[6:8]}" + (f"T{value[8:10]}:{value[10:12]}:{value[12:]}" if length > 8 else "")
+        if length != ENDS_LENGTH or not value.lstrip("-").isdigit():
             return value
         number: Any = int(value)
-    elif type(value) in (int, float, Decimal):
+    elif kind is int or kind is float or kind is Decimal:
         number = value
     else:
         return value
-    if any(first <= number < last for first, last in CALENDAR_ENDS):
-        return EPOCH + timedelta(seconds=float(number))
-    return value
+    if -MILLISECONDS_FROM <= number <= MILLISECONDS_FROM or not any(first <= number < last for first, last in CALENDAR_ENDS):
+        return value
+    return EPOCH + timedelta(seconds=float(number))
 
 
-def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
+def _unread(value: Any, nullable: bool) -> Any:
+    """What is left of a value pydantic refused: MySQL's zero date (`0000-00-00 00:00:00`), which a PHP or
+    MySQL-backed API sends for "no date", is the NULL it means where the column may be NULL, and a reject
+    that says so elsewhere; _NOT_READ for any other value, whose reason is pydantic's."""
+    if type(value) is str and ZERO_DATE.match(value):
+        if nullable:
+            return None
+        raise ValueError(ZERO_DATE_MESSAGE) from None
+    return _NOT_READ
+
+
+_NOT_READ = object()
+
+
+def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler, nullable: bool = False) -> datetime | None:
     """pydantic's datetime, and the ISO-8601 forms it refuses, read by the standard library: an offset of
     hours alone (`+00`, PostgreSQL's text output) and the basic format (`20240301T100000Z`, `20240301`).
     Anything else keeps pydantic's reason."""
-    value = _compact(value)
+    value = _as_meant(value)
     try:
         moment = cast(datetime, handler(value))
     except ValidationError:
+        if (unread := _unread(value, nullable)) is not _NOT_READ:
+            return cast(None, unread)
         fallback = _fromisoformat(value) if isinstance(value, str) else None
         if fallback is None:
             raise
         moment = fallback
     return _to_utc(moment)
+
+
+def _nullable_iso_8601(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime | None:
+    return _iso_8601(value, handler, nullable=True)
+
+
+def _date(value: Any, handler: ValidatorFunctionWrapHandler, nullable: bool = False) -> date | None:
+    """pydantic's date, of the value as the API means it (`20240301`), or NULL for MySQL's zero date."""
+    value = _as_meant(value)
+    try:
+        return cast(date, handler(value))
+    except ValidationError:
+        if (unread := _unread(value, nullable)) is not _NOT_READ:
+            return cast(None, unread)
+        raise
+
+
+def _nullable_date(value: Any, handler: ValidatorFunctionWrapHandler) -> date | None:
+    return _date(value, handler, nullable=True)
+
+
+NULLABLE_MOMENTS = {
+    "date": Annotated[date, WrapValidator(_nullable_date)],
+    "datetime": Annotated[datetime, WrapValidator(_nullable_iso_8601)],
+}
 
 
 def _fromisoformat(text: str) -> datetime | None:
@@ -189,7 +226,7 @@ def _python_type(column_type: str) -> Any:
         "float": Annotated[float, Field(allow_inf_nan=False)],
         "decimal": Annotated[Decimal, Field(allow_inf_nan=False, max_digits=DECIMAL_DIGITS, decimal_places=DECIMAL_PLACES)],
         "boolean": bool,
-        "date": Annotated[date, BeforeValidator(_compact)],
+        "date": Annotated[date, WrapValidator(_date)],
         "datetime": Annotated[datetime, WrapValidator(_iso_8601)],
         "json": Annotated[Any, AfterValidator(_storable_json)],
     }[column_type]
@@ -209,8 +246,8 @@ def _field(name: str, spec: ColumnSpec, required: bool, key: bool) -> Any:
         python_type = Annotated[python_type, AfterValidator(_not_null)]
     if required:
         return Annotated[python_type, Field(validation_alias=alias)]
-    if spec.type in ("date", "datetime"):
-        return NotRequired[Annotated[python_type | None, BeforeValidator(_zero_date_as_null), Field(default=None, validation_alias=alias)]]
+    if spec.type in NULLABLE_MOMENTS:  # MySQL's zero date is NULL here
+        python_type = NULLABLE_MOMENTS[spec.type]
     return NotRequired[Annotated[python_type | None, Field(default=None, validation_alias=alias)]]
 
 
