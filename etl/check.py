@@ -649,8 +649,8 @@ class Checker:
         verdict = self._judge_page(resource, page, tried)
         if verdict.status != "failed" and (capped := await self._page_size_cap(client, resource, page)) is not None:
             return capped
-        if verdict.status != "failed" and (misnumbered := await self._page_numbering(client, resource, page)) is not None:
-            return misnumbered
+        if verdict.status != "failed":
+            return await self._page_numbering(client, resource, page, verdict)
         return verdict
 
     def _page_hint(self, exc: EtlError, resource: ResourceConfig) -> str:
@@ -701,20 +701,22 @@ class Checker:
             1,
         )
 
-    async def _page_numbering(self, client: ApiClient, resource: ResourceConfig, page: _Page) -> Verdict | None:
-        """A failure when first_page is not where the API numbers its pages from, told by the page beside it.
+    async def _page_numbering(self, client: ApiClient, resource: ResourceConfig, page: _Page, verdict: Verdict) -> Verdict:
+        """The verdict, failed or warned when first_page is not where the API numbers its pages from, as the page
+        beside it tells.
 
-        first_page = 1 against an API that starts at 0: page 0 holds other records, which each window skipped.
-        first_page = 0 against one that reads 0 as 1: page 1 repeats a full page 0, taken as the window's end, so
-        each window stopped after its first page. Both lose records with exit 0. A page 0 of more records than
-        page_size (every record: paging off) says nothing of the numbering.
+        first_page = 0 against an API that reads 0 as 1: page 1 repeats a full page 0, taken as the window's end,
+        so each window stopped after its first page, exit 0. Failed. first_page = 1 against an API that starts at
+        0: page 0 holds other records, which each window skipped. Only warned: an API that computes page 0's
+        records (ids -9 to 0) is as likely as one that numbers from 0. A page 0 of more records than page_size
+        (every record: paging off) says nothing of the numbering.
         """
         pagination = resource.pagination
         if not isinstance(pagination, PagePagination) or pagination.first_page not in (0, 1) or not page.records:
-            return None
+            return verdict
         other = 1 - pagination.first_page
         if other == 1 and len(page.records) < pagination.page_size:
-            return None  # a short page 0 ends the window whatever page 1 holds
+            return verdict  # a short page 0 ends the window whatever page 1 holds
         beside = resource.model_copy(update={"pagination": pagination.model_copy(update={"first_page": other})})
         request = window_paginator(beside, self.config.api.base_url, page.window).request()
         assert request is not None  # a new paginator always has a first page
@@ -722,26 +724,25 @@ class Checker:
             response = await client.get(request)
             records = records_at(response.body, resource.records_path, response.url)
         except EtlError:
-            return None  # a 1-based API may refuse page 0: that is its numbering, and not an error
+            return verdict  # a 1-based API may refuse page 0: that is its numbering, and not an error
         if not records or len(records) > pagination.page_size:
-            return None
-        same = records == page.records
-        if (other == 0 and (same or any(record in page.records for record in records))) or (other == 1 and not same):
-            return None
-        finding = (
-            f"page 0 holds {len(records)} other records: the API numbers its pages from 0, and each window skipped its first"
-            if other == 0 else
-            "page 1 repeats page 0: the API numbers its pages from 1 and reads 0 as 1, and each window would end "
-            "after its first page (a repeated page is taken as the end)"
-        )
-        return Verdict(
-            f"{page.response.status}, {len(page.records)} records; but {finding}",
-            "failed",
-            [f"GET {_request_text(page.request)}  → {len(page.records)} records", f"GET {_request_text(request)}  → {len(records)} records"],
-            f"set [resources.pagination].first_page = {other} for {resource.name!r}: sync would load records with exit 0 "
-            "and skip others",
-            1,
-        )
+            return verdict
+        hint = f"set [resources.pagination].first_page = {other} for {resource.name!r}"
+        requests = [f"GET {_request_text(page.request)}  → {len(page.records)} records", f"GET {_request_text(request)}  → {len(records)} records"]
+        if other == 1 and records == page.records:
+            return Verdict(
+                f"{page.response.status}, {len(page.records)} records; but page 1 repeats page 0: the API numbers its pages "
+                "from 1 and reads 0 as 1, and each window would end after its first page (a repeated page is taken as the end)",
+                "failed", requests, f"{hint}: sync would load the first page of each window and skip the rest, with exit 0", 1,
+            )
+        if other == 0 and not any(record in page.records for record in records):
+            return Verdict(
+                verdict.summary, "warning",
+                [*verdict.details, *requests, f"page 0 holds {len(records)} other records: if the API numbers its pages from 0, "
+                 "each window skips its first page"],
+                f"{hint} if the API's documentation numbers pages from 0" + (f"; {verdict.hint}" if verdict.hint else ""),
+            )
+        return verdict
 
     async def _first_page(self, client: ApiClient, resource: ResourceConfig, window: Window, tried: list[str]) -> _Page:
         paginator = window_paginator(resource, self.config.api.base_url, window)
