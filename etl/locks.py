@@ -63,6 +63,11 @@ class ResourceLocks:
         self._files: list[IO[bytes]] = []
 
     async def __aenter__(self) -> ResourceLocks:
+        await self.acquire()
+        return self
+
+    async def acquire(self) -> None:
+        """Every resource's lock, or none and LockHeld naming the holder."""
         dialect = self._engine.dialect.name
         try:
             for resource in self._resources:
@@ -71,7 +76,6 @@ class ResourceLocks:
         except BaseException:
             await self.release()
             raise
-        return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.release()

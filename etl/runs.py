@@ -12,14 +12,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
 from etl.config import Config, ResourceConfig
 from etl.db import create_engine, require_lasting
 from etl.durations import format_duration, isoformat_utc
-from etl.errors import EtlError
+from etl.errors import EtlError, Interrupted
 from etl.locks import ResourceLocks
 from etl.logs import redact, run_id_var
 from etl.pipeline import Pipeline, RunOutcome
@@ -31,6 +31,7 @@ from etl.transport import require_ca_bundle
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 PlanOne = Callable[[Store, ResourceConfig, int], Awaitable[ResourcePlan]]
 
 
@@ -101,17 +102,41 @@ async def execute(
     names = [resource.name for resource in resources]
     require_lasting(config.database.url)
     engine = create_engine(config.database.url)
+    locks = ResourceLocks(engine, names)
     try:
-        async with ResourceLocks(engine, names):
+        await _unless_stopped(stop, locks.acquire())
+        try:
             store = Store(engine)
-            await store.prepare(resources, config.database.auto_migrate)
+            await _unless_stopped(stop, store.prepare(resources, config.database.auto_migrate))
             run_id = await store.start_run(command, arguments, names)
             run_id_var.set(run_id)
             log.info("run %d: %s of %s", run_id, command, ", ".join(names))
             _report_abandoned(await store.mark_abandoned(names, run_id))
             return await _run_recorded(config, store, run_id, resources, plan_one, stop, progress, secret)
+        finally:
+            await locks.release()
     finally:
         await engine.dispose()
+
+
+async def _unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
+    """`step` (connecting, the lock, a migration), given up as soon as a signal sets `stop`.
+
+    Nothing is loaded or recorded yet, so nothing is lost: a stop used to wait for the step, which against a database
+    that does not answer was asyncpg's 60 s connect timeout, and for ever on MySQL, whose handshake has no timeout.
+    """
+    task = asyncio.ensure_future(step)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # its transaction rolled back, its locks released
+    if task.cancelled() and stop.is_set():
+        raise Interrupted("interrupted before loading began; nothing was loaded, and the same command run again starts it")
+    return task.result()
 
 
 def _report_abandoned(dead: list[Any]) -> None:
