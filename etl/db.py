@@ -47,6 +47,7 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "etl_alembic_version"
 SCHEMA_LOCK = "-schema-"  # the lock of etl's own tables: not an identifier, so no resource's lock
 SCHEMA_LOCK_WAIT_S = 300
+CONNECT_TIMEOUT_S = 60.0  # asyncpg's own default, given to aiomysql, which has none
 # The newest revision in migrations/versions (test_migrations holds it to Alembic's own answer).
 # Known here so that a run on an up-to-date database never imports Alembic: a tenth of a second
 # of every start, which a nightly job pays for nothing.
@@ -251,6 +252,10 @@ def create_engine(url: str, reading: bool = False) -> AsyncEngine:
         if target.get_backend_name() == "sqlite":
             connect_args = target.get_dialect()().create_connect_args(target)
             options["async_creator"] = lambda: _open_sqlite(*connect_args)
+        if target.drivername == "mysql+aiomysql":
+            mysql_args, mysql_kwargs = target.get_dialect()().create_connect_args(target)
+            mysql_kwargs = {**mysql_kwargs, **options.pop("connect_args", {})}
+            options["async_creator"] = lambda: _open_mysql(mysql_args, mysql_kwargs)
         engine = create_async_engine(target, **options)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"{database_url_key()}: {safe_url(target)}: {exc}") from None
@@ -305,6 +310,22 @@ async def _open_sqlite(args: Sequence[Any], kwargs: Mapping[str, Any]) -> aiosql
         if worker.is_alive():
             await asyncio.shield(asyncio.to_thread(worker.join, 5))
         raise
+
+
+async def _open_mysql(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """aiomysql.connect with its handshake bounded too: its connect_timeout bounds the TCP connect only (and, not
+    given, nothing), so a server that took the connection and never answered held a nightly run for ever."""
+    import aiomysql
+
+    timeout = float(kwargs.get("connect_timeout") or CONNECT_TIMEOUT_S)
+
+    async def connect() -> Any:
+        return await aiomysql.connect(*args, **{**kwargs, "connect_timeout": timeout})
+
+    try:
+        return await asyncio.wait_for(connect(), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"no answer from the server within {timeout:g}s (`connect_timeout` in the URL sets how long to wait)") from None
 
 
 SQLITE_READING_PRAGMAS = ("busy_timeout=60000",)
@@ -368,6 +389,8 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     statement the database refused (a missing table, a constraint) says so instead.
     """
     original = getattr(exc, "orig", None) or exc
+    if isinstance(original, TimeoutError) and not str(original):  # asyncpg's, of its connect timeout: said nothing
+        original = TimeoutError("no answer from the server in time (`connect_timeout` in the URL sets how long to wait for a connection, 60s by default)")
     text = str(original).lower()
     sqlstate = str(getattr(original, "sqlstate", None) or "")
     reaching = (

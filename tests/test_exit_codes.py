@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from loopback import Handler, serving
+from loopback import Handler, serving, silent_server
 from sqlalchemy import make_url
 
 from etl.db import create_engine
@@ -763,3 +763,14 @@ async def test_no_arguments_at_all_is_a_usage_error() -> None:
     result = await run_etl()
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "required: COMMAND" in result.stderr
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+async def test_a_database_that_does_not_answer_is_exit_1_in_bounded_time_saying_so(tmp_path: Path, scheme: str) -> None:
+    """A server that takes the connection and never answers: asyncpg's timeout ended the run with "cannot use the
+    database ...: " and nothing after the colon, and aiomysql (no timeout on its handshake) never ended it: a nightly
+    job hung, and the next night's beside it. `connect_timeout` in the URL bounds both."""
+    async with silent_server() as (port, _connected):
+        result = await _run_against_database(tmp_path, f"{scheme}://root@127.0.0.1:{port}/x?connect_timeout=2", "sync")
+    _assert_one_clean_database_error(result, "no answer from the server")
+    assert "connect_timeout" in result.stderr, result.stderr

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 import pytest
+from loopback import silent_server
 
 from etl.config import config_from_document
 from etl.db import create_engine
@@ -995,32 +996,12 @@ async def test_status_leaves_a_sqlite_database_etl_never_touched_byte_for_byte_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
 
 
-@contextlib.asynccontextmanager
-async def _silent_server() -> AsyncIterator[tuple[int, asyncio.Event]]:
-    """A port that accepts connections and never answers (a database server that hangs, a firewall that swallows
-    packets); the event is set once something has connected."""
-    connected = asyncio.Event()
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-        connected.set()
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1], connected
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-
-
 @pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
 async def test_sigterm_while_the_database_does_not_answer_stops_at_once(tmp_path: Path, scheme: str) -> None:
     """A stop before loading begins (connecting, taking the lock, migrating) went unheeded: against a database that
     hung, a SIGTERMed run waited out asyncpg's 60 s connect timeout, and against MySQL for ever (aiomysql has no
     timeout on its handshake), and the second signal promised a 15 s grace it did not keep. It ends at once now."""
-    async with _silent_server() as (port, connected):
+    async with silent_server() as (port, connected):
         document = demo_document({"url": f"{scheme}://root@127.0.0.1:{port}/x"}, "http://127.0.0.1:1/api/v1", "http://127.0.0.1:1/oauth2/token")
         config = tomlwriter.write(tmp_path / "config.toml", document)
         process = await start_etl("sync", "--config", str(config))
