@@ -107,7 +107,7 @@ async def execute(
         await _unless_stopped(stop, locks.acquire())
         try:
             store = Store(engine)
-            await _unless_stopped(stop, store.prepare(resources, config.database.auto_migrate))
+            await store.prepare(resources, config.database.auto_migrate)  # not given up: MySQL's DDL is not transactional
             run_id = await store.start_run(command, arguments, names)
             run_id_var.set(run_id)
             log.info("run %d: %s of %s", run_id, command, ", ".join(names))
@@ -120,7 +120,8 @@ async def execute(
 
 
 async def _unless_stopped(stop: asyncio.Event, step: Awaitable[T]) -> T:
-    """`step` (connecting, the lock, a migration), given up as soon as a signal sets `stop`.
+    """`step` (connecting, the lock), given up as soon as a signal sets `stop`. A migration is not: cut off
+    half-way, MySQL would keep the DDL it had done without Alembic's record of it.
 
     Nothing is loaded or recorded yet, so nothing is lost: a stop used to wait for the step, which against a database
     that does not answer was asyncpg's 60 s connect timeout, and for ever on MySQL, whose handshake has no timeout.
