@@ -402,7 +402,7 @@ class TokenManager:
             "token request %d to %s failed: %s; retrying in %.2fs",
             state.attempt_number,
             self._host,
-            exc,
+            exc.message if isinstance(exc, EtlError) else exc,  # the hint is the last attempt's ("on every attempt")
             wait,
         )
 

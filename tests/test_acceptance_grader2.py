@@ -515,13 +515,24 @@ async def test_token_expiring_mid_run_is_renewed_once_per_lifetime(
     assert_no_secret(legacy, done.stdout, done.stderr, json.dumps(await run_table(url), default=str))
 
 
-async def test_429_and_503_are_retried_honouring_retry_after(
+async def test_429_and_503_are_retried_honouring_retry_after_at_the_api_and_token_endpoint(
     legacy: LegacyApi, fresh_database: Callable[[str], Any], tmp_path: Path
 ) -> None:
     legacy.faults = {"invoices": [429], "customers": [503, 503], "events": [429], "tickets": [503]}
+    real_token = legacy.token
+
+    async def token(request: web.Request) -> web.Response:
+        if len(legacy.token_requests) > 0:
+            return await real_token(request)
+        legacy.token_requests.append(time.monotonic())
+        return web.Response(status=503, text="busy")
+
+    legacy.token = token  # type: ignore[method-assign]
     url = await fresh_database("sqlite")
     done = await etl(write_config(tmp_path, legacy, url), "sync")
     assert done.returncode == 0, done.stderr
+    assert len(legacy.token_requests) == 2
+    assert "every attempt" not in done.stderr, "a retry that then succeeded was reported as failing every attempt"
     await assert_loaded_exactly(url, legacy, "sqlite")
     for refused in [c for c in legacy.calls if c.status == 429]:
         again = [c for c in legacy.calls
