@@ -690,7 +690,7 @@ async def test_a_killed_run_loses_nothing_and_a_stopped_one_exits_1(
     config = write_config(tmp_path, legacy, url, api={"concurrency": 2})
     for signal, calls in ((signal_module.SIGKILL, 10), (signal_module.SIGTERM, 16)):
         process = await start_etl("--config", str(config), "sync", env=env())
-        while len(legacy.calls) < calls:
+        while len(legacy.calls) < calls and process.returncode is None:
             await asyncio.sleep(0.05)
         process.send_signal(signal)
         stopped = await finish(process, 30)
@@ -759,9 +759,7 @@ async def test_a_second_run_on_the_same_resources_exits_4(
     url = await fresh_database("postgresql")
     config = write_config(tmp_path, legacy, url, api={"concurrency": 1})
     first = await start_etl("--config", str(config), "sync", "--resource", "events", env=env())
-    for _ in range(200):
-        if legacy.calls:
-            break
+    while not legacy.calls and first.returncode is None:
         await asyncio.sleep(0.05)
     second = await etl(config, "sync", "--resource", "events")
     legacy.delay_s = 0
