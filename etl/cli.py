@@ -314,7 +314,8 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def report(outcome: RunOutcome, continued_by: str = "the next run") -> int:
-    """One line per resource on stdout (what cron mails), then the verdict; returns the exit code.
+    """One line per resource on stdout (what cron mails, and all it prints there: SPEC's "one summary line per
+    resource"), then the verdict as a log line on stderr; returns the exit code.
 
     `continued_by` is what takes up unfinished windows: a backfill's are not the nightly sync's to take up.
     """
@@ -330,11 +331,12 @@ def report(outcome: RunOutcome, continued_by: str = "the next run") -> int:
         elif stats.windows_done < stats.windows and outcome.error is not None:
             line += f" — NOT FINISHED: {continued_by} continues it"
         lines.append(line)
-    lines.append(
-        f"run {outcome.run_id} {outcome.status} in {outcome.seconds:.1f}s: {outcome.requests} requests, "
-        f"{outcome.retries} retried, {outcome.token_requests} token request(s)"
-    )
     _print_lines(lines)
+    log.log(
+        logging.INFO if outcome.error is None else logging.WARNING,  # -q keeps the verdict of a run that did not succeed
+        "run %d %s in %.1fs: %d requests, %d retried, %d token request(s)",
+        outcome.run_id, outcome.status, outcome.seconds, outcome.requests, outcome.retries, outcome.token_requests,
+    )
     if outcome.error is not None and not outcome.error_logged:
         log.error("%s", outcome.error)
     return outcome.exit_code

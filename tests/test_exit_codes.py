@@ -614,7 +614,7 @@ async def test_a_408_from_the_token_endpoint_is_retried_not_an_authentication_fa
 
     assert sync.returncode == 0, sync.stderr
     assert "answered 408: " in sync.stderr and "Request Time-out" in sync.stderr and "; retrying in" in sync.stderr
-    assert "2 token request(s)" in sync.stdout
+    assert "2 token request(s)" in sync.stderr
     assert check.returncode == 1, check.stdout
     assert "hint: the token endpoint is overloaded or down: check again later" in check.stdout
 

@@ -100,7 +100,7 @@ async def test_a_reset_connection_is_retried_max_retries_times_by_etl(tmp_path: 
         result = await api.backfill(tmp_path / str(max_retries), max_retries=max_retries, retry_backoff_s=0.01)
         assert result.returncode == 1, result.stderr
         assert max_retries + 1 <= len(api.attempts_at(BAD_DAY)) <= 2 * (max_retries + 1), result.stderr
-        assert f"{3 + max_retries} requests, {max_retries} retried" in result.stdout
+        assert f"{3 + max_retries} requests, {max_retries} retried" in result.stderr
 
 
 async def failing_500(request: web.Request) -> web.StreamResponse:

@@ -122,7 +122,7 @@ async def test_a_key_on_two_pages_and_retried_pages_are_counted_alike_in_stdout_
         result = await run_etl("sync", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "items: 15 loaded, 0 rejected, 2 pages" in result.stdout
-    assert "4 requests, 2 retried, 1 token request(s)" in result.stdout
+    assert "4 requests, 2 retried, 1 token request(s)" in result.stderr
     (run,) = await rows(sqlite_or_postgres_url, "SELECT pages, records_fetched, records_loaded, records_rejected, requests, retries, "
                                                 "token_requests FROM etl_runs")
     assert tuple(run) == (2, 15, 15, 0, 4, 2, 1)
