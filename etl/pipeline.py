@@ -448,7 +448,10 @@ class Pipeline:
             await self._queue_page(resource, window, records, paginator.position(), paginator.finished)
             plan = paginator.remaining_requests(total) if total is not None else None
             if plan is not None:
-                beyond = await self._fetch_planned(client, resource, window, plan)
+                try:
+                    beyond = await self._fetch_planned(client, resource, window, plan)
+                except RefusedRequest as refused:  # a later page: a search backend's depth cap is refused here most
+                    raise self._refusal_hinted(refused, resource, first_page=False) from None
                 if beyond is None:
                     return
                 paginator.restore(beyond)  # the total was understated: page on one by one

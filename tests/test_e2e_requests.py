@@ -69,6 +69,27 @@ async def test_a_400_after_pages_were_served_points_at_a_smaller_window(tmp_path
     assert "format" not in hint
 
 
+async def test_a_400_on_a_page_fetched_by_the_total_points_at_a_smaller_window(tmp_path: Path) -> None:
+    """With a total (what a search backend that caps the depth gives), the pages after the first are fetched in parallel
+    lanes: their 400 went out with no hint at all, where the depth is most often refused."""
+
+    async def orders(request: web.Request) -> web.Response:
+        offset = int(request.query["offset"])
+        if offset >= 4:
+            return web.json_response({"error": "Result window is too large"}, status=400)
+        records = [{"id": offset + n, "updated_at": "2024-01-02T00:00:00Z"} for n in range(2)]
+        return web.json_response({"data": records, "total": 10})
+
+    pagination = {"style": "offset", "page_size": 2, "total_path": "total"}
+    async with serving({("POST", "/oauth2/token"): _token, ("GET", "/api/v1/orders"): orders}) as base:
+        config = _config(tmp_path, base, pagination=pagination)
+        finished = await run_etl("--config", str(config), "sync", env=etl_env(ETL_CLIENT_SECRET="s3cret"))
+
+    assert finished.returncode == 1
+    assert "Result window is too large" in finished.stderr and "hint: " in finished.stderr, finished.stderr
+    assert "resources.orders.window" in finished.stderr.split("hint: ", 1)[-1], finished.stderr
+
+
 async def test_check_shows_the_request_as_sent_when_path_carries_a_query(tmp_path: Path) -> None:
     """`path = "/orders?type=a"` with params: check showed `?type=a%3Fapi_key%3D***&since=...`, a request etl never
     sent, beside the one the API refused (`?type=a&api_key=...`)."""
