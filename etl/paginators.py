@@ -721,11 +721,20 @@ def more_to_come(body: Any) -> str | None:
     for prefix, place in places:
         for key, value in place.items():
             link = value.get("href") if isinstance(value, dict) else value
-            if key in NEXT_KEYS and isinstance(link, str | int) and not isinstance(link, bool) and link != "":
+            if key in NEXT_KEYS and _names_a_page(link):
                 return f"{prefix + key!r} holds {str(link)[:80]!r}"
             if key in MORE_KEYS and value is True:
                 return f"{prefix + key!r} is true"
     return None
+
+
+def _names_a_page(link: Any) -> bool:
+    """Whether a next key's value names a page: a string or a number, but not "", 0 or -1, which many APIs write for
+    "no more" (Twitter's `next_cursor: 0` on its last page)."""
+    if isinstance(link, bool) or not isinstance(link, str | int):
+        return False
+    text = str(link)
+    return text != "" and not (text.lstrip("-").isdigit() and int(text) <= 0)
 
 
 class SinglePagePaginator(Paginator):

@@ -37,6 +37,7 @@ from etl.paginators import (
     Paginator,
     Seen,
     dig,
+    more_to_come,
     paginator_for,
     path_break,
     window_paginator,
@@ -453,6 +454,16 @@ async def test_style_none_makes_one_request(http_mock: aioresponses, client: Api
     paginator = paginator_for(NoPagination(style="none"), BASE + "/items", {})
     assert await walk(paginator, client, "products") == RECORDS
     assert len(queries) == 1
+
+
+@pytest.mark.parametrize("body", [
+    {"users": RECORDS, "next_cursor": 0, "next_cursor_str": "0", "previous_cursor": 0},  # Twitter's last page
+    {"data": RECORDS, "meta": {"next_page": "0"}},
+    {"data": RECORDS, "paging": {"next": -1}},
+])
+def test_a_next_of_zero_is_no_next_page(body: dict[str, Any]) -> None:
+    """A cursor or page of 0 (or -1) is how many APIs write "no more": style none warned of a next page on every run."""
+    assert more_to_come(body) is None
 
 
 @pytest.mark.parametrize("style", ["page", "offset"])
