@@ -480,11 +480,12 @@ class ResourceConfig(_Section):
     @model_validator(mode="after")
     def _params_set_each_parameter_once(self) -> ResourceConfig:
         """`params = { page_size = 500 }` went out as page_size=100 without a word: etl's own value replaced it;
-        a parameter also in path's query went out twice."""
+        a parameter also in path's query went out twice. cursor_param is the exception: etl sends it from the second
+        page on, so a value here is the first page's cursor (Solr's `cursorMark = "*"`)."""
         twice = sorted(set(self.params) & set(parse_qs(urlsplit(self.path).query, keep_blank_values=True)))
         if twice:  # both went out (type=a&type=b), and which one counts is the API's choice
             raise ValueError(f"path {self.path!r} and params both set {', '.join(map(repr, twice))}: keep it in params only")
-        taken = sorted(set(self.params) & self.parameters_sent())
+        taken = sorted(set(self.params) & (self.parameters_sent() - {getattr(self.pagination, "cursor_param", "")}))
         if taken:
             instead = "; ".join(f"{name!r} comes from {self._source_of(name)}" for name in taken)
             raise ValueError(
@@ -502,7 +503,7 @@ class ResourceConfig(_Section):
             return "pagination.first_page, then counts up"
         if self.filter is not None and name in (self.filter.from_param, self.filter.to_param):
             return "the window: start, lookback and window for sync, --from and --to for backfill"
-        return "each page the API answers"  # offset_param, cursor_param
+        return "each page the API answers"  # offset_param
 
     def parameters_sent(self) -> set[str]:
         """The query parameters etl sets on every request: the filter's bounds and the paging ones."""

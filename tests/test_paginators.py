@@ -230,6 +230,26 @@ async def test_cursor_style_follows_next_cursor_until_it_is_gone(
     assert all(q["limit"] == "100" for q in queries)
 
 
+async def test_a_cursor_in_params_is_the_first_pages_cursor(http_mock: aioresponses, client: ApiClient) -> None:
+    """Solr's cursor paging asks its first page with cursorMark=* and each next with the mark it was given:
+    `params = { cursorMark = "*" }` beside cursor_param = "cursorMark" is how that is said, not a parameter etl
+    overwrites on every request (it was refused as one, exit 2)."""
+    marks = {"*": (RECORDS[:100], "AoE100"), "AoE100": (RECORDS[100:], "AoE250"), "AoE250": ([], "AoE250")}
+
+    def answer(query: MultiDictProxy[str]) -> CallbackResult:
+        docs, following = marks[query["cursorMark"]]
+        return CallbackResult(payload={"response": {"docs": docs}, "nextCursorMark": following})
+
+    queries = serve(http_mock, answer)
+    resource = ResourceConfig.model_validate({
+        "name": "items", "path": "/items", "records_path": "response.docs", "primary_key": ["id"], "columns": {"id": "integer"},
+        "params": {"cursorMark": "*"},
+        "pagination": {"style": "cursor", "cursor_param": "cursorMark", "next_cursor_path": "nextCursorMark"},
+    })
+    assert await walk(window_paginator(resource, BASE, FULL_REFRESH), client, "response.docs") == RECORDS
+    assert [q["cursorMark"] for q in queries] == ["*", "AoE100", "AoE250"]
+
+
 async def test_a_repeated_cursor_ends_the_window_with_an_error(
     http_mock: aioresponses, client: ApiClient
 ) -> None:
