@@ -912,6 +912,34 @@ async def test_first_page_that_misses_the_apis_own_numbering_fails_with_the_valu
         assert "! resource products" in out and "page 0 holds 10 other records" in out, out
 
 
+async def test_the_page_numbering_probe_of_a_large_page_size_takes_no_longer_than_the_pages(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probe looked for each record of page 0 in page 1 by comparing it with every record there: with
+    page_size = 20000 against a 0-based API (the case it warns of) that was 400 million comparisons, a minute of check."""
+    size = 20_000
+    bodies = [json.dumps({"products": [
+        {"sku": f"S{n:06}", "name": "thing", "price": "1.50", "tags": [], "updated_at": "2024-01-02T00:00:00Z"}
+        for n in range(page * size, (page + 1) * size)
+    ]}) for page in range(2)]
+
+    async def zero_based(request: web.Request) -> web.Response:
+        page = int(request.query["page"])
+        return web.Response(text=bodies[page] if page < 2 else '{"products": []}', content_type="application/json")
+
+    async with serving({("GET", "/api/v1/products"): zero_based}) as api:
+        path = write_config(f"{api}/api/v1", simulator.token_url, resources=["products"])
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document["resources"][0]["pagination"] = {"style": "page", "page_size": size, "first_page": 1}
+        tomlwriter.write(path, document)
+        started = asyncio.get_running_loop().time()
+        code, out = await check(capsys, path)
+        took = asyncio.get_running_loop().time() - started
+
+    assert code == 0 and f"page 0 holds {size} other records" in out, out
+    assert took < 15, f"check took {took:.1f}s"
+
+
 async def test_a_certificate_for_another_name_from_an_untrusted_ca_says_both(
     simulator: Simulator,
     ca_chain: dict[str, Path],
