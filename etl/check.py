@@ -705,8 +705,8 @@ class Checker:
         """The verdict, failed or warned when first_page is not where the API numbers its pages from, as the page
         beside it tells.
 
-        first_page = 0 against an API that reads 0 as 1: page 1 repeats a full page 0, taken as the window's end,
-        so each window stopped after its first page, exit 0. Failed. first_page = 1 against an API that starts at
+        first_page = 0 against an API that reads 0 as 1: page 1 repeats a full page 0, and sync stops each window
+        there as an API that ignores page_param, whose hint comes second. Failed. first_page = 1 against an API that starts at
         0: page 0 holds other records, which each window skipped. Only warned: an API that computes page 0's
         records (ids -9 to 0) is as likely as one that numbers from 0. A page 0 of more records than page_size
         (every record: paging off) says nothing of the numbering.
@@ -732,8 +732,9 @@ class Checker:
         if other == 1 and records == page.records:
             return Verdict(
                 f"{page.response.status}, {len(page.records)} records; but page 1 repeats page 0: the API numbers its pages "
-                "from 1 and reads 0 as 1, and each window would end after its first page (a repeated page is taken as the end)",
-                "failed", requests, f"{hint}: sync would load the first page of each window and skip the rest, with exit 0", 1,
+                "from 1 and reads 0 as 1, and sync would stop each window at its second page (\"the API seems to ignore "
+                f"the {pagination.page_param!r} parameter\")",
+                "failed", requests, hint, 1,
             )
         if other == 0 and not _shares_a_record(records, page.records):
             return Verdict(

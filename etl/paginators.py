@@ -370,9 +370,12 @@ class _NumberedPaginator(Paginator):
             raise SourceError(
                 f"{display_url(response.url)} returned the same records as an earlier page: the API seems to "
                 f"ignore the {getattr(self.config, self.STEP_KEY)!r} parameter; stopping instead of looping",
-                hint=f"if the API reads another name, set {self.key}.{self.STEP_KEY} to it",
+                hint=self._repeat_hint(),
             )
         self._pages.add(content)
+
+    def _repeat_hint(self) -> str:
+        return f"if the API reads another name, set {self.key}.{self.STEP_KEY} to it"
 
     def remaining_requests(self, total: int) -> PagePlan | None:
         if self.finished or self._last_count != self.config.page_size:
@@ -458,6 +461,12 @@ class PagePaginator(_NumberedPaginator):
 
     def _restore(self, position: dict[str, Any]) -> None:
         self.page = int(position["page"])
+
+    def _repeat_hint(self) -> str:
+        """A 1-based API asked from page 0 reads 0 as 1, so page 1 repeats it: first_page is the key to change then."""
+        if self.config.first_page != 0:
+            return super()._repeat_hint()
+        return f"if the API numbers its pages from 1 (and reads 0 as 1), set {self.key}.first_page = 1; {super()._repeat_hint()}"
 
 
 class OffsetPaginator(_NumberedPaginator):

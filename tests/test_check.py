@@ -910,6 +910,8 @@ async def test_first_page_that_misses_the_apis_own_numbering_fails_with_the_valu
     assert told == (api_first != first_page and api_first != "all"), out
     if api_first == 0 and first_page == 1:  # warned only: a mock that computes page 0's records looks the same
         assert "! resource products" in out and "page 0 holds 10 other records" in out, out
+    if api_first == 1 and first_page == 0:  # what sync does then: it stops, it does not load a page a window with exit 0
+        assert "sync would stop each window at its second page" in out and "exit 0" not in out, out
 
 
 async def test_the_page_numbering_probe_of_a_large_page_size_takes_no_longer_than_the_pages(

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aioresponses import CallbackResult, aioresponses
 from conftest import _MockedResponse as MockedResponse
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from pydantic import SecretStr
 
 from etl.client import ApiClient, PageRequest, PageResponse, RequestCounters
@@ -495,6 +495,15 @@ async def test_a_server_ignoring_the_page_parameter_ends_the_window_with_an_erro
     config = PagePagination(style="page") if style == "page" else OffsetPagination(style="offset")
     with pytest.raises(SourceError, match=f"ignore the '{style}' parameter"):
         await walk(paginator_for(config, BASE + "/items", {}), client, "data")
+
+
+async def test_first_page_0_against_an_api_that_reads_0_as_1_names_first_page(http_mock: aioresponses, client: ApiClient) -> None:
+    """Page 1 repeats page 0 there, and the window stops with "the API seems to ignore the 'page' parameter": its hint
+    named page_param alone, which is right, where first_page = 1 is what fixes it."""
+    serve(http_mock, lambda query: pages()(MultiDictProxy(MultiDict({**query, "page": str(max(int(query["page"]), 1))}))))
+    with pytest.raises(SourceError, match="ignore the 'page' parameter") as raised:
+        await walk(page_paginator(page_size=100, first_page=0), client, "data")
+    assert "set [resources.pagination].first_page = 1" in (raised.value.hint or "")
 
 
 def zero_based_pages(records: list[Any]) -> Answer:
