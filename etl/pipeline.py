@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 5000
 FLUSH_SECONDS = 1.0
 QUEUE_PAGES = 64
+QUEUE_ROWS = 4 * BATCH_ROWS  # records waiting for the loader, however large the pages: 64 pages of 20,000 held 1 GB
 # an ISO-8601 time whose offset is not UTC's: a zone's offset changes with DST, and its text with it
 LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(?::\d\d(?:[.,]\d+)?)?\s*[+-](?!00(?::?00)?$)\d\d(?::?\d\d)?$")
 API_CLOCK_WARNING = timedelta(minutes=1)  # clocks kept by NTP are never this far apart
@@ -140,6 +141,34 @@ class _WindowFailed:
 
 
 _END = object()
+
+
+class _LoaderQueue:
+    """What workers hand the loader: at most QUEUE_PAGES items and QUEUE_ROWS records wait, but a page larger than
+    that passes alone. Bounded in pages only, it held 64 x page_size records (1.3 million at 20,000 a page).
+
+    Putters go in turn, so a large page waiting for room is not overtaken for ever by small ones.
+    """
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue[tuple[Any, int]] = asyncio.Queue()
+        self._rows = 0
+        self._turn = asyncio.Lock()
+        self._room = asyncio.Event()
+
+    async def put(self, item: Any, rows: int = 0) -> None:
+        async with self._turn:
+            while self._items.qsize() >= QUEUE_PAGES or (self._rows and self._rows + rows > QUEUE_ROWS):
+                self._room.clear()
+                await self._room.wait()
+            self._rows += rows
+            self._items.put_nowait((item, rows))
+
+    async def get(self) -> Any:
+        item, rows = await self._items.get()  # nothing awaited after it: a cancelled get loses no item
+        self._rows -= rows
+        self._room.set()
+        return item
 
 
 class _Lanes:
@@ -230,7 +259,7 @@ class Pipeline:
         self._validators: dict[str, RecordValidator] = {}
         self._failed: dict[str, EtlError] = {}  # by resource, the error that stopped it
         self._errors: list[EtlError] = []
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_PAGES)
+        self._queue = _LoaderQueue()
         self._tokens: TokenManager | None = None
         self._window_owner: dict[int, str] = {}
         self._fetching: dict[int, WindowRecord] = {}  # by id, the windows workers are on: named if a stop cuts them short
@@ -520,7 +549,7 @@ class Pipeline:
         stats.cursors_seen = stats.cursors_seen or page.max_cursor is not None
         if isinstance(page.max_cursor, str) and stats.local_time_cursor is None and LOCAL_TIME.match(page.max_cursor):
             stats.local_time_cursor = page.max_cursor  # one test a page, on its highest cursor
-        await self._queue.put(_Page(window, page, position, finished, len(records)))
+        await self._queue.put(_Page(window, page, position, finished, len(records)), len(records))
 
     async def _close_window(self, window: WindowRecord, position: dict[str, Any]) -> None:
         """Mark a window finished with no page to load (resumed after its last page, or ended by a refusal)."""

@@ -1,0 +1,87 @@
+"""Big answers from an API etl did not write: what etl holds in memory stays bounded whatever the page size.
+etl runs as a subprocess, as cron would run it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from loopback import serving
+
+from etl.demo import demo_document
+
+import tomlwriter
+from dbquery import sqlite_rows
+from etlproc import finish, start_etl
+
+DAY_1 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+class LargePagesApi:
+    """`per_day` records a day, served in pages of whatever `page_size` asks; the first page served waits until
+    the test holds the database's write lock, so that etl fetches ahead of a database that takes nothing."""
+
+    def __init__(self, per_day: int, hold: sqlite3.Connection) -> None:
+        self.per_day = per_day
+        self.hold = hold
+        self.locked = asyncio.Lock()
+        self.held = False
+        self.served = 0
+        self.last_request = time.monotonic()
+
+    async def token(self, _request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "memory-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(self, request: web.Request) -> web.Response:
+        async with self.locked:
+            if not self.held:
+                await asyncio.to_thread(self.hold.execute, "BEGIN IMMEDIATE")
+                self.held = True
+        day = (datetime.fromisoformat(request.query["since"].replace("Z", "+00:00")) - DAY_1).days
+        page, size = int(request.query["page"]), int(request.query["page_size"])
+        first = (page - 1) * size
+        keys = range(day * self.per_day + first, day * self.per_day + min(first + size, self.per_day))
+        stamp = (DAY_1 + timedelta(days=day, hours=1)).isoformat()
+        self.served += len(keys)
+        self.last_request = time.monotonic()
+        return web.json_response({"data": [{"id": key, "updated_at": stamp} for key in keys]})
+
+    def document(self, base: str, database_url: str) -> dict[str, Any]:
+        document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["api"]["concurrency"] = 2
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "cursor_field": "updated_at", "start": "2024-01-01", "window": "1d",
+            "filter": {"from_param": "since", "to_param": "until", "format": "iso"},
+            "pagination": {"style": "page", "page_param": "page", "size_param": "page_size", "page_size": 2000},
+            "columns": {"id": "integer", "updated_at": "datetime"},
+        }]
+        return document
+
+
+async def test_pages_fetched_ahead_of_a_slow_database_are_bounded_in_records_not_pages(tmp_path: Path) -> None:
+    """Fetched pages wait for the loader in a queue that was bounded at 64 pages, whatever their size: with
+    `page_size = 20000` that is 1.3 million records held in memory (a backfill's peak RSS grew from 170 MB to
+    970 MB as its records went from 0.2 to 2 million, PostgreSQL). Here the database takes nothing while etl
+    fetches pages of 2,000 records: it may read only a few batches ahead, not 64 pages."""
+    url = f"sqlite:///{tmp_path / 'memory.db'}"
+    (tmp_path / "memory.db").touch()
+    hold = sqlite3.connect(tmp_path / "memory.db", isolation_level=None, check_same_thread=False, timeout=30)
+    api = LargePagesApi(per_day=7000, hold=hold)
+    async with serving({("POST", "/oauth2/token"): api.token, ("GET", "/api/v1/items"): api.items}) as base:
+        config = tomlwriter.write(tmp_path / "config.toml", api.document(base, url))
+        process = await start_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-26")
+        while not api.held or time.monotonic() - api.last_request < 2:  # until etl waits for the database
+            await asyncio.sleep(0.2)
+        ahead = api.served
+        await asyncio.to_thread(hold.execute, "ROLLBACK")
+        done = await finish(process)
+    hold.close()
+    assert done.returncode == 0, done.stderr
+    assert sqlite_rows(url, "SELECT count(*) FROM items") == [(25 * 7000,)]
+    assert ahead <= 60_000, f"etl read {ahead} records ahead of a database that took none"
