@@ -511,6 +511,14 @@ class _FollowingPaginator(Paginator):
         self.next_url: str | None = None
         self._visited = Seen()
 
+    def _position(self) -> dict[str, Any]:
+        """No cursor or link: a window taken up again is read from its first page, so neither is ever sent again.
+        Saved with each page, a cursor of over 64 KB failed every commit on MySQL (`etl_windows.position` is TEXT)."""
+        return {}
+
+    def _restore(self, position: dict[str, Any]) -> None:
+        pass
+
     def _first_params(self) -> dict[str, QueryValue]:
         """The first page's parameters: the window's, and size_param when set (a next URL carries its own)."""
         params = dict(self.params)
@@ -632,13 +640,6 @@ class CursorPaginator(_FollowingPaginator):
         elif len(records) >= self.config.page_size:
             self.cursor_path_absent = self.cursor_path_absent or where
 
-    def _position(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, "next_url": self.next_url}
-
-    def _restore(self, position: dict[str, Any]) -> None:
-        self.cursor = position.get("cursor")
-        self.next_url = position.get("next_url")
-
 
 class LinkHeaderPaginator(_FollowingPaginator):
     """Follows the RFC 8288 `Link: <...>; rel="next"` URL, which carries every parameter itself.
@@ -659,12 +660,6 @@ class LinkHeaderPaginator(_FollowingPaginator):
 
     def _advance(self, response: PageResponse, records: list[Any]) -> None:
         self._follow(response, records, response.next_link, 'rel="next"')
-
-    def _position(self) -> dict[str, Any]:
-        return {"next_url": self.next_url}
-
-    def _restore(self, position: dict[str, Any]) -> None:
-        self.next_url = position.get("next_url")
 
 
 def next_page_url(fetched: str, cursor: Any) -> str | None:

@@ -16,8 +16,8 @@ from loopback import serving
 from etl.demo import demo_document
 
 import tomlwriter
-from dbquery import sqlite_rows
-from etlproc import finish, start_etl
+from dbquery import scalar, sqlite_rows
+from etlproc import finish, run_etl, start_etl
 
 DAY_1 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -85,3 +85,44 @@ async def test_pages_fetched_ahead_of_a_slow_database_are_bounded_in_records_not
     assert done.returncode == 0, done.stderr
     assert sqlite_rows(url, "SELECT count(*) FROM items") == [(25 * 7000,)]
     assert ahead <= 60_000, f"etl read {ahead} records ahead of a database that took none"
+
+
+async def test_a_window_paged_by_cursors_longer_than_64_kb_loads(tmp_path: Path, database_url: str) -> None:
+    """A cursor that carries the query's whole state can be large (a search API's scroll id, a serialised key).
+    Each committed page stored it in `etl_windows.position`, a TEXT column of 64 KB on MySQL and MariaDB: a cursor
+    of 70 KB failed every run there with "Data too long for column 'position'". A window left unfinished is read
+    again from its first page, so a saved cursor was never sent again: it is no longer saved."""
+    cursor_of = {step: f"{step}:" + "c" * 70_000 for step in range(1, 4)}
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "cursor-token", "expires_in": 3600, "token_type": "Bearer"})
+
+    async def items(request: web.Request) -> web.Response:
+        sent = request.query.get("cursor")
+        step = int(sent.partition(":")[0]) if sent else 0
+        stamp = (DAY_1 + timedelta(hours=step)).isoformat()
+        following = cursor_of.get(step + 1)
+        return web.json_response({"data": [{"id": step, "updated_at": stamp}], "next": following})
+
+    app = web.Application(handler_args={"max_line_size": 100_000})  # aiohttp's own limit is 8 KB
+    app.router.add_post("/oauth2/token", token)
+    app.router.add_get("/api/v1/items", items)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["resources"] = [{
+            "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
+            "cursor_field": "updated_at", "start": "2024-01-01", "window": "1d",
+            "filter": {"from_param": "since", "to_param": "until", "format": "iso"},
+            "pagination": {"style": "cursor", "cursor_param": "cursor", "next_cursor_path": "next", "page_size": 1},
+            "columns": {"id": "integer", "updated_at": "datetime"},
+        }]
+        config = tomlwriter.write(tmp_path / "config.toml", document)
+        done = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02")
+    finally:
+        await runner.cleanup()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert await scalar(database_url, "SELECT count(*) FROM items") == 4
