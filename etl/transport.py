@@ -51,6 +51,7 @@ SECRET_PARAM = re.compile(
     re.IGNORECASE,
 )
 MASK = "***"
+SHOWN_VALUE = 200  # characters of a query value a message shows: a cursor can be 70 KB, and so was each line naming it
 
 PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 SAVE_CERTS_HINT = (
@@ -191,14 +192,25 @@ def register_query_credentials(url: str, params: Mapping[str, str | list[str]]) 
 
 
 def display_url(url: str | aiohttp.client.URL) -> str:
-    """The URL without user info and with credential-like query values masked, safe for messages and logs."""
+    """The URL without user info and with credential-like query values masked, safe for messages and logs.
+
+    A query value longer than SHOWN_VALUE is cut, with its length said: a page's URL holding a cursor of 70 KB made
+    each message naming it as long, and on MySQL the run's error no longer fitted `etl_runs.error` (TEXT, 64 KB).
+    """
     parts = urlsplit(str(url))
     netloc = parts.hostname or ""
     if parts.port:
         netloc += f":{parts.port}"
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    query = [(name, MASK if SECRET_PARAM.search(name) else value) for name, value in pairs]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*/:"), ""))
+    query = "&".join(_shown(name, MASK if SECRET_PARAM.search(name) else value) for name, value in pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _shown(name: str, value: str) -> str:
+    """One query parameter as a message shows it: its value whole, or the value's start and how long it is."""
+    if len(value) <= SHOWN_VALUE:
+        return urlencode([(name, value)], safe="*/:")
+    return urlencode([(name, value[:40])], safe="*/:") + f"...({len(value):,} characters)"
 
 
 def translate(exc: BaseException, url: str, timeout_s: float | None = None) -> EtlError:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -87,11 +89,10 @@ async def test_pages_fetched_ahead_of_a_slow_database_are_bounded_in_records_not
     assert ahead <= 60_000, f"etl read {ahead} records ahead of a database that took none"
 
 
-async def test_a_window_paged_by_cursors_longer_than_64_kb_loads(tmp_path: Path, database_url: str) -> None:
-    """A cursor that carries the query's whole state can be large (a search API's scroll id, a serialised key).
-    Each committed page stored it in `etl_windows.position`, a TEXT column of 64 KB on MySQL and MariaDB: a cursor
-    of 70 KB failed every run there with "Data too long for column 'position'". A window left unfinished is read
-    again from its first page, so a saved cursor was never sent again: it is no longer saved."""
+@asynccontextmanager
+async def long_cursor_api(tmp_path: Path, database_url: str, failing_step: int | None = None) -> AsyncIterator[Path]:
+    """An API whose cursors are 70 KB long (steps 1 to 3, one record each), answering 500 at `failing_step`;
+    yields the config.toml of a resource paged by it."""
     cursor_of = {step: f"{step}:" + "c" * 70_000 for step in range(1, 4)}
 
     async def token(_request: web.Request) -> web.Response:
@@ -100,9 +101,10 @@ async def test_a_window_paged_by_cursors_longer_than_64_kb_loads(tmp_path: Path,
     async def items(request: web.Request) -> web.Response:
         sent = request.query.get("cursor")
         step = int(sent.partition(":")[0]) if sent else 0
+        if step == failing_step:
+            return web.json_response({"message": "internal error"}, status=500)
         stamp = (DAY_1 + timedelta(hours=step)).isoformat()
-        following = cursor_of.get(step + 1)
-        return web.json_response({"data": [{"id": step, "updated_at": stamp}], "next": following})
+        return web.json_response({"data": [{"id": step, "updated_at": stamp}], "next": cursor_of.get(step + 1)})
 
     app = web.Application(handler_args={"max_line_size": 100_000})  # aiohttp's own limit is 8 KB
     app.router.add_post("/oauth2/token", token)
@@ -113,6 +115,7 @@ async def test_a_window_paged_by_cursors_longer_than_64_kb_loads(tmp_path: Path,
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
         document = demo_document({"url": database_url}, f"{base}/api/v1", f"{base}/oauth2/token")
+        document["api"]["max_retries"] = 0
         document["resources"] = [{
             "name": "items", "path": "/items", "records_path": "data", "primary_key": ["id"],
             "cursor_field": "updated_at", "start": "2024-01-01", "window": "1d",
@@ -120,9 +123,32 @@ async def test_a_window_paged_by_cursors_longer_than_64_kb_loads(tmp_path: Path,
             "pagination": {"style": "cursor", "cursor_param": "cursor", "next_cursor_path": "next", "page_size": 1},
             "columns": {"id": "integer", "updated_at": "datetime"},
         }]
-        config = tomlwriter.write(tmp_path / "config.toml", document)
-        done = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02")
+        yield tomlwriter.write(tmp_path / "config.toml", document)
     finally:
         await runner.cleanup()
+
+
+async def test_a_window_paged_by_cursors_longer_than_64_kb_loads(tmp_path: Path, database_url: str) -> None:
+    """A cursor that carries the query's whole state can be large (a search API's scroll id, a serialised key).
+    Each committed page stored it in `etl_windows.position`, a TEXT column of 64 KB on MySQL and MariaDB: a cursor
+    of 70 KB failed every run there with "Data too long for column 'position'". A window left unfinished is read
+    again from its first page, so a saved cursor was never sent again: it is no longer saved."""
+    async with long_cursor_api(tmp_path, database_url) as config:
+        done = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02")
     assert done.returncode == 0, done.stderr[-2000:]
     assert await scalar(database_url, "SELECT count(*) FROM items") == 4
+
+
+async def test_a_failure_on_a_page_with_a_long_cursor_is_said_in_short_and_recorded(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A page that fails names its URL, and the URL held the whole 70 KB cursor: the ERROR line and the summary
+    line were 70 KB each, and on MySQL the run could not record its end (`etl_runs.error` is TEXT, 64 KB): it
+    stayed 'running', with "Data too long for column 'error'". A long query value is now shortened in messages."""
+    async with long_cursor_api(tmp_path, database_url, failing_step=2) as config:
+        done = await run_etl("--config", str(config), "backfill", "--from", "2024-01-01", "--to", "2024-01-02")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "500 from" in done.stderr and "cursor=2:ccccc" in done.stderr
+    assert max(len(line) for line in (done.stdout + done.stderr).splitlines()) < 2000
+    assert await scalar(database_url, "SELECT status FROM etl_runs") == "failed"
+    assert await scalar(database_url, "SELECT count(*) FROM items") == 2
