@@ -82,6 +82,8 @@ async def _dated_sync(
     start, end = floor_to(start, whole, zone), floor_to(now - lag, whole, zone)
     if base is None and start >= end:
         _nothing_yet(resource, start, end, now)
+    if base is not None:
+        await _warn_start_moved_earlier(store, resource, floor_to(resource.start, whole, zone))
     resumed = [(first, last) for first, last in await store.unfinished_sync(resource.name) if start < last and first < end]
     if any(floor_to(bound, step, zone) != bound for bounds in resumed for bound in bounds):
         resumed = []  # cut for another filter format: the API could not be asked for them as they are
@@ -90,6 +92,24 @@ async def _dated_sync(
                  resource.name, len(resumed), isoformat_utc(resumed[0][0]))
     planned = _around(resumed, start, end, resource.window, step, zone, f"resources.{resource.name}.window")
     return planned, {Window(*bounds) for bounds in resumed}
+
+
+async def _warn_start_moved_earlier(store: Store, resource: ResourceConfig, start: datetime) -> None:
+    """`start` moved earlier once the resource was loaded: a sync goes on from where the last one ended, and the
+    time between the new start and where loading began was never read, exit 0 and no word."""
+    loaded_from = await store.loaded_from(resource.name)
+    if loaded_from is None or start >= loaded_from:
+        return
+    log.warning("%s: resources.%s.start, %s, is before %s, where what was loaded of it begins: a sync goes on from where "
+                "the last one ended and does not read the time before; `python -m etl backfill --from %s --to %s "
+                "--resource %s` loads it", resource.name, resource.name, isoformat_utc(start), isoformat_utc(loaded_from),
+                _flag_value(start), _flag_value(loaded_from), resource.name)
+
+
+def _flag_value(moment: datetime) -> str:
+    """A date for a UTC midnight (what users write), else the instant."""
+    text = isoformat_utc(moment)
+    return text.removesuffix("T00:00:00Z")
 
 
 def _nothing_yet(resource: ResourceConfig, start: datetime, end: datetime, now: datetime) -> None:

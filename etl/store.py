@@ -308,6 +308,26 @@ class Store:
             start = following[start]
         return chain
 
+    async def loaded_from(self, resource: str) -> datetime | None:
+        """Where the resource's finished windows begin without a gap up to its first finished sync window (which
+        began at the `start` of its first sync); None before any finished sync window."""
+        finished = (windows.c.resource == resource, windows.c.state == "done", windows.c.window_end.is_not(None))
+        async with self.engine.connect() as connection:
+            first = (await connection.execute(
+                select(func.min(windows.c.window_start)).where(windows.c.kind == "sync", *finished)
+            )).scalar()
+            if first is None:
+                return None
+            earlier = await connection.execute(
+                select(windows.c.window_start, windows.c.window_end)
+                .where(windows.c.window_start < first, *finished).order_by(windows.c.window_end.desc())
+            )
+            for row in earlier:  # latest end first: once one ends before the point reached, none after it reaches it
+                if row.window_end < first:
+                    break
+                first = min(first, row.window_start)
+        return first
+
     async def open_windows(
         self, kind: str, resource: str, planned: list[Window], run_id: int, reuse: bool, only: set[Window] | None = None,
         settled_after: timedelta = timedelta(0), stopped_only: bool = False,
