@@ -295,10 +295,14 @@ def _check_compatible(
     old_key = [row.column_name for row in sorted(
         (row for row in declared.values() if row.key_position is not None), key=lambda row: row.key_position
     )]
-    if old_key and old_key != resource.primary_key and not _has_key(inspector, resource):
-        differences.append(("primary_key", f"primary_key was {old_key}, is now {resource.primary_key}",
-                            _rekey_sql(dialect, inspector, resource)))
     missing_key = [name for name in resource.primary_key if name not in columns]
+    if old_key and old_key != resource.primary_key and not _has_key(inspector, resource):
+        if missing_key:  # its rows hold NULL in a column added now, which no key takes: a new table, not an ALTER
+            differences.append(("primary_key", f"primary_key was {old_key}, is now {resource.primary_key}, and the table "
+                                f"has no column {missing_key} to key the rows it holds on", []))
+        else:
+            differences.append(("primary_key", f"primary_key was {old_key}, is now {resource.primary_key}",
+                                _rekey_sql(dialect, inspector, resource, declared, old_key)))
     if not old_key and missing_key:
         differences.append(("primary_key", f"the existing table {resource.table_name!r} has no column {missing_key} of the primary key", []))
     if differences:
@@ -350,14 +354,22 @@ def _retype_sql(dialect: Dialect, table_name: str, name: str, declared: str) -> 
     return []  # SQLite has no ALTER COLUMN
 
 
-def _rekey_sql(dialect: Dialect, inspector: Inspector, resource: ResourceConfig) -> list[str]:
+def _rekey_sql(
+    dialect: Dialect, inspector: Inspector, resource: ResourceConfig, declared: dict[str, Row[Any]], old_key: list[str]
+) -> list[str]:
+    """The new key, and NULL allowed in the old key's columns that leave it, as in a table etl creates: dropping a
+    key keeps its columns NOT NULL, and every record without them was refused once the table had been changed."""
     quote = dialect.identifier_preparer.quote
     table, key = quote(resource.table_name), ", ".join(quote(name) for name in resource.primary_key)
+    left = [name for name in old_key if name not in resource.primary_key]
     if dialect.name == "postgresql":
         constraint = inspector.get_pk_constraint(resource.table_name).get("name")
-        return [f"ALTER TABLE {table} DROP CONSTRAINT {quote(constraint)}, ADD PRIMARY KEY ({key})"] if constraint else []
+        nullable = "".join(f", ALTER COLUMN {quote(name)} DROP NOT NULL" for name in left)
+        return [f"ALTER TABLE {table} DROP CONSTRAINT {quote(constraint)}, ADD PRIMARY KEY ({key}){nullable}"] if constraint else []
     if dialect.name == "mysql":
-        return [f"ALTER TABLE {table} DROP PRIMARY KEY, ADD PRIMARY KEY ({key})"]
+        nullable = "".join(f", MODIFY {quote(name)} {column_type(declared[name].declared_type).compile(dialect=dialect)} NULL"
+                           for name in left)
+        return [f"ALTER TABLE {table} DROP PRIMARY KEY, ADD PRIMARY KEY ({key}){nullable}"]
     return []
 
 

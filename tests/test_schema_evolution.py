@@ -174,6 +174,38 @@ async def test_a_key_changed_in_the_config_is_exit_2_with_the_sql_and_loads_once
         (1, "new"), (1, "old")
     ]
 
+async def test_a_key_moved_to_another_column_hints_sql_that_runs_and_lets_the_old_key_be_null(
+    tmp_path: Path, database_url: str
+) -> None:
+    """primary_key [id] -> [code], `id` no longer declared: the hinted statement left `id` NOT NULL (dropping a key
+    does not drop that), so every record after it was refused by the database (PostgreSQL) or failed its batch
+    (MariaDB's "Field 'id' doesn't have a default value"), though the table had been changed as told."""
+    records = [{"id": 1, "code": "a", "status": "new", "updated_at": "2024-02-01T00:00:00Z"}]
+    async with api(records) as served:
+        assert (await etl(tmp_path, served, database_url, BASE | {"code": "string"})).returncode == 0
+        records[:] = [{"code": "a", "status": "old", "updated_at": "2024-02-02T00:00:00Z"},
+                      {"code": "b", "status": "new", "updated_at": "2024-02-02T00:00:00Z"}]
+        keyed_by_code = {"code": "string", "status": "string", "updated_at": "datetime"}
+        changed = partial(etl, tmp_path, served, database_url, keyed_by_code, primary_key=["code"])
+        named = ("resources.orders.primary_key", "is now ['code']")
+        if not await _refused_then_loaded_once_the_hinted_sql_ran(changed, database_url, named):
+            return
+    assert [tuple(row) for row in await rows(database_url, "SELECT code, status FROM orders ORDER BY code")] == [
+        ("a", "old"), ("b", "new")
+    ]
+
+
+async def test_a_key_on_a_column_the_table_lacks_hints_a_new_table_not_sql_that_fails(tmp_path: Path, database_url: str) -> None:
+    """primary_key [id] -> [id, code], `code` declared with it: the hint's ADD PRIMARY KEY (id, code) failed ("column
+    code does not exist"), and once the column is added its rows hold NULL there, which no key takes."""
+    async with api() as served:
+        assert (await etl(tmp_path, served, database_url, BASE)).returncode == 0
+        refused = await etl(tmp_path, served, database_url, BASE | {"code": "string"}, primary_key=["id", "code"])
+    assert refused.returncode == 2, refused.stderr
+    assert "resources.orders.primary_key" in refused.stderr and "no column ['code']" in refused.stderr, refused.stderr
+    assert "`table`" in refused.stderr and not _statements(refused.stderr), refused.stderr
+
+
 
 async def test_a_column_added_to_a_loaded_table_says_its_old_rows_are_null_until_a_backfill_restart(
     tmp_path: Path, sqlite_or_postgres_url: str
