@@ -347,8 +347,9 @@ def _type_text(type_: TypeEngine[Any], dialect: Dialect) -> str:
 def _retype_sql(dialect: Dialect, table_name: str, name: str, declared: str) -> list[str]:
     quote = dialect.identifier_preparer.quote
     ddl = column_type(declared).compile(dialect=dialect)
-    if dialect.name == "postgresql":
-        return [f"ALTER TABLE {quote(table_name)} ALTER COLUMN {quote(name)} TYPE {ddl} USING {quote(name)}::{ddl}"]
+    if dialect.name == "postgresql":  # an explicit cast to VARCHAR(255) cuts longer values without a word: none to string
+        using = "" if declared == "string" else f" USING {quote(name)}::{ddl}"
+        return [f"ALTER TABLE {quote(table_name)} ALTER COLUMN {quote(name)} TYPE {ddl}{using}"]
     if dialect.name == "mysql":
         return [f"ALTER TABLE {quote(table_name)} MODIFY {quote(name)} {ddl}"]
     return []  # SQLite has no ALTER COLUMN

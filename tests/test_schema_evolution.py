@@ -16,6 +16,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from loopback import serving
 from sqlalchemy import Connection, MetaData, Table, inspect, select
+from sqlalchemy.exc import DBAPIError
 
 from etl.db import MIGRATIONS_DIR, create_engine
 
@@ -173,6 +174,22 @@ async def test_a_key_changed_in_the_config_is_exit_2_with_the_sql_and_loads_once
     assert [tuple(row) for row in await rows(database_url, "SELECT id, status FROM orders ORDER BY status")] == [
         (1, "new"), (1, "old")
     ]
+
+async def test_text_narrowed_to_string_on_postgresql_hints_sql_that_refuses_long_values_rather_than_cuts_them(
+    tmp_path: Path, fresh_database: Callable[[str], Any]
+) -> None:
+    """text -> string: the hinted `USING status::VARCHAR(255)` is an explicit cast, which PostgreSQL truncates to 255
+    characters without a word; the statement cut every longer value the table held. Without it, the ALTER refuses."""
+    database_url = await fresh_database("postgresql")
+    records = [{"id": 1, "status": "v" * 300, "updated_at": "2024-02-01T00:00:00Z"}]
+    async with api(records) as served:
+        assert (await etl(tmp_path, served, database_url, BASE | {"status": "text"})).returncode == 0
+        refused = await etl(tmp_path, served, database_url, BASE)
+    assert refused.returncode == 2 and "resources.orders.columns.status" in refused.stderr, refused.stderr
+    with pytest.raises(DBAPIError, match="value too long"):
+        await _execute(database_url, _statements(refused.stderr))
+    assert await rows(database_url, "SELECT length(status) FROM orders") == [(300,)]
+
 
 async def test_a_key_moved_to_another_column_hints_sql_that_runs_and_lets_the_old_key_be_null(
     tmp_path: Path, database_url: str
