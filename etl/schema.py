@@ -290,6 +290,8 @@ def _check_compatible(
         before = declared.get(name)
         if before is None or before.declared_type == spec.type or (name in columns and _has_type(dialect, columns[name], spec.type)):
             continue
+        if dialect.name == "sqlite" and (before.declared_type, spec.type) in SQLITE_WIDENINGS:
+            continue
         differences.append((f"columns.{name}", f"column {name!r} was {before.declared_type!r}, is now {spec.type!r}",
                             _retype_sql(dialect, resource.table_name, name, spec.type)))
     old_key = [row.column_name for row in sorted(
@@ -312,6 +314,12 @@ def _check_compatible(
             + "; ".join(what for _, what, _ in differences),
             hint=_remedy(dialect, statements, len(statements) == len(differences)),
         )
+
+
+SQLITE_WIDENINGS = {("integer", "bigint"), ("string", "text")}
+"""Changes SQLite stores alike (INTEGER affinity, 8 bytes; TEXT affinity, no length): the column already holds what the
+new type validates. They were exit 2 with a new `table` as the remedy, a whole reload, though the rejects of a long
+string name "text" as the fix."""
 
 
 def _remedy(dialect: Dialect, statements: list[str], complete: bool) -> str:
