@@ -309,8 +309,11 @@ def _require_sqlite_file(url: str) -> None:
 async def _demo(args: argparse.Namespace) -> int:
     from etl.demo import run_demo
 
-    outcome = await run_demo(args.config, stop_on_signals(), progress_for_terminal(args.log_format))
-    return report(outcome)
+    outcome, note = await run_demo(args.config, stop_on_signals(), progress_for_terminal(args.log_format))
+    code = report(outcome)
+    if note is not None:
+        _print_lines([note])
+    return code
 
 
 def report(outcome: RunOutcome, continued_by: str = "the next run") -> int:

@@ -81,7 +81,8 @@ async def _refuse_a_real_database(url: str, user_api: Any) -> None:
         )
 
 
-async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: ProgressDisplay) -> RunOutcome:
+async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: ProgressDisplay) -> tuple[RunOutcome, str | None]:
+    """The demo's run, and a note to print after its summary (why a second demo loads almost nothing), if any."""
     from etl import runs
 
     settings = demo_settings()
@@ -94,9 +95,8 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
         await _refuse_a_real_database(config.database.url, user.get("api"))
         print(f"demo: simulator on {simulator.base_url}, loading into {safe_url(config.database.url)}", flush=True)
         outcome = await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret), command="demo")
-    if outcome.run_id > 1 and outcome.error is None:
-        print(_after_an_earlier_run(config.database.url), flush=True)
-    return outcome
+    note = _after_an_earlier_run(config.database.url) if outcome.run_id > 1 and outcome.error is None else None
+    return outcome, note
 
 
 def _after_an_earlier_run(url: str) -> str:
