@@ -546,16 +546,15 @@ async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
     if before == HEAD_REVISION:
         return before, before
     try:
-        async with engine.begin() as connection:
+        async with engine.connect() as connection, schema_lock(connection), connection.begin():
             await begin_explicitly(connection)
-            async with schema_lock(connection):
-                before = await connection.run_sync(_current_revision)  # another run may have migrated meanwhile
-                if before == HEAD_REVISION:
-                    return before, before
-                if (newer := newer_schema_error(before, engine.url)) is not None:
-                    raise newer
-                await connection.run_sync(_upgrade)
-                after = await connection.run_sync(_current_revision)
+            before = await connection.run_sync(_current_revision)  # another run may have migrated meanwhile
+            if before == HEAD_REVISION:
+                return before, before
+            if (newer := newer_schema_error(before, engine.url)) is not None:
+                raise newer
+            await connection.run_sync(_upgrade)
+            after = await connection.run_sync(_current_revision)
     except DRIVER_ERRORS as exc:
         raise database_error(exc, engine.url) from exc
     return before, after
@@ -574,29 +573,38 @@ def mysql_lock_name(database: str, name: str) -> str:
 
 @asynccontextmanager
 async def schema_lock(connection: AsyncConnection) -> AsyncIterator[None]:
-    """One run at a time changes the schema, whatever its resources; taken first in its transaction.
+    """One run at a time changes the schema, whatever its resources: a lock of the session, taken before its
+    transaction begins and released after it ends.
 
     Runs of different resources started together on a new database (or on the first day of a newer
     etl) migrated at once: PostgreSQL refused one's CREATE TABLE, MySQL's implicitly committed DDL
-    interleaved, and that run exited 1. SQLite's BEGIN IMMEDIATE (begin_explicitly) takes turns already.
+    interleaved, and that run exited 1. Released before the commit (MySQL's lock), it let the next run read the
+    revision before the version row moved, migrate again, and fail on "expected to match one row". SQLite's
+    BEGIN IMMEDIATE (begin_explicitly) takes turns already.
     """
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(SCHEMA_LOCK)})
-    if dialect != "mysql":
+        key = advisory_key(SCHEMA_LOCK)
+        await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+        release = text("SELECT pg_advisory_unlock(:key)").bindparams(key=key)
+    elif dialect == "mysql":
+        name = mysql_lock_name(connection.engine.url.database or "", SCHEMA_LOCK)
+        if await connection.scalar(text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": SCHEMA_LOCK_WAIT_S}) != 1:
+            raise LoadError(
+                f"another run has been changing etl's tables in {safe_url(connection.engine.url)} for {SCHEMA_LOCK_WAIT_S}s",
+                hint="see what holds the MySQL lock (SELECT * FROM information_schema.processlist) and run again later",
+            )
+        release = text("SELECT RELEASE_LOCK(:name)").bindparams(name=name)
+    else:
         yield
         return
-    name = mysql_lock_name(connection.engine.url.database or "", SCHEMA_LOCK)
-    if await connection.scalar(text("SELECT GET_LOCK(:name, :wait)"), {"name": name, "wait": SCHEMA_LOCK_WAIT_S}) != 1:
-        raise LoadError(
-            f"another run has been changing etl's tables in {safe_url(connection.engine.url)} for {SCHEMA_LOCK_WAIT_S}s",
-            hint="see what holds the MySQL lock (SELECT * FROM information_schema.processlist) and run again later",
-        )
+    await connection.commit()  # the statement began a transaction: the one that changes the schema comes next
     try:
         yield
     finally:
         with suppress(*DRIVER_ERRORS):  # a session that is gone has released it
-            await connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+            await connection.execute(release)
+            await connection.commit()
 
 
 async def require_current(engine: AsyncEngine) -> None:

@@ -398,3 +398,27 @@ async def test_runs_migrating_a_new_database_at_once_take_turns(database_url: st
     assert [result for result in results if isinstance(result, BaseException)] == []
     assert revision == HEAD_REVISION
     assert {result[1] for result in results} == {HEAD_REVISION}  # each saw it migrated, by itself or another
+
+
+async def test_the_schema_lock_is_held_until_the_migration_is_committed(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MySQL's GET_LOCK is the session's: it was released before the commit, so another `migrate` (two processes,
+    `sync --resource a` and `--resource b` from cron) read the revision not yet committed, ran its migration again
+    and failed: "Online migration expected to match one row when updating '0002' to '0003'; 0 found", exit 1."""
+    real_lock = etl.db.schema_lock
+
+    @asynccontextmanager
+    async def lock_then_linger(connection: Any) -> AsyncIterator[None]:
+        async with real_lock(connection):
+            yield
+        await asyncio.sleep(0.5)  # what a busy machine does between the lock's release and the commit
+
+    monkeypatch.setattr(etl.db, "schema_lock", lock_then_linger)
+    engines = [create_engine(database_url) for _ in range(2)]
+    try:
+        first = asyncio.create_task(migrate(engines[0]))
+        await asyncio.sleep(0.2)
+        results = await asyncio.gather(first, migrate(engines[1]), return_exceptions=True)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert [result for result in results if isinstance(result, BaseException)] == []
