@@ -537,7 +537,25 @@ def _current_revision(connection: Connection) -> str | None:
     """What Alembic's MigrationContext.get_current_revision reads, without importing Alembic."""
     if not inspect_schema(connection).has_table(VERSION_TABLE):
         return None
-    return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one_or_none()
+    found = sorted(connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+    return found[0] if len(found) == 1 else _one_revision(found, connection.engine.url) if found else None
+
+
+def _one_revision(found: list[str], url: URL) -> str:
+    """Of several version rows (etl writes one), a revision this etl does not know, which a newer etl wrote.
+
+    Several rows were a MultipleResultsFound traceback in every command. With none unknown, one row is wrong
+    and only the user can tell which: the run stops.
+    """
+    unknown = [revision for revision in found if newer_schema_error(revision, url) is not None]
+    if unknown:
+        return unknown[-1]
+    raise LoadError(
+        f"{VERSION_TABLE} in {safe_url(url)} holds {len(found)} revisions ({', '.join(found)}) where etl keeps one: "
+        "it was changed by hand or by another tool",
+        hint=f"keep the row of the revision etl's tables are at, e.g. the newest: DELETE FROM {VERSION_TABLE} "
+        f"WHERE version_num <> '{found[-1]}'; then run `python -m etl migrate`",
+    )
 
 
 async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:

@@ -134,6 +134,19 @@ async def test_a_database_migrated_by_a_newer_etl_is_named_as_such(fresh_databas
             await migrate(engine)
 
 
+async def test_a_version_table_with_two_known_revisions_is_named_with_the_row_to_keep(fresh_database: Callable[[str], Any]) -> None:
+    """Rows 0001 and 0003 (a hand-made repair, another tool's stamp): one of them is wrong and etl cannot tell which;
+    it was a MultipleResultsFound traceback. migrate stops with both named and the statement that keeps one."""
+    async with _engine(await fresh_database("sqlite")) as engine:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(text(f"INSERT INTO {etl.db.VERSION_TABLE} (version_num) VALUES ('0001')"))
+        with pytest.raises(LoadError) as caught:
+            await migrate(engine)
+    assert "holds 2 revisions (0001, 0003)" in caught.value.message
+    assert f"DELETE FROM {etl.db.VERSION_TABLE} WHERE version_num <> '0003'" in (caught.value.hint or "")
+
+
 async def test_schema_definitions_match_what_the_migrations_create(database_url: str) -> None:
     """etl/schema.py's tables (what the code queries) have exactly the columns, keys and indexes the migrations made."""
 

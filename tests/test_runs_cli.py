@@ -986,6 +986,22 @@ async def test_status_of_a_schema_not_at_this_etls_revision_says_what_that_means
     assert said in result.stdout.splitlines()[0]
 
 
+async def test_a_second_version_row_of_a_newer_etl_is_named_not_a_traceback(tmp_path: Path, fresh_database: Callable[[str], Any]) -> None:
+    """A row '9999' inserted beside '0003' (a newer etl's, or a branch of its migrations): migrate, sync and status ended
+    in SQLAlchemy's MultipleResultsFound traceback, and check too."""
+    url = await fresh_database("sqlite")
+    env = etl_env(ETL_DATABASE_URL=url)
+    assert (await finish(await start_etl("migrate", env=env, cwd=str(tmp_path)))).returncode == 0
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+        connection.execute("INSERT INTO etl_alembic_version (version_num) VALUES ('9999')")
+    migrated = await finish(await start_etl("migrate", env=env, cwd=str(tmp_path)))
+    status = await finish(await start_etl("status", env=env, cwd=str(tmp_path)))
+    assert migrated.returncode == 1 and "Traceback" not in migrated.stderr, migrated.stderr
+    assert "revision 9999" in migrated.stderr and "a newer etl migrated them" in migrated.stderr
+    assert status.returncode == 0, status.stderr
+    assert "a newer etl migrated it" in status.stdout.splitlines()[0]
+
+
 async def test_status_leaves_a_sqlite_database_etl_never_touched_byte_for_byte_as_it_was(tmp_path: Path) -> None:
     """status switched any SQLite file it opened to WAL, for good: a write to another program's database."""
     path = tmp_path / "other.db"
