@@ -54,10 +54,11 @@ from etl.db import (
     DRIVER_ERRORS,
     HEAD_REVISION,
     create_engine,
-    current_revision,
     database_error,
+    missing_tables_error,
     newer_schema_error,
     safe_url,
+    schema_state,
     sqlite_file,
 )
 from etl.errors import (
@@ -845,7 +846,13 @@ class Checker:
 
     async def _db_schema(self) -> Verdict:
         head = HEAD_REVISION
-        current = None if self._sqlite_file_to_be() else await self._with_database(current_revision)
+        current, missing = (None, []) if self._sqlite_file_to_be() else await self._with_database(schema_state)
+        if missing:
+            gone = missing_tables_error(missing, self.config.database.url)
+            if self.config.database.auto_migrate:
+                hint = "the next sync creates them again, empty (auto_migrate = true), or run `python -m etl migrate` now"
+                return Verdict(gone.message, "warning", hint=hint)
+            return Verdict(gone.message, "failed", hint=gone.hint, exit_code=1)
         if current == head:
             return Verdict(f"etl's tables at revision {head} (current)")
         if (newer := newer_schema_error(current, self.config.database.url)) is not None:

@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from etl import mysqltls
 from etl.config import database_url_key
 from etl.errors import ConfigError, LoadError
+from etl.schema import metadata
 from etl.sqltypes import json_text
 
 log = logging.getLogger(__name__)
@@ -558,16 +559,72 @@ def _one_revision(found: list[str], url: URL) -> str:
     )
 
 
+# What is gone with each of etl's tables that was dropped by hand and is created again, empty.
+LOST_WITH = {
+    "etl_runs": "the history of runs is gone",
+    "etl_watermarks": "each resource's next sync starts again at its `start` (rows loaded again are updated, not duplicated)",
+    "etl_windows": "unfinished backfills start their intervals over",
+    "etl_rejects": "the rejected records it kept are gone",
+    "etl_resource_columns": "the declared columns are read again from the resource tables",
+}
+
+
+def _missing_tables(connection: Connection) -> list[str]:
+    """etl's tables that are not in a database whose version row says they were made: dropped by hand."""
+    inspector = inspect_schema(connection)
+    return sorted(name for name in metadata.tables if not inspector.has_table(name))
+
+
+def _schema_state(connection: Connection) -> tuple[str | None, list[str]]:
+    """The revision, and at the newest one the tables of etl's that are missing."""
+    revision = _current_revision(connection)
+    return revision, _missing_tables(connection) if revision == HEAD_REVISION else []
+
+
+async def schema_state(engine: AsyncEngine) -> tuple[str | None, list[str]]:
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(_schema_state)
+    except DRIVER_ERRORS as exc:
+        raise database_error(exc, engine.url) from exc
+
+
+def missing_tables_error(missing: list[str], url: str | URL) -> LoadError:
+    return LoadError(
+        f"etl's tables {', '.join(missing)} are missing from {safe_url(url)}, though its schema revision "
+        f"({HEAD_REVISION}) says they were made: dropped by hand?",
+        hint="`python -m etl migrate` creates them again, empty (a sync or backfill does too, unless [database].auto_migrate = false)",
+    )
+
+
+def _create_again(connection: Connection) -> None:
+    """Make again, empty, the tables of etl's someone dropped: Alembic, at the newest revision, has nothing to do,
+    and every sync after the DROP ended in an internal error ("no such table: etl_windows")."""
+    missing = _missing_tables(connection)
+    if not missing:
+        return
+    metadata.create_all(connection, tables=[metadata.tables[name] for name in missing])
+    if connection.dialect.name == "mysql":  # as migration 0002 makes them, whatever the database's default
+        for name in missing:
+            connection.execute(text(f"ALTER TABLE {name} CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"))
+    log.warning(
+        "etl's tables %s were missing from %s (dropped by hand?): created again, empty; %s",
+        ", ".join(missing), safe_url(connection.engine.url), "; ".join(LOST_WITH[name] for name in missing),
+    )
+
+
 async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
-    """Bring etl's tables to the newest revision; harmless when they are there. Returns (before, after)."""
-    before = await current_revision(engine)
-    if before == HEAD_REVISION:
+    """Bring etl's tables to the newest revision, and make again any dropped by hand; harmless when they are there.
+    Returns (before, after)."""
+    before, missing = await schema_state(engine)
+    if before == HEAD_REVISION and not missing:
         return before, before
     try:
         async with engine.connect() as connection, schema_lock(connection), connection.begin():
             await begin_explicitly(connection)
             before = await connection.run_sync(_current_revision)  # another run may have migrated meanwhile
             if before == HEAD_REVISION:
+                await connection.run_sync(_create_again)
                 return before, before
             if (newer := newer_schema_error(before, engine.url)) is not None:
                 raise newer
@@ -628,7 +685,9 @@ async def schema_lock(connection: AsyncConnection) -> AsyncIterator[None]:
 async def require_current(engine: AsyncEngine) -> None:
     """With auto_migrate = false, tables an older etl left (a migration pending) stop the run before any request:
     run on them, a batch failed on a column the migration changes ("value too long"), with no word of `migrate`."""
-    revision = await current_revision(engine)
+    revision, missing = await schema_state(engine)
+    if missing:
+        raise missing_tables_error(missing, engine.url)
     if revision == HEAD_REVISION or revision is None:  # None: prepare says the tables are missing
         return
     if (newer := newer_schema_error(revision, engine.url)) is not None:

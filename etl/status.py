@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from etl.db import HEAD_REVISION, current_revision, database_error, newer_schema_error
+from etl.db import HEAD_REVISION, database_error, missing_tables_error, newer_schema_error, schema_state
 from etl.durations import isoformat_utc
 from etl.locks import process_gone
 from etl.schema import rejects, runs, watermarks, windows
@@ -34,7 +34,9 @@ class StatusReport:
 
 
 async def read_status(engine: AsyncEngine) -> StatusReport:
-    revision = await current_revision(engine)
+    revision, missing = await schema_state(engine)
+    if missing:
+        raise missing_tables_error(missing, engine.url)
     if revision is None:
         return StatusReport(None, HEAD_REVISION, [], [], [], [])
     try:

@@ -435,3 +435,34 @@ async def test_the_schema_lock_is_held_until_the_migration_is_committed(database
         for engine in engines:
             await engine.dispose()
     assert [result for result in results if isinstance(result, BaseException)] == []
+
+
+async def test_an_etl_table_dropped_by_hand_is_created_again_by_migrate(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """`DROP TABLE etl_windows` at head: migrate said "already current" and did nothing, and every sync after it ended
+    in an internal error ("no such table: etl_windows"). migrate makes it again, empty, as the migrations do, and says so."""
+    async with _engine(database_url) as engine:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(insert(runs).values(**_run_row()))
+            await connection.execute(text("DROP TABLE etl_windows"))
+            await connection.execute(text("DROP TABLE etl_rejects"))
+        assert await migrate(engine) == (HEAD_REVISION, HEAD_REVISION)
+        async with engine.begin() as connection:
+            run_id = (await connection.execute(select(runs.c.id))).scalar_one()
+            await connection.execute(insert(rejects).values(**_reject_row(run_id)))  # utf8mb4 on MySQL, as 0002 makes it
+            raw = (await connection.execute(select(rejects.c.raw))).scalar_one()
+            indexes = await connection.run_sync(lambda sync: {index["name"] for index in inspect(sync).get_indexes("etl_windows")})
+    assert raw == EMOJI
+    assert "ix_etl_windows_lookup" in indexes
+    assert "etl_rejects, etl_windows" in caplog.text and "created again, empty" in caplog.text
+
+
+async def test_without_auto_migrate_an_etl_table_dropped_by_hand_says_to_run_migrate(fresh_database: Callable[[str], Any]) -> None:
+    async with _engine(await fresh_database("sqlite")) as engine:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(text("DROP TABLE etl_windows"))
+        with pytest.raises(LoadError) as caught:
+            await Store(engine).prepare([_orders()], auto_migrate=False)
+    assert "etl_windows" in caught.value.message
+    assert "python -m etl migrate" in (caught.value.hint or "")

@@ -1002,6 +1002,23 @@ async def test_a_second_version_row_of_a_newer_etl_is_named_not_a_traceback(tmp_
     assert "a newer etl migrated it" in status.stdout.splitlines()[0]
 
 
+async def test_sync_after_etl_windows_was_dropped_by_hand_creates_it_again_and_loads(tmp_path: Path, simulator: Simulator) -> None:
+    """sync ended in "internal error: OperationalError: no such table: etl_windows" with SQLAlchemy's traceback on
+    every run, migrate said "already current", and status failed on it without a word of what to do."""
+    url = f"sqlite:///{tmp_path / 'etl.db'}"
+    config = str(write_config(tmp_path, simulator, url, resources=["products"]))
+    assert (await run_etl("sync", "--config", config)).returncode == 0
+    with sqlite3.connect(tmp_path / "etl.db") as connection:
+        connection.execute("DROP TABLE etl_windows")
+    connection.close()
+    status = await run_etl("status", "--config", config)
+    synced = await run_etl("sync", "--config", config)
+    assert status.returncode == 1 and "etl_windows" in status.stderr and "python -m etl migrate" in status.stderr, status.stderr
+    assert synced.returncode == 0, synced.stderr
+    assert "etl_windows" in synced.stderr and "created again" in synced.stderr and "Traceback" not in synced.stderr
+    assert (await run_etl("status", "--config", config)).returncode == 0
+
+
 async def test_status_leaves_a_sqlite_database_etl_never_touched_byte_for_byte_as_it_was(tmp_path: Path) -> None:
     """status switched any SQLite file it opened to WAL, for good: a write to another program's database."""
     path = tmp_path / "other.db"
