@@ -437,7 +437,8 @@ def _privilege_hint(exc: Exception, sqlstate: str) -> str | None:
     if sqlstate != "42501" and number not in (1044, 1142):
         return None
     return ("grant the database user SELECT, INSERT, UPDATE and DELETE on etl's tables (etl_*) and on each resource's "
-            "table, and CREATE on the schema or database for new resources (or run etl as the tables' owner)")
+            "table, and CREATE on the schema or database for etl's own tables (`migrate`, a newer etl's first run) and "
+            "for new resources (or run etl as the tables' owner)")
 
 
 def sqlite_file(url: str | URL) -> Path | None:
