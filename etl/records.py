@@ -9,6 +9,7 @@ with its raw payload and the rest of the page is loaded.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -38,6 +39,8 @@ from etl.errors import SourceError
 from etl.paginators import dig, holds_path
 from etl.sqltypes import DECIMAL_DIGITS, DECIMAL_PLACES, json_text, to_utc
 
+log = logging.getLogger(__name__)
+
 STRING_MAX = 255
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
@@ -49,6 +52,7 @@ SURROGATE_MESSAGE = (
     "Content-Type: application/json; charset=...)"
 )
 NUMBER_TYPES = frozenset({"integer", "bigint", "float", "decimal"})
+BLANKABLE_TYPES = NUMBER_TYPES | {"boolean", "date", "datetime"}  # the types "" is no value of
 COMPACT_LENGTHS = (len("20240301"), len("20240301103000"))  # digit strings that are a date, or a date and time
 ZERO_DATE = re.compile(r"0000-00-00(?:[ T]00:00:00(?:\.0*)?)?(?:Z|[+-]00:?00)?\Z")
 ZERO_DATE_MESSAGE = (
@@ -315,6 +319,13 @@ class RecordValidator:
             if spec.nullable is None and name not in resource.primary_key
         }
         self.fields: list[str] = []  # the first valid record's top-level fields, to name the ones no column takes
+        # columns where "" is NULL: they may be NULL, and their type has no empty value
+        self._blankable = {
+            name: tuple((spec.source or name).split("."))
+            for name, spec in resource.columns.items()
+            if spec.type in BLANKABLE_TYPES and not self._required(name, spec)
+        }
+        self._blank_said: set[str] = set()
 
     def _required(self, name: str, spec: ColumnSpec) -> bool:
         if name in self.resource.primary_key:
@@ -329,6 +340,8 @@ class RecordValidator:
         """
         validated = self._validated(records)
         failed = [item.record for item in validated if type(item) is _Invalid]
+        if failed and self._blankable:
+            failed = self._blanks_as_null(validated)
         if not failed:
             self._look_for_unseen(records)
             return ValidatedPage(validated, [], self._max_cursor(validated, records))
@@ -342,6 +355,50 @@ class RecordValidator:
             reasons = _errors_by_index(exc, self._columns_by_source)
         rejects = [self._reject(record, reasons.get(index, ["record: refused"])) for index, record in enumerate(failed)]
         return ValidatedPage(rows, rejects, self._max_cursor(rows, good))
+
+    def _blanks_as_null(self, validated: list[Any]) -> list[Any]:
+        """The failed records validated again with "" as null in the columns that may be NULL and whose type has no
+        empty value (a number, a boolean, a date): PHP and CSV-born APIs send "" for "no value", and each such record
+        was a reject. Each item that passes so replaces its _Invalid in place; returns the records still failing.
+        Only failed records pay for it; each column is named once a run."""
+        failed = []
+        for index, item in enumerate(validated):
+            if type(item) is not _Invalid:
+                continue
+            blanked, columns = self._blanked(item.record)
+            if columns:
+                [again] = self._page_adapter.validate_python([blanked])
+                if type(again) is not _Invalid:
+                    validated[index] = again
+                    self._say_blank(columns)
+                    continue
+            failed.append(item.record)
+        return failed
+
+    def _blanked(self, record: Any) -> tuple[Any, list[str]]:
+        """The record with "" as None where a blankable column reads it, and those columns' names."""
+        if not isinstance(record, dict):
+            return record, []
+        copy, columns = dict(record), []
+        for name, steps in self._blankable.items():
+            parent = copy
+            for step in steps[:-1]:  # copied along the path, so the record as received stays as it came
+                child = parent.get(step)
+                if not isinstance(child, dict):
+                    break
+                parent[step] = parent = dict(child)
+            else:
+                if parent.get(steps[-1]) == "":
+                    parent[steps[-1]] = None
+                    columns.append(name)
+        return copy, columns
+
+    def _say_blank(self, columns: list[str]) -> None:
+        for name in columns:
+            if name not in self._blank_said:
+                self._blank_said.add(name)
+                log.warning('%s: column %r held "" (an empty string), read as NULL: its type has no empty value and '
+                            "it may be NULL; said once a run", self.resource.name, name)
 
     def unseen_warnings(self, loaded: int) -> list[str]:
         """One message per unseen column, with the record fields no column takes: the name the user meant."""
