@@ -16,11 +16,19 @@ from etl.config import ResourceConfig
 from etl.durations import format_duration, isoformat_utc
 from etl.errors import ConfigError
 from etl.store import Store, Watermark, WindowRecord, newest_cursor
-from etl.windows import FULL_REFRESH, Window, ceil_to, cut, floor_to, granularity, outside_calendar
+from etl.windows import (
+    FULL_REFRESH,
+    WHOLE_SECOND,
+    Window,
+    ceil_to,
+    cut,
+    floor_to,
+    granularity,
+    outside_calendar,
+)
 
 log = logging.getLogger(__name__)
 
-SYNC_BOUND_STEP = timedelta(seconds=1)  # the finest a sync's own bounds go: now less lag, the watermark less lookback
 MAX_WINDOWS = 100_000  # each window costs at least one request and one row of etl_windows
 
 
@@ -78,7 +86,7 @@ async def _dated_sync(
     start = max(base.synced_until - resource.lookback, resource.start) if base and base.synced_until else resource.start
     # whole seconds at least: `until=...T18:40:35.738436Z` was a 400 from every API that parses yyyy-MM-dd'T'HH:mm:ss'Z'
     # (the grid stays finer for to_inclusive's end, a step before the next start); the next sync starts at this end
-    whole = max(step, SYNC_BOUND_STEP)
+    whole = max(step, WHOLE_SECOND)
     start, end = floor_to(start, whole, zone), floor_to(now - lag, whole, zone)
     if base is None and start >= end:
         _nothing_yet(resource, start, end, now)

@@ -17,6 +17,7 @@ from etl.durations import isoformat_utc
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WHOLE_DAY = timedelta(days=1)
+WHOLE_SECOND = timedelta(seconds=1)  # the finest bound etl makes itself (sync's, an exclusive iso start): every ISO-8601 parser reads it
 
 
 @dataclass(frozen=True, order=True)
@@ -165,12 +166,14 @@ def filter_params(window: Window, filter_: FilterConfig) -> dict[str, str]:
     Without `from_inclusive` (an API whose start is exclusive, `updated_after`),
     `from` is one step of the grid before the window's start: `> start - step`
     holds for every record at or after the start, so one stamped on the bound
-    between two windows is not left out of both.
+    between two windows is not left out of both. For iso the step back is a whole
+    second: the records of that second are read twice and stored once.
     """
     if window.start is None or window.end is None:
         return {}
     step, zone = granularity(filter_.format), filter_.zone
-    start = window.start if filter_.from_inclusive else _shift(window.start, -step, zone)
+    back = max(step, WHOLE_SECOND) if filter_.format == "iso" else step  # iso: no fraction a strict parser refuses
+    start = window.start if filter_.from_inclusive else _shift(window.start, -back, zone)
     end = _shift(window.end, -step, zone) if filter_.to_inclusive and step >= WHOLE_DAY else window.end
     return {
         filter_.from_param: format_bound(start, filter_.format, zone),
