@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,14 @@ from pydantic import SecretStr
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from etl.config import LOOPBACK_HOSTS, config_from_document, config_named_by, config_path, read_document
+from etl.config import (
+    LOOPBACK_HOSTS,
+    EnvSettings,
+    config_from_document,
+    config_named_by,
+    config_path,
+    read_document,
+)
 from etl.db import create_engine, safe_url, sqlite_file
 from etl.errors import ConfigError
 from etl.pipeline import RunOutcome
@@ -95,16 +103,31 @@ async def run_demo(explicit_config: str | None, stop: asyncio.Event, progress: P
         await _refuse_a_real_database(config.database.url, user.get("api"))
         print(f"demo: simulator on {simulator.base_url}, loading into {safe_url(config.database.url)}", flush=True)
         outcome = await runs.sync(config, None, stop, progress, secret=SecretStr(settings.client_secret), command="demo")
-    note = _after_an_earlier_run(config.database.url) if outcome.run_id > 1 and outcome.error is None else None
-    return outcome, note
+    if outcome.run_id > 1 and outcome.error is None:
+        return outcome, _after_an_earlier_run(config.database.url, _status_command(explicit_config, config.database.url))
+    return outcome, None
 
 
-def _after_an_earlier_run(url: str) -> str:
+def _status_command(explicit_config: str | None, url: str) -> str:
+    """The `status` that reads the database the demo loaded, typed as the user would in this directory.
+
+    With no config file and no $ETL_DATABASE_URL, plain `status` is exit 2 (it has no database to read):
+    the demo's own SQLite file is named then, which holds no secret.
+    """
+    if explicit_config:
+        return f"python -m etl --config {shlex.quote(explicit_config)} status"
+    file = sqlite_file(url)
+    if config_named_by(None) or config_path(None).is_file() or EnvSettings().database_url or file is None:
+        return "python -m etl status"
+    return f"ETL_DATABASE_URL={shlex.quote(f'sqlite:///{file}')} python -m etl status"
+
+
+def _after_an_earlier_run(url: str, status_command: str) -> str:
     """Why a second demo loads almost nothing: the first moved each resource's watermark to now."""
     file = sqlite_file(url)
     again = f"delete {file}" if file is not None else "point [database].url at an empty database"
     return (
         "demo: this database holds an earlier run, so each resource loaded only what is new since its watermark "
-        f"(one without a date filter, products, loads whole each time); `python -m etl status` shows them; {again} "
+        f"(one without a date filter, products, loads whole each time); `{status_command}` shows them; {again} "
         "to see a first run again"
     )

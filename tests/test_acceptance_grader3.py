@@ -14,6 +14,7 @@ import datetime as dt
 import ipaddress
 import json
 import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -548,9 +549,20 @@ async def _demo_in(directory: Path) -> Finished:
     return await finish(process, timeout=60)
 
 
-async def test_demo_runs_in_an_empty_directory_without_config(tmp_path: Path) -> None:
+async def test_demo_runs_in_an_empty_directory_without_config_and_its_status_advice_works(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     first = await _demo_in(empty)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "loaded" in first.stdout, "demo prints its summary"
+    second = await _demo_in(empty)
+    assert second.returncode == 0, second.stdout + second.stderr
+    advice = re.search(r"`([^`]*python -m etl status[^`]*)`", second.stdout + second.stderr)
+    assert advice, second.stdout + second.stderr
+    process = await asyncio.create_subprocess_shell(
+        advice.group(1).replace("python", shlex.quote(sys.executable), 1), cwd=empty, env=etl_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    status = await finish(process, timeout=60)
+    assert status.returncode == 0, f"{advice.group(1)!r} as demo advised: {status.stdout + status.stderr}"
+    assert "demo" in status.stdout and "orders" in status.stdout
