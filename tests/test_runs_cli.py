@@ -177,14 +177,25 @@ async def _wait_for_done_windows(url: str, process: asyncio.subprocess.Process, 
     raise AssertionError("no window finished in 30 s")
 
 
+async def _until_running(url: str, process: asyncio.subprocess.Process) -> None:
+    """Until the run of `process` is recorded, so holds its lock, with most of its pages to go."""
+    for _ in range(600):
+        assert process.returncode is None, "the run ended before a second could meet its lock"
+        with contextlib.suppress(Exception):  # the tables are not there yet
+            if (await rows(url, "SELECT COUNT(*) FROM etl_runs WHERE status = 'running'"))[0][0]:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the run was not recorded within 30 s")
+
+
 async def test_two_syncs_at_once_one_exits_4_naming_the_holder(
     tmp_path: Path, sqlite_or_postgres_url: str
 ) -> None:
     """Two syncs on one database: one loads, the other exits 4 at once and says which run holds the lock."""
-    async with Simulator(_settings(delay_ms=100)) as sim:
+    async with Simulator(_settings(orders=4000, delay_ms=100)) as sim:  # a few seconds: a second run started under load meets it
         config = write_config(tmp_path, sim, sqlite_or_postgres_url, resources=["orders"], api={"concurrency": 2})
         first = await start_etl("sync", "--config", str(config))
-        await asyncio.sleep(1.5)
+        await _until_running(sqlite_or_postgres_url, first)  # not a fixed 1.5 s: under load the first had finished by then
         second = await run_etl("sync", "--config", str(config), timeout=30)
         first_result = await finish(first)
 
