@@ -101,18 +101,14 @@ def _as_meant(value: Any) -> Any:
     return EPOCH + timedelta(seconds=float(number))
 
 
-def _unread(value: Any, nullable: bool) -> Any:
-    """What is left of a value pydantic refused: MySQL's zero date (`0000-00-00 00:00:00`), which a PHP or
-    MySQL-backed API sends for "no date", is the NULL it means where the column may be NULL, and a reject
-    that says so elsewhere; _NOT_READ for any other value, whose reason is pydantic's."""
-    if type(value) is str and ZERO_DATE.match(value):
-        if nullable:
-            return None
-        raise ValueError(ZERO_DATE_MESSAGE) from None
-    return _NOT_READ
-
-
-_NOT_READ = object()
+def _null_zero_date(value: Any, nullable: bool) -> bool:
+    """Whether a value pydantic refused is MySQL's zero date (`0000-00-00 00:00:00`), which a PHP or MySQL-backed
+    API sends for "no date", in a column that may be NULL: the NULL it means. Elsewhere it is a reject that says so."""
+    if type(value) is not str or not ZERO_DATE.match(value):
+        return False
+    if not nullable:
+        raise ValueError(ZERO_DATE_MESSAGE)
+    return True
 
 
 def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler, nullable: bool = False) -> datetime | None:
@@ -123,8 +119,8 @@ def _iso_8601(value: Any, handler: ValidatorFunctionWrapHandler, nullable: bool 
     try:
         moment = cast(datetime, handler(value))
     except ValidationError:
-        if (unread := _unread(value, nullable)) is not _NOT_READ:
-            return cast(None, unread)
+        if _null_zero_date(value, nullable):
+            return None
         fallback = _fromisoformat(value) if isinstance(value, str) else None
         if fallback is None:
             raise
@@ -142,8 +138,8 @@ def _date(value: Any, handler: ValidatorFunctionWrapHandler, nullable: bool = Fa
     try:
         return cast(date, handler(value))
     except ValidationError:
-        if (unread := _unread(value, nullable)) is not _NOT_READ:
-            return cast(None, unread)
+        if _null_zero_date(value, nullable):
+            return None
         raise
 
 
