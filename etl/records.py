@@ -309,17 +309,14 @@ class RecordValidator:
         }
         # columns no valid record has carried yet (present as null counts): a typo is NULL in every row.
         # `nullable = true` said out loud is a field the API may leave out: not looked for.
+        paths = {name: tuple((spec.source or name).split(".")) for name, spec in resource.columns.items()}
         self._unseen = {
-            name: tuple((spec.source or name).split("."))
-            for name, spec in resource.columns.items()
-            if spec.nullable is None and name not in resource.primary_key
+            name: paths[name] for name, spec in resource.columns.items() if spec.nullable is None and name not in resource.primary_key
         }
         self.fields: list[str] = []  # the first valid record's top-level fields, to name the ones no column takes
         # columns where "" is NULL: they may be NULL, and their type has no empty value
         self._blankable = {
-            name: tuple((spec.source or name).split("."))
-            for name, spec in resource.columns.items()
-            if spec.type in BLANKABLE_TYPES and not self._required(name, spec)
+            name: paths[name] for name, spec in resource.columns.items() if spec.type in BLANKABLE_TYPES and not self._required(name, spec)
         }
         self._blank_said: set[str] = set()
 
