@@ -219,11 +219,14 @@ class Paginator(ABC):
         self.total_understated = bool(position.get("total_understated", False))
         self._restore(position)
 
-    @abstractmethod
-    def _position(self) -> dict[str, Any]: ...
+    def _position(self) -> dict[str, Any]:
+        """What of this style's own state a taken-up window needs: a page number or an offset. A cursor or next link
+        is not kept: such a window is read again from its first page, and a cursor of over 64 KB, saved with each
+        page, failed every commit on MySQL (`etl_windows.position` is TEXT)."""
+        return {}
 
-    @abstractmethod
-    def _restore(self, position: dict[str, Any]) -> None: ...
+    def _restore(self, position: dict[str, Any]) -> None:  # noqa: B027 (a no-op unless a style keeps state)
+        """Take up this style's own state from `_position`'s."""
 
     def _total(self, response: PageResponse) -> int | None:
         if self.total_understated:
@@ -511,14 +514,6 @@ class _FollowingPaginator(Paginator):
         self.next_url: str | None = None
         self._visited = Seen()
 
-    def _position(self) -> dict[str, Any]:
-        """No cursor or link: a window taken up again is read from its first page, so neither is ever sent again.
-        Saved with each page, a cursor of over 64 KB failed every commit on MySQL (`etl_windows.position` is TEXT)."""
-        return {}
-
-    def _restore(self, position: dict[str, Any]) -> None:
-        pass
-
     def _first_params(self) -> dict[str, QueryValue]:
         """The first page's parameters: the window's, and size_param when set (a next URL carries its own)."""
         params = dict(self.params)
@@ -759,12 +754,6 @@ class SinglePagePaginator(Paginator):
             self.more_pages = f"its total ({total}) is above the {len(records)} records of the page"
         else:
             self.more_pages = more_to_come(response.body)
-
-    def _position(self) -> dict[str, Any]:
-        return {}
-
-    def _restore(self, position: dict[str, Any]) -> None:
-        pass
 
 
 PAGINATORS: dict[str, type[Paginator]] = {
