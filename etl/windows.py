@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 
-from etl.config import STRFTIME_DIRECTIVE, FilterConfig
+from etl.config import OWN_DIRECTIVES, STRFTIME_DIRECTIVE, FilterConfig
 from etl.durations import isoformat_utc
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -53,7 +53,7 @@ DIRECTIVE_STEPS = (
     ("MR", timedelta(minutes=1)),
     ("HIkl", timedelta(hours=1)),
 )
-OWN_DIRECTIVE = re.compile(r"%%|%s|%:z")  # what format_bound writes itself rather than the C library
+OWN_DIRECTIVE = re.compile("|".join(map(re.escape, OWN_DIRECTIVES)))  # what format_bound writes itself
 
 
 def granularity(fmt: str) -> timedelta:
