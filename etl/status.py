@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select
@@ -148,8 +150,8 @@ def command_flags(command: str, given: dict[str, Any]) -> str:
 def _unfinished_lines(groups: list[dict[str, Any]]) -> list[str]:
     """Each run's unfinished windows, then the command that takes them up: at 3 a.m. the next step, not a puzzle."""
     lines: list[str] = []
-    for run_id in dict.fromkeys(group["run_id"] for group in groups):
-        own = [group for group in groups if group["run_id"] == run_id]
+    for run_id, of_run in groupby(groups, key=itemgetter("run_id")):  # read_status orders them by run
+        own = list(of_run)
         lines += [
             f"  {group['resource']:<20} {group['kind']:<8} {group['state']:<8} {group['count']:>5}  {_span(group)}  (run #{run_id})"
             for group in own
