@@ -391,7 +391,8 @@ def database_error(exc: Exception, url: str | URL) -> LoadError:
     """
     original = getattr(exc, "orig", None) or exc
     if isinstance(original, TimeoutError) and not str(original):  # asyncpg's, of its connect timeout: said nothing
-        original = TimeoutError("no answer from the server in time (`connect_timeout` in the URL sets how long to wait for a connection, 60s by default)")
+        original = TimeoutError(f"no answer from the server in time (`connect_timeout` in the URL sets how long to wait for a connection, "
+                                f"{CONNECT_TIMEOUT_S:g}s by default)")
     text = str(original).lower()
     sqlstate = str(getattr(original, "sqlstate", None) or "")
     reaching = (
