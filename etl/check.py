@@ -685,11 +685,7 @@ class Checker:
         following = paginator.request()
         if following is None:
             return None
-        try:
-            response = await client.get(following)
-            more = records_at(response.body, resource.records_path, response.url)
-        except EtlError:
-            return None  # the first page passed; what the next one says is sync's to find out
+        more = await _records_beside(client, resource, following)  # None: what it says is sync's to find out
         if not more or more == page.records:
             return None
         return Verdict(
@@ -721,11 +717,7 @@ class Checker:
         beside = resource.model_copy(update={"pagination": pagination.model_copy(update={"first_page": other})})
         request = window_paginator(beside, self.config.api.base_url, page.window).request()
         assert request is not None  # a new paginator always has a first page
-        try:
-            response = await client.get(request)
-            records = records_at(response.body, resource.records_path, response.url)
-        except EtlError:
-            return verdict  # a 1-based API may refuse page 0: that is its numbering, and not an error
+        records = await _records_beside(client, resource, request)  # None: a 1-based API may refuse page 0, its numbering
         if not records or len(records) > pagination.page_size:
             return verdict
         hint = f"set [resources.pagination].first_page = {other} for {resource.name!r}"
@@ -886,6 +878,16 @@ class Checker:
 
         await self._with_database(probe)
         return Verdict("can create a table and insert (in a transaction, rolled back)")
+
+
+async def _records_beside(client: ApiClient, resource: ResourceConfig, request: PageRequest) -> list[Any] | None:
+    """The records of a page asked beside the first one (the next, or page 0), or None when asking failed: the
+    first page passed, and what another says is a finding only when it answers."""
+    try:
+        response = await client.get(request)
+        return records_at(response.body, resource.records_path, response.url)
+    except EtlError:
+        return None
 
 
 async def _drop_probe_table(connection: AsyncConnection, table: str) -> None:
