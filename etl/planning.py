@@ -85,7 +85,7 @@ async def _dated_sync(
     # never before `start`: a lookback longer than the time since it loaded what `start` kept out of the first sync
     start = max(base.synced_until - resource.lookback, resource.start) if base and base.synced_until else resource.start
     # whole seconds at least: `until=...T18:40:35.738436Z` was a 400 from every API that parses yyyy-MM-dd'T'HH:mm:ss'Z'
-    # (the grid stays finer for to_inclusive's end, a step before the next start); the next sync starts at this end
+    # (iso's grid stays 1 us for backfill bounds given so); the next sync starts at this end
     whole = max(step, WHOLE_SECOND)
     start, end = floor_to(start, whole, zone), floor_to(now - lag, whole, zone)
     if base is None and start >= end:
