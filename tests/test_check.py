@@ -766,6 +766,18 @@ async def test_a_database_migrated_by_a_newer_etl_fails_the_schema_step(
     assert "a newer etl migrated them" in line_of(out, "✘ database schema")
 
 
+async def _check_with_token_answer(
+    simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], answer: dict[str, Any]
+) -> tuple[int, str]:
+    """check's exit code and output against the simulator's API, with a token endpoint that answers `answer`."""
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    async with serving({("POST", "/oauth2/token"): token}) as origin:
+        return await check(capsys, write_config(simulator.base_url, f"{origin}/oauth2/token", resources=["products"]))
+
+
 @pytest.mark.parametrize("lifetime", [{}, {"expires_in": None}], ids=["absent", "null"])
 async def test_a_token_without_expires_in_says_the_lifetime_is_assumed(
     simulator: Simulator, write_config: WriteConfig, capsys: pytest.CaptureFixture[str], lifetime: dict[str, None]
@@ -773,17 +785,9 @@ async def test_a_token_without_expires_in_says_the_lifetime_is_assumed(
     """"lifetime 3600s" read as if the endpoint had said so; it said nothing, and etl assumes an hour.
     A null expires_in is no lifetime either: check failed it (exit 3) while sync used the token."""
 
-    async def token(_request: web.Request) -> web.Response:
-        return web.json_response({"access_token": "no-lifetime-token", "token_type": "Bearer", **lifetime})
-
-    app = web.Application()
-    app.router.add_post("/oauth2/token", token)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        _, out = await check(capsys, write_config(simulator.base_url, str(server.make_url("/oauth2/token")), resources=["products"]))
-    finally:
-        await server.close()
+    _, out = await _check_with_token_answer(
+        simulator, write_config, capsys, {"access_token": "no-lifetime-token", "token_type": "Bearer", **lifetime}
+    )
     assert "200, no expires_in, taken as 3600s" in line_of(out, "✔ token")
 
 
@@ -792,17 +796,9 @@ async def test_a_token_type_other_than_bearer_is_a_warning_of_the_token_step(
 ) -> None:
     """sync warns that a "mac" token goes out as Bearer; check, where a user looks first, passed it without a word."""
 
-    async def token(_request: web.Request) -> web.Response:
-        return web.json_response({"access_token": "mac-token", "token_type": "mac", "expires_in": 600})
-
-    app = web.Application()
-    app.router.add_post("/oauth2/token", token)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        _, out = await check(capsys, write_config(simulator.base_url, str(server.make_url("/oauth2/token")), resources=["products"]))
-    finally:
-        await server.close()
+    _, out = await _check_with_token_answer(
+        simulator, write_config, capsys, {"access_token": "mac-token", "token_type": "mac", "expires_in": 600}
+    )
     assert 'warning: token_type "mac", not Bearer: etl sends the token as a Bearer token' in out
 
 
@@ -811,11 +807,7 @@ async def test_a_token_with_a_line_break_fails_the_token_step_not_with_a_traceba
 ) -> None:
     """aiohttp refuses CR/LF in a header: check passed the token step, then the resource step raised a ValueError."""
 
-    async def token(_request: web.Request) -> web.Response:
-        return web.json_response({"access_token": "abc\r\nX-Injected: 1", "expires_in": 600})
-
-    async with serving({("POST", "/oauth2/token"): token}) as origin:
-        code, out = await check(capsys, write_config(simulator.base_url, f"{origin}/oauth2/token", resources=["products"]))
+    code, out = await _check_with_token_answer(simulator, write_config, capsys, {"access_token": "abc\r\nX-Injected: 1", "expires_in": 600})
 
     assert code == 3
     assert "access_token that holds a control character" in line_of(out, "✘ token")
