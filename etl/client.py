@@ -377,9 +377,7 @@ class ApiClient:
         raise SourceError(f"{display_url(request.page_url())} redirected more than {MAX_REDIRECTS} times")
 
     def _log_retry(self, state: RetryCallState) -> None:
-        """Count and announce the retry; none is announced once the run stops, as none follows."""
-        if self._retry.stopping:
-            return
+        """Count and announce the retry (RetryPolicy calls this only while the run goes on)."""
         self._counters.retries += 1
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0

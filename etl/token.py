@@ -394,8 +394,6 @@ class TokenManager:
         }.get(error)
 
     def _log_retry(self, state: RetryCallState) -> None:
-        if self._retry.stopping:  # no retry follows a stop
-            return
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
         log.warning(  # as the API's retries: -q, cron's setting, must still show a token endpoint that struggles

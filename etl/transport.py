@@ -393,7 +393,13 @@ class RetryPolicy:
         return self.stop is not None and self.stop.is_set()
 
     def retrying(self, on_retry: Callable[[RetryCallState], None] | None = None) -> AsyncRetrying:
-        """Exponential backoff with jitter, or the server's Retry-After when it gave one (capped)."""
+        """Exponential backoff with jitter, or the server's Retry-After when it gave one (capped).
+
+        `on_retry` counts and announces a retry; it is not called once the run stops, as no retry follows then."""
+        def before_sleep(state: RetryCallState) -> None:
+            if on_retry is not None and not self.stopping:
+                on_retry(state)
+
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             retry_after = getattr(exc, "retry_after", None)
@@ -407,7 +413,7 @@ class RetryPolicy:
             wait=wait,
             sleep=self.sleep,
             reraise=True,
-            before_sleep=on_retry,
+            before_sleep=before_sleep,
         )
 
     def backoff(self, attempt: int) -> float:
