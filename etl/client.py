@@ -294,8 +294,7 @@ class ApiClient:
             raise unavailable.error from None
         except (RetryableError, ConnectionFailed) as exc:  # only the last attempt's error escapes the retries
             if self._retry.max_retries:
-                tries = self._retry.max_retries
-                exc.message = f"{exc.message} (gave up after {tries + 1} attempts, [api].max_retries = {tries})"
+                exc.message = self._retry.gave_up(exc.message)
                 exc.args = (exc.message,)
             raise
         finally:

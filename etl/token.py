@@ -253,8 +253,7 @@ class TokenManager:
         """A transient failure that outlasted its retries is final for the run: every worker needs this token."""
         if type(exc) is not RetryableError:
             return exc
-        tries = self._retry.max_retries
-        return TokenEndpointFailed(f"{exc.message} (gave up after {tries + 1} attempts, [api].max_retries = {tries})", hint=exc.hint)
+        return TokenEndpointFailed(self._retry.gave_up(exc.message), hint=exc.hint)
 
     def _keep_current(self) -> Token | None:
         """The current token if still valid, then served a while without renewing, to spare the endpoint."""

@@ -416,6 +416,10 @@ class RetryPolicy:
             before_sleep=before_sleep,
         )
 
+    def gave_up(self, message: str) -> str:
+        """The last attempt's message, saying how many attempts there were and the key that sets them."""
+        return f"{message} (gave up after {self.max_retries + 1} attempts, [api].max_retries = {self.max_retries})"
+
     def backoff(self, attempt: int) -> float:
         """The wait after the `attempt`-th attempt: `backoff_s` doubled per attempt (at most 30 s), its upper half at random.
 
